@@ -1,0 +1,166 @@
+//! The `check` and `validate` subcommands: what they print and the exit status they return.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::diagnostic::{Diagnostic, Severity};
+use crate::policy::file::{DEFAULTS_FILE_NAME, DefaultList, parse_policy};
+use crate::policy::{Authority, Decision, Policy, PolicySet};
+
+/// Exit status: allowed / valid.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: denied / invalid.
+pub const EXIT_DENY: u8 = 1;
+/// Exit status: the command itself could not run (usage, configuration).
+pub const EXIT_USAGE: u8 = 2;
+
+pub struct CheckArgs {
+    pub policies: Option<PathBuf>,
+    pub policy: Option<String>,
+    pub json: bool,
+    pub destination: String,
+}
+
+/// `sluice check`: decides one destination and prints the decision on one line (or as JSON).
+pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8 {
+    let set = match load_set(args.policies.as_deref()) {
+        Ok(set) => set,
+        Err(msg) => {
+            let _ = writeln!(err, "{msg}");
+            return EXIT_USAGE;
+        }
+    };
+    let policy = match resolve_policy(&set, args.policy.as_deref().unwrap_or("trusted")) {
+        Ok(p) => p,
+        Err(msg) => {
+            let _ = writeln!(err, "{msg}");
+            return EXIT_USAGE;
+        }
+    };
+    let authority = match Authority::parse(&args.destination, Some(443)) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = writeln!(err, "sluice check: {:?}: {e}", args.destination);
+            return EXIT_USAGE;
+        }
+    };
+    let decision = policy.decide(&authority.target, authority.port);
+    let printed = if args.json {
+        let value = serde_json::json!({
+            "destination": authority.to_string(),
+            "verdict": decision.verdict,
+            "reason": decision.reason.to_string(),
+            "reason_code": decision.reason.code(),
+            "rule": decision.rule,
+            "policy": decision.policy,
+            "level": decision.level,
+            "hint": decision.hint(&authority.target, authority.port),
+        });
+        writeln!(out, "{value}")
+    } else {
+        writeln!(out, "{}", check_line(&authority, &decision))
+    };
+    if printed.is_err() {
+        return EXIT_USAGE;
+    }
+    if decision.is_allowed() { EXIT_OK } else { EXIT_DENY }
+}
+
+/// `allow|deny HOST:PORT policy=NAME level=LEVEL rule="PATTERN" (FILE:LINE, group "GROUP") reason="…"`
+pub fn check_line(authority: &Authority, decision: &Decision) -> String {
+    let rule = match &decision.rule {
+        Some(r) => r.to_string(),
+        None => "rule=none".to_string(),
+    };
+    format!(
+        "{} {authority} policy={} level={} {rule} reason={:?}",
+        decision.verdict.as_str(),
+        decision.policy,
+        decision.level,
+        decision.reason.to_string()
+    )
+}
+
+fn load_set(dir: Option<&Path>) -> Result<PolicySet, String> {
+    let result = match dir {
+        Some(d) => PolicySet::load_dir(d),
+        None => PolicySet::load_dir_or_builtin(Path::new("policies")),
+    };
+    result.map_err(|d| format!("{d}\nsluice: the policy directory has errors; fix them or run `sluice validate`"))
+}
+
+/// A policy by name, or a policy file (a path that exists, or one ending in `.toml`).
+fn resolve_policy(set: &PolicySet, which: &str) -> Result<Arc<Policy>, String> {
+    if which.ends_with(".toml") || Path::new(which).is_file() {
+        let text = std::fs::read_to_string(which).map_err(|e| format!("sluice check: cannot read {which}: {e}"))?;
+        return parse_policy(which, &text, set.defaults()).map(|(p, _)| Arc::new(p)).map_err(|d| d.to_string());
+    }
+    set.get(which).cloned().ok_or_else(|| {
+        let known: Vec<&str> = set.names().collect();
+        format!("sluice check: unknown policy {which:?}; known policies: {}", known.join(", "))
+    })
+}
+
+/// `sluice validate`: checks every file named (directories: every `*.toml` in them), prints every
+/// error and warning, and a summary. Exit 1 on any error.
+pub fn validate(paths: &[PathBuf], out: &mut impl Write) -> u8 {
+    let default_dir = [PathBuf::from("policies")];
+    let paths = if paths.is_empty() { &default_dir[..] } else { paths };
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let mut files = 0usize;
+    for path in paths {
+        if path.is_dir() {
+            files += crate::policy::file::toml_files(path).map(|f| f.len()).unwrap_or(0);
+            let (_, d) = PolicySet::check_dir(path);
+            diags.extend(d);
+        } else {
+            files += 1;
+            diags.extend(validate_file(path));
+        }
+    }
+    let errors = diags.iter().filter(|d| d.severity == Severity::Error).count();
+    let warnings = diags.len() - errors;
+    for d in &diags {
+        let _ = writeln!(out, "{d}\n");
+    }
+    let _ = writeln!(
+        out,
+        "checked {files} file{}: {errors} error{}, {warnings} warning{}",
+        plural(files),
+        plural(errors),
+        plural(warnings)
+    );
+    if errors > 0 { EXIT_DENY } else { EXIT_OK }
+}
+
+fn validate_file(path: &Path) -> Vec<Diagnostic> {
+    let name = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return vec![Diagnostic::file_error(&name, format!("cannot read file: {e}"))],
+    };
+    if path.file_name().is_some_and(|f| f == DEFAULTS_FILE_NAME) {
+        return match DefaultList::parse(&name, &text) {
+            Ok((_, w)) => w,
+            Err(d) => d.0,
+        };
+    }
+    // A policy file next to its own defaults.toml is checked against that list.
+    let sibling = path.parent().map(|p| p.join(DEFAULTS_FILE_NAME));
+    let defaults = sibling
+        .filter(|p| p.is_file())
+        .and_then(|p| {
+            std::fs::read_to_string(&p).ok().and_then(|t| DefaultList::parse(&p.display().to_string(), &t).ok())
+        })
+        .map(|(list, _)| Arc::new(list))
+        .unwrap_or_else(DefaultList::builtin);
+    match parse_policy(&name, &text, &defaults) {
+        Ok((_, w)) => w,
+        Err(d) => d.0,
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}

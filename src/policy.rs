@@ -1,0 +1,435 @@
+//! Network policy: the four levels, a session's allow and deny lists, and `decide`, which turns a
+//! destination into a [`Decision`] value (never an error).
+
+pub mod file;
+pub mod guard;
+pub mod host;
+pub mod matcher;
+pub mod pattern;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+pub use file::{DefaultList, PolicySet};
+pub use guard::BlockedRange;
+pub use host::{Authority, AuthorityError, Host, HostError, Target};
+pub use pattern::{HostPattern, PatternError};
+
+use matcher::{Lookup, Matcher};
+
+/// How much of the network a session may reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    None,
+    Trusted,
+    Full,
+    Custom,
+}
+
+impl Level {
+    pub const ALL: [Level; 4] = [Level::None, Level::Trusted, Level::Full, Level::Custom];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::None => "none",
+            Level::Trusted => "trusted",
+            Level::Full => "full",
+            Level::Custom => "custom",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Level> {
+        Level::ALL.into_iter().find(|l| l.as_str() == s)
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Per-session limits a policy may set; unset ones fall back to the server's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Limits {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_tunnels: Option<u32>,
+}
+
+/// Which list a rule came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleList {
+    Allow,
+    Deny,
+    Defaults,
+    AllowIps,
+    Level,
+    Guard,
+}
+
+/// The entry that decided: its text as the author wrote it (canonical), and where it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Rule {
+    pub pattern: Arc<str>,
+    pub list: RuleList,
+    pub file: Arc<str>,
+    pub line: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<Arc<str>>,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rule={:?} ({}:{}", &*self.pattern, self.file, self.line)?;
+        if let Some(g) = &self.group {
+            write!(f, ", group {:?}", &**g)?;
+        }
+        f.write_str(")")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        }
+    }
+}
+
+/// Why a destination was allowed or refused. `code()` is stable (logs, metrics, headers); `Display` is
+/// the sentence a person reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum Reason {
+    Allowlisted,
+    DefaultAllowlisted,
+    FullLevel,
+    AllowedIp,
+    LevelNone,
+    Denylisted,
+    NotAllowlisted,
+    PortNotAllowed { port: u16, allowed: Vec<u16> },
+    IpNotAllowed { ip: IpAddr },
+    BlockedAddress { ip: IpAddr, range: String },
+    BlockedName { name: String, range: String },
+    OwnAddress { ip: IpAddr, port: u16 },
+    InvalidPort,
+}
+
+impl Reason {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Allowlisted => "allowlisted",
+            Reason::DefaultAllowlisted => "default_allowlisted",
+            Reason::FullLevel => "full_level",
+            Reason::AllowedIp => "allowed_ip",
+            Reason::LevelNone => "level_none",
+            Reason::Denylisted => "denylisted",
+            Reason::NotAllowlisted => "not_allowlisted",
+            Reason::PortNotAllowed { .. } => "port_not_allowed",
+            Reason::IpNotAllowed { .. } => "ip_not_allowed",
+            Reason::BlockedAddress { .. } => "blocked_address",
+            Reason::BlockedName { .. } => "blocked_name",
+            Reason::OwnAddress { .. } => "own_address",
+            Reason::InvalidPort => "invalid_port",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Allowlisted => f.write_str("in the policy's allow list"),
+            Reason::DefaultAllowlisted => f.write_str("in the default allowlist"),
+            Reason::FullLevel => f.write_str("level full allows any public destination"),
+            Reason::AllowedIp => f.write_str("address covered by allow_ips"),
+            Reason::LevelNone => f.write_str("level none allows no outbound connections"),
+            Reason::Denylisted => f.write_str("in the policy's deny list"),
+            Reason::NotAllowlisted => f.write_str("not in the allowlist"),
+            Reason::PortNotAllowed { port, allowed } => {
+                let list: Vec<String> = allowed.iter().map(u16::to_string).collect();
+                write!(f, "port {port} not allowed (allowed ports: {})", list.join(", "))
+            }
+            Reason::IpNotAllowed { ip } => {
+                write!(f, "IP address {ip} is not covered by allow_ips (addresses never match host patterns)")
+            }
+            Reason::BlockedAddress { ip, range } => write!(f, "{range} {ip}"),
+            Reason::BlockedName { name, range } => write!(f, "{name} always means a {range}"),
+            Reason::OwnAddress { ip, port } => write!(f, "{ip}:{port} is this proxy's own listening address"),
+            Reason::InvalidPort => f.write_str("port 0 is not a destination"),
+        }
+    }
+}
+
+/// The outcome of `decide`: a value with its reason and the rule behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub rule: Option<Rule>,
+    pub policy: Arc<str>,
+    pub level: Level,
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+
+    /// What a policy author would change to allow this destination, when anything would.
+    pub fn hint(&self, target: &Target, port: u16) -> Option<String> {
+        let host = target.to_authority_host();
+        Some(match &self.reason {
+            Reason::NotAllowlisted => format!(
+                "to allow it, add \"{host}\" (or \"{host}:{port}\") to `allow` in a policy with level = \"custom\" (include_defaults = true keeps the default list)"
+            ),
+            Reason::PortNotAllowed { .. } => {
+                format!("to allow it, add \"{host}:{port}\" to `allow`, or {port} to `ports`")
+            }
+            Reason::Denylisted => match &self.rule {
+                Some(r) => format!("remove \"{}\" from `deny` ({}:{})", r.pattern, r.file, r.line),
+                None => "remove the entry from `deny`".to_string(),
+            },
+            Reason::LevelNone => "use a policy with level \"trusted\", \"custom\" or \"full\"".to_string(),
+            Reason::IpNotAllowed { ip } | Reason::BlockedAddress { ip, .. } => {
+                let net = match ip {
+                    IpAddr::V4(_) => format!("{ip}/32"),
+                    IpAddr::V6(_) => format!("{ip}/128"),
+                };
+                format!(
+                    "connect by host name, or add \"{net}\" to `allow_ips` if this address is meant to be reachable"
+                )
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// Allow-list entries carry their rule; deny entries too.
+pub(crate) type RuleMatcher = Matcher<Rule>;
+
+/// One named policy, compiled.
+#[derive(Debug)]
+pub struct Policy {
+    pub name: Arc<str>,
+    pub level: Level,
+    /// Where it was defined: a file path, or `built-in`.
+    pub source: Arc<str>,
+    pub include_defaults: bool,
+    pub(crate) allow: RuleMatcher,
+    pub(crate) deny: RuleMatcher,
+    pub(crate) defaults: Option<Arc<DefaultList>>,
+    /// Ports for entries that name none, sorted.
+    pub ports: Vec<u16>,
+    /// Whether `ports` was written in the file; level full allows every port unless it was.
+    pub ports_explicit: bool,
+    pub allow_ips: Vec<(IpNet, Rule)>,
+    pub limits: Limits,
+}
+
+/// The ports an entry without `:port` allows when a policy names none.
+pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+
+impl Policy {
+    /// A built-in policy at `level` over the given default list.
+    pub fn builtin(level: Level, defaults: Arc<DefaultList>) -> Policy {
+        Policy {
+            name: level.as_str().into(),
+            level,
+            source: "built-in".into(),
+            include_defaults: level == Level::Trusted,
+            allow: Matcher::default(),
+            deny: Matcher::default(),
+            defaults: (level == Level::Trusted).then_some(defaults),
+            ports: DEFAULT_PORTS.to_vec(),
+            ports_explicit: false,
+            allow_ips: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    fn decision(&self, verdict: Verdict, reason: Reason, rule: Option<Rule>) -> Decision {
+        Decision { verdict, reason, rule, policy: self.name.clone(), level: self.level }
+    }
+
+    fn level_rule(&self) -> Rule {
+        Rule {
+            pattern: format!("level = \"{}\"", self.level).into(),
+            list: RuleList::Level,
+            file: self.source.clone(),
+            line: 0,
+            group: None,
+        }
+    }
+
+    fn port_allowed(&self, pattern: &HostPattern, port: u16) -> bool {
+        match pattern.port() {
+            Some(p) => p == port,
+            None => self.ports.binary_search(&port).is_ok(),
+        }
+    }
+
+    fn any_port(&self) -> bool {
+        self.level == Level::Full && !self.ports_explicit
+    }
+
+    /// Decides a destination before DNS. Names are matched against the deny list, then the level's
+    /// allow lists; addresses only against `allow_ips` and the guard. A name that is allowed here still
+    /// has its resolved addresses checked by [`Policy::check_address`].
+    pub fn decide(&self, target: &Target, port: u16) -> Decision {
+        if port == 0 {
+            return self.decision(Verdict::Deny, Reason::InvalidPort, None);
+        }
+        if self.level == Level::None {
+            return self.decision(Verdict::Deny, Reason::LevelNone, Some(self.level_rule()));
+        }
+        match target {
+            Target::Ip(ip) => self.decide_ip(*ip, port),
+            Target::Name(host) => self.decide_name(host, port),
+        }
+    }
+
+    fn decide_ip(&self, ip: IpAddr, port: u16) -> Decision {
+        if let Some(rule) = self.allowed_ip(ip) {
+            if !self.any_port() && self.ports.binary_search(&port).is_err() {
+                return self.decision(
+                    Verdict::Deny,
+                    Reason::PortNotAllowed { port, allowed: self.ports.clone() },
+                    Some(rule.clone()),
+                );
+            }
+            return self.decision(Verdict::Allow, Reason::AllowedIp, Some(rule.clone()));
+        }
+        if let Some(range) = guard::classify(ip) {
+            return self.decision(Verdict::Deny, Reason::BlockedAddress { ip, range: range.to_string() }, None);
+        }
+        if self.level == Level::Full {
+            if !self.any_port() && self.ports.binary_search(&port).is_err() {
+                return self.decision(
+                    Verdict::Deny,
+                    Reason::PortNotAllowed { port, allowed: self.ports.clone() },
+                    Some(self.level_rule()),
+                );
+            }
+            return self.decision(Verdict::Allow, Reason::FullLevel, Some(self.level_rule()));
+        }
+        self.decision(Verdict::Deny, Reason::IpNotAllowed { ip }, None)
+    }
+
+    fn decide_name(&self, host: &Host, port: u16) -> Decision {
+        if let Some(range) = guard::blocked_name(host.as_str()) {
+            return self.decision(
+                Verdict::Deny,
+                Reason::BlockedName { name: host.to_string(), range: range.to_string() },
+                None,
+            );
+        }
+        // Deny entries without a port refuse every port.
+        if let Lookup::Hit(_, rule) = self.deny.lookup(host, |p| p.port().is_none_or(|q| q == port)) {
+            return self.decision(Verdict::Deny, Reason::Denylisted, Some(rule.clone()));
+        }
+        if self.level == Level::Full {
+            if !self.any_port() && self.ports.binary_search(&port).is_err() {
+                return self.decision(
+                    Verdict::Deny,
+                    Reason::PortNotAllowed { port, allowed: self.ports.clone() },
+                    Some(self.level_rule()),
+                );
+            }
+            return self.decision(Verdict::Allow, Reason::FullLevel, Some(self.level_rule()));
+        }
+        let port_ok = |p: &HostPattern| self.port_allowed(p, port);
+        let mut mismatch = None;
+        if self.level == Level::Custom {
+            match self.allow.lookup(host, port_ok) {
+                Lookup::Hit(_, rule) => return self.decision(Verdict::Allow, Reason::Allowlisted, Some(rule.clone())),
+                Lookup::PortMismatch(_, rule) => mismatch = Some(rule),
+                Lookup::Miss => {}
+            }
+        }
+        if let Some(defaults) = &self.defaults {
+            match defaults.matcher.lookup(host, port_ok) {
+                Lookup::Hit(_, rule) => {
+                    return self.decision(Verdict::Allow, Reason::DefaultAllowlisted, Some(rule.clone()));
+                }
+                Lookup::PortMismatch(_, rule) => mismatch = mismatch.or(Some(rule)),
+                Lookup::Miss => {}
+            }
+        }
+        match mismatch {
+            Some(rule) => {
+                let mut allowed: Vec<u16> = match rule_port(rule) {
+                    Some(p) => vec![p],
+                    None => self.ports.clone(),
+                };
+                allowed.dedup();
+                self.decision(Verdict::Deny, Reason::PortNotAllowed { port, allowed }, Some(rule.clone()))
+            }
+            None => self.decision(Verdict::Deny, Reason::NotAllowlisted, None),
+        }
+    }
+
+    fn allowed_ip(&self, ip: IpAddr) -> Option<&Rule> {
+        let ip = canonical_ip(ip);
+        self.allow_ips.iter().find(|(net, _)| net.contains(&ip)).map(|(_, r)| r)
+    }
+
+    /// The guard after DNS: `Some(deny)` when a resolved address may not be dialled under this policy.
+    pub fn check_address(&self, ip: IpAddr) -> Option<Decision> {
+        if self.allowed_ip(ip).is_some() {
+            return None;
+        }
+        guard::classify(ip)
+            .map(|range| self.decision(Verdict::Deny, Reason::BlockedAddress { ip, range: range.to_string() }, None))
+    }
+
+    /// A refusal for dialling the proxy's own listener, which no `allow_ips` entry lifts.
+    pub fn own_address(&self, ip: IpAddr, port: u16) -> Decision {
+        self.decision(Verdict::Deny, Reason::OwnAddress { ip, port }, None)
+    }
+
+    pub fn allow_len(&self) -> usize {
+        self.allow.len()
+    }
+}
+
+/// An entry's own port, from its canonical text.
+fn rule_port(rule: &Rule) -> Option<u16> {
+    rule.pattern.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+}
+
+/// IPv4-mapped IPv6 addresses are compared as the IPv4 address they carry, so `allow_ips` written in
+/// IPv4 covers both forms.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The built-in policies, keyed by name.
+pub(crate) fn builtin_policies(defaults: &Arc<DefaultList>) -> BTreeMap<Arc<str>, Arc<Policy>> {
+    [Level::None, Level::Trusted, Level::Full]
+        .into_iter()
+        .map(|l| {
+            let p = Policy::builtin(l, defaults.clone());
+            (p.name.clone(), Arc::new(p))
+        })
+        .collect()
+}
