@@ -1,9 +1,15 @@
-//! The `check` and `validate` subcommands: what they print and the exit status they return.
+//! The subcommands other than `serve` (`check`, `validate`, `token`): what they print and the exit status.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::credential::{
+    Claims, KEY_ENV, Keyring, Kind, SigningKey, TOKEN_PREFIX, human_duration, now_unix, valid_session_id,
+};
 use crate::diagnostic::{Diagnostic, Severity};
 use crate::policy::file::{DEFAULTS_FILE_NAME, DefaultList, parse_policy};
 use crate::policy::{Authority, Decision, Policy, PolicySet};
@@ -163,4 +169,133 @@ fn validate_file(path: &Path) -> Vec<Diagnostic> {
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
+}
+
+/// Parses `30s`, `15m`, `8h`, `7d` (or plain seconds) into seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration {text:?}: expected e.g. 30s, 15m, 8h or 7d");
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+pub struct MintArgs {
+    pub kind: Kind,
+    pub session: String,
+    pub policy: Option<String>,
+    pub repo: Option<String>,
+    pub branch: Option<String>,
+    pub ttl: String,
+}
+
+/// The signing key from `--key-file`, else `SLUICE_SIGNING_KEY`.
+pub fn load_keyring(key_file: Option<&Path>, previous: Option<&Path>) -> Result<Keyring, String> {
+    let current = match key_file {
+        Some(path) => SigningKey::from_file(path)?,
+        None => match std::env::var_os(KEY_ENV) {
+            Some(v) => SigningKey::from_bytes(v.as_encoded_bytes()).map_err(|e| format!("{KEY_ENV}: {e}"))?,
+            None => return Err(format!("no signing key: pass --key-file FILE or set {KEY_ENV}")),
+        },
+    };
+    let previous = previous.map(SigningKey::from_file).transpose()?;
+    Ok(Keyring::new(current, previous))
+}
+
+/// The claims `token mint` would sign, checked for what each kind needs.
+pub fn mint_claims(args: &MintArgs, now: u64) -> Result<Claims, String> {
+    if !valid_session_id(&args.session) {
+        return Err(format!("invalid session id {:?}: use 1 to 128 letters, digits, '.', '-' or '_'", args.session));
+    }
+    let ttl = parse_duration(&args.ttl)?;
+    if ttl == 0 {
+        return Err("--ttl must be longer than 0s".into());
+    }
+    let (policy, repo, branch) = match args.kind {
+        Kind::Egress => {
+            if args.repo.is_some() || args.branch.is_some() {
+                return Err("--repo and --branch are for --kind git".into());
+            }
+            (Some(args.policy.clone().unwrap_or_else(|| "trusted".into())), None, None)
+        }
+        Kind::Git => {
+            let repo = args.repo.clone().ok_or("--kind git needs --repo OWNER/REPO")?;
+            let branch = args.branch.clone().ok_or("--kind git needs --branch BRANCH")?;
+            if repo.split('/').count() != 2 || repo.split('/').any(|p| p.is_empty()) {
+                return Err(format!("invalid --repo {repo:?}: expected OWNER/REPO"));
+            }
+            let branch = branch.strip_prefix("refs/heads/").unwrap_or(&branch).to_string();
+            if args.policy.is_some() {
+                return Err("--policy is for --kind egress".into());
+            }
+            (None, Some(repo), Some(branch))
+        }
+    };
+    Ok(Claims {
+        sid: args.session.clone(),
+        kind: args.kind,
+        policy,
+        repo,
+        branch,
+        iat: now,
+        exp: now.saturating_add(ttl),
+    })
+}
+
+/// `sluice token mint`: prints one token.
+pub fn token_mint(args: &MintArgs, keys: &Keyring, out: &mut impl Write) -> Result<(), String> {
+    let claims = mint_claims(args, now_unix())?;
+    writeln!(out, "{}", keys.mint(&claims)).map_err(|e| e.to_string())
+}
+
+/// `sluice token inspect`: prints the claims (readable without a key) and whether the token verifies.
+/// Exit 0 when it verifies, 1 when it does not, 2 when it cannot be read at all.
+pub fn token_inspect(token: &str, keys: Option<&Keyring>, out: &mut impl Write) -> u8 {
+    let token = token.trim();
+    let claims = token
+        .strip_prefix(TOKEN_PREFIX)
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok());
+    let Some(claims) = claims else {
+        let _ = writeln!(out, "not a sluice v1 token");
+        return EXIT_USAGE;
+    };
+    let _ = writeln!(out, "claims: {claims}");
+    let now = now_unix();
+    for (name, key) in [("iat", "issued"), ("exp", "expires")] {
+        if let Some(t) = claims.get(name).and_then(serde_json::Value::as_u64) {
+            let rel = if t >= now {
+                format!("in {}", human_duration(t - now))
+            } else {
+                format!("{} ago", human_duration(now - t))
+            };
+            let _ = writeln!(out, "{key}: {t} ({rel})");
+        }
+    }
+    match keys {
+        None => {
+            let _ = writeln!(out, "verifies: unknown (no key: pass --key-file or set {KEY_ENV})");
+            EXIT_USAGE
+        }
+        Some(k) => match k.verify(token, now) {
+            Ok(_) => {
+                let _ = writeln!(out, "verifies: yes");
+                EXIT_OK
+            }
+            Err(e) => {
+                let _ = writeln!(out, "verifies: no ({e})");
+                EXIT_DENY
+            }
+        },
+    }
 }

@@ -15,5 +15,6 @@
 //! - [`command`]: the `check` and `validate` subcommands, as library functions the binary calls.
 
 pub mod command;
+pub mod credential;
 pub mod diagnostic;
 pub mod policy;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::command;
+use sluice::credential::Kind;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Egress proxy and network-policy engine for sandboxed sessions")]
@@ -29,11 +30,58 @@ enum Command {
         /// HOST[:PORT] (default port 443).
         destination: String,
     },
+    /// Mint or inspect signed session credentials.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Lint policy files: errors as file:line:col with a snippet and a hint, then warnings.
     Validate {
         /// Files or directories (default: policies/).
         paths: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a signed credential for an orchestrator or a test.
+    Mint {
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// Session id (the user name in HTTPS_PROXY=http://ID:TOKEN@host:port).
+        #[arg(long)]
+        session: String,
+        /// Policy name, for --kind egress (default: trusted).
+        #[arg(long)]
+        policy: Option<String>,
+        /// OWNER/REPO, for --kind git.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Working branch, for --kind git.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Lifetime: 30s, 15m, 8h, 7d.
+        #[arg(long, default_value = "8h")]
+        ttl: String,
+        /// Signing key file (default: the SLUICE_SIGNING_KEY environment variable).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Print a credential's claims and whether it verifies (never the key).
+    Inspect {
+        token: String,
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The previous key, accepted during a rotation.
+        #[arg(long)]
+        previous_key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Egress,
+    Git,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +99,26 @@ fn main() -> ExitCode {
             command::check(&args, &mut out, &mut std::io::stderr().lock())
         }
         Command::Validate { paths } => command::validate(&paths, &mut out),
+        Command::Token { command: TokenCommand::Mint { kind, session, policy, repo, branch, ttl, key_file } } => {
+            let kind = match kind {
+                KindArg::Egress => Kind::Egress,
+                KindArg::Git => Kind::Git,
+            };
+            let args = command::MintArgs { kind, session, policy, repo, branch, ttl };
+            let result = command::load_keyring(key_file.as_deref(), None)
+                .and_then(|keys| command::token_mint(&args, &keys, &mut out));
+            match result {
+                Ok(()) => command::EXIT_OK,
+                Err(e) => {
+                    eprintln!("sluice token mint: {e}");
+                    command::EXIT_USAGE
+                }
+            }
+        }
+        Command::Token { command: TokenCommand::Inspect { token, key_file, previous_key_file } } => {
+            let keys = command::load_keyring(key_file.as_deref(), previous_key_file.as_deref()).ok();
+            command::token_inspect(&token, keys.as_ref(), &mut out)
+        }
     };
     ExitCode::from(status)
 }
