@@ -171,24 +171,6 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// Parses `30s`, `15m`, `8h`, `7d` (or plain seconds) into seconds.
-pub fn parse_duration(text: &str) -> Result<u64, String> {
-    let bad = || format!("invalid duration {text:?}: expected e.g. 30s, 15m, 8h or 7d");
-    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mult).ok_or_else(bad)
-}
-
 pub struct MintArgs {
     pub kind: Kind,
     pub session: String,
@@ -216,7 +198,7 @@ pub fn mint_claims(args: &MintArgs, now: u64) -> Result<Claims, String> {
     if !valid_session_id(&args.session) {
         return Err(format!("invalid session id {:?}: use 1 to 128 letters, digits, '.', '-' or '_'", args.session));
     }
-    let ttl = parse_duration(&args.ttl)?;
+    let ttl = crate::config::parse_duration(&args.ttl)?;
     if ttl == 0 {
         return Err("--ttl must be longer than 0s".into());
     }

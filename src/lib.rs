@@ -15,6 +15,10 @@
 //! - [`command`]: the `check` and `validate` subcommands, as library functions the binary calls.
 
 pub mod command;
+pub mod config;
 pub mod credential;
 pub mod diagnostic;
+pub mod net;
 pub mod policy;
+pub mod proxy;
+pub mod server;

@@ -16,6 +16,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy: egress on 127.0.0.1:3128 with built-in defaults, or as `--config` says.
+    Serve {
+        /// Server configuration (sluice.toml); every key is optional.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Decide one destination and print the decision and the rule that made it.
     Check {
         /// Policy directory (default: ./policies when it exists, else the built-in policies).
@@ -94,6 +100,7 @@ fn main() -> ExitCode {
     };
     let mut out = std::io::stdout().lock();
     let status = match cli.command {
+        Command::Serve { config } => serve(config),
         Command::Check { policies, policy, json, destination } => {
             let args = command::CheckArgs { policies, policy, json, destination };
             command::check(&args, &mut out, &mut std::io::stderr().lock())
@@ -121,4 +128,42 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(status)
+}
+
+fn serve(path: Option<PathBuf>) -> u8 {
+    let config = match path {
+        Some(p) => match sluice::config::Config::load(&p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return command::EXIT_USAGE;
+            }
+        },
+        None => sluice::config::Config::default(),
+    };
+    if let Err(e) = sluice::server::init_logging(&config) {
+        eprintln!("sluice: {e}");
+        return command::EXIT_USAGE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            return command::EXIT_USAGE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match sluice::server::Server::bind(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return command::EXIT_USAGE;
+            }
+        };
+        if let Some(addr) = server.egress_addr() {
+            tracing::info!(egress = %addr, "sluice listening");
+        }
+        server.run(sluice::server::shutdown_on_signals()).await;
+        command::EXIT_OK
+    })
 }

@@ -86,9 +86,21 @@ pub struct Rule {
     pub group: Option<Arc<str>>,
 }
 
+impl Rule {
+    /// `FILE:LINE`, or `FILE` for a rule without a line (a built-in level).
+    pub fn location(&self) -> String {
+        if self.line > 0 { format!("{}:{}", self.file, self.line) } else { self.file.to_string() }
+    }
+
+    /// `PATTERN (FILE:LINE)`, for log lines.
+    pub fn summary(&self) -> String {
+        format!("{} ({})", self.pattern, self.location())
+    }
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rule={:?} ({}:{}", &*self.pattern, self.file, self.line)?;
+        write!(f, "rule={:?} ({}", &*self.pattern, self.location())?;
         if let Some(g) = &self.group {
             write!(f, ", group {:?}", &**g)?;
         }
@@ -203,7 +215,7 @@ impl Decision {
                 format!("to allow it, add \"{host}:{port}\" to `allow`, or {port} to `ports`")
             }
             Reason::Denylisted => match &self.rule {
-                Some(r) => format!("remove \"{}\" from `deny` ({}:{})", r.pattern, r.file, r.line),
+                Some(r) => format!("remove \"{}\" from `deny` ({})", r.pattern, r.location()),
                 None => "remove the entry from `deny`".to_string(),
             },
             Reason::LevelNone => "use a policy with level \"trusted\", \"custom\" or \"full\"".to_string(),
@@ -231,6 +243,8 @@ pub struct Policy {
     pub level: Level,
     /// Where it was defined: a file path, or `built-in`.
     pub source: Arc<str>,
+    /// The line of its `level` key (0 for built-ins).
+    pub level_line: usize,
     pub include_defaults: bool,
     pub(crate) allow: RuleMatcher,
     pub(crate) deny: RuleMatcher,
@@ -253,6 +267,7 @@ impl Policy {
             name: level.as_str().into(),
             level,
             source: "built-in".into(),
+            level_line: 0,
             include_defaults: level == Level::Trusted,
             allow: Matcher::default(),
             deny: Matcher::default(),

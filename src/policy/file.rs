@@ -409,10 +409,12 @@ pub fn parse_policy(
     }
 
     let warnings = finish(diags)?;
+    let level_line = raw.level.as_ref().map_or(0, |l| src.location(l.span().start).0);
     let policy = Policy {
         name,
         level,
         source,
+        level_line,
         include_defaults,
         allow: Matcher::new(allow.into_iter().map(|(p, r, _)| (p, r))),
         deny: deny_matcher,

@@ -1,0 +1,253 @@
+//! The server configuration (`sluice.toml`): every key optional, unknown keys refused with their location.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::diagnostic::{Diagnostics, Source, from_toml_error};
+
+/// A duration written as `30s`, `15m`, `8h`, `7d`, or a number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Seconds(Duration::from_secs(n))),
+            Raw::Text(t) => {
+                parse_duration(&t).map(|s| Seconds(Duration::from_secs(s))).map_err(serde::de::Error::custom)
+            }
+        }
+    }
+}
+
+/// Parses `30s`, `15m`, `8h`, `7d` (or plain seconds) into seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration {text:?}: expected e.g. 30s, 15m, 8h or 7d");
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    pub listen: SocketAddr,
+    /// The policy for clients without credentials (when anonymous use is allowed).
+    pub policy: String,
+    pub connect_timeout: Seconds,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub idle_timeout: Seconds,
+    /// Slowloris guard: the whole request head must arrive within this.
+    pub header_timeout: Seconds,
+    pub max_header_bytes: usize,
+    /// Open client connections beyond this are answered `503` and closed.
+    pub max_connections: usize,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
+            policy: "trusted".into(),
+            connect_timeout: Seconds(Duration::from_secs(10)),
+            idle_timeout: Seconds(Duration::from_secs(600)),
+            header_timeout: Seconds(Duration::from_secs(10)),
+            max_header_bytes: 32 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub key_file: Option<PathBuf>,
+    pub previous_key_file: Option<PathBuf>,
+    /// Whether clients without credentials are served (with `[egress] policy`).
+    pub anonymous: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { key_file: None, previous_key_file: None, anonymous: true }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoliciesConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        PoliciesConfig { dir: PathBuf::from("policies") }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolverConfig {
+    /// Static answers consulted before DNS.
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Whether names missing from `hosts` are looked up in DNS (`/etc/hosts`, `resolv.conf`).
+    pub system: bool,
+    pub timeout: Seconds,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig { hosts: BTreeMap::new(), system: true, timeout: Seconds(Duration::from_secs(5)) }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// Append to this file instead of stderr.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub shutdown_grace: Seconds,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { shutdown_grace: Seconds(Duration::from_secs(30)) }
+    }
+}
+
+/// Everything `sluice serve` reads; `Config::default()` is the out-of-the-box local mode.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub egress: EgressConfig,
+    pub auth: AuthConfig,
+    pub policies: PoliciesConfig,
+    pub resolver: ResolverConfig,
+    pub log: LogConfig,
+    pub server: ServerConfig,
+}
+
+impl Config {
+    /// Parses a configuration file's text; `name` is used in error locations.
+    pub fn parse(name: &str, text: &str) -> Result<Config, Diagnostics> {
+        let src = Source::new(name, text);
+        let config: Config = toml::from_str(text).map_err(|e| Diagnostics(vec![from_toml_error(&src, &e)]))?;
+        let mut errors = Vec::new();
+        for (host, addrs) in &config.resolver.hosts {
+            if let Err(e) = crate::policy::Host::parse(host) {
+                let at = text.find(host.as_str()).unwrap_or(0);
+                errors.push(src.error(
+                    at..at + host.len(),
+                    format!("invalid host {host:?} in [resolver] hosts: {e}"),
+                    None,
+                ));
+            } else if addrs.is_empty() {
+                let at = text.find(host.as_str()).unwrap_or(0);
+                errors.push(src.error(
+                    at..at + host.len(),
+                    format!("{host:?} has no addresses in [resolver] hosts"),
+                    Some("give at least one address, e.g. [\"127.0.0.1\"]".into()),
+                ));
+            }
+        }
+        if config.egress.max_header_bytes < 8192 {
+            let at = text.find("max_header_bytes").unwrap_or(0);
+            errors.push(src.error(at..at + 16, "max_header_bytes must be at least 8192", None));
+        }
+        if errors.is_empty() { Ok(config) } else { Err(Diagnostics(errors)) }
+    }
+
+    pub fn load(path: &Path) -> Result<Config, Diagnostics> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Diagnostics(vec![crate::diagnostic::Diagnostic::file_error(&name, format!("cannot read: {e}"))])
+        })?;
+        Config::parse(&name, &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_local_mode() {
+        let c = Config::parse("s.toml", "").unwrap();
+        assert_eq!(c.egress.listen, "127.0.0.1:3128".parse().unwrap());
+        assert_eq!(c.egress.policy, "trusted");
+        assert!(c.auth.anonymous);
+        assert_eq!(c.server.shutdown_grace, Seconds(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn documented_keys_parse() {
+        let text = r#"
+[egress]
+listen = "127.0.0.1:0"
+policy = "full"
+idle_timeout = "5m"
+[auth]
+anonymous = false
+[policies]
+dir = "p"
+[resolver]
+hosts = { "bench.test" = ["127.0.0.1"] }
+[log]
+format = "text"
+[server]
+shutdown_grace = "2s"
+"#;
+        let c = Config::parse("s.toml", text).unwrap();
+        assert_eq!(c.egress.idle_timeout, Seconds(Duration::from_secs(300)));
+        assert_eq!(c.resolver.hosts["bench.test"], vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert!(!c.auth.anonymous);
+    }
+
+    #[test]
+    fn unknown_keys_point_at_their_location() {
+        let err = Config::parse("s.toml", "[egress]\nlisten = \"127.0.0.1:3128\"\nlistn = 1\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("s.toml:3:1: error: unknown field `listn`, expected one of"), "{text}");
+        let err = Config::parse("s.toml", "[server]\nshutdown_grace = \"3 weeks\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("s.toml:2:18: error: invalid duration \"3 weeks\": expected e.g. 30s, 15m, 8h or 7d"),
+            "{err}"
+        );
+    }
+}

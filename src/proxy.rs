@@ -1,0 +1,265 @@
+//! The egress proxy: accepts connections, identifies the session, and hands each request to
+//! [`connect`] (tunnels) or [`forward`] (plain HTTP); [`respond`] turns every refusal into its answer.
+
+pub mod connect;
+pub mod forward;
+pub mod respond;
+pub mod tunnel;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use http::{HeaderMap, Method, Request, Response, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::EgressConfig;
+use crate::credential::{Keyring, Kind, now_unix, valid_session_id};
+use crate::net::Resolver;
+use crate::policy::{Policy, PolicySet};
+use respond::{AuthError, Context, ProxyBody, ProxyError};
+
+/// Everything the egress proxy shares across connections.
+pub struct EgressProxy {
+    pub config: EgressConfig,
+    pub policies: Arc<ArcSwap<PolicySet>>,
+    pub resolver: Resolver,
+    pub keys: Option<Keyring>,
+    pub anonymous: bool,
+    /// The proxy's own listening addresses: never a destination.
+    pub own: Vec<SocketAddr>,
+    /// Cancelled when open tunnels must close (the shutdown grace is over).
+    pub hard_stop: CancellationToken,
+    /// Tracks connections and tunnels, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// Who is asking, and under which policy.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub id: Arc<str>,
+    pub policy: Arc<Policy>,
+}
+
+/// The session id logged for clients without credentials.
+pub const ANONYMOUS: &str = "anonymous";
+
+impl EgressProxy {
+    /// Identity from `Proxy-Authorization: Basic base64(session:token)`, else the anonymous policy when
+    /// the server allows it. Credentials that are present are always verified, never ignored.
+    pub fn identify(&self, headers: &HeaderMap) -> Result<Session, ProxyError> {
+        let policies = self.policies.load();
+        let Some(value) = headers.get(header::PROXY_AUTHORIZATION) else {
+            if !self.anonymous {
+                return Err(ProxyError::Auth(AuthError::Missing));
+            }
+            let name = &self.config.policy;
+            let policy = policies.get(name).cloned().ok_or_else(|| ProxyError::UnknownPolicy { name: name.clone() })?;
+            return Ok(Session { id: ANONYMOUS.into(), policy });
+        };
+        let (session, token) = parse_basic(value.as_bytes()).map_err(ProxyError::Auth)?;
+        let keys = self.keys.as_ref().ok_or(ProxyError::Auth(AuthError::NoKey))?;
+        let claims = keys
+            .verify_for(&token, Kind::Egress, &session, now_unix())
+            .map_err(|e| ProxyError::Auth(AuthError::Credential(e)))?;
+        let name = claims.policy.unwrap_or_else(|| "trusted".into());
+        let policy = policies.get(&name).cloned().ok_or(ProxyError::UnknownPolicy { name })?;
+        Ok(Session { id: session.into(), policy })
+    }
+}
+
+/// `Basic base64(session:token)` → (session, token).
+pub fn parse_basic(value: &[u8]) -> Result<(String, String), AuthError> {
+    let text = std::str::from_utf8(value).map_err(|_| AuthError::BadEncoding)?.trim();
+    let (scheme, rest) = text.split_once(' ').ok_or(AuthError::NotBasic)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(AuthError::NotBasic);
+    }
+    let decoded = STANDARD.decode(rest.trim()).map_err(|_| AuthError::BadEncoding)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| AuthError::BadEncoding)?;
+    let (session, token) = decoded.split_once(':').ok_or(AuthError::BadEncoding)?;
+    if !valid_session_id(session) {
+        return Err(AuthError::InvalidSessionId);
+    }
+    Ok((session.to_string(), token.to_string()))
+}
+
+/// Accepts connections until `stop_accepting` is cancelled. Connections beyond `max_connections` get
+/// a `503` and are closed, never queued.
+pub async fn serve(listener: TcpListener, proxy: Arc<EgressProxy>, stop_accepting: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(proxy.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop_accepting.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "egress accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            let max = proxy.config.max_connections;
+            proxy.tasks.spawn(refuse_overloaded(stream, max));
+            continue;
+        };
+        let proxy2 = proxy.clone();
+        let stop = stop_accepting.clone();
+        proxy.tasks.spawn(async move {
+            serve_connection(stream, peer, proxy2, stop).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn refuse_overloaded(mut stream: TcpStream, max: usize) {
+    tracing::warn!(max_connections = max, "connection refused: at the connection limit");
+    let _ = stream.write_all(&respond::overloaded_bytes(max)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<EgressProxy>, stop: CancellationToken) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.config.header_timeout.0)
+        .max_header_size(proxy.config.max_header_bytes)
+        .keep_alive(true);
+    let p = proxy.clone();
+    let service = service_fn(move |req| handle(req, p.clone(), peer));
+    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // Malformed heads, oversized headers, slow clients: hyper has answered (400/431) or closed.
+        let what = if e.is_timeout() {
+            "header read timeout"
+        } else if e.is_parse() {
+            "malformed request"
+        } else {
+            "connection error"
+        };
+        tracing::info!(target: "sluice::decision", client = %peer, verdict = "deny", reason = what, error = %e, "connection ended");
+    }
+}
+
+/// Handles one request; every error becomes its answer here, and every request is logged once.
+async fn handle(
+    req: Request<Incoming>,
+    proxy: Arc<EgressProxy>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let wants_json =
+        req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
+    let method = req.method().clone();
+    let target = req.uri().to_string();
+    let session = match proxy.identify(req.headers()) {
+        Ok(s) => s,
+        Err(err) => {
+            log_refusal(&err, None, &method, &target, peer);
+            return Ok(respond::refusal(&err, &Context { wants_json, close: false, ..Context::default() }));
+        }
+    };
+    let result = if method == Method::CONNECT {
+        connect::handle(req, &proxy, &session, peer).await
+    } else {
+        forward::handle(req, &proxy, &session, peer).await
+    };
+    Ok(match result {
+        Ok(response) => response,
+        Err(err) => {
+            log_refusal(&err, Some(&session), &method, &target, peer);
+            let level = session.policy.level.to_string();
+            let ctx = Context { policy: Some(&session.policy.name), level: Some(&level), wants_json, close: false };
+            respond::refusal(&err, &ctx)
+        }
+    })
+}
+
+fn log_refusal(err: &ProxyError, session: Option<&Session>, method: &Method, target: &str, peer: SocketAddr) {
+    let (rule, policy, level) = match err {
+        ProxyError::Denied { decision, .. } => (
+            decision.rule.as_ref().map(|r| r.summary()),
+            Some(decision.policy.to_string()),
+            Some(decision.level.to_string()),
+        ),
+        _ => (None, session.map(|s| s.policy.name.to_string()), session.map(|s| s.policy.level.to_string())),
+    };
+    let message = err.message();
+    let fields_target = if method == Method::CONNECT { target.to_string() } else { redact_userinfo(target) };
+    match err.fault() {
+        respond::Fault::Internal | respond::Fault::Upstream => tracing::warn!(
+            target: "sluice::decision",
+            session = session.map(|s| &*s.id), kind = kind_of(method), method = %method, destination = %fields_target,
+            verdict = "deny", reason = err.code(), detail = %message, rule, policy, level, client = %peer, status = err.status().as_u16()
+        ),
+        _ => tracing::info!(
+            target: "sluice::decision",
+            session = session.map(|s| &*s.id), kind = kind_of(method), method = %method, destination = %fields_target,
+            verdict = "deny", reason = err.code(), detail = %message, rule, policy, level, client = %peer, status = err.status().as_u16()
+        ),
+    }
+}
+
+pub(crate) fn kind_of(method: &Method) -> &'static str {
+    if method == Method::CONNECT { "connect" } else { "http" }
+}
+
+/// A URL with any `user:password@` removed, for logs.
+pub(crate) fn redact_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}://[redacted]@{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials() {
+        let v = format!("Basic {}", STANDARD.encode("s-1:v1.abc.def"));
+        assert_eq!(parse_basic(v.as_bytes()).unwrap(), ("s-1".to_string(), "v1.abc.def".to_string()));
+        assert!(matches!(parse_basic(b"Bearer x"), Err(AuthError::NotBasic)));
+        assert!(matches!(parse_basic(b"Basic !!!"), Err(AuthError::BadEncoding)));
+        let no_colon = format!("Basic {}", STANDARD.encode("nocolon"));
+        assert!(matches!(parse_basic(no_colon.as_bytes()), Err(AuthError::BadEncoding)));
+        let bad_sid = format!("Basic {}", STANDARD.encode("a b:t"));
+        assert!(matches!(parse_basic(bad_sid.as_bytes()), Err(AuthError::InvalidSessionId)));
+    }
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(redact_userinfo("http://u:secret@example.com/x@y"), "http://[redacted]@example.com/x@y");
+        assert_eq!(redact_userinfo("http://example.com/a@b"), "http://example.com/a@b");
+    }
+}

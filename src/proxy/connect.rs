@@ -1,0 +1,87 @@
+//! `CONNECT host:port`: authority → policy → resolve → guard → dial → `200` → tunnel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::respond::{self, ProxyBody, ProxyError};
+use super::tunnel::{self, Counters};
+use super::{EgressProxy, Session};
+use crate::net::{self, Reach};
+use crate::policy::Authority;
+
+pub async fn handle(
+    mut req: Request<Incoming>,
+    proxy: &Arc<EgressProxy>,
+    session: &Session,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.path_and_query().is_some() {
+        return Err(ProxyError::BadRequest(format!(
+            "CONNECT takes host:port, not a URL ({uri:?}); e.g. CONNECT example.com:443"
+        )));
+    }
+    let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let authority = Authority::parse(text, None)
+        .map_err(|e| ProxyError::BadRequest(format!("bad CONNECT target {text:?}: {e}")))?;
+    let policy = &session.policy;
+    let decision = policy.decide(&authority.target, authority.port);
+    if !decision.is_allowed() {
+        return Err(ProxyError::Denied { decision: Box::new(decision), authority });
+    }
+    let config = &proxy.config;
+    let (upstream, addr) = match net::reach(
+        &authority.target,
+        authority.port,
+        policy,
+        &proxy.resolver,
+        &proxy.own,
+        config.connect_timeout.0,
+    )
+    .await
+    {
+        Reach::Connected { stream, addr } => (stream, addr),
+        Reach::Refused(decision) => return Err(ProxyError::Denied { decision, authority }),
+        Reach::Failed(e) => return Err(ProxyError::Upstream(e)),
+    };
+    tracing::info!(
+        target: "sluice::decision",
+        session = &*session.id, kind = "connect", method = "CONNECT", destination = %authority,
+        verdict = "allow", reason = decision.reason.code(),
+        rule = decision.rule.as_ref().map(|r| r.summary()),
+        policy = &*decision.policy, level = %decision.level, client = %peer, upstream = %addr, status = 200u16,
+    );
+
+    // The upgrade completes after the 200 below is written; bytes the client pipelined after its
+    // CONNECT head come out of the upgraded stream first.
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let idle = config.idle_timeout.0;
+    let hard_stop = proxy.hard_stop.clone();
+    let session_id = session.id.clone();
+    proxy.tasks.spawn(async move {
+        let started = Instant::now();
+        let client = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::info!(target: "sluice::decision", session = &*session_id, destination = %authority, error = %e, "tunnel never opened");
+                return;
+            }
+        };
+        let counters = Arc::new(Counters::default());
+        let stats = tunnel::run(client, upstream, idle, counters, hard_stop.cancelled_owned()).await;
+        tracing::info!(
+            target: "sluice::decision",
+            event = "tunnel_closed", session = &*session_id, kind = "connect", destination = %authority,
+            upstream = %addr, bytes_up = stats.bytes_up, bytes_down = stats.bytes_down,
+            duration_ms = started.elapsed().as_millis() as u64, end = stats.end.as_str(),
+        );
+    });
+    let mut response = Response::new(respond::empty());
+    *response.status_mut() = StatusCode::OK;
+    Ok(response)
+}

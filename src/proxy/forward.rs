@@ -1,0 +1,251 @@
+//! Absolute-form `http://` requests: decided like a tunnel, then forwarded with hop-by-hop and
+//! `Proxy-*` headers stripped and the target and `Host` rebuilt from the parsed URI.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::respond::{ProxyBody, ProxyError};
+use super::{EgressProxy, Session};
+use crate::net::{self, Reach};
+use crate::policy::Authority;
+
+pub async fn handle(
+    req: Request<Incoming>,
+    proxy: &Arc<EgressProxy>,
+    session: &Session,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let uri = req.uri().clone();
+    match uri.scheme_str() {
+        Some("http") => {}
+        None => {
+            return Err(ProxyError::BadRequest(
+                "this is a proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port".into(),
+            ));
+        }
+        Some("https") => {
+            return Err(ProxyError::BadRequest(
+                "https:// URLs are tunnelled, not forwarded: the client should use CONNECT (set HTTPS_PROXY)".into(),
+            ));
+        }
+        Some(other) => {
+            return Err(ProxyError::BadRequest(format!(
+                "unsupported scheme {other:?}: only http:// is forwarded; use CONNECT for anything else"
+            )));
+        }
+    }
+    let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    if text.contains('@') {
+        return Err(ProxyError::BadRequest(
+            "credentials in the URL (user@host) are not forwarded; send them in an Authorization header".into(),
+        ));
+    }
+    let authority = Authority::parse(text, Some(80))
+        .map_err(|e| ProxyError::BadRequest(format!("bad host in URL {text:?}: {e}")))?;
+    check_framing(req.headers())?;
+    check_host_header(req.headers(), &authority)?;
+
+    let policy = &session.policy;
+    let decision = policy.decide(&authority.target, authority.port);
+    if !decision.is_allowed() {
+        return Err(ProxyError::Denied { decision: Box::new(decision), authority });
+    }
+    let config = &proxy.config;
+    let (stream, addr) = match net::reach(
+        &authority.target,
+        authority.port,
+        policy,
+        &proxy.resolver,
+        &proxy.own,
+        config.connect_timeout.0,
+    )
+    .await
+    {
+        Reach::Connected { stream, addr } => (stream, addr),
+        Reach::Refused(decision) => return Err(ProxyError::Denied { decision, authority }),
+        Reach::Failed(e) => return Err(ProxyError::Upstream(e)),
+    };
+    tracing::info!(
+        target: "sluice::decision",
+        session = &*session.id, kind = "http", method = %req.method(), destination = %authority,
+        verdict = "allow", reason = decision.reason.code(),
+        rule = decision.rule.as_ref().map(|r| r.summary()),
+        policy = &*decision.policy, level = %decision.level, client = %peer, upstream = %addr,
+    );
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let host = match authority.port {
+        80 => authority.target.to_authority_host(),
+        p => format!("{}:{p}", authority.target.to_authority_host()),
+    };
+    let host = HeaderValue::from_str(&host).map_err(|_| ProxyError::BadRequest("bad host".into()))?;
+    parts.headers.insert(header::HOST, host);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = path.parse().map_err(|_| ProxyError::BadRequest(format!("bad request target {path:?}")))?;
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::BadUpstream(format!("upstream {addr} failed the HTTP handshake: {e}")))?;
+    proxy.tasks.spawn(async move {
+        let _ = conn.await;
+    });
+    let response = sender.send_request(upstream_req).await.map_err(|e| {
+        if e.is_user() || e.is_body_write_aborted() {
+            ProxyError::BadRequest(format!("the request body could not be forwarded: {e}"))
+        } else {
+            ProxyError::BadUpstream(format!("upstream {addr} did not answer with valid HTTP: {e}"))
+        }
+    })?;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+}
+
+/// Refuses any request whose body length could be read two ways: the smuggling shapes (CL.TE, TE.CL,
+/// duplicate or malformed lengths, obfuscated or stacked transfer codings) never go upstream.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let bad = |m: &str| Err(ProxyError::BadRequest(m.to_string()));
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if !lengths.is_empty() && !codings.is_empty() {
+        return bad("request has both Content-Length and Transfer-Encoding; send one");
+    }
+    if lengths.len() > 1 {
+        return bad("request has more than one Content-Length");
+    }
+    if let Some(v) = lengths.first() {
+        let ok = v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()));
+        if !ok {
+            return bad("Content-Length must be a single decimal number");
+        }
+    }
+    if codings.len() > 1 {
+        return bad("request has more than one Transfer-Encoding header");
+    }
+    if let Some(v) = codings.first()
+        && v.as_bytes() != b"chunked"
+        && !v.as_bytes().eq_ignore_ascii_case(b"chunked")
+    {
+        return bad("unsupported Transfer-Encoding: only \"chunked\" is accepted");
+    }
+    Ok(())
+}
+
+/// A `Host` header must name the same authority as the URI (default port 80).
+fn check_host_header(headers: &HeaderMap, authority: &Authority) -> Result<(), ProxyError> {
+    let hosts: Vec<&HeaderValue> = headers.get_all(header::HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err(ProxyError::BadRequest("request has more than one Host header".into()));
+    }
+    let Some(value) = hosts.first() else { return Ok(()) };
+    let text = value.to_str().unwrap_or("");
+    match Authority::parse(text, Some(80)) {
+        Ok(h) if h == *authority => Ok(()),
+        _ => Err(ProxyError::BadRequest(format!(
+            "Host header {text:?} does not match the URL's host {authority}; they must agree"
+        ))),
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Removes hop-by-hop headers, those the `Connection` header names, and every `Proxy-*` header.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let proxy_headers: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    for name in proxy_headers {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn framing(pairs: &[(&str, &str)]) -> String {
+        match check_framing(&headers(pairs)) {
+            Ok(()) => "ok".into(),
+            Err(e) => e.message(),
+        }
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        assert_eq!(framing(&[("content-length", "5")]), "ok");
+        assert_eq!(framing(&[("transfer-encoding", "chunked")]), "ok");
+        assert_eq!(
+            framing(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+            "request has both Content-Length and Transfer-Encoding; send one"
+        );
+        assert_eq!(
+            framing(&[("content-length", "5"), ("content-length", "5")]),
+            "request has more than one Content-Length"
+        );
+        assert_eq!(framing(&[("content-length", "5, 5")]), "Content-Length must be a single decimal number");
+        assert_eq!(framing(&[("content-length", "+5")]), "Content-Length must be a single decimal number");
+        assert_eq!(
+            framing(&[("transfer-encoding", "gzip, chunked")]),
+            "unsupported Transfer-Encoding: only \"chunked\" is accepted"
+        );
+        assert_eq!(
+            framing(&[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]),
+            "request has more than one Transfer-Encoding header"
+        );
+        assert_eq!(
+            framing(&[("transfer-encoding", "xchunked")]),
+            "unsupported Transfer-Encoding: only \"chunked\" is accepted"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_and_proxy_headers_are_stripped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-foo", "bar"),
+            ("keep-alive", "timeout=5"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+}

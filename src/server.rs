@@ -1,0 +1,144 @@
+//! `sluice serve`: load configuration and policies, bind the listeners, run until SIGTERM/SIGINT,
+//! then drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, LogFormat};
+use crate::credential::{KEY_ENV, Keyring, SigningKey};
+use crate::net::Resolver;
+use crate::policy::PolicySet;
+use crate::proxy::{self, EgressProxy};
+
+/// A server that has bound its listeners and is ready to run.
+pub struct Server {
+    pub egress: Arc<EgressProxy>,
+    egress_listener: TcpListener,
+    config: Config,
+}
+
+/// Loads the signing keys: `[auth] key_file` (and `previous_key_file`), else `SLUICE_SIGNING_KEY`.
+pub fn load_keys(config: &Config) -> Result<Option<Keyring>, String> {
+    let current = match &config.auth.key_file {
+        Some(path) => Some(SigningKey::from_file(path)?),
+        None => match std::env::var_os(KEY_ENV) {
+            Some(v) => Some(SigningKey::from_bytes(v.as_encoded_bytes()).map_err(|e| format!("{KEY_ENV}: {e}"))?),
+            None => None,
+        },
+    };
+    let previous = config.auth.previous_key_file.as_deref().map(SigningKey::from_file).transpose()?;
+    match current {
+        Some(k) => Ok(Some(Keyring::new(k, previous))),
+        None if previous.is_some() => Err("[auth] previous_key_file is set but there is no current key".into()),
+        None => Ok(None),
+    }
+}
+
+impl Server {
+    /// Checks everything a running proxy would trip over later, and binds the listeners.
+    pub async fn bind(config: Config) -> Result<Server, String> {
+        let policies = PolicySet::load_dir_or_builtin(&config.policies.dir).map_err(|d| d.to_string())?;
+        for w in &policies.warnings {
+            tracing::warn!(target: "sluice::policy", "{w}");
+        }
+        if policies.get(&config.egress.policy).is_none() {
+            let known: Vec<&str> = policies.names().collect();
+            return Err(format!(
+                "[egress] policy = {:?} names no policy; known: {}",
+                config.egress.policy,
+                known.join(", ")
+            ));
+        }
+        let keys = load_keys(&config)?;
+        if keys.is_none() && !config.auth.anonymous {
+            return Err(format!("[auth] anonymous = false needs a signing key: set [auth] key_file or {KEY_ENV}"));
+        }
+        let resolver = Resolver::new(&config.resolver)?;
+        let egress_listener = TcpListener::bind(config.egress.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
+        let own: Vec<SocketAddr> = egress_listener.local_addr().into_iter().collect();
+        let egress = Arc::new(EgressProxy {
+            config: config.egress.clone(),
+            policies: Arc::new(ArcSwap::from_pointee(policies)),
+            resolver,
+            keys,
+            anonymous: config.auth.anonymous,
+            own,
+            hard_stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        Ok(Server { egress, egress_listener, config })
+    }
+
+    pub fn egress_addr(&self) -> Option<SocketAddr> {
+        self.egress_listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets open tunnels and requests
+    /// finish within `[server] shutdown_grace`, and closes what is left.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let stop_accepting = CancellationToken::new();
+        let egress = self.egress.clone();
+        let accept = tokio::spawn(proxy::serve(self.egress_listener, egress.clone(), stop_accepting.clone()));
+        shutdown.cancelled().await;
+        let grace = self.config.server.shutdown_grace.0;
+        tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; draining");
+        stop_accepting.cancel();
+        let _ = accept.await;
+        egress.tasks.close();
+        if tokio::time::timeout(grace, egress.tasks.wait()).await.is_err() {
+            tracing::warn!("shutdown grace over: closing the connections still open");
+            egress.hard_stop.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), egress.tasks.wait()).await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Installs the log subscriber: JSON lines (default) or text, to stderr or `[log] file`.
+pub fn init_logging(config: &Config) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match &config.log.file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open [log] file {}: {e}", path.display()))?;
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(Arc::new(file))
+        }
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let result = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// Cancels the token on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers; stop sluice with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        t.cancel();
+    });
+    token
+}
