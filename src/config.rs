@@ -121,6 +121,19 @@ impl Default for ResolverConfig {
     }
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/metrics`, `/healthz`, `/v1/denials`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 3130)) }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -157,6 +170,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub policies: PoliciesConfig,
     pub resolver: ResolverConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub server: ServerConfig,
 }

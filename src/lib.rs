@@ -14,11 +14,14 @@
 //! - [`diagnostic`]: `file:line:col` errors and warnings for files people write.
 //! - [`command`]: the `check` and `validate` subcommands, as library functions the binary calls.
 
+pub mod admin;
 pub mod command;
 pub mod config;
 pub mod credential;
 pub mod diagnostic;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;

@@ -141,10 +141,13 @@ fn serve(path: Option<PathBuf>) -> u8 {
         },
         None => sluice::config::Config::default(),
     };
-    if let Err(e) = sluice::server::init_logging(&config) {
-        eprintln!("sluice: {e}");
-        return command::EXIT_USAGE;
-    }
+    let _log_guard = match sluice::server::init_logging(&config) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return command::EXIT_USAGE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -160,8 +163,8 @@ fn serve(path: Option<PathBuf>) -> u8 {
                 return command::EXIT_USAGE;
             }
         };
-        if let Some(addr) = server.egress_addr() {
-            tracing::info!(egress = %addr, "sluice listening");
+        if let (Some(egress), Some(admin)) = (server.egress_addr(), server.admin_addr()) {
+            tracing::info!(egress = %egress, admin = %admin, "sluice listening");
         }
         server.run(sluice::server::shutdown_on_signals()).await;
         command::EXIT_OK

@@ -3,12 +3,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpStream;
 
 use crate::config::ResolverConfig;
+use crate::metrics::Metrics;
 use crate::policy::{Decision, Host, Policy, Target};
 
 /// Why a destination could not be reached (as opposed to refused by policy).
@@ -121,13 +122,19 @@ pub async fn reach(
     resolver: &Resolver,
     own: &[SocketAddr],
     connect_timeout: Duration,
+    metrics: &Metrics,
 ) -> Reach {
     let addrs = match target {
         Target::Ip(ip) => vec![*ip],
-        Target::Name(host) => match resolver.resolve(host).await {
-            Ok(a) => a,
-            Err(e) => return Reach::Failed(e),
-        },
+        Target::Name(host) => {
+            let started = Instant::now();
+            let answer = resolver.resolve(host).await;
+            metrics.dns_latency.observe(started.elapsed());
+            match answer {
+                Ok(a) => a,
+                Err(e) => return Reach::Failed(e),
+            }
+        }
     };
     for ip in &addrs {
         if let Some(deny) = policy.check_address(*ip) {
@@ -140,7 +147,10 @@ pub async fn reach(
     let mut last = None;
     for ip in addrs {
         let addr = SocketAddr::new(ip, port);
-        match dial(addr, connect_timeout).await {
+        let started = Instant::now();
+        let dialled = dial(addr, connect_timeout).await;
+        metrics.connect_latency.observe(started.elapsed());
+        match dialled {
             Ok(stream) => return Reach::Connected { stream, addr },
             Err(e) => last = Some(e),
         }
@@ -200,7 +210,7 @@ mod tests {
         let target = Target::Name(Host::parse("mixed.test").unwrap());
         let policy = full();
         assert_eq!(policy.level, Level::Full);
-        match reach(&target, 443, &policy, &r, &[], Duration::from_millis(50)).await {
+        match reach(&target, 443, &policy, &r, &[], Duration::from_millis(50), &Metrics::default()).await {
             Reach::Refused(d) => assert_eq!(d.reason.code(), "blocked_address"),
             other => panic!("expected a refusal, got {other:?}"),
         }

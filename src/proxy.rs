@@ -26,8 +26,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::EgressConfig;
 use crate::credential::{Keyring, Kind, now_unix, valid_session_id};
-use crate::net::Resolver;
-use crate::policy::{Policy, PolicySet};
+use crate::metrics::{Denial, Denials, Metrics};
+use crate::net::{self, Reach, Resolver};
+use crate::policy::{Authority, Decision, Policy, PolicySet};
 use respond::{AuthError, Context, ProxyBody, ProxyError};
 
 /// Everything the egress proxy shares across connections.
@@ -43,6 +44,8 @@ pub struct EgressProxy {
     pub hard_stop: CancellationToken,
     /// Tracks connections and tunnels, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    pub metrics: Arc<Metrics>,
+    pub denials: Arc<Denials>,
 }
 
 /// Who is asking, and under which policy.
@@ -76,6 +79,30 @@ impl EgressProxy {
         let name = claims.policy.unwrap_or_else(|| "trusted".into());
         let policy = policies.get(&name).cloned().ok_or(ProxyError::UnknownPolicy { name })?;
         Ok(Session { id: session.into(), policy })
+    }
+}
+
+impl EgressProxy {
+    /// Decide, then resolve, guard every address and dial a checked one: the steps CONNECT and plain
+    /// HTTP share. A refusal at any step is an error carrying its decision.
+    pub(crate) async fn open_upstream(
+        &self,
+        session: &Session,
+        authority: &Authority,
+    ) -> Result<(Decision, TcpStream, SocketAddr), ProxyError> {
+        let policy = &session.policy;
+        let decision = policy.decide(&authority.target, authority.port);
+        if !decision.is_allowed() {
+            return Err(ProxyError::Denied { decision: Box::new(decision), authority: authority.clone() });
+        }
+        let timeout = self.config.connect_timeout.0;
+        match net::reach(&authority.target, authority.port, policy, &self.resolver, &self.own, timeout, &self.metrics)
+            .await
+        {
+            Reach::Connected { stream, addr } => Ok((decision, stream, addr)),
+            Reach::Refused(decision) => Err(ProxyError::Denied { decision, authority: authority.clone() }),
+            Reach::Failed(e) => Err(ProxyError::Upstream(e)),
+        }
     }
 }
 
@@ -178,7 +205,7 @@ async fn handle(
     let session = match proxy.identify(req.headers()) {
         Ok(s) => s,
         Err(err) => {
-            log_refusal(&err, None, &method, &target, peer);
+            log_refusal(&proxy, &err, None, &method, &target, peer);
             return Ok(respond::refusal(&err, &Context { wants_json, close: false, ..Context::default() }));
         }
     };
@@ -190,7 +217,7 @@ async fn handle(
     Ok(match result {
         Ok(response) => response,
         Err(err) => {
-            log_refusal(&err, Some(&session), &method, &target, peer);
+            log_refusal(&proxy, &err, Some(&session), &method, &target, peer);
             let level = session.policy.level.to_string();
             let ctx = Context { policy: Some(&session.policy.name), level: Some(&level), wants_json, close: false };
             respond::refusal(&err, &ctx)
@@ -198,7 +225,15 @@ async fn handle(
     })
 }
 
-fn log_refusal(err: &ProxyError, session: Option<&Session>, method: &Method, target: &str, peer: SocketAddr) {
+fn log_refusal(
+    proxy: &EgressProxy,
+    err: &ProxyError,
+    session: Option<&Session>,
+    method: &Method,
+    target: &str,
+    peer: SocketAddr,
+) {
+    let (metrics, denials) = (&proxy.metrics, &proxy.denials);
     let (rule, policy, level) = match err {
         ProxyError::Denied { decision, .. } => (
             decision.rule.as_ref().map(|r| r.summary()),
@@ -208,6 +243,18 @@ fn log_refusal(err: &ProxyError, session: Option<&Session>, method: &Method, tar
         _ => (None, session.map(|s| s.policy.name.to_string()), session.map(|s| s.policy.level.to_string())),
     };
     let message = err.message();
+    metrics.decision("deny", err.code(), level.as_deref().unwrap_or("none"));
+    if matches!(err, ProxyError::RateLimited { .. }) {
+        metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let denial = Denial {
+        time: now_unix(),
+        destination: target.to_string(),
+        reason: err.code(),
+        message: message.clone(),
+        hint: err.hint(),
+    };
+    denials.record(session.map_or(ANONYMOUS, |s| &s.id), denial);
     let fields_target = if method == Method::CONNECT { target.to_string() } else { redact_userinfo(target) };
     match err.fault() {
         respond::Fault::Internal | respond::Fault::Upstream => tracing::warn!(
@@ -221,6 +268,25 @@ fn log_refusal(err: &ProxyError, session: Option<&Session>, method: &Method, tar
             verdict = "deny", reason = err.code(), detail = %message, rule, policy, level, client = %peer, status = err.status().as_u16()
         ),
     }
+}
+
+/// The decision line (and metric) for an allowed request, once its upstream is connected.
+pub(crate) fn log_allow(
+    proxy: &EgressProxy,
+    session: &Session,
+    method: &Method,
+    authority: &Authority,
+    decision: &Decision,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+) {
+    proxy.metrics.decision("allow", decision.reason.code(), decision.level.as_str());
+    tracing::info!(
+        target: "sluice::decision",
+        session = &*session.id, kind = kind_of(method), method = %method, destination = %authority,
+        verdict = "allow", reason = decision.reason.code(), rule = decision.rule.as_ref().map(|r| r.summary()),
+        policy = &*decision.policy, level = %decision.level, client = %peer, upstream = %upstream,
+    );
 }
 
 pub(crate) fn kind_of(method: &Method) -> &'static str {

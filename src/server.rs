@@ -2,15 +2,18 @@
 //! then drain.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 
+use crate::admin::Admin;
 use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring, SigningKey};
+use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
 use crate::policy::PolicySet;
 use crate::proxy::{self, EgressProxy};
@@ -19,8 +22,12 @@ use crate::proxy::{self, EgressProxy};
 pub struct Server {
     pub egress: Arc<EgressProxy>,
     egress_listener: TcpListener,
+    admin_listener: TcpListener,
     config: Config,
 }
+
+/// The log writer's count of lines it dropped rather than block traffic.
+static DROPPED_LOG_LINES: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// Loads the signing keys: `[auth] key_file` (and `previous_key_file`), else `SLUICE_SIGNING_KEY`.
 pub fn load_keys(config: &Config) -> Result<Option<Keyring>, String> {
@@ -62,7 +69,11 @@ impl Server {
         let egress_listener = TcpListener::bind(config.egress.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
-        let own: Vec<SocketAddr> = egress_listener.local_addr().into_iter().collect();
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} ([admin] listen): {e}", config.admin.listen))?;
+        let own: Vec<SocketAddr> =
+            [egress_listener.local_addr(), admin_listener.local_addr()].into_iter().flatten().collect();
         let egress = Arc::new(EgressProxy {
             config: config.egress.clone(),
             policies: Arc::new(ArcSwap::from_pointee(policies)),
@@ -72,12 +83,19 @@ impl Server {
             own,
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            metrics: Arc::new(Metrics::default()),
+            denials: Arc::new(Denials::default()),
         });
-        Ok(Server { egress, egress_listener, config })
+        egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Server { egress, egress_listener, admin_listener, config })
     }
 
     pub fn egress_addr(&self) -> Option<SocketAddr> {
         self.egress_listener.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.local_addr().ok()
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, lets open tunnels and requests
@@ -86,6 +104,21 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         let egress = self.egress.clone();
         let accept = tokio::spawn(proxy::serve(self.egress_listener, egress.clone(), stop_accepting.clone()));
+        let admin = Arc::new(Admin {
+            metrics: egress.metrics.clone(),
+            denials: egress.denials.clone(),
+            dropped_lines: Box::new(|| DROPPED_LOG_LINES.get().map_or(0, |c| c.dropped_lines() as u64)),
+        });
+        let admin_stop = CancellationToken::new();
+        tokio::spawn(crate::admin::serve(self.admin_listener, admin, admin_stop.clone()));
+        if self.config.policies.dir.is_dir() {
+            crate::reload::spawn(
+                self.config.policies.dir.clone(),
+                egress.policies.clone(),
+                egress.metrics.clone(),
+                admin_stop.clone(),
+            );
+        }
         shutdown.cancelled().await;
         let grace = self.config.server.shutdown_grace.0;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; draining");
@@ -97,31 +130,39 @@ impl Server {
             egress.hard_stop.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), egress.tasks.wait()).await;
         }
+        admin_stop.cancel();
         tracing::info!("stopped");
     }
 }
 
-/// Installs the log subscriber: JSON lines (default) or text, to stderr or `[log] file`.
-pub fn init_logging(config: &Config) -> Result<(), String> {
+/// Installs the log subscriber: JSON lines (default) or text, to stderr or `[log] file`, written by a
+/// background thread so a slow disk never slows traffic (lines are dropped and counted instead).
+/// Keep the guard until exit: dropping it flushes the last lines.
+pub fn init_logging(config: &Config) -> Result<WorkerGuard, String> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match &config.log.file {
-        Some(path) => {
-            let file = std::fs::OpenOptions::new()
+    let out: Box<dyn std::io::Write + Send> = match &config.log.file {
+        Some(path) => Box::new(
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| format!("cannot open [log] file {}: {e}", path.display()))?;
-            tracing_subscriber::fmt::writer::BoxMakeWriter::new(Arc::new(file))
-        }
-        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+                .map_err(|e| format!("cannot open [log] file {}: {e}", path.display()))?,
+        ),
+        None => Box::new(std::io::stderr()),
     };
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(64 * 1024)
+        .lossy(true)
+        .finish(out);
+    let _ = DROPPED_LOG_LINES.set(writer.error_counter());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let result = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    result.map_err(|e| format!("cannot install the logger: {e}"))
+    result.map_err(|e| format!("cannot install the logger: {e}"))?;
+    Ok(guard)
 }
 
 /// Cancels the token on SIGTERM or SIGINT.

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
@@ -11,7 +12,6 @@ use hyper_util::rt::TokioIo;
 use super::respond::{self, ProxyBody, ProxyError};
 use super::tunnel::{self, Counters};
 use super::{EgressProxy, Session};
-use crate::net::{self, Reach};
 use crate::policy::Authority;
 
 pub async fn handle(
@@ -29,40 +29,16 @@ pub async fn handle(
     let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
     let authority = Authority::parse(text, None)
         .map_err(|e| ProxyError::BadRequest(format!("bad CONNECT target {text:?}: {e}")))?;
-    let policy = &session.policy;
-    let decision = policy.decide(&authority.target, authority.port);
-    if !decision.is_allowed() {
-        return Err(ProxyError::Denied { decision: Box::new(decision), authority });
-    }
-    let config = &proxy.config;
-    let (upstream, addr) = match net::reach(
-        &authority.target,
-        authority.port,
-        policy,
-        &proxy.resolver,
-        &proxy.own,
-        config.connect_timeout.0,
-    )
-    .await
-    {
-        Reach::Connected { stream, addr } => (stream, addr),
-        Reach::Refused(decision) => return Err(ProxyError::Denied { decision, authority }),
-        Reach::Failed(e) => return Err(ProxyError::Upstream(e)),
-    };
-    tracing::info!(
-        target: "sluice::decision",
-        session = &*session.id, kind = "connect", method = "CONNECT", destination = %authority,
-        verdict = "allow", reason = decision.reason.code(),
-        rule = decision.rule.as_ref().map(|r| r.summary()),
-        policy = &*decision.policy, level = %decision.level, client = %peer, upstream = %addr, status = 200u16,
-    );
+    let (decision, upstream, addr) = proxy.open_upstream(session, &authority).await?;
+    super::log_allow(proxy, session, req.method(), &authority, &decision, peer, addr);
 
     // The upgrade completes after the 200 below is written; bytes the client pipelined after its
     // CONNECT head come out of the upgraded stream first.
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let idle = config.idle_timeout.0;
+    let idle = proxy.config.idle_timeout.0;
     let hard_stop = proxy.hard_stop.clone();
     let session_id = session.id.clone();
+    let metrics = proxy.metrics.clone();
     proxy.tasks.spawn(async move {
         let started = Instant::now();
         let client = match on_upgrade.await {
@@ -73,7 +49,15 @@ pub async fn handle(
             }
         };
         let counters = Arc::new(Counters::default());
+        metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
+        metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
         let stats = tunnel::run(client, upstream, idle, counters, hard_stop.cancelled_owned()).await;
+        metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
+        metrics.bytes_up.fetch_add(stats.bytes_up, Ordering::Relaxed);
+        metrics.bytes_down.fetch_add(stats.bytes_down, Ordering::Relaxed);
+        if stats.end == tunnel::TunnelEnd::UpstreamError {
+            metrics.upstream_resets.fetch_add(1, Ordering::Relaxed);
+        }
         tracing::info!(
             target: "sluice::decision",
             event = "tunnel_closed", session = &*session_id, kind = "connect", destination = %authority,

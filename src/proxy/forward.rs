@@ -12,7 +12,6 @@ use hyper_util::rt::TokioIo;
 
 use super::respond::{ProxyBody, ProxyError};
 use super::{EgressProxy, Session};
-use crate::net::{self, Reach};
 use crate::policy::Authority;
 
 pub async fn handle(
@@ -51,33 +50,8 @@ pub async fn handle(
     check_framing(req.headers())?;
     check_host_header(req.headers(), &authority)?;
 
-    let policy = &session.policy;
-    let decision = policy.decide(&authority.target, authority.port);
-    if !decision.is_allowed() {
-        return Err(ProxyError::Denied { decision: Box::new(decision), authority });
-    }
-    let config = &proxy.config;
-    let (stream, addr) = match net::reach(
-        &authority.target,
-        authority.port,
-        policy,
-        &proxy.resolver,
-        &proxy.own,
-        config.connect_timeout.0,
-    )
-    .await
-    {
-        Reach::Connected { stream, addr } => (stream, addr),
-        Reach::Refused(decision) => return Err(ProxyError::Denied { decision, authority }),
-        Reach::Failed(e) => return Err(ProxyError::Upstream(e)),
-    };
-    tracing::info!(
-        target: "sluice::decision",
-        session = &*session.id, kind = "http", method = %req.method(), destination = %authority,
-        verdict = "allow", reason = decision.reason.code(),
-        rule = decision.rule.as_ref().map(|r| r.summary()),
-        policy = &*decision.policy, level = %decision.level, client = %peer, upstream = %addr,
-    );
+    let (decision, stream, addr) = proxy.open_upstream(session, &authority).await?;
+    super::log_allow(proxy, session, req.method(), &authority, &decision, peer, addr);
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
