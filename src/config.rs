@@ -97,11 +97,13 @@ impl Default for AuthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PoliciesConfig {
     pub dir: PathBuf,
+    /// Reload when a file in `dir` changes (SIGHUP always reloads).
+    pub watch: bool,
 }
 
 impl Default for PoliciesConfig {
     fn default() -> Self {
-        PoliciesConfig { dir: PathBuf::from("policies") }
+        PoliciesConfig { dir: PathBuf::from("policies"), watch: true }
     }
 }
 

@@ -35,8 +35,14 @@ pub fn reload(dir: &Path, policies: &ArcSwap<PolicySet>, metrics: &Metrics) -> b
     }
 }
 
-/// Watches `dir` and listens for SIGHUP; each burst of changes triggers one reload.
-pub fn spawn(dir: PathBuf, policies: Arc<ArcSwap<PolicySet>>, metrics: Arc<Metrics>, stop: CancellationToken) {
+/// Listens for SIGHUP and (when `watch`) watches `dir`; each burst of changes triggers one reload.
+pub fn spawn(
+    dir: PathBuf,
+    watch: bool,
+    policies: Arc<ArcSwap<PolicySet>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let (tx, mut rx) = mpsc::channel::<()>(16);
     let watch_tx = tx.clone();
     // The watcher lives as long as the task below; dropping it stops the watch.
@@ -45,7 +51,7 @@ pub fn spawn(dir: PathBuf, policies: Arc<ArcSwap<PolicySet>>, metrics: Arc<Metri
             let _ = watch_tx.try_send(());
         }
     });
-    let watcher = match watcher {
+    let watcher = match watcher.ok().filter(|_| watch).ok_or("watching is off ([policies] watch = false)") {
         Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
             Ok(()) => Some(w),
             Err(e) => {

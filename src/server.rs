@@ -114,6 +114,7 @@ impl Server {
         if self.config.policies.dir.is_dir() {
             crate::reload::spawn(
                 self.config.policies.dir.clone(),
+                self.config.policies.watch,
                 egress.policies.clone(),
                 egress.metrics.clone(),
                 admin_stop.clone(),

@@ -1,0 +1,376 @@
+//! Operating sluice as a process: hot reload by file change and SIGHUP, graceful SIGTERM drain,
+//! `/metrics` after a known sequence, and a decision log with one line per request and no secrets.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A `sluice serve` child process whose stderr (the JSON log) is collected line by line.
+struct Sluice {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    egress: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Sluice {
+    fn start(dir: &Path, config: &str) -> Sluice {
+        let config_path = dir.join("sluice.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .current_dir(dir)
+            .env_remove("SLUICE_SIGNING_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = wait_for(&log, "sluice listening", Duration::from_secs(20));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let egress = v["egress"].as_str().unwrap().parse().unwrap();
+        let admin = v["admin"].as_str().unwrap().parse().unwrap();
+        Sluice { child, log, egress, admin }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) for a log line containing `needle`.
+fn wait_for(log: &Arc<Mutex<Vec<String>>>, needle: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(l) = log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no log line containing {needle:?} within {limit:?}; log:\n{}", log.lock().unwrap().join("\n"));
+}
+
+/// A loopback HTTP server answering every request `200 ok`, one connection at a time.
+fn http_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    port
+}
+
+/// A loopback echo server: each connection echoes until EOF, then closes.
+fn echo_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// `curl -x` through the proxy; returns the HTTP status curl saw.
+fn curl_status(proxy: SocketAddr, url: &str, creds: Option<&str>) -> String {
+    let proxy_url = match creds {
+        Some(c) => format!("http://{c}@{proxy}"),
+        None => format!("http://{proxy}"),
+    };
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x", &proxy_url, url])
+        .env_remove("http_proxy")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+[egress]
+listen = "127.0.0.1:0"
+policy = "app"
+[admin]
+listen = "127.0.0.1:0"
+[resolver]
+system = false
+hosts = {{ "a.test" = ["127.0.0.1"], "b.test" = ["127.0.0.1"], "c.test" = ["127.0.0.1"] }}
+[server]
+shutdown_grace = "5s"
+{extra}
+"#
+    )
+}
+
+fn policy(allow: &[&str], port: u16) -> String {
+    let allow: Vec<String> = allow.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "version = 1\nname = \"app\"\nlevel = \"custom\"\nallow = [{}]\nports = [{port}]\nallow_ips = [\"127.0.0.0/8\"]\n",
+        allow.join(", ")
+    )
+}
+
+/// Polls (bounded) until curl sees `want`; returns how long it took.
+fn until_status(proxy: SocketAddr, url: &str, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = curl_status(proxy, url, None);
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{url}: still {got} after {limit:?}, wanted {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn edited_policy_file_takes_effect_and_a_broken_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = http_upstream();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let sluice = Sluice::start(dir.path(), &config(""));
+    let b = format!("http://b.test:{up}/");
+    assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/"), None), "200");
+    assert_eq!(curl_status(sluice.egress, &b, None), "403");
+
+    std::fs::write(policies.join("app.toml"), policy(&["a.test", "b.test"], up)).unwrap();
+    let took = until_status(sluice.egress, &b, "200", Duration::from_secs(2));
+    assert!(took < Duration::from_secs(2));
+
+    std::fs::write(policies.join("broken.toml"), "version = 1\nlevel = \"cusstom\"\n").unwrap();
+    let line = wait_for(&sluice.log, "policy reload refused", Duration::from_secs(5));
+    assert!(line.contains("broken.toml:2:9: error: unknown level \\\"cusstom\\\""), "{line}");
+    assert_eq!(curl_status(sluice.egress, &b, None), "200", "the last good policy still decides");
+}
+
+#[test]
+fn sighup_reloads_when_watching_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = http_upstream();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let sluice = Sluice::start(dir.path(), &config("[policies]\nwatch = false\n"));
+    let b = format!("http://b.test:{up}/");
+    std::fs::write(policies.join("app.toml"), policy(&["a.test", "b.test"], up)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(curl_status(sluice.egress, &b, None), "403", "no reload without a signal");
+    sluice.signal("HUP");
+    until_status(sluice.egress, &b, "200", Duration::from_secs(2));
+    assert!(sluice.log_text().contains("\"generation\":2"));
+}
+
+#[test]
+fn sigterm_lets_an_open_tunnel_finish_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = echo_upstream();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("app.toml"), policy(&["a.test"], echo)).unwrap();
+    let mut sluice = Sluice::start(dir.path(), &config(""));
+
+    let mut tunnel = TcpStream::connect(sluice.egress).unwrap();
+    tunnel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(tunnel, "CONNECT a.test:{echo} HTTP/1.1\r\nHost: a.test:{echo}\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tunnel.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+        assert!(head.len() < 4096, "unterminated response head");
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&head));
+    tunnel.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    tunnel.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"before");
+
+    sluice.signal("TERM");
+    wait_for(&sluice.log, "shutting down", Duration::from_secs(5));
+    // New connections are refused once draining starts.
+    let start = Instant::now();
+    while TcpStream::connect(sluice.egress).is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(3), "still accepting after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The open tunnel still carries data, then ends by itself.
+    tunnel.write_all(b"after!").unwrap();
+    tunnel.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after!");
+    tunnel.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(tunnel.read(&mut buf).unwrap(), 0);
+
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = sluice.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "did not exit within the grace period");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let log = sluice.log_text();
+    assert!(log.contains("\"event\":\"tunnel_closed\""), "{log}");
+    assert!(log.contains("\"end\":\"closed\""), "{log}");
+}
+
+/// Every non-comment line of Prometheus text: `name{labels} value`.
+fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (key, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+            let name_end = key.find('{').unwrap_or(key.len());
+            assert!(key[..name_end].bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "bad name in {l:?}");
+            if name_end < key.len() {
+                assert!(key.ends_with('}'), "bad labels in {l:?}");
+            }
+            (key.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+#[test]
+fn metrics_count_what_was_sent_and_denials_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = http_upstream();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let sluice = Sluice::start(dir.path(), &config(""));
+    for _ in 0..3 {
+        assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/"), None), "200");
+    }
+    for _ in 0..2 {
+        assert_eq!(curl_status(sluice.egress, &format!("http://c.test:{up}/"), None), "403");
+    }
+    assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{}/", up.wrapping_add(1).max(1)), None), "403");
+
+    let metrics = parse_metrics(&http_get(sluice.admin, "/metrics"));
+    let get = |k: &str| metrics.iter().find(|(key, _)| key == k).map(|(_, v)| *v);
+    assert_eq!(get("sluice_decisions_total{verdict=\"allow\",reason=\"allowlisted\",level=\"custom\"}"), Some(3.0));
+    assert_eq!(get("sluice_decisions_total{verdict=\"deny\",reason=\"not_allowlisted\",level=\"custom\"}"), Some(2.0));
+    assert_eq!(get("sluice_decisions_total{verdict=\"deny\",reason=\"port_not_allowed\",level=\"custom\"}"), Some(1.0));
+    assert_eq!(get("sluice_policy_generation"), Some(1.0));
+    assert_eq!(get("sluice_upstream_connect_seconds_count"), Some(3.0));
+
+    let denials: serde_json::Value =
+        serde_json::from_str(&http_get(sluice.admin, "/v1/denials?session=anonymous")).unwrap();
+    let reasons: Vec<&str> =
+        denials["denials"].as_array().unwrap().iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["port_not_allowed", "not_allowlisted", "not_allowlisted"]);
+    assert_eq!(http_get(sluice.admin, "/healthz"), "ok\n");
+}
+
+#[test]
+fn decision_log_has_one_line_per_request_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = http_upstream();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let key = "canary-signing-key-0123456789abcdef-0123456789";
+    std::fs::write(dir.path().join("key"), key).unwrap();
+    let sluice = Sluice::start(dir.path(), &config("[auth]\nkey_file = \"key\"\nanonymous = false\n"));
+    let mint = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["token", "mint", "--kind", "egress", "--session", "sess-1", "--policy", "app", "--key-file"])
+        .arg(dir.path().join("key"))
+        .output()
+        .unwrap();
+    let token = String::from_utf8(mint.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("v1."), "{token}");
+    let creds = format!("sess-1:{token}");
+    assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/"), Some(&creds)), "200");
+    assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/x"), Some(&creds)), "200");
+    assert_eq!(curl_status(sluice.egress, &format!("http://c.test:{up}/"), Some(&creds)), "403");
+    assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/"), Some(&format!("sess-2:{token}"))), "407");
+    assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/"), None), "407");
+    sluice.signal("TERM");
+    wait_for(&sluice.log, "\"stopped\"", Duration::from_secs(10));
+
+    let log = sluice.log_text();
+    let decisions: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "sluice::decision" && v.get("verdict").is_some())
+        .collect();
+    let verdicts: Vec<(&str, &str)> =
+        decisions.iter().map(|v| (v["verdict"].as_str().unwrap(), v["reason"].as_str().unwrap())).collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("allow", "allowlisted"),
+            ("allow", "allowlisted"),
+            ("deny", "not_allowlisted"),
+            ("deny", "auth_session_mismatch"),
+            ("deny", "auth_missing")
+        ]
+    );
+    assert_eq!(decisions[0]["session"], "sess-1");
+    assert_eq!(decisions[0]["policy"], "app");
+    assert!(!log.contains(&token), "the token leaked into the log");
+    assert!(!log.contains(&token[3..40]), "part of the token leaked into the log");
+    assert!(!log.contains(key), "the signing key leaked into the log");
+}
