@@ -219,7 +219,9 @@ async fn handle(
         Err(err) => {
             log_refusal(&proxy, &err, Some(&session), &method, &target, peer);
             let level = session.policy.level.to_string();
-            let ctx = Context { policy: Some(&session.policy.name), level: Some(&level), wants_json, close: false };
+            // After a malformed request the client's idea of the connection state cannot be trusted.
+            let close = matches!(err, ProxyError::BadRequest(_));
+            let ctx = Context { policy: Some(&session.policy.name), level: Some(&level), wants_json, close };
             respond::refusal(&err, &ctx)
         }
     })
