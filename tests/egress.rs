@@ -4,9 +4,10 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// 100 MiB, for the transfers that must arrive intact both ways.
 const BIG: u64 = 100 * 1024 * 1024;
@@ -301,4 +302,426 @@ async fn refused_upstream_connection_is_502() {
     assert_refusal(&r, "HTTP/1.1 502 Bad Gateway", "deny; reason=connect_failed; policy=lab", &body);
     let out = curl(&["-x", &proxy.url(), &format!("http://closed.test:{closed}/")], CURL_LIMIT).await;
     assert_eq!((out.code, out.stdout.as_str()), (Some(0), body.as_str()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed and hostile input over raw sockets: exact status lines, nothing dialled.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_specific_answers() {
+    let recorder = Recorder::start().await;
+    let p = recorder.port();
+    let proxy = Proxy::start(&config("", &["echo.test"]), &[("lab.toml", &lab(&[format!("echo.test:{p}")]))]).await;
+    let bad = "HTTP/1.1 400 Bad Request";
+    let ours = |m: &str| format!("sluice: {m}\n  policy:      lab (level custom)\n");
+    let port_error = |w: &str| {
+        ours(&format!("bad CONNECT target \"echo.test:{w}\": invalid port \"{w}\": expected a number from 1 to 65535"))
+    };
+    let cases: Vec<(String, String)> = vec![
+        (connect_head("echo.test"), ours("bad CONNECT target \"echo.test\": missing port: expected host:port")),
+        (connect_head("echo.test:0"), port_error("0")),
+        (connect_head("echo.test:65536"), port_error("65536")),
+        (connect_head("echo.test:+443"), port_error("+443")),
+        (
+            format!("CONNECT http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
+            ours(&format!("CONNECT takes host:port, not a URL (http://echo.test:{p}/); e.g. CONNECT example.com:443")),
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
+            ours("this is a proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port"),
+        ),
+        (
+            format!("GET https://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
+            ours("https:// URLs are tunnelled, not forwarded: the client should use CONNECT (set HTTPS_PROXY)"),
+        ),
+        (
+            format!("GET http://echo.test:{p}/ HTTP/1.1\r\nHost: other.test\r\n\r\n"),
+            ours(&format!("Host header \"other.test\" does not match the URL's host echo.test:{p}; they must agree")),
+        ),
+        (
+            format!("GET http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nHost: echo.test:{p}\r\n\r\n"),
+            ours("request has more than one Host header"),
+        ),
+        (
+            format!("GET http://user:pw@echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
+            ours("credentials in the URL (user@host) are not forwarded; send them in an Authorization header"),
+        ),
+        (
+            format!(
+                "POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            ours("request has more than one Transfer-Encoding header"),
+        ),
+    ];
+    for (request, body) in cases {
+        let r = raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert_refusal(&r, bad, "deny; reason=bad_request; policy=lab", &body);
+    }
+
+    // What hyper refuses before sluice sees a request: an empty-bodied answer and a closed connection.
+    let hyper_refusals = [
+        (connect_head("echo.test:443:443"), bad),
+        (
+            format!("POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nContent-Length: 5, 5\r\n\r\nhello"),
+            bad,
+        ),
+        (
+            format!(
+                "POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+            ),
+            bad,
+        ),
+        (format!("POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nTransfer-Encoding: gzip\r\n\r\n"), bad),
+        (
+            format!(
+                "GET http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(40_000)
+            ),
+            "HTTP/1.1 431 Request Header Fields Too Large",
+        ),
+        ("GET http://echo.test/ HTTP/1.1\r\nBad Header\r\n\r\n".to_string(), bad),
+    ];
+    for (request, status_line) in hyper_refusals {
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(request.as_bytes()).await;
+        let r = c.response().await.expect("a response");
+        assert_eq!(r.status_line, status_line, "{request:.80}");
+        assert_eq!(r.header("connection"), Some("close"), "{request:.80}");
+        assert_eq!(r.header("content-length"), Some("0"), "{request:.80}");
+        assert!(c.expect_eof().await, "{request:.80}");
+    }
+    assert_eq!(recorder.connections(), 0, "malformed input reached the upstream");
+}
+
+/// Ambiguous framing never reaches the upstream ambiguous. hyper resolves it before sluice's own
+/// check runs: `Content-Length` with `Transfer-Encoding: chunked` is read as chunked with the length
+/// dropped, and the connection closes after the answer (RFC 9112 §6.3); identical duplicate lengths
+/// are folded into one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_is_normalised_before_forwarding() {
+    let upstream = Upstream::plain("plain").await;
+    let port = upstream.port();
+    let proxy =
+        Proxy::start(&config("", &["plain.test"]), &[("lab.toml", &lab(&[format!("plain.test:{port}")]))]).await;
+
+    let mut c = RawClient::connect(proxy.addr).await;
+    let request = format!(
+        "POST http://plain.test:{port}/headers HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET http://plain.test:{port}/smuggled HTTP/1.1\r\nHost: plain.test:{port}\r\n\r\n"
+    );
+    c.send(request.as_bytes()).await;
+    let r = c.response().await.expect("a response");
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.body, format!("POST /headers HTTP/1.1\nhost: plain.test:{port}\ntransfer-encoding: chunked\n"));
+    assert!(c.expect_eof().await, "the connection must close after a CL+TE request");
+
+    let request = format!(
+        "POST http://plain.test:{port}/sha256 HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    let r = raw_exchange(proxy.addr, request.as_bytes()).await;
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(r.body, "sha256=2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824 bytes=5\n");
+}
+
+/// Slowloris: a head that is not complete within `[egress] header_timeout` ends the connection,
+/// whether the client goes quiet or keeps trickling bytes. hyper closes it without an answer (no
+/// `408`): a clean EOF, about one `header_timeout` after the connection opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off() {
+    let recorder = Recorder::start().await;
+    let p = recorder.port();
+    let proxy = Proxy::start(
+        &config("header_timeout = \"1s\"", &["echo.test"]),
+        &[("lab.toml", &lab(&[format!("echo.test:{p}")]))],
+    )
+    .await;
+
+    let started = Instant::now();
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(format!("GET http://echo.test:{p}/ HTTP/1.1\r\nHost: ec").as_bytes()).await;
+    assert!(c.expect_eof().await, "expected a clean close, not a reset");
+    assert_cut_off_in_time(started.elapsed());
+
+    // Trickling one byte every 200 ms does not reset the clock.
+    let started = Instant::now();
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(format!("GET http://echo.test:{p}/ HTTP/1.1\r\nX-Slow: ").as_bytes()).await;
+    let mut buf = [0u8; 256];
+    let mut ended = false;
+    for _ in 0..30 {
+        tokio::select! {
+            read = c.stream.read(&mut buf) => {
+                // EOF or a reset (a write after the close can provoke one); never an answer.
+                assert!(!matches!(read, Ok(n) if n > 0), "unexpected bytes: {:?}", read.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()));
+                ended = true;
+                break;
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if c.stream.write_all(b"a").await.is_err() {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(ended, "a trickling client was not cut off");
+    assert_cut_off_in_time(started.elapsed());
+    assert_eq!(recorder.connections(), 0);
+}
+
+fn assert_cut_off_in_time(elapsed: Duration) {
+    assert!(elapsed >= Duration::from_millis(900), "closed before header_timeout: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "not cut off in bounded time: {elapsed:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tunnels: bytes pipelined after the CONNECT head, half-close.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_carries_pipelined_bytes_and_respects_half_close() {
+    let recorder = Recorder::start().await;
+    let p = recorder.port();
+    let proxy = Proxy::start(&config("", &["echo.test"]), &[("lab.toml", &lab(&[format!("echo.test:{p}")]))]).await;
+
+    // Bytes sent in the same write as the CONNECT head go upstream first, unchanged.
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(format!("{}EARLY BYTES", connect_head(&format!("echo.test:{p}"))).as_bytes()).await;
+    let r = c.response().await.expect("a response");
+    assert_eq!((r.status_line.as_str(), r.headers.len(), r.body.as_str()), ("HTTP/1.1 200 OK", 1, ""), "{r:#?}");
+    assert_eq!(c.read_exact(11).await, b"EARLY BYTES");
+
+    // Half-close: the client shuts its write side; the echo still comes back, then EOF.
+    c.send(b"ping after").await;
+    c.stream.shutdown().await.expect("shutdown write");
+    assert_eq!(c.read_exact(10).await, b"ping after");
+    assert!(c.expect_eof().await, "the tunnel must pass the upstream's close on");
+    assert_eq!(recorder.connections(), 1);
+    assert_eq!(recorder.received(), b"EARLY BYTESping after");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-alive and the global connection cap.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_requests_are_each_decided() {
+    let upstream = Upstream::plain("plain").await;
+    let port = upstream.port();
+    let proxy =
+        Proxy::start(&config("", &["plain.test"]), &[("lab.toml", &lab(&[format!("plain.test:{port}")]))]).await;
+    let hint = "to allow it, add \"example.org\" (or \"example.org:80\") to `allow` in a policy with level = \"custom\" (include_defaults = true keeps the default list)";
+    let denied = denied_body("example.org:80", "lab", "custom", "not in the allowlist", None, hint);
+
+    let mut c = RawClient::connect(proxy.addr).await;
+    for round in 0..2 {
+        c.send(format!("GET http://plain.test:{port}/r{round} HTTP/1.1\r\nHost: plain.test:{port}\r\n\r\n").as_bytes())
+            .await;
+        let r = c.response().await.expect("first response");
+        assert_eq!(
+            (r.status_line.as_str(), r.body.as_str()),
+            ("HTTP/1.1 200 OK", format!("hello from plain /r{round}\n").as_str())
+        );
+        c.send(b"GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n").await;
+        let r = c.response().await.expect("second response");
+        assert_refusal(&r, "HTTP/1.1 403 Forbidden", "deny; reason=not_allowlisted; policy=lab", &denied);
+        assert_eq!(r.header("connection"), None, "a refusal keeps the connection open");
+    }
+    assert_eq!(upstream.connections(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_answers_503_and_closes() {
+    let proxy = Proxy::start("[egress]\nmax_connections = 2\n", &[]).await;
+    let first = RawClient::connect(proxy.addr).await;
+    let _second = RawClient::connect(proxy.addr).await;
+
+    let mut third = RawClient::connect(proxy.addr).await;
+    let r = third.response().await.expect("a 503");
+    let body = "sluice: the proxy is at its connection limit (2 connections); retry shortly\n";
+    assert_eq!(r.status_line, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(
+        r.headers,
+        [
+            ("content-type", "text/plain; charset=utf-8"),
+            ("content-length", body.len().to_string().as_str()),
+            ("retry-after", "1"),
+            ("x-sluice-decision", "deny; reason=overloaded"),
+            ("connection", "close"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+    );
+    assert_eq!(r.body, body);
+    assert!(third.expect_eof().await);
+
+    // Closing one connection frees its slot (bounded wait for the proxy to notice).
+    drop(first);
+    let mut served = None;
+    for _ in 0..50 {
+        let r = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        if r.status_line != "HTTP/1.1 503 Service Unavailable" {
+            served = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = served.expect("a slot frees up after a close");
+    assert_eq!(r.status_line, "HTTP/1.1 400 Bad Request");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity: signed session credentials in Proxy-Authorization.
+
+mod identity {
+    use super::*;
+    use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
+
+    const KEY: &[u8] = b"test-signing-key-0123456789abcdef-0123456789";
+    const SID: &str = "sess-canary-1";
+
+    fn keyring(key: &[u8]) -> Keyring {
+        Keyring::new(SigningKey::from_bytes(key).expect("key"), None)
+    }
+
+    fn token(key: &[u8], sid: &str, policy: &str, iat: u64, exp: u64) -> String {
+        let claims = Claims {
+            sid: sid.into(),
+            kind: Kind::Egress,
+            policy: Some(policy.into()),
+            repo: None,
+            branch: None,
+            iat,
+            exp,
+        };
+        keyring(key).mint(&claims)
+    }
+
+    fn fresh(policy: &str) -> String {
+        let now = now_unix();
+        token(KEY, SID, policy, now, now + 3600)
+    }
+
+    fn basic(sid: &str, token: &str) -> String {
+        use base64::Engine;
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{token}")))
+    }
+
+    /// Anonymous use off; the anonymous policy `closed` (level none) would refuse everything, `team`
+    /// allows the upstream.
+    async fn start(upstream_port: u16) -> Proxy {
+        let dir = TempDir::new("identity");
+        let key = dir.write("key", KEY);
+        let config = format!(
+            "[egress]\npolicy = \"closed\"\n[auth]\nanonymous = false\nkey_file = {:?}\n[resolver]\nhosts = {{ \"plain.test\" = [\"127.0.0.1\"] }}\n",
+            key.display()
+        );
+        let closed = "version = 1\nname = \"closed\"\nlevel = \"none\"\n";
+        let team = custom("team", &[format!("plain.test:{upstream_port}")]);
+        Proxy::start_in(dir, &config, &[("closed.toml", closed), ("team.toml", &team)]).await
+    }
+
+    fn get(port: u16, auth: Option<&str>) -> String {
+        let auth = auth.map(|a| format!("Proxy-Authorization: {a}\r\n")).unwrap_or_default();
+        format!("GET http://plain.test:{port}/headers HTTP/1.1\r\nHost: plain.test:{port}\r\n{auth}\r\n")
+    }
+
+    const AUTH_HINT: &str = "  hint:        set HTTPS_PROXY=http://SESSION:TOKEN@HOST:PORT with a credential from `sluice token mint --kind egress`\n";
+
+    fn assert_407(r: &RawResponse, code: &str, body: &str) {
+        assert_refusal(r, "HTTP/1.1 407 Proxy Authentication Required", &format!("deny; reason={code}"), body);
+        assert_eq!(r.header("proxy-authenticate"), Some("Basic realm=\"sluice\""));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn credentials_are_required_verified_and_decide_the_policy() {
+        let upstream = Upstream::plain("plain").await;
+        let port = upstream.port();
+        let proxy = start(port).await;
+        let mut canaries = Vec::new();
+
+        // No credentials.
+        let r = raw_exchange(proxy.addr, get(port, None).as_bytes()).await;
+        let body = format!("sluice: proxy authentication failed: this proxy requires credentials\n{AUTH_HINT}");
+        assert_407(&r, "auth_missing", &body);
+        let out = curl(&["-x", &proxy.url(), &format!("https://plain.test:{port}/")], CURL_LIMIT).await;
+        assert_eq!((out.code, out.stderr.as_str()), (Some(56), "curl: (56) CONNECT tunnel failed, response 407\n"));
+
+        // A valid credential for `team`, the way clients send it: in the proxy URL.
+        let good = fresh("team");
+        canaries.push(good.clone());
+        let proxy_url = format!("http://{SID}:{good}@{}", proxy.addr);
+        let out = curl(&["-x", &proxy_url, &format!("http://plain.test:{port}/headers")], CURL_LIMIT).await;
+        assert_eq!(out.code, Some(0), "{out:?}");
+        // The upstream never sees the credential.
+        let mut lines: Vec<&str> = out.stdout.lines().collect();
+        lines[1..].sort_unstable();
+        let user_agent = format!("user-agent: curl/{}", curl_version());
+        let host = format!("host: plain.test:{port}");
+        assert_eq!(lines, ["GET /headers HTTP/1.1", "accept: */*", &host, &user_agent]);
+        // And a CONNECT tunnel with it.
+        let out = curl(&["-p", "-x", &proxy_url, &format!("http://plain.test:{port}/t")], CURL_LIMIT).await;
+        assert_eq!((out.code, out.stdout.as_str()), (Some(0), "hello from plain /t\n"), "{out:?}");
+
+        // The token's policy decides, not the anonymous one: the same destination under `closed`.
+        let closed = fresh("closed");
+        canaries.push(closed.clone());
+        let r = raw_exchange(proxy.addr, get(port, Some(&basic(SID, &closed))).as_bytes()).await;
+        let body = denied_body(
+            &format!("plain.test:{port}"),
+            "closed",
+            "none",
+            "level none allows no outbound connections",
+            Some(&format!("\"level = \\\"none\\\"\" ({}:3)", proxy.dir.path().join("policies/closed.toml").display())),
+            "use a policy with level \"trusted\", \"custom\" or \"full\"",
+        );
+        assert_refusal(&r, "HTTP/1.1 403 Forbidden", "deny; reason=level_none; policy=closed", &body);
+
+        // Expired.
+        let now = now_unix();
+        let expired = token(KEY, SID, "team", now - 7200, now - 3600);
+        canaries.push(expired.clone());
+        let r = raw_exchange(proxy.addr, get(port, Some(&basic(SID, &expired))).as_bytes()).await;
+        let body = "sluice: proxy authentication failed: credential expired 60m ago\n  hint:        ask the orchestrator for a fresh session credential\n";
+        assert_407(&r, "auth_expired", body);
+
+        // Signed with another key.
+        let forged = token(b"another-key-0123456789abcdef-0123456789", SID, "team", now, now + 3600);
+        canaries.push(forged.clone());
+        let r = raw_exchange(proxy.addr, get(port, Some(&basic(SID, &forged))).as_bytes()).await;
+        let body = format!(
+            "sluice: proxy authentication failed: credential signature does not verify (forged, altered, or signed with another key)\n{AUTH_HINT}"
+        );
+        assert_407(&r, "auth_bad_signature", &body);
+
+        // Presented with another session id.
+        let r = raw_exchange(proxy.addr, get(port, Some(&basic("someone-else", &good))).as_bytes()).await;
+        let body = format!(
+            "sluice: proxy authentication failed: the session id given with the credential is not the one it was issued to\n{AUTH_HINT}"
+        );
+        assert_407(&r, "auth_session_mismatch", &body);
+
+        // A valid credential naming a policy this proxy does not have.
+        let ghost = fresh("ghost");
+        canaries.push(ghost.clone());
+        let r = raw_exchange(proxy.addr, get(port, Some(&basic(SID, &ghost))).as_bytes()).await;
+        let body = "sluice: the session's credential names policy \"ghost\", which this proxy does not have\n  hint:        add the policy to the proxy's policies directory, or mint the credential for an existing policy\n";
+        assert_refusal(&r, "HTTP/1.1 403 Forbidden", "deny; reason=unknown_policy", body);
+
+        // No response body or header ever carries a token back (JSON included).
+        for t in &canaries {
+            for (sid, accept) in [(SID, "text/plain"), ("someone-else", "application/json")] {
+                let request =
+                    get(port, Some(&basic(sid, t))).replace("\r\n\r\n", &format!("\r\nAccept: {accept}\r\n\r\n"));
+                let mut c = RawClient::connect(proxy.addr).await;
+                c.send(request.as_bytes()).await;
+                let r = c.response().await.expect("a response");
+                assert!(!r.body.contains(t.as_str()), "token echoed in {r:#?}");
+                assert!(r.headers.iter().all(|(_, v)| !v.contains(t.as_str())), "token echoed in {r:#?}");
+            }
+        }
+    }
+
+    fn curl_version() -> String {
+        let out = std::process::Command::new("curl").arg("--version").output().expect("curl --version");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace().nth(1).unwrap_or_default().to_string()
+    }
 }
