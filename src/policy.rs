@@ -288,7 +288,7 @@ impl Policy {
             pattern: format!("level = \"{}\"", self.level).into(),
             list: RuleList::Level,
             file: self.source.clone(),
-            line: 0,
+            line: self.level_line,
             group: None,
         }
     }
