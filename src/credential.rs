@@ -67,6 +67,16 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// "an egress", "a git": for messages.
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Kind::Egress => "an egress",
+            Kind::Git => "a git",
+        }
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -120,7 +130,12 @@ impl fmt::Display for CredentialError {
                 write!(f, "credential is not valid for another {}", human_duration(iat.saturating_sub(*now)))
             }
             CredentialError::WrongKind { expected, found } => {
-                write!(f, "this is a {found} credential; a {expected} credential is needed here")
+                write!(
+                    f,
+                    "this is {} credential; {} credential is needed here",
+                    found.with_article(),
+                    expected.with_article()
+                )
             }
             CredentialError::SessionMismatch => {
                 f.write_str("the session id given with the credential is not the one it was issued to")
@@ -299,6 +314,10 @@ mod tests {
             Err(CredentialError::WrongKind { expected: Kind::Git, found: Kind::Egress })
         );
         assert_eq!(k.verify_for(&t, Kind::Egress, "s2", 1500), Err(CredentialError::SessionMismatch));
+        assert_eq!(
+            CredentialError::WrongKind { expected: Kind::Git, found: Kind::Egress }.to_string(),
+            "this is an egress credential; a git credential is needed here"
+        );
         let other = Keyring::new(SigningKey::from_bytes(&[8u8; 32]).unwrap(), None);
         assert_eq!(other.verify(&t, 1500), Err(CredentialError::BadSignature));
         assert_eq!(k.verify("v2.a.b", 1500), Err(CredentialError::Malformed("expected a v1. token")));
