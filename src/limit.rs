@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock, Reference};
@@ -16,17 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::Limits;
 
-/// Session ids and quota keys come from credentials and policies we verified or loaded, and governor's keys are
-/// ids we hand out, so a fast seeded hash is enough.
-type FastState = foldhash::fast::RandomState;
-
-/// How long a session with no open tunnel and no request is remembered (with its counters) before housekeeping
-/// forgets it. Its rate state is kept at least until it has fully replenished, so forgetting never resets a limit.
+/// How long a session with no open tunnel and no request is remembered, with its counters, before housekeeping
+/// forgets it.
 pub const SESSION_IDLE: Duration = Duration::from_secs(10 * 60);
 
-/// Distinct quotas (one keyed limiter each) kept at once. Quotas come from policies, so this is far above any real
-/// deployment; past it a session is limited by the server's default quota rather than growing memory.
-pub const MAX_QUOTAS: usize = 1024;
+/// Distinct quotas (one keyed limiter each) over the server's life. Quotas come from policies, so this is far above
+/// any real deployment; past it a new quota is replaced by the server's default rather than growing memory.
+pub const MAX_QUOTAS: usize = 256;
 
 /// Longest interval between two requests a quota can express. Governor counts in u64 nanoseconds, and a slower
 /// quota would only ever matter to a session that lives for a year.
@@ -160,71 +156,92 @@ pub struct Tracked {
     pub quotas: usize,
 }
 
-/// One session's state. Governor's limiters key it by `id`, a number, so a check hashes the session name once
-/// and never allocates.
+/// A session's name hashed with the limiter's secret seed: the key of its entry and of its governor rate states.
+/// Two live sessions share limits only if their 64-bit hashes collide, about n²/2⁶⁵ for n sessions (1 in 10⁸ at
+/// a million); in exchange a check hashes the name once, never allocates and never compares strings.
+type SessionKey = u64;
+
+/// Hands a [`SessionKey`] to the maps unchanged: it already is a well-mixed hash.
+#[derive(Clone, Copy, Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else rather than ignore it.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type KeyState = BuildHasherDefault<KeyHasher>;
+
+/// One session's entry, inline in its shard's map: what every request touches, in one small bucket.
 #[derive(Debug)]
 struct Session {
-    id: u64,
+    /// Nanoseconds since the limiter started, at the last request or tunnel.
+    last_seen: AtomicU64,
     requests: AtomicU64,
+    /// The slot of the quota this session last used: a hint that spares the quota index lock.
+    quota: AtomicU32,
+    /// The rarely touched part, shared with the session's tunnel permits.
+    shared: Arc<Shared>,
+}
+
+/// A session's counters that permits update after the check, wherever they are.
+#[derive(Debug, Default)]
+struct Shared {
+    tunnels: AtomicU32,
     rate_limited: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
-    tunnels: AtomicU32,
-    /// Nanoseconds since the limiter started, at the last request or tunnel.
-    last_seen: AtomicU64,
-    /// How long after `last_seen` the session may be forgotten.
-    keep_nanos: AtomicU64,
 }
 
-impl Session {
-    fn new(id: u64, now: u64) -> Self {
-        Session {
-            id,
-            requests: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            tunnels: AtomicU32::new(0),
-            last_seen: AtomicU64::new(now),
-            keep_nanos: AtomicU64::new(duration_nanos(SESSION_IDLE)),
-        }
-    }
-
-    fn touch(&self, now: u64) {
-        // Concurrent requests race here; any of their times is recent enough for an idle check.
-        self.last_seen.store(now, Ordering::Relaxed);
-    }
-
-    fn is_idle(&self, now: u64) -> bool {
-        let since = now.saturating_sub(self.last_seen.load(Ordering::Relaxed));
-        self.tunnels.load(Ordering::Acquire) == 0 && since >= self.keep_nanos.load(Ordering::Relaxed)
-    }
-
-    fn stats(&self) -> SessionStats {
-        SessionStats {
-            requests: self.requests.load(Ordering::Relaxed),
-            rate_limited: self.rate_limited.load(Ordering::Relaxed),
-            bytes_up: self.bytes_up.load(Ordering::Relaxed),
-            bytes_down: self.bytes_down.load(Ordering::Relaxed),
-            open_tunnels: self.tunnels.load(Ordering::Relaxed),
-        }
-    }
-
+impl Shared {
     fn record_bytes(&self, up: u64, down: u64) {
         self.bytes_up.fetch_add(up, Ordering::Relaxed);
         self.bytes_down.fetch_add(down, Ordering::Relaxed);
     }
 }
 
-type Keyed<C> = RateLimiter<u64, DashMapStateStore<u64, FastState>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+impl Session {
+    fn new(now: u64) -> Self {
+        Session {
+            last_seen: AtomicU64::new(now),
+            requests: AtomicU64::new(0),
+            quota: AtomicU32::new(DEFAULT_SLOT),
+            shared: Arc::default(),
+        }
+    }
+
+    fn stats(&self) -> SessionStats {
+        SessionStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            rate_limited: self.shared.rate_limited.load(Ordering::Relaxed),
+            bytes_up: self.shared.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.shared.bytes_down.load(Ordering::Relaxed),
+            open_tunnels: self.shared.tunnels.load(Ordering::Relaxed),
+        }
+    }
+}
+
+type Keyed<C> =
+    RateLimiter<SessionKey, DashMapStateStore<SessionKey, KeyState>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// One keyed limiter per distinct quota: sessions of different policies have different quotas.
 struct QuotaLimiter<C: Clock> {
+    key: QuotaKey,
     limiter: Keyed<C>,
     /// The quota in words, for [`RateLimited::limit`].
     describe: Box<str>,
-    /// A full burst's replenish time, at least [`SESSION_IDLE`]: how long a session using this quota is kept.
-    keep_nanos: u64,
 }
 
 /// Identifies a quota as configured; the bits of the rate so that it can be hashed.
@@ -234,10 +251,15 @@ struct QuotaKey {
     burst: u32,
 }
 
+/// The server's default quota always sits in the first slot, so there is always a quota to fall back to.
+const DEFAULT_SLOT: u32 = 0;
+
+type SessionMap = HashMap<SessionKey, Session, KeyState>;
+
 /// Cache-line aligned so that two shards' locks never share a line.
 #[repr(align(64))]
 #[derive(Default)]
-struct Shard(RwLock<HashMap<Arc<str>, Arc<Session>, FastState>>);
+struct Shard(RwLock<SessionMap>);
 
 /// The limits of every session, shared by all connections.
 ///
@@ -246,10 +268,14 @@ pub struct SessionLimiter<C: Clock = DefaultClock> {
     defaults: LimitDefaults,
     clock: C,
     start: C::Instant,
-    shard_hasher: FastState,
+    /// Seeded per limiter, so no one can aim session names at a collision.
+    key_hasher: foldhash::quality::RandomState,
     shards: Box<[Shard]>,
-    next_id: AtomicU64,
-    quotas: RwLock<HashMap<QuotaKey, QuotaLimiter<C>, FastState>>,
+    /// Quota limiters live in fixed slots that are filled once and never emptied, so a check reaches its
+    /// limiter without a lock; [`MAX_QUOTAS`] bounds them, and housekeeping empties their states.
+    quotas: Box<[OnceLock<QuotaLimiter<C>>]>,
+    /// Which slot holds which quota; locked only when a session meets a quota it did not use last time.
+    quota_index: Mutex<HashMap<QuotaKey, u32, foldhash::fast::RandomState>>,
 }
 
 impl SessionLimiter<DefaultClock> {
@@ -261,15 +287,19 @@ impl SessionLimiter<DefaultClock> {
 impl<C: Clock + Clone> SessionLimiter<C> {
     pub fn with_clock(defaults: LimitDefaults, clock: C) -> Self {
         let start = clock.now();
-        SessionLimiter {
+        let limiter = SessionLimiter {
             defaults,
             clock,
             start,
-            shard_hasher: FastState::default(),
+            key_hasher: foldhash::quality::RandomState::default(),
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            next_id: AtomicU64::new(0),
-            quotas: RwLock::new(HashMap::default()),
-        }
+            quotas: (0..MAX_QUOTAS).map(|_| OnceLock::new()).collect(),
+            quota_index: Mutex::new(HashMap::default()),
+        };
+        let (rps, burst) = (limiter.defaults.requests_per_second, limiter.defaults.burst);
+        let default = limiter.quota_slot(QuotaKey { rps_bits: rps.to_bits(), burst }, rps, burst);
+        debug_assert_eq!(default, DEFAULT_SLOT);
+        limiter
     }
 
     pub fn defaults(&self) -> &LimitDefaults {
@@ -281,85 +311,93 @@ impl<C: Clock + Clone> SessionLimiter<C> {
     pub fn check_request(&self, session: &str, policy_limits: &Limits) -> Result<(), RateLimited> {
         let rps = policy_limits.requests_per_second.unwrap_or(self.defaults.requests_per_second);
         let burst = policy_limits.burst.unwrap_or(self.defaults.burst);
-        let key = QuotaKey { rps_bits: rps.to_bits(), burst };
-        let session = self.session(session, self.now_nanos());
-        let quotas = self.quota_map(key, rps, burst);
-        let Some(q) = quotas.get(&key).or_else(|| quotas.get(&self.default_key())) else {
-            // quota_map leaves the requested or the default quota in the map; allow rather than fail a request
-            // on a bookkeeping slip.
-            return Ok(());
-        };
-        session.keep_nanos.store(q.keep_nanos, Ordering::Relaxed);
-        match q.limiter.check_key(&session.id) {
-            Ok(()) => {
-                session.requests.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+        let quota_key = QuotaKey { rps_bits: rps.to_bits(), burst };
+        let key = self.key(session);
+        self.with_session(key, |s| {
+            let q = match self.quota(s.quota.load(Ordering::Relaxed)) {
+                Some(q) if q.key == quota_key => q,
+                _ => {
+                    let slot = self.quota_slot(quota_key, rps, burst);
+                    s.quota.store(slot, Ordering::Relaxed);
+                    match self.quota(slot) {
+                        Some(q) => q,
+                        // quota_slot only returns filled slots; allow rather than fail a request on a slip.
+                        None => return Ok(()),
+                    }
+                }
+            };
+            match q.limiter.check_key(&key) {
+                Ok(()) => {
+                    s.requests.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(not_until) => {
+                    s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    let retry_after = not_until.wait_time_from(self.clock.now());
+                    Err(RateLimited { retry_after, limit: q.describe.to_string() })
+                }
             }
-            Err(not_until) => {
-                session.rate_limited.fetch_add(1, Ordering::Relaxed);
-                let retry_after = not_until.wait_time_from(self.clock.now());
-                Err(RateLimited { retry_after, limit: q.describe.to_string() })
-            }
-        }
+        })
     }
 
     /// Opens one tunnel for `session` if it has fewer than its `max_tunnels` open; the permit closes it on drop.
     pub fn open_tunnel(&self, session: &str, policy_limits: &Limits) -> Result<TunnelPermit, TooManyTunnels> {
         let max = policy_limits.max_tunnels.unwrap_or(self.defaults.max_tunnels);
-        let session = self.session(session, self.now_nanos());
-        // Increment only below the cap, so concurrent opens can never overshoot it.
-        let opened = session.tunnels.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
-        match opened {
-            Ok(_) => Ok(TunnelPermit { session }),
-            Err(_) => Err(TooManyTunnels { max }),
-        }
+        self.with_session(self.key(session), |s| {
+            // Increment only below the cap, so concurrent opens can never overshoot it.
+            let opened =
+                s.shared.tunnels.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+            match opened {
+                Ok(_) => Ok(TunnelPermit { shared: Arc::clone(&s.shared) }),
+                Err(_) => Err(TooManyTunnels { max }),
+            }
+        })
     }
 
     /// Adds traffic to a session's counters.
     pub fn record_bytes(&self, session: &str, up: u64, down: u64) {
-        self.session(session, self.now_nanos()).record_bytes(up, down);
+        self.with_session(self.key(session), |s| s.shared.record_bytes(up, down));
     }
 
     /// A session's counters, if it is tracked.
     pub fn session_stats(&self, session: &str) -> Option<SessionStats> {
-        let shard = self.shard(session).read().unwrap_or_else(PoisonError::into_inner);
-        shard.get(session).map(|s| s.stats())
+        let key = self.key(session);
+        let shard = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        shard.get(&key).map(Session::stats)
     }
 
-    /// Forgets what no longer matters: rate states that have fully replenished, quotas no session uses, and
-    /// sessions idle for [`SESSION_IDLE`] (or their quota's replenish time, if longer) with no tunnel open.
-    /// The server calls this periodically; between calls memory grows only with new sessions.
+    /// Forgets what no longer matters: rate states that have fully replenished, and sessions idle for
+    /// [`SESSION_IDLE`] with no tunnel open. Rate states are keyed by the session's name, not its entry, so
+    /// forgetting a session never hands it a fresh burst. The server calls this periodically; between calls
+    /// memory grows only with new sessions.
     pub fn housekeeping(&self) {
-        {
-            let quotas = self.quotas.read().unwrap_or_else(PoisonError::into_inner);
-            for q in quotas.values() {
-                q.limiter.retain_recent();
-                q.limiter.shrink_to_fit();
-            }
-        }
-        {
-            // Checks hold the read lock while they use a limiter, so under the write lock an empty limiter
-            // stays empty until it is gone: no session's state is dropped mid-use.
-            let mut quotas = self.quotas.write().unwrap_or_else(PoisonError::into_inner);
-            quotas.retain(|_, q| !q.limiter.is_empty());
-            shrink(&mut quotas);
+        for q in self.quotas.iter().filter_map(OnceLock::get) {
+            q.limiter.retain_recent();
+            q.limiter.shrink_to_fit();
         }
         let now = self.now_nanos();
+        let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap_or(u64::MAX);
         for shard in self.shards.iter() {
             // Under the write lock no one can open a tunnel on these sessions, so `tunnels == 0` stays true
-            // until they are removed; an open permit holds its own reference and may still drop afterwards.
+            // until they are removed; an open permit holds its own counters and may still drop afterwards.
             let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
-            map.retain(|_, s| !s.is_idle(now));
-            shrink(&mut map);
+            map.retain(|_, s| {
+                let since = now.saturating_sub(s.last_seen.load(Ordering::Relaxed));
+                s.shared.tunnels.load(Ordering::Acquire) > 0 || since < idle
+            });
+            // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
         }
     }
 
     /// How many entries are held.
     pub fn tracked(&self) -> Tracked {
-        let quotas = self.quotas.read().unwrap_or_else(PoisonError::into_inner);
+        let quotas: Vec<_> = self.quotas.iter().filter_map(OnceLock::get).collect();
         Tracked {
             sessions: self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len()).sum(),
-            rate_states: quotas.values().map(|q| q.limiter.len()).sum(),
+            rate_states: quotas.iter().map(|q| q.limiter.len()).sum(),
             quotas: quotas.len(),
         }
     }
@@ -368,74 +406,63 @@ impl<C: Clock + Clone> SessionLimiter<C> {
         self.clock.now().duration_since(self.start).as_u64()
     }
 
-    fn shard(&self, session: &str) -> &RwLock<HashMap<Arc<str>, Arc<Session>, FastState>> {
-        // The high bits: the shard maps have their own seeds, but keeping the choice independent of the bucket
-        // index costs nothing.
-        let h = self.shard_hasher.hash_one(session);
-        &self.shards[(h >> 58) as usize % SHARDS].0
+    fn key(&self, session: &str) -> SessionKey {
+        self.key_hasher.hash_one(session)
     }
 
-    /// The session's entry, created on first sight.
-    fn session(&self, name: &str, now: u64) -> Arc<Session> {
-        let shard = self.shard(name);
-        if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(name) {
-            s.touch(now);
-            return Arc::clone(s);
+    fn shard(&self, key: SessionKey) -> &RwLock<SessionMap> {
+        // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
+        &self.shards[(key >> 32) as usize % SHARDS].0
+    }
+
+    /// Runs `f` on the session's entry, created on first sight, under its shard's lock.
+    fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&Session) -> R) -> R {
+        let now = self.now_nanos();
+        let shard = self.shard(key);
+        if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            // Concurrent requests race here; any of their times is recent enough for an idle check.
+            s.last_seen.store(now, Ordering::Relaxed);
+            return f(s);
         }
         let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
-        let s = map
-            .entry(Arc::from(name))
-            .or_insert_with(|| Arc::new(Session::new(self.next_id.fetch_add(1, Ordering::Relaxed), now)));
-        s.touch(now);
-        Arc::clone(s)
+        let s = map.entry(key).or_insert_with(|| Session::new(now));
+        s.last_seen.store(now, Ordering::Relaxed);
+        f(s)
     }
 
-    fn default_key(&self) -> QuotaKey {
-        QuotaKey { rps_bits: self.defaults.requests_per_second.to_bits(), burst: self.defaults.burst }
+    fn quota(&self, slot: u32) -> Option<&QuotaLimiter<C>> {
+        self.quotas.get(slot as usize).and_then(OnceLock::get)
     }
 
-    /// The quota map, read-locked, holding the limiter for `key` (or, past [`MAX_QUOTAS`], the default quota's).
-    fn quota_map(
-        &self,
-        key: QuotaKey,
-        rps: f64,
-        burst: u32,
-    ) -> std::sync::RwLockReadGuard<'_, HashMap<QuotaKey, QuotaLimiter<C>, FastState>> {
-        let quotas = self.quotas.read().unwrap_or_else(PoisonError::into_inner);
-        if quotas.contains_key(&key) {
-            return quotas;
+    /// The slot holding the limiter for `key`, filled on first use; past [`MAX_QUOTAS`], the default quota's.
+    fn quota_slot(&self, key: QuotaKey, rps: f64, burst: u32) -> u32 {
+        let mut index = self.quota_index.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&slot) = index.get(&key) {
+            return slot;
         }
-        drop(quotas);
-        {
-            let mut quotas = self.quotas.write().unwrap_or_else(PoisonError::into_inner);
-            if !quotas.contains_key(&key) {
-                if quotas.len() >= MAX_QUOTAS {
-                    quotas.retain(|_, q| !q.limiter.is_empty());
-                }
-                let (key, rps, burst) = if quotas.len() < MAX_QUOTAS {
-                    (key, rps, burst)
-                } else {
-                    tracing::warn!(
-                        max = MAX_QUOTAS,
-                        requests_per_second = rps,
-                        burst,
-                        "too many distinct rate quotas in use; applying the server's default quota"
-                    );
-                    (self.default_key(), self.defaults.requests_per_second, self.defaults.burst)
-                };
-                quotas.entry(key).or_insert_with(|| self.quota_limiter(rps, burst));
-            }
-        }
-        self.quotas.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn quota_limiter(&self, rps: f64, burst: u32) -> QuotaLimiter<C> {
-        let quota = effective_quota(rps, burst);
-        QuotaLimiter {
-            limiter: RateLimiter::dashmap_with_clock_and_hasher(quota, self.clock.clone(), FastState::default()),
+        let slot = index.len();
+        let Some(cell) = self.quotas.get(slot) else {
+            tracing::warn!(
+                max = MAX_QUOTAS,
+                requests_per_second = rps,
+                burst,
+                "too many distinct rate quotas; applying the server's default quota"
+            );
+            return DEFAULT_SLOT;
+        };
+        // The index lock is held, so no one else fills this slot.
+        let _ = cell.set(QuotaLimiter {
+            key,
+            limiter: RateLimiter::dashmap_with_clock_and_hasher(
+                effective_quota(rps, burst),
+                self.clock.clone(),
+                KeyState::default(),
+            ),
             describe: describe(rps, burst).into(),
-            keep_nanos: duration_nanos(quota.burst_size_replenished_in()).max(duration_nanos(SESSION_IDLE)),
-        }
+        });
+        let slot = u32::try_from(slot).unwrap_or(DEFAULT_SLOT);
+        index.insert(key, slot);
+        slot
     }
 }
 
@@ -445,22 +472,22 @@ impl<C: Clock> fmt::Debug for SessionLimiter<C> {
     }
 }
 
-/// One open tunnel of a session; dropping it closes the tunnel's slot.
+/// One open tunnel of a session; dropping it frees the tunnel's place.
 #[derive(Debug)]
 pub struct TunnelPermit {
-    session: Arc<Session>,
+    shared: Arc<Shared>,
 }
 
 impl TunnelPermit {
-    /// Adds the tunnel's traffic to its session's counters, even if housekeeping has since forgotten the session.
+    /// Adds the tunnel's traffic to its session's counters, without looking the session up again.
     pub fn record_bytes(&self, up: u64, down: u64) {
-        self.session.record_bytes(up, down);
+        self.shared.record_bytes(up, down);
     }
 }
 
 impl Drop for TunnelPermit {
     fn drop(&mut self) {
-        self.session.tunnels.fetch_sub(1, Ordering::AcqRel);
+        self.shared.tunnels.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -477,17 +504,6 @@ fn effective_quota(rps: f64, burst: u32) -> Quota {
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     // `period` is at least 1ns, so governor accepts it; the fallback only satisfies the type.
     Quota::with_period(Duration::from_nanos(period)).unwrap_or(Quota::per_second(NonZeroU32::MIN)).allow_burst(burst)
-}
-
-fn duration_nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// Gives memory back once a map is mostly empty, not on every pass: shrinking reallocates.
-fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V, FastState>) {
-    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-        map.shrink_to_fit();
-    }
 }
 
 #[cfg(test)]
@@ -658,19 +674,19 @@ mod tests {
         // Replenished rate states go first; the counters stay for SESSION_IDLE.
         clock.advance(Duration::from_secs(3));
         l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 0, quotas: 0 });
+        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 0, quotas: 1 });
         assert_eq!(l.session_stats("s7").map(|s| s.requests), Some(1));
 
         clock.advance(SESSION_IDLE);
         l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 0, quotas: 0 });
+        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 0, quotas: 1 });
         assert_eq!(l.session_stats("s7"), None);
 
         // An open tunnel keeps its session; once closed, the session goes like any other.
         drop(permit);
         clock.advance(SESSION_IDLE);
         l.housekeeping();
-        assert_eq!(l.tracked(), Tracked::default());
+        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 1 });
 
         // A forgotten session starts afresh.
         assert_eq!(burst(&l, "s7", &none(), 40), vec![]);
@@ -684,7 +700,7 @@ mod tests {
         assert_eq!(burst(&l, "s1", &slow, 6).len(), 1);
         clock.advance(SESSION_IDLE + Duration::from_secs(1));
         l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 1, quotas: 1 });
+        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 1, quotas: 2 });
         // The sixth slot opens at 1000s: a forgotten state would have let this through.
         assert_eq!(l.check_request("s1", &slow), refused(399_000, "0.001 requests per second, burst 5"));
         clock.advance(Duration::from_secs(399));
@@ -693,7 +709,24 @@ mod tests {
         // Governor forgets a state one slot after it has fully replenished.
         clock.advance(Duration::from_secs(6000));
         l.housekeeping();
-        assert_eq!(l.tracked(), Tracked::default());
+        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 2 });
+    }
+
+    #[test]
+    fn quotas_are_bounded() {
+        let (l, _) = limiter();
+        // The default quota holds the first slot.
+        for burst in 1..MAX_QUOTAS as u32 {
+            let limits = Limits { requests_per_second: Some(1.0), burst: Some(burst), max_tunnels: None };
+            assert_eq!(l.check_request("s1", &limits), Ok(()));
+        }
+        assert_eq!(l.tracked().quotas, MAX_QUOTAS);
+        let one_more = Limits { requests_per_second: Some(2.0), burst: Some(1), max_tunnels: None };
+        assert_eq!(
+            burst(&l, "s2", &one_more, 41),
+            vec![RateLimited { retry_after: Duration::from_millis(50), limit: DEFAULT.into() }]
+        );
+        assert_eq!(l.tracked().quotas, MAX_QUOTAS);
     }
 
     #[test]
