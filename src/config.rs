@@ -172,6 +172,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub policies: PoliciesConfig,
     pub resolver: ResolverConfig,
+    /// Per-session limits for policies that set none.
+    pub limits: crate::limit::LimitDefaults,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub server: ServerConfig,

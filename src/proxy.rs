@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::EgressConfig;
 use crate::credential::{Keyring, Kind, now_unix, valid_session_id};
+use crate::limit::{SessionLimiter, TunnelPermit};
 use crate::metrics::{Denial, Denials, Metrics};
 use crate::net::{self, Reach, Resolver};
 use crate::policy::{Authority, Decision, Policy, PolicySet};
@@ -46,6 +47,7 @@ pub struct EgressProxy {
     pub tasks: TaskTracker,
     pub metrics: Arc<Metrics>,
     pub denials: Arc<Denials>,
+    pub limiter: Arc<SessionLimiter>,
 }
 
 /// Who is asking, and under which policy.
@@ -53,6 +55,18 @@ pub struct EgressProxy {
 pub struct Session {
     pub id: Arc<str>,
     pub policy: Arc<Policy>,
+    /// What limits are counted against: the session id, or for anonymous clients their address (so
+    /// one local client's flood does not starve another).
+    pub limit_key: Arc<str>,
+}
+
+/// An upstream connection that passed every check, ready to tunnel or forward over.
+pub(crate) struct Upstream {
+    pub decision: Decision,
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    /// Held for the tunnel's life: the session's slot under `max_tunnels`.
+    pub permit: Option<TunnelPermit>,
 }
 
 /// The session id logged for clients without credentials.
@@ -61,7 +75,7 @@ pub const ANONYMOUS: &str = "anonymous";
 impl EgressProxy {
     /// Identity from `Proxy-Authorization: Basic base64(session:token)`, else the anonymous policy when
     /// the server allows it. Credentials that are present are always verified, never ignored.
-    pub fn identify(&self, headers: &HeaderMap) -> Result<Session, ProxyError> {
+    pub fn identify(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<Session, ProxyError> {
         let policies = self.policies.load();
         let Some(value) = headers.get(header::PROXY_AUTHORIZATION) else {
             if !self.anonymous {
@@ -69,7 +83,11 @@ impl EgressProxy {
             }
             let name = &self.config.policy;
             let policy = policies.get(name).cloned().ok_or_else(|| ProxyError::UnknownPolicy { name: name.clone() })?;
-            return Ok(Session { id: ANONYMOUS.into(), policy });
+            return Ok(Session {
+                id: ANONYMOUS.into(),
+                policy,
+                limit_key: format!("{ANONYMOUS}@{}", peer.ip()).into(),
+            });
         };
         let (session, token) = parse_basic(value.as_bytes()).map_err(ProxyError::Auth)?;
         let keys = self.keys.as_ref().ok_or(ProxyError::Auth(AuthError::NoKey))?;
@@ -78,28 +96,40 @@ impl EgressProxy {
             .map_err(|e| ProxyError::Auth(AuthError::Credential(e)))?;
         let name = claims.policy.unwrap_or_else(|| "trusted".into());
         let policy = policies.get(&name).cloned().ok_or(ProxyError::UnknownPolicy { name })?;
-        Ok(Session { id: session.into(), policy })
+        let id: Arc<str> = session.into();
+        Ok(Session { id: id.clone(), policy, limit_key: id })
     }
 }
 
 impl EgressProxy {
-    /// Decide, then resolve, guard every address and dial a checked one: the steps CONNECT and plain
-    /// HTTP share. A refusal at any step is an error carrying its decision.
+    /// Decide, rate-limit, then resolve, guard every address and dial a checked one: the steps CONNECT
+    /// and plain HTTP share. `tunnel` also takes a slot under the session's `max_tunnels`. A refusal at
+    /// any step is an error carrying its decision.
     pub(crate) async fn open_upstream(
         &self,
         session: &Session,
         authority: &Authority,
-    ) -> Result<(Decision, TcpStream, SocketAddr), ProxyError> {
+        tunnel: bool,
+    ) -> Result<Upstream, ProxyError> {
         let policy = &session.policy;
         let decision = policy.decide(&authority.target, authority.port);
         if !decision.is_allowed() {
             return Err(ProxyError::Denied { decision: Box::new(decision), authority: authority.clone() });
         }
+        self.limiter
+            .check_request(&session.limit_key, &policy.limits)
+            .map_err(|e| ProxyError::RateLimited { retry_after: e.retry_after, limit: e.limit })?;
+        let permit = if tunnel {
+            let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits);
+            Some(permit.map_err(|e| ProxyError::TooManyTunnels { max: e.max })?)
+        } else {
+            None
+        };
         let timeout = self.config.connect_timeout.0;
         match net::reach(&authority.target, authority.port, policy, &self.resolver, &self.own, timeout, &self.metrics)
             .await
         {
-            Reach::Connected { stream, addr } => Ok((decision, stream, addr)),
+            Reach::Connected { stream, addr } => Ok(Upstream { decision, stream, addr, permit }),
             Reach::Refused(decision) => Err(ProxyError::Denied { decision, authority: authority.clone() }),
             Reach::Failed(e) => Err(ProxyError::Upstream(e)),
         }
@@ -202,7 +232,7 @@ async fn handle(
         req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
     let method = req.method().clone();
     let target = req.uri().to_string();
-    let session = match proxy.identify(req.headers()) {
+    let session = match proxy.identify(req.headers(), peer) {
         Ok(s) => s,
         Err(err) => {
             log_refusal(&proxy, &err, None, &method, &target, peer);
@@ -246,7 +276,7 @@ fn log_refusal(
     };
     let message = err.message();
     metrics.decision("deny", err.code(), level.as_deref().unwrap_or("none"));
-    if matches!(err, ProxyError::RateLimited { .. }) {
+    if matches!(err, ProxyError::RateLimited { .. } | ProxyError::TooManyTunnels { .. }) {
         metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let denial = Denial {

@@ -13,6 +13,7 @@ use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use crate::admin::Admin;
 use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring, SigningKey};
+use crate::limit::SessionLimiter;
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
 use crate::policy::PolicySet;
@@ -85,6 +86,7 @@ impl Server {
             tasks: TaskTracker::new(),
             metrics: Arc::new(Metrics::default()),
             denials: Arc::new(Denials::default()),
+            limiter: Arc::new(SessionLimiter::new(config.limits.clone())),
         });
         egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Server { egress, egress_listener, admin_listener, config })
@@ -111,6 +113,18 @@ impl Server {
         });
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(self.admin_listener, admin, admin_stop.clone()));
+        let limiter = egress.limiter.clone();
+        let housekeeping_stop = admin_stop.clone();
+        tokio::spawn(async move {
+            // Idle sessions' limiter state and counters are dropped so memory stays bounded.
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => limiter.housekeeping(),
+                    () = housekeeping_stop.cancelled() => return,
+                }
+            }
+        });
         if self.config.policies.dir.is_dir() {
             crate::reload::spawn(
                 self.config.policies.dir.clone(),

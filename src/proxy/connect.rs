@@ -29,7 +29,8 @@ pub async fn handle(
     let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
     let authority = Authority::parse(text, None)
         .map_err(|e| ProxyError::BadRequest(format!("bad CONNECT target {text:?}: {e}")))?;
-    let (decision, upstream, addr) = proxy.open_upstream(session, &authority).await?;
+    let super::Upstream { decision, stream: upstream, addr, permit } =
+        proxy.open_upstream(session, &authority, true).await?;
     super::log_allow(proxy, session, req.method(), &authority, &decision, peer, addr);
 
     // The upgrade completes after the 200 below is written; bytes the client pipelined after its
@@ -53,6 +54,9 @@ pub async fn handle(
         metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
         let stats = tunnel::run(client, upstream, idle, counters, hard_stop.cancelled_owned()).await;
         metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
+        if let Some(permit) = permit {
+            permit.record_bytes(stats.bytes_up, stats.bytes_down);
+        }
         metrics.bytes_up.fetch_add(stats.bytes_up, Ordering::Relaxed);
         metrics.bytes_down.fetch_add(stats.bytes_down, Ordering::Relaxed);
         if stats.end == tunnel::TunnelEnd::UpstreamError {

@@ -50,7 +50,7 @@ pub async fn handle(
     check_framing(req.headers())?;
     check_host_header(req.headers(), &authority)?;
 
-    let (decision, stream, addr) = proxy.open_upstream(session, &authority).await?;
+    let super::Upstream { decision, stream, addr, .. } = proxy.open_upstream(session, &authority, false).await?;
     super::log_allow(proxy, session, req.method(), &authority, &decision, peer, addr);
 
     let (mut parts, body) = req.into_parts();

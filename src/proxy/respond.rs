@@ -33,8 +33,10 @@ pub enum ProxyError {
     Denied { decision: Box<Decision>, authority: Authority },
     /// The credential names a policy this server does not have: `403`.
     UnknownPolicy { name: String },
-    /// Over a per-session limit: `429`.
+    /// Over the per-session request rate: `429`.
     RateLimited { retry_after: Duration, limit: String },
+    /// Over the per-session cap on open tunnels: `429`.
+    TooManyTunnels { max: u32 },
     /// DNS or upstream failure: `502`, or `504` for a timeout.
     Upstream(NetError),
     /// The upstream answered with something that is not HTTP: `502`.
@@ -72,7 +74,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Auth(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::Denied { .. } | ProxyError::UnknownPolicy { .. } => StatusCode::FORBIDDEN,
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } | ProxyError::TooManyTunnels { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) | ProxyError::BadUpstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -80,7 +82,10 @@ impl ProxyError {
 
     pub fn fault(&self) -> Fault {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::Auth(_) | ProxyError::RateLimited { .. } => Fault::Client,
+            ProxyError::BadRequest(_)
+            | ProxyError::Auth(_)
+            | ProxyError::RateLimited { .. }
+            | ProxyError::TooManyTunnels { .. } => Fault::Client,
             ProxyError::Denied { .. } | ProxyError::UnknownPolicy { .. } => Fault::Policy,
             ProxyError::Upstream(_) | ProxyError::BadUpstream(_) => Fault::Upstream,
         }
@@ -98,6 +103,7 @@ impl ProxyError {
             ProxyError::Denied { decision, .. } => decision.reason.code(),
             ProxyError::UnknownPolicy { .. } => "unknown_policy",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::TooManyTunnels { .. } => "too_many_tunnels",
             ProxyError::Upstream(e) => e.code(),
             ProxyError::BadUpstream(_) => "bad_upstream",
         }
@@ -117,6 +123,9 @@ impl ProxyError {
             ProxyError::RateLimited { retry_after, limit } => {
                 format!("session over its rate limit ({limit}); retry in {}s", retry_secs(*retry_after))
             }
+            ProxyError::TooManyTunnels { max } => {
+                format!("session already has {max} open tunnels, the most it may have at once")
+            }
             ProxyError::Upstream(e) => e.to_string(),
             ProxyError::BadUpstream(m) => m.clone(),
         }
@@ -131,7 +140,9 @@ impl ProxyError {
             }
             ProxyError::Auth(_) => Some("set HTTPS_PROXY=http://SESSION:TOKEN@HOST:PORT with a credential from `sluice token mint --kind egress`".into()),
             ProxyError::UnknownPolicy { .. } => Some("add the policy to the proxy's policies directory, or mint the credential for an existing policy".into()),
-            ProxyError::BadRequest(_) | ProxyError::RateLimited { .. } | ProxyError::Upstream(_) | ProxyError::BadUpstream(_) => None,
+            ProxyError::RateLimited { .. } => Some("a policy author raises it with requests_per_second and burst in the policy's [limits]".into()),
+            ProxyError::TooManyTunnels { .. } => Some("close idle connections, or raise max_tunnels in the policy's [limits]".into()),
+            ProxyError::BadRequest(_) | ProxyError::Upstream(_) | ProxyError::BadUpstream(_) => None,
         }
     }
 }
@@ -216,6 +227,9 @@ pub fn refusal(err: &ProxyError, ctx: &Context<'_>) -> Response<ProxyBody> {
         }
         ProxyError::RateLimited { retry_after, .. } => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(*retry_after)));
+        }
+        ProxyError::TooManyTunnels { .. } => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
         _ => {}
     }
