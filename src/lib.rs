@@ -17,4 +17,5 @@
 pub mod command;
 pub mod credential;
 pub mod diagnostic;
+pub mod git;
 pub mod policy;
