@@ -20,7 +20,8 @@
 //! - [`policy`]: levels, host patterns, the compiled matcher, policy files and `decide`.
 //! - [`net`]: resolution with static overrides, the guard after DNS, dialling the checked address.
 //! - [`credential`]: signed scoped tokens shared by both proxies; [`limit`]: per-session limits.
-//! - [`proxy`]: the egress proxy; [`admin`], [`metrics`], [`reload`]: operating it.
+//! - [`proxy`]: the egress proxy; [`git`]: the git proxy (scoped credential → real token, one branch).
+//! - [`admin`], [`metrics`], [`reload`]: operating it.
 //! - [`config`], [`server`]: `sluice.toml` and `sluice serve`; [`command`]: the other subcommands.
 //! - [`diagnostic`]: `file:line:col` errors and warnings for files people write.
 
@@ -29,6 +30,7 @@ pub mod command;
 pub mod config;
 pub mod credential;
 pub mod diagnostic;
+pub mod git;
 pub mod limit;
 pub mod metrics;
 pub mod net;

@@ -1,0 +1,670 @@
+//! The git proxy driven by a real `git` client against a real upstream (`git http-backend` as CGI),
+//! everything on 127.0.0.1 port 0. The upstream accepts only the real (canary) token; every byte the
+//! tests see, and every log line, is searched for that token.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
+use sluice::git::{GitProxy, GitSettings, TokenSource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const CANARY: &str = "ghs_CanaryRealToken0123456789abcdefXYZ";
+const SID: &str = "sess-1";
+const BRANCH: &str = "feature";
+const Z40: &str = "0000000000000000000000000000000000000000";
+
+// ---------- log capture ----------
+
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| LogWriter)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        Mutex::new(Vec::new())
+    })
+}
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        logs().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_lines_for(repo: &str) -> Vec<String> {
+    let text = String::from_utf8_lossy(&logs().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    assert_no_canary("log output", text.as_bytes());
+    text.lines().filter(|l| l.contains(&format!("repo={repo} "))).map(str::to_owned).collect()
+}
+
+fn canary_forms() -> Vec<String> {
+    vec![
+        CANARY.to_owned(),
+        STANDARD.encode(format!("x-access-token:{CANARY}")),
+        STANDARD.encode(CANARY),
+        URL_SAFE_NO_PAD.encode(CANARY),
+        STANDARD.encode(format!("x-access-token:{CANARY}")).trim_end_matches('=').to_owned(),
+    ]
+}
+
+fn assert_no_canary(what: &str, bytes: &[u8]) {
+    for form in canary_forms() {
+        assert!(!bytes.windows(form.len()).any(|w| w == form.as_bytes()), "the real token leaked into {what}");
+    }
+}
+
+// ---------- temp dirs ----------
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-git-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[path = "support/cgi.rs"]
+mod cgi;
+use cgi::{UpstreamState, spawn_upstream};
+
+// ---------- the world: upstream repo, sluice, a git client ----------
+
+struct World {
+    _dir: TempDir,
+    base: PathBuf,
+    upstream: Arc<UpstreamState>,
+    sluice: SocketAddr,
+    keyring: Keyring,
+    owner: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+struct GitOut {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl World {
+    async fn new(name: &str) -> World {
+        World::with_token(name, true).await
+    }
+
+    async fn with_token(name: &str, token: bool) -> World {
+        logs();
+        let dir = TempDir::new(name);
+        let base = dir.0.clone();
+        let owner = format!("t-{name}");
+        for d in ["root", "home", "seed"] {
+            std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+        let upstream = Arc::new(UpstreamState {
+            root: base.join("root"),
+            home: base.join("home"),
+            token: token.then(|| CANARY.to_owned()),
+            ..UpstreamState::default()
+        });
+        let mut world = World {
+            _dir: dir,
+            base: base.clone(),
+            upstream: upstream.clone(),
+            sluice: "127.0.0.1:0".parse().unwrap(),
+            keyring: Keyring::new(SigningKey::from_bytes(&[42u8; 32]).unwrap(), None),
+            owner,
+            shutdown: None,
+        };
+        // The upstream repository: main with two commits, hooks recording push options.
+        let bare = world.bare();
+        world.git_ok(&base, &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()]).await;
+        for (k, v) in
+            [("http.receivepack", "true"), ("uploadpack.allowFilter", "true"), ("receive.advertisePushOptions", "true")]
+        {
+            world.git_ok(&bare, &["config", k, v]).await;
+        }
+        let hook = bare.join("hooks/pre-receive");
+        std::fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\ncat >/dev/null\necho \"${{GIT_PUSH_OPTION_COUNT:-0}} ${{GIT_PUSH_OPTION_0:-}}\" > {}\n",
+                bare.join("push-options.txt").display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+        let seed = base.join("seed");
+        world.git_ok(&seed, &["init", "-q", "-b", "main"]).await;
+        for i in 1..=2 {
+            std::fs::write(seed.join("README"), format!("version {i}\n")).unwrap();
+            world.git_ok(&seed, &["add", "README"]).await;
+            world.git_ok(&seed, &["commit", "-q", "-m", &format!("commit {i}")]).await;
+        }
+        world.git_ok(&seed, &["push", "-q", bare.to_str().unwrap(), "main", "main:other"]).await;
+
+        let up_addr = spawn_upstream(upstream).await;
+        let mut settings =
+            GitSettings { upstream: format!("http://{up_addr}"), token_env: None, ..GitSettings::default() };
+        if token {
+            let token_file = base.join("real-token");
+            std::fs::write(&token_file, format!("{CANARY}\n")).unwrap();
+            settings.tokens.insert(world.owner.clone(), TokenSource::File(token_file));
+        }
+        let proxy = Arc::new(GitProxy::new(&settings, world.keyring.clone()).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        world.sluice = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(sluice::git::serve(listener, proxy, async move {
+            let _ = rx.await;
+        }));
+        world.shutdown = Some(tx);
+        world
+    }
+
+    fn repo(&self) -> String {
+        format!("{}/widgets", self.owner)
+    }
+
+    fn bare(&self) -> PathBuf {
+        self.base.join("root").join(&self.owner).join("widgets.git")
+    }
+
+    fn claims(&self) -> Claims {
+        let now = now_unix();
+        Claims {
+            sid: SID.into(),
+            kind: Kind::Git,
+            policy: None,
+            repo: Some(self.repo()),
+            branch: Some(BRANCH.into()),
+            iat: now,
+            exp: now + 3600,
+        }
+    }
+
+    fn token(&self) -> String {
+        self.keyring.mint(&self.claims())
+    }
+
+    fn url_with(&self, sid: &str, token: &str) -> String {
+        format!("http://{sid}:{token}@{}/{}.git", self.sluice, self.repo())
+    }
+
+    fn url(&self) -> String {
+        self.url_with(SID, &self.token())
+    }
+
+    async fn git(&self, dir: &Path, args: &[&str]) -> GitOut {
+        let home = self.base.join("home");
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("LANG", "C")
+            .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(180), cmd.output()).await.expect("git timed out").unwrap();
+        assert_no_canary("git stdout", &out.stdout);
+        assert_no_canary("git stderr", &out.stderr);
+        GitOut {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn git_ok(&self, dir: &Path, args: &[&str]) -> GitOut {
+        let out = self.git(dir, args).await;
+        assert!(out.ok, "git {args:?} failed:\n{}\n{}", out.stdout, out.stderr);
+        out
+    }
+
+    /// A ref in the upstream repository, or `None`.
+    async fn upstream_ref(&self, name: &str) -> Option<String> {
+        let out = self.git(&self.bare(), &["rev-parse", "--verify", "-q", name]).await;
+        out.ok.then(|| out.stdout.trim().to_owned())
+    }
+
+    async fn clone(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let dest = self.base.join(name);
+        let mut args = vec!["clone", "-q"];
+        args.extend_from_slice(extra);
+        let url = self.url();
+        args.push(&url);
+        args.push(dest.to_str().unwrap());
+        self.git_ok(&self.base, &args).await;
+        dest
+    }
+
+    async fn commit(&self, dir: &Path, file: &str, text: &str) -> String {
+        std::fs::write(dir.join(file), text).unwrap();
+        self.git_ok(dir, &["add", file]).await;
+        self.git_ok(dir, &["commit", "-q", "-m", &format!("edit {file}")]).await;
+        self.git_ok(dir, &["rev-parse", "HEAD"]).await.stdout.trim().to_owned()
+    }
+
+    fn upstream_count(&self, key: &str) -> usize {
+        self.upstream.by_path.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    fn receive_pack_posts(&self) -> usize {
+        self.upstream_count(&format!("POST /{}.git/git-receive-pack", self.repo()))
+    }
+
+    /// No request reached the upstream without the real token (the sandbox's never goes upstream).
+    fn assert_upstream_saw_only_the_real_token(&self) {
+        assert_eq!(
+            self.upstream.unauthorized.load(Ordering::SeqCst),
+            0,
+            "a request reached upstream without the real token"
+        );
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn stderr_has(out: &GitOut, line: &str) {
+    assert!(
+        out.stderr.lines().any(|l| l.trim_end() == line),
+        "expected the line {line:?} in git's stderr:\n{}",
+        out.stderr
+    );
+}
+
+// ---------- clone, fetch, pull ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_fetch_pull_over_protocol_v0_and_v2() {
+    let w = World::new("clone").await;
+    let main = w.upstream_ref("refs/heads/main").await.unwrap();
+    for version in ["0", "2"] {
+        let dir = w.clone(&format!("c{version}"), &["-c", &format!("protocol.version={version}")]).await;
+        assert_eq!(std::fs::read_to_string(dir.join("README")).unwrap(), "version 2\n");
+        assert_eq!(w.git_ok(&dir, &["rev-parse", "HEAD"]).await.stdout.trim(), main);
+    }
+    // A new upstream commit arrives; fetch and pull it through sluice.
+    let seed = w.base.join("seed");
+    let next = w.commit(&seed, "README", "version 3\n").await;
+    w.git_ok(&seed, &["push", "-q", w.bare().to_str().unwrap(), "main"]).await;
+    let dir = w.base.join("c2");
+    w.git_ok(&dir, &["-c", "protocol.version=2", "fetch", "-q", "origin"]).await;
+    assert_eq!(w.git_ok(&dir, &["rev-parse", "origin/main"]).await.stdout.trim(), next);
+    let dir = w.base.join("c0");
+    w.git_ok(&dir, &["-c", "protocol.version=0", "pull", "-q", "--ff-only"]).await;
+    assert_eq!(std::fs::read_to_string(dir.join("README")).unwrap(), "version 3\n");
+    w.assert_upstream_saw_only_the_real_token();
+    // git sent its first request without credentials: sluice challenged it, then served it.
+    let lines = log_lines_for(&w.repo());
+    assert!(lines.iter().any(|l| l.contains("status=401")), "no 401 challenge logged:\n{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("session=sess-1") && l.contains("verdict=\"allow\"") && l.contains("status=200"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shallow_and_partial_clones_pass_through() {
+    let w = World::new("shallow").await;
+    for version in ["0", "2"] {
+        let v = format!("protocol.version={version}");
+        let dir = w.clone(&format!("s{version}"), &["-c", &v, "--depth", "1"]).await;
+        assert_eq!(w.git_ok(&dir, &["rev-list", "--count", "HEAD"]).await.stdout.trim(), "1");
+    }
+    // Partial clone over v2 (what git 2.47 and GitHub use; the lazy blob fetch needs v2 here).
+    let dir = w.clone("partial", &["-c", "protocol.version=2", "--filter=blob:none"]).await;
+    assert_eq!(w.git_ok(&dir, &["config", "remote.origin.partialclonefilter"]).await.stdout.trim(), "blob:none");
+    assert_eq!(std::fs::read_to_string(dir.join("README")).unwrap(), "version 2\n");
+    w.assert_upstream_saw_only_the_real_token();
+}
+
+// ---------- pushes that are allowed ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_creates_and_updates_the_working_branch_with_push_options() {
+    let w = World::new("push").await;
+    let dir = w.clone("work", &[]).await;
+    w.git_ok(&dir, &["checkout", "-q", "-b", BRANCH]).await;
+    let first = w.commit(&dir, "a.txt", "a\n").await;
+    w.git_ok(&dir, &["push", "-q", "origin", BRANCH]).await;
+    assert_eq!(w.upstream_ref("refs/heads/feature").await.as_deref(), Some(first.as_str()));
+    let second = w.commit(&dir, "a.txt", "b\n").await;
+    w.git_ok(&dir, &["push", "-q", "-o", "k=v", "origin", BRANCH]).await;
+    assert_eq!(w.upstream_ref("refs/heads/feature").await.as_deref(), Some(second.as_str()));
+    assert_eq!(std::fs::read_to_string(w.bare().join("push-options.txt")).unwrap(), "1 k=v\n");
+    w.assert_upstream_saw_only_the_real_token();
+}
+
+/// Deterministic incompressible bytes.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_push_uses_the_probe_and_chunked_body() {
+    let w = World::new("large").await;
+    let dir = w.clone("work", &[]).await;
+    w.git_ok(&dir, &["checkout", "-q", "-b", BRANCH]).await;
+    std::fs::write(dir.join("blob.bin"), noise(3 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
+    w.git_ok(&dir, &["add", "blob.bin"]).await;
+    w.git_ok(&dir, &["commit", "-q", "-m", "big"]).await;
+    let head = w.git_ok(&dir, &["rev-parse", "HEAD"]).await.stdout.trim().to_owned();
+    w.git_ok(&dir, &["-c", "http.postBuffer=65536", "push", "-q", "origin", BRANCH]).await;
+    assert_eq!(w.upstream_ref("refs/heads/feature").await.as_deref(), Some(head.as_str()));
+    // The probe (`0000`) and the pack: two POSTs upstream.
+    assert_eq!(w.receive_pack_posts(), 2);
+    w.assert_upstream_saw_only_the_real_token();
+}
+
+// ---------- pushes that are refused ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_to_main_is_rejected_with_the_reason() {
+    let w = World::new("main").await;
+    let before = w.upstream_ref("refs/heads/main").await;
+    let dir = w.clone("work", &[]).await;
+    w.commit(&dir, "a.txt", "a\n").await;
+    let out = w.git(&dir, &["push", "origin", "main"]).await;
+    assert!(!out.ok);
+    stderr_has(&out, " ! [remote rejected] main -> main (push restricted to refs/heads/feature)");
+    stderr_has(&out, "remote: sluice: this session may push only to refs/heads/feature; nothing was sent upstream");
+    assert_eq!(w.upstream_ref("refs/heads/main").await, before);
+    assert_eq!(w.receive_pack_posts(), 0);
+    // A big refused push (chunked, after the probe) gets the same answer.
+    std::fs::write(dir.join("blob.bin"), noise(2 << 20, 7)).unwrap();
+    w.git_ok(&dir, &["add", "blob.bin"]).await;
+    w.git_ok(&dir, &["commit", "-q", "-m", "big"]).await;
+    let out = w.git(&dir, &["-c", "http.postBuffer=65536", "push", "origin", "main"]).await;
+    assert!(!out.ok);
+    stderr_has(&out, " ! [remote rejected] main -> main (push restricted to refs/heads/feature)");
+    assert_eq!(w.upstream_ref("refs/heads/main").await, before);
+    assert_eq!(w.receive_pack_posts(), 1, "only the empty probe was forwarded");
+    let lines = log_lines_for(&w.repo());
+    assert!(
+        lines.iter().any(|l| l.contains("verdict=\"deny\"")
+            && l.contains("reason=refs/heads/main: push restricted to refs/heads/feature")),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_ref_refuses_the_whole_push_in_either_order() {
+    let w = World::new("tworefs").await;
+    let before_main = w.upstream_ref("refs/heads/main").await;
+    let dir = w.clone("work", &[]).await;
+    w.commit(&dir, "a.txt", "a\n").await;
+    w.git_ok(&dir, &["branch", BRANCH]).await;
+    for order in [["main", BRANCH], [BRANCH, "main"]] {
+        let out = w.git(&dir, &["push", "origin", order[0], order[1]]).await;
+        assert!(!out.ok);
+        stderr_has(&out, " ! [remote rejected] main -> main (push restricted to refs/heads/feature)");
+        stderr_has(
+            &out,
+            " ! [remote rejected] feature -> feature (refused with the rest of the push; only refs/heads/feature may be pushed)",
+        );
+        assert_eq!(w.upstream_ref("refs/heads/main").await, before_main);
+        assert_eq!(w.upstream_ref("refs/heads/feature").await, None);
+    }
+    assert_eq!(w.receive_pack_posts(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_and_tags_are_rejected() {
+    let w = World::new("deltags").await;
+    let dir = w.clone("work", &[]).await;
+    // The working branch exists upstream (pushed through sluice), then deleting it is refused.
+    w.git_ok(&dir, &["push", "-q", "origin", "main:refs/heads/feature"]).await;
+    let feature = w.upstream_ref("refs/heads/feature").await;
+    assert!(feature.is_some());
+    let out = w.git(&dir, &["push", "origin", "--delete", BRANCH]).await;
+    assert!(!out.ok);
+    stderr_has(&out, " ! [remote rejected] feature (deleting refs/heads/feature is not allowed)");
+    let out = w.git(&dir, &["push", "origin", "--delete", "other"]).await;
+    assert!(!out.ok);
+    stderr_has(&out, " ! [remote rejected] other (push restricted to refs/heads/feature)");
+    assert_eq!(w.upstream_ref("refs/heads/feature").await, feature);
+    assert!(w.upstream_ref("refs/heads/other").await.is_some());
+
+    w.git_ok(&dir, &["tag", "light"]).await;
+    w.git_ok(&dir, &["tag", "-a", "-m", "annotated", "annotated"]).await;
+    let out = w.git(&dir, &["push", "origin", "light"]).await;
+    stderr_has(&out, " ! [remote rejected] light -> light (push restricted to refs/heads/feature)");
+    let out = w.git(&dir, &["push", "origin", "annotated"]).await;
+    stderr_has(&out, " ! [remote rejected] annotated -> annotated (push restricted to refs/heads/feature)");
+    let out = w.git(&dir, &["push", "origin", "--tags"]).await;
+    assert!(!out.ok);
+    stderr_has(&out, " ! [remote rejected] annotated -> annotated (push restricted to refs/heads/feature)");
+    stderr_has(&out, " ! [remote rejected] light -> light (push restricted to refs/heads/feature)");
+    assert_eq!(w.upstream_ref("refs/tags/light").await, None);
+    assert_eq!(w.upstream_ref("refs/tags/annotated").await, None);
+    assert_eq!(w.receive_pack_posts(), 1, "only the allowed creation of feature went upstream");
+}
+
+// ---------- credentials ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_refused_at_discovery_and_nothing_goes_upstream() {
+    let w = World::new("creds").await;
+    let good = w.token();
+    let (payload, _) = good.strip_prefix("v1.").unwrap().split_once('.').unwrap();
+    let other_key = Keyring::new(SigningKey::from_bytes(&[b'k'; 32]).unwrap(), None);
+    let tampered = {
+        let mut claims = w.claims();
+        claims.branch = Some("main".into());
+        let sig = good.rsplit_once('.').unwrap().1;
+        format!("v1.{}.{sig}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap()))
+    };
+    assert_ne!(payload, tampered.split('.').nth(1).unwrap());
+    let expired = w.keyring.mint(&Claims { iat: now_unix() - 7200, exp: now_unix() - 600, ..w.claims() });
+    let other_repo = w.keyring.mint(&Claims { repo: Some(format!("{}/gears", w.owner)), ..w.claims() });
+    let egress = w.keyring.mint(&Claims {
+        kind: Kind::Egress,
+        repo: None,
+        branch: None,
+        policy: Some("trusted".into()),
+        ..w.claims()
+    });
+    let cases = [
+        (
+            SID,
+            other_key.mint(&w.claims()),
+            "credential signature does not verify (forged, altered, or signed with another key)".to_owned(),
+        ),
+        (
+            SID,
+            tampered,
+            "credential signature does not verify (forged, altered, or signed with another key)".to_owned(),
+        ),
+        (SID, expired, "credential expired 10m ago".to_owned()),
+        (
+            SID,
+            other_repo,
+            format!("it is for {0}/gears, not {0}/widgets; ask for a credential for {0}/widgets", w.owner),
+        ),
+        (SID, egress, "this is a egress credential; a git credential is needed here".to_owned()),
+        ("sess-2", good.clone(), "the session id given with the credential is not the one it was issued to".to_owned()),
+        (SID, "not-a-token".to_owned(), "malformed credential: expected a v1. token".to_owned()),
+    ];
+    for (sid, token, message) in cases {
+        let url = w.url_with(sid, &token);
+        for service in [&["ls-remote", url.as_str()][..], &["push", url.as_str(), "main:feature"][..]] {
+            let dir = w.base.join("seed");
+            let out = w.git(&dir, service).await;
+            assert!(!out.ok, "{service:?} succeeded");
+            if std::env::var_os("SHOW_GIT_STDERR").is_some() {
+                eprintln!("{service:?}:\n{}", out.stderr);
+            }
+            stderr_has(&out, &format!("remote: sluice: git credential refused: {message}"));
+        }
+    }
+    assert_eq!(w.upstream.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_real_token_clone_works_and_push_is_refused() {
+    let w = World::with_token("notoken", false).await;
+    let dir = w.clone("work", &[]).await;
+    assert_eq!(std::fs::read_to_string(dir.join("README")).unwrap(), "version 2\n");
+    assert_eq!(w.upstream.authorization_seen.load(Ordering::SeqCst), 0, "an Authorization header went upstream");
+    w.git_ok(&dir, &["checkout", "-q", "-b", BRANCH]).await;
+    let out = w.git(&dir, &["push", "origin", BRANCH]).await;
+    assert!(!out.ok);
+    stderr_has(
+        &out,
+        &format!(
+            "remote: sluice: no upstream credential is configured for {}, so pushes are refused (clone and fetch of \
+             public repositories still work); the operator sets token_env, token_file or [git.tokens]",
+            w.repo()
+        ),
+    );
+    assert_eq!(w.upstream_ref("refs/heads/feature").await, None);
+}
+
+// ---------- raw requests: routes, challenges, malformed and gzip pushes ----------
+
+async fn raw(addr: SocketAddr, request: Vec<u8>) -> (u16, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert_no_canary("a raw response", &out);
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..end]).into_owned();
+    let status = head[9..12].parse().unwrap();
+    let body = out[end + 4..].to_vec();
+    (status, head, body)
+}
+
+fn post(w: &World, path: &str, auth: Option<&str>, extra: &str, body: &[u8]) -> Vec<u8> {
+    let auth = auth.map(|a| format!("Authorization: Basic {}\r\n", STANDARD.encode(a))).unwrap_or_default();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\n{auth}{extra}Content-Type: application/x-git-receive-pack-request\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        w.sluice,
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+fn pkt(s: &[u8]) -> Vec<u8> {
+    let mut v = format!("{:04x}", s.len() + 4).into_bytes();
+    v.extend_from_slice(s);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_requests_get_exact_answers() {
+    let w = World::new("raw").await;
+    let creds = format!("{SID}:{}", w.token());
+    let path = format!("/{}.git/git-receive-pack", w.repo());
+
+    let get = |p: &str, auth: Option<&str>| {
+        let auth = auth.map(|a| format!("Authorization: Basic {}\r\n", STANDARD.encode(a))).unwrap_or_default();
+        format!("GET {p} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").into_bytes()
+    };
+    let (status, head, body) =
+        raw(w.sluice, get(&format!("/{}.git/info/refs?service=git-upload-pack", w.repo()), None)).await;
+    assert_eq!(status, 401);
+    assert!(head.to_ascii_lowercase().contains("www-authenticate: basic realm=\"sluice-git\""), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "sluice: credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL or a credential helper\n"
+    );
+    let (status, _, body) = raw(w.sluice, get("/api/repos/x/y/pulls", Some(&creds))).await;
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (404, "sluice: \"/api/repos/x/y/pulls\": the /api/ routes are not available on this git proxy\n")
+    );
+    let (status, _, _) = raw(w.sluice, get(&format!("/{}.git/HEAD", w.repo()), Some(&creds))).await;
+    assert_eq!(status, 404);
+
+    // A malformed command list fails closed with an ERR line.
+    let (status, head, body) = raw(w.sluice, post(&w, &path, Some(&creds), "", b"00zzjunk")).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("application/x-git-receive-pack-result"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "0061ERR sluice: push request: malformed pkt-line at byte 0: length \"00zz\" is not four hex digits\n"
+    );
+
+    // A gzip-encoded push to main is decoded, judged and refused, ng for every ref.
+    let a = "1".repeat(40);
+    let mut list = pkt(format!("{Z40} {a} refs/heads/feature\0report-status").as_bytes());
+    list.extend(pkt(format!("{Z40} {a} refs/heads/main").as_bytes()));
+    list.extend_from_slice(b"0000PACK");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&list).unwrap();
+    let gz = gz.finish().unwrap();
+    let (status, _, body) = raw(w.sluice, post(&w, &path, Some(&creds), "Content-Encoding: gzip\r\n", &gz)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "000eunpack ok\n\
+         0063ng refs/heads/feature refused with the rest of the push; only refs/heads/feature may be pushed\n\
+         003dng refs/heads/main push restricted to refs/heads/feature\n0000"
+    );
+    // The probe is forwarded (and answered by upstream).
+    let (status, _, _) = raw(w.sluice, post(&w, &path, Some(&creds), "", b"0000")).await;
+    assert_eq!(status, 200);
+    assert_eq!(w.receive_pack_posts(), 1);
+    // A push with a bad credential is answered with ng lines too (never a bare 403).
+    let bad = format!("{SID}:v1.bad.sig");
+    let (status, _, body) = raw(w.sluice, post(&w, &path, Some(&bad), "", &list)).await;
+    assert_eq!(status, 200);
+    assert!(
+        String::from_utf8_lossy(&body)
+            .contains("ng refs/heads/main git credential refused: credential signature does not verify"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(w.receive_pack_posts(), 1);
+}
