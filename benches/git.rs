@@ -107,7 +107,7 @@ async fn main() {
         iat: now,
         exp: now + 3600,
     });
-    let proxy = Arc::new(GitProxy::new(&settings, keyring).unwrap());
+    let proxy = Arc::new(GitProxy::new(&settings, Some(keyring)).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sluice = listener.local_addr().unwrap();
     tokio::spawn(sluice::git::serve(listener, proxy, std::future::pending()));

@@ -174,6 +174,7 @@ pub struct Config {
     pub resolver: ResolverConfig,
     /// Per-session limits for policies that set none.
     pub limits: crate::limit::LimitDefaults,
+    pub git: crate::git::GitSettings,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub server: ServerConfig,

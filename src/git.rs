@@ -179,14 +179,15 @@ fn read_token_env(var: &str, key: &str) -> Result<Option<Secret<String>>, String
 /// Everything a git-proxy request needs, shared by all connections.
 #[derive(Debug)]
 pub struct GitProxy {
-    keyring: Keyring,
+    /// `None` when the server has no signing key: every credential is then refused, saying why.
+    keyring: Option<Keyring>,
     upstream: Upstream,
     tokens: TokenStore,
 }
 
 impl GitProxy {
     /// Validates the settings and reads the real tokens.
-    pub fn new(settings: &GitSettings, keyring: Keyring) -> Result<GitProxy, String> {
+    pub fn new(settings: &GitSettings, keyring: Option<Keyring>) -> Result<GitProxy, String> {
         let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
         Upstream::parse("git.api_upstream", &settings.api_upstream)?;
         let tokens = TokenStore::load(settings)?;
@@ -619,8 +620,10 @@ impl GitProxy {
 
     /// Verifies the credential and that it is for this repository; `Err` is the message for the client.
     fn authorize(&self, route: &Route, session: &str, credential: &Secret<String>) -> Result<Claims, String> {
-        let claims = self
-            .keyring
+        let keyring = self.keyring.as_ref().ok_or(
+            "sluice: git credential refused: this proxy has no signing key configured ([auth] key_file or SLUICE_SIGNING_KEY)",
+        )?;
+        let claims = keyring
             .verify_for(credential.expose(), Kind::Git, session, now_unix())
             .map_err(|e| format!("sluice: git credential refused: {e}"))?;
         let repo = claims.repo.as_deref().ok_or("sluice: git credential refused: it names no repository")?;

@@ -163,8 +163,8 @@ fn serve(path: Option<PathBuf>) -> u8 {
                 return command::EXIT_USAGE;
             }
         };
-        if let (Some(egress), Some(admin)) = (server.egress_addr(), server.admin_addr()) {
-            tracing::info!(egress = %egress, admin = %admin, "sluice listening");
+        if let (Some(egress), Some(git), Some(admin)) = (server.egress_addr(), server.git_addr(), server.admin_addr()) {
+            tracing::info!(egress = %egress, git = %git, admin = %admin, "sluice listening");
         }
         server.run(sluice::server::shutdown_on_signals()).await;
         command::EXIT_OK

@@ -13,6 +13,7 @@ use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use crate::admin::Admin;
 use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring, SigningKey};
+use crate::git::GitProxy;
 use crate::limit::SessionLimiter;
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
@@ -23,6 +24,8 @@ use crate::proxy::{self, EgressProxy};
 pub struct Server {
     pub egress: Arc<EgressProxy>,
     egress_listener: TcpListener,
+    git_listener: TcpListener,
+    git: Arc<GitProxy>,
     admin_listener: TcpListener,
     config: Config,
 }
@@ -70,11 +73,18 @@ impl Server {
         let egress_listener = TcpListener::bind(config.egress.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
+        let git = Arc::new(GitProxy::new(&config.git, keys.clone())?);
+        let git_listener = TcpListener::bind(config.git.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} ([git] listen): {e}", config.git.listen))?;
         let admin_listener = TcpListener::bind(config.admin.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([admin] listen): {e}", config.admin.listen))?;
         let own: Vec<SocketAddr> =
-            [egress_listener.local_addr(), admin_listener.local_addr()].into_iter().flatten().collect();
+            [egress_listener.local_addr(), git_listener.local_addr(), admin_listener.local_addr()]
+                .into_iter()
+                .flatten()
+                .collect();
         let egress = Arc::new(EgressProxy {
             config: config.egress.clone(),
             policies: Arc::new(ArcSwap::from_pointee(policies)),
@@ -89,11 +99,15 @@ impl Server {
             limiter: Arc::new(SessionLimiter::new(config.limits.clone())),
         });
         egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Server { egress, egress_listener, admin_listener, config })
+        Ok(Server { egress, egress_listener, git_listener, git, admin_listener, config })
     }
 
     pub fn egress_addr(&self) -> Option<SocketAddr> {
         self.egress_listener.local_addr().ok()
+    }
+
+    pub fn git_addr(&self) -> Option<SocketAddr> {
+        self.git_listener.local_addr().ok()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -106,6 +120,9 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         let egress = self.egress.clone();
         let accept = tokio::spawn(proxy::serve(self.egress_listener, egress.clone(), stop_accepting.clone()));
+        let git_stop = stop_accepting.clone();
+        let git =
+            tokio::spawn(crate::git::serve(self.git_listener, self.git, async move { git_stop.cancelled().await }));
         let admin = Arc::new(Admin {
             metrics: egress.metrics.clone(),
             denials: egress.denials.clone(),
@@ -140,7 +157,12 @@ impl Server {
         stop_accepting.cancel();
         let _ = accept.await;
         egress.tasks.close();
-        if tokio::time::timeout(grace, egress.tasks.wait()).await.is_err() {
+        // The git listener drains its own requests; both get the same grace.
+        let drained = async {
+            egress.tasks.wait().await;
+            let _ = git.await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("shutdown grace over: closing the connections still open");
             egress.hard_stop.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), egress.tasks.wait()).await;

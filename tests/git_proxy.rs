@@ -179,7 +179,7 @@ impl World {
             std::fs::write(&token_file, format!("{CANARY}\n")).unwrap();
             settings.tokens.insert(world.owner.clone(), TokenSource::File(token_file));
         }
-        let proxy = Arc::new(GitProxy::new(&settings, world.keyring.clone()).unwrap());
+        let proxy = Arc::new(GitProxy::new(&settings, Some(world.keyring.clone())).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         world.sluice = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -528,7 +528,7 @@ async fn bad_credentials_are_refused_at_discovery_and_nothing_goes_upstream() {
             other_repo,
             format!("it is for {0}/gears, not {0}/widgets; ask for a credential for {0}/widgets", w.owner),
         ),
-        (SID, egress, "this is a egress credential; a git credential is needed here".to_owned()),
+        (SID, egress, "this is an egress credential; a git credential is needed here".to_owned()),
         ("sess-2", good.clone(), "the session id given with the credential is not the one it was issued to".to_owned()),
         (SID, "not-a-token".to_owned(), "malformed credential: expected a v1. token".to_owned()),
     ];

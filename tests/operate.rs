@@ -143,6 +143,8 @@ listen = "127.0.0.1:0"
 policy = "app"
 [admin]
 listen = "127.0.0.1:0"
+[git]
+listen = "127.0.0.1:0"
 [resolver]
 system = false
 hosts = {{ "a.test" = ["127.0.0.1"], "b.test" = ["127.0.0.1"], "c.test" = ["127.0.0.1"] }}

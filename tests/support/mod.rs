@@ -101,7 +101,7 @@ pub struct Proxy {
 impl Proxy {
     /// Starts sluice with `config_toml` (any `sluice.toml` text) and the given policy files, written to
     /// a temp `policies/` directory. The harness forces what keeps a test hermetic: listening on
-    /// 127.0.0.1:0 (egress and admin), no system DNS, and the temp policies directory.
+    /// 127.0.0.1:0 (every listener), no system DNS, and the temp policies directory.
     pub async fn start(config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
         Proxy::start_in(TempDir::new("proxy"), config_toml, policies).await
     }
@@ -115,6 +115,7 @@ impl Proxy {
         };
         config.egress.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.git.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.resolver.system = false;
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).expect("create policies dir");
