@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod forward;
+pub mod head;
 pub mod respond;
 pub mod tunnel;
 
@@ -192,11 +193,19 @@ async fn refuse_overloaded(mut stream: TcpStream, max: usize) {
 }
 
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<EgressProxy>, stop: CancellationToken) {
+    // The head guard enforces the head limits with worded answers; hyper's own are a backstop.
+    let limits = head::HeadLimits {
+        max_head: proxy.config.max_header_bytes,
+        head_timeout: proxy.config.header_timeout.0,
+        idle_timeout: proxy.config.idle_timeout.0,
+    };
+    let stream = head::HeadGuard::new(stream, limits);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(proxy.config.header_timeout.0)
-        .max_header_size(proxy.config.max_header_bytes)
+        .header_read_timeout(proxy.config.header_timeout.0 * 2)
+        .max_header_size(proxy.config.max_header_bytes * 2)
+        .half_close(true)
         .keep_alive(true);
     let p = proxy.clone();
     let service = service_fn(move |req| handle(req, p.clone(), peer));
@@ -232,6 +241,16 @@ async fn handle(
         req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
     let method = req.method().clone();
     let target = req.uri().to_string();
+    let detail = req.headers().get("x-sluice-detail").and_then(|v| v.to_str().ok());
+    if let Some((kind, detail)) = head::parse_refusal(req.uri().path(), detail) {
+        let err = match kind {
+            head::HeadRefusal::TooLarge => ProxyError::HeadTooLarge(detail),
+            head::HeadRefusal::Timeout => ProxyError::HeadTimeout(detail),
+            head::HeadRefusal::Malformed | head::HeadRefusal::Framing => ProxyError::BadRequest(detail),
+        };
+        log_refusal(&proxy, &err, None, &Method::GET, "-", peer);
+        return Ok(respond::refusal(&err, &Context { wants_json, close: true, ..Context::default() }));
+    }
     let session = match proxy.identify(req.headers(), peer) {
         Ok(s) => s,
         Err(err) => {
@@ -249,8 +268,9 @@ async fn handle(
         Err(err) => {
             log_refusal(&proxy, &err, Some(&session), &method, &target, peer);
             let level = session.policy.level.to_string();
-            // After a malformed request the client's idea of the connection state cannot be trusted.
-            let close = matches!(err, ProxyError::BadRequest(_));
+            // After a malformed request the client's idea of the connection state cannot be trusted,
+            // and after a refused CONNECT the head guard no longer follows the connection's framing.
+            let close = matches!(err, ProxyError::BadRequest(_)) || method == Method::CONNECT;
             let ctx = Context { policy: Some(&session.policy.name), level: Some(&level), wants_json, close };
             respond::refusal(&err, &ctx)
         }

@@ -323,10 +323,6 @@ async fn malformed_requests_get_specific_answers() {
         (connect_head("echo.test:65536"), port_error("65536")),
         (connect_head("echo.test:+443"), port_error("+443")),
         (
-            format!("CONNECT http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
-            ours(&format!("CONNECT takes host:port, not a URL (http://echo.test:{p}/); e.g. CONNECT example.com:443")),
-        ),
-        (
             format!("GET / HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
             ours("this is a proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port"),
         ),
@@ -346,86 +342,153 @@ async fn malformed_requests_get_specific_answers() {
             format!("GET http://user:pw@echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
             ours("credentials in the URL (user@host) are not forwarded; send them in an Authorization header"),
         ),
-        (
-            format!(
-                "POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-            ),
-            ours("request has more than one Transfer-Encoding header"),
-        ),
     ];
     for (request, body) in cases {
         let r = raw_exchange(proxy.addr, request.as_bytes()).await;
         assert_refusal(&r, bad, "deny; reason=bad_request; policy=lab", &body);
     }
 
-    // What hyper refuses before sluice sees a request: an empty-bodied answer and a closed connection.
-    let hyper_refusals = [
-        (connect_head("echo.test:443:443"), bad),
+    // What the head guard refuses before hyper or a handler sees the request: worded answers that
+    // close the connection (no session is known yet, so no policy is named).
+    let guard = |m: &str| format!("sluice: {m}\n");
+    let head_refusals = [
+        (
+            format!(
+                "POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            bad,
+            "bad_request",
+            guard("request has more than one Transfer-Encoding header"),
+        ),
+        (
+            format!("CONNECT http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n"),
+            bad,
+            "bad_request",
+            guard(&format!("CONNECT takes host:port, not a URL (http://echo.test:{p}/); e.g. CONNECT example.com:443")),
+        ),
+        (
+            connect_head("echo.test:443:443"),
+            bad,
+            "bad_request",
+            guard(
+                "bad CONNECT target \"echo.test:443:443\": IPv6 addresses must be written in brackets, e.g. [2001:db8::1]:443",
+            ),
+        ),
         (
             format!("POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nContent-Length: 5, 5\r\n\r\nhello"),
             bad,
+            "bad_request",
+            guard("Content-Length must be a single decimal number"),
         ),
         (
             format!(
                 "POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
             ),
             bad,
+            "bad_request",
+            guard("request has more than one Content-Length"),
         ),
-        (format!("POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nTransfer-Encoding: gzip\r\n\r\n"), bad),
+        (
+            format!("POST http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            bad,
+            "bad_request",
+            guard("unsupported Transfer-Encoding: only \"chunked\" is accepted"),
+        ),
         (
             format!(
                 "GET http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nX-Big: {}\r\n\r\n",
                 "a".repeat(40_000)
             ),
             "HTTP/1.1 431 Request Header Fields Too Large",
+            "head_too_large",
+            guard("request head is over 32768 bytes"),
         ),
-        ("GET http://echo.test/ HTTP/1.1\r\nBad Header\r\n\r\n".to_string(), bad),
+        (
+            "GET http://echo.test/ HTTP/1.1\r\nBad Header\r\n\r\n".to_string(),
+            bad,
+            "bad_request",
+            guard("malformed request head: invalid header name"),
+        ),
+        (
+            format!("GET http://echo.test:{p}/ HTTP/1.1\r\nHost: echo.test:{p}\r\nX-Folded: a\r\n b\r\n\r\n"),
+            bad,
+            "bad_request",
+            guard("malformed request head: invalid header name"),
+        ),
     ];
-    for (request, status_line) in hyper_refusals {
+    for (request, status_line, code, body) in head_refusals {
         let mut c = RawClient::connect(proxy.addr).await;
         c.send(request.as_bytes()).await;
         let r = c.response().await.expect("a response");
-        assert_eq!(r.status_line, status_line, "{request:.80}");
+        assert_refusal(&r, status_line, &format!("deny; reason={code}"), &body);
         assert_eq!(r.header("connection"), Some("close"), "{request:.80}");
-        assert_eq!(r.header("content-length"), Some("0"), "{request:.80}");
         assert!(c.expect_eof().await, "{request:.80}");
     }
     assert_eq!(recorder.connections(), 0, "malformed input reached the upstream");
 }
 
-/// Ambiguous framing never reaches the upstream ambiguous. hyper resolves it before sluice's own
-/// check runs: `Content-Length` with `Transfer-Encoding: chunked` is read as chunked with the length
-/// dropped, and the connection closes after the answer (RFC 9112 §6.3); identical duplicate lengths
-/// are folded into one.
+/// Ambiguous framing never reaches the upstream: `Content-Length` with `Transfer-Encoding` (CL.TE and
+/// TE.CL alike) and duplicate lengths, even identical ones, are refused with a 400 before anything is
+/// dialled, and a request smuggled behind them is never read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ambiguous_framing_is_normalised_before_forwarding() {
+async fn ambiguous_framing_is_refused() {
     let upstream = Upstream::plain("plain").await;
     let port = upstream.port();
     let proxy =
         Proxy::start(&config("", &["plain.test"]), &[("lab.toml", &lab(&[format!("plain.test:{port}")]))]).await;
+    let smuggled = format!("GET http://plain.test:{port}/smuggled HTTP/1.1\r\nHost: plain.test:{port}\r\n\r\n");
+    let cases = [
+        (
+            format!(
+                "POST http://plain.test:{port}/headers HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{smuggled}"
+            ),
+            "sluice: request has both Content-Length and Transfer-Encoding; send one\n",
+        ),
+        (
+            format!(
+                "POST http://plain.test:{port}/headers HTTP/1.1\r\nHost: plain.test:{port}\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n{smuggled}"
+            ),
+            "sluice: request has both Content-Length and Transfer-Encoding; send one\n",
+        ),
+        (
+            format!(
+                "POST http://plain.test:{port}/sha256 HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello{smuggled}"
+            ),
+            "sluice: request has more than one Content-Length\n",
+        ),
+        (
+            format!(
+                "POST http://plain.test:{port}/sha256 HTTP/1.1\r\nHost: plain.test:{port}\r\nTransfer-Encoding:  chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            "sluice: request has more than one Transfer-Encoding header\n",
+        ),
+        (
+            format!(
+                "POST http://plain.test:{port}/sha256 HTTP/1.1\r\nHost: plain.test:{port}\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            "sluice: unsupported Transfer-Encoding: only \"chunked\" is accepted\n",
+        ),
+    ];
+    for (request, body) in cases {
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(request.as_bytes()).await;
+        let r = c.response().await.expect("a response");
+        assert_refusal(&r, "HTTP/1.1 400 Bad Request", "deny; reason=bad_request", body);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(c.expect_eof().await, "the connection must close after a refused head");
+    }
+    assert_eq!(upstream.connections(), 0, "ambiguous framing reached the upstream");
 
+    // A bad chunk size after a good chunk: the request fails with a 400 and the connection closes.
     let mut c = RawClient::connect(proxy.addr).await;
-    let request = format!(
-        "POST http://plain.test:{port}/headers HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET http://plain.test:{port}/smuggled HTTP/1.1\r\nHost: plain.test:{port}\r\n\r\n"
-    );
-    c.send(request.as_bytes()).await;
+    c.send(format!("POST http://plain.test:{port}/sha256 HTTP/1.1\r\nHost: plain.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n{smuggled}").as_bytes()).await;
     let r = c.response().await.expect("a response");
-    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
-    assert_eq!(r.header("connection"), Some("close"));
-    assert_eq!(r.body, format!("POST /headers HTTP/1.1\nhost: plain.test:{port}\ntransfer-encoding: chunked\n"));
-    assert!(c.expect_eof().await, "the connection must close after a CL+TE request");
-
-    let request = format!(
-        "POST http://plain.test:{port}/sha256 HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
-    );
-    let r = raw_exchange(proxy.addr, request.as_bytes()).await;
-    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
-    assert_eq!(r.body, "sha256=2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824 bytes=5\n");
+    assert_eq!(r.status_line, "HTTP/1.1 400 Bad Request", "{r:#?}");
+    assert!(c.expect_eof().await);
 }
 
-/// Slowloris: a head that is not complete within `[egress] header_timeout` ends the connection,
-/// whether the client goes quiet or keeps trickling bytes. hyper closes it without an answer (no
-/// `408`): a clean EOF, about one `header_timeout` after the connection opened.
+/// Slowloris: a head that is not complete within `[egress] header_timeout` of its first byte gets a
+/// `408` and the connection closes, whether the client goes quiet or keeps trickling bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_are_cut_off() {
     let recorder = Recorder::start().await;
@@ -436,35 +499,39 @@ async fn slow_headers_are_cut_off() {
     )
     .await;
 
+    let timeout_body = "sluice: request head not complete within 1s\n";
     let started = Instant::now();
     let mut c = RawClient::connect(proxy.addr).await;
     c.send(format!("GET http://echo.test:{p}/ HTTP/1.1\r\nHost: ec").as_bytes()).await;
-    assert!(c.expect_eof().await, "expected a clean close, not a reset");
+    let r = c.response().await.expect("a 408");
+    assert_refusal(&r, "HTTP/1.1 408 Request Timeout", "deny; reason=head_timeout", timeout_body);
+    assert!(c.expect_eof().await, "expected a clean close after the 408");
     assert_cut_off_in_time(started.elapsed());
 
     // Trickling one byte every 200 ms does not reset the clock.
     let started = Instant::now();
     let mut c = RawClient::connect(proxy.addr).await;
     c.send(format!("GET http://echo.test:{p}/ HTTP/1.1\r\nX-Slow: ").as_bytes()).await;
-    let mut buf = [0u8; 256];
-    let mut ended = false;
+    let mut buf = [0u8; 1024];
+    let mut answer = Vec::new();
     for _ in 0..30 {
         tokio::select! {
             read = c.stream.read(&mut buf) => {
-                // EOF or a reset (a write after the close can provoke one); never an answer.
-                assert!(!matches!(read, Ok(n) if n > 0), "unexpected bytes: {:?}", read.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()));
-                ended = true;
-                break;
+                match read {
+                    Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
             }
             () = tokio::time::sleep(Duration::from_millis(200)) => {
                 if c.stream.write_all(b"a").await.is_err() {
-                    ended = true;
                     break;
                 }
             }
         }
     }
-    assert!(ended, "a trickling client was not cut off");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "a trickling client was not cut off: {answer:?}");
+    assert!(answer.ends_with(timeout_body), "{answer:?}");
     assert_cut_off_in_time(started.elapsed());
     assert_eq!(recorder.connections(), 0);
 }

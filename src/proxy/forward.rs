@@ -47,7 +47,7 @@ pub async fn handle(
     }
     let authority = Authority::parse(text, Some(80))
         .map_err(|e| ProxyError::BadRequest(format!("bad host in URL {text:?}: {e}")))?;
-    check_framing(req.headers())?;
+    // Framing (Content-Length, Transfer-Encoding) was checked by the head guard before hyper parsed it.
     check_host_header(req.headers(), &authority)?;
 
     let super::Upstream { decision, stream, addr, .. } = proxy.open_upstream(session, &authority, false).await?;
@@ -82,36 +82,6 @@ pub async fn handle(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
-}
-
-/// Refuses any request whose body length could be read two ways: the smuggling shapes (CL.TE, TE.CL,
-/// duplicate or malformed lengths, obfuscated or stacked transfer codings) never go upstream.
-pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
-    let bad = |m: &str| Err(ProxyError::BadRequest(m.to_string()));
-    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if !lengths.is_empty() && !codings.is_empty() {
-        return bad("request has both Content-Length and Transfer-Encoding; send one");
-    }
-    if lengths.len() > 1 {
-        return bad("request has more than one Content-Length");
-    }
-    if let Some(v) = lengths.first() {
-        let ok = v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()));
-        if !ok {
-            return bad("Content-Length must be a single decimal number");
-        }
-    }
-    if codings.len() > 1 {
-        return bad("request has more than one Transfer-Encoding header");
-    }
-    if let Some(v) = codings.first()
-        && v.as_bytes() != b"chunked"
-        && !v.as_bytes().eq_ignore_ascii_case(b"chunked")
-    {
-        return bad("unsupported Transfer-Encoding: only \"chunked\" is accepted");
-    }
-    Ok(())
 }
 
 /// A `Host` header must name the same authority as the URI (default port 80).
@@ -172,41 +142,6 @@ mod tests {
             h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
-    }
-
-    fn framing(pairs: &[(&str, &str)]) -> String {
-        match check_framing(&headers(pairs)) {
-            Ok(()) => "ok".into(),
-            Err(e) => e.message(),
-        }
-    }
-
-    #[test]
-    fn ambiguous_framing_is_refused() {
-        assert_eq!(framing(&[("content-length", "5")]), "ok");
-        assert_eq!(framing(&[("transfer-encoding", "chunked")]), "ok");
-        assert_eq!(
-            framing(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
-            "request has both Content-Length and Transfer-Encoding; send one"
-        );
-        assert_eq!(
-            framing(&[("content-length", "5"), ("content-length", "5")]),
-            "request has more than one Content-Length"
-        );
-        assert_eq!(framing(&[("content-length", "5, 5")]), "Content-Length must be a single decimal number");
-        assert_eq!(framing(&[("content-length", "+5")]), "Content-Length must be a single decimal number");
-        assert_eq!(
-            framing(&[("transfer-encoding", "gzip, chunked")]),
-            "unsupported Transfer-Encoding: only \"chunked\" is accepted"
-        );
-        assert_eq!(
-            framing(&[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]),
-            "request has more than one Transfer-Encoding header"
-        );
-        assert_eq!(
-            framing(&[("transfer-encoding", "xchunked")]),
-            "unsupported Transfer-Encoding: only \"chunked\" is accepted"
-        );
     }
 
     #[test]

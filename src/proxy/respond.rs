@@ -27,6 +27,10 @@ pub enum Fault {
 pub enum ProxyError {
     /// Malformed or unsupported request: `400`.
     BadRequest(String),
+    /// The request head is over `[egress] max_header_bytes`: `431`.
+    HeadTooLarge(String),
+    /// The request head did not arrive within `[egress] header_timeout`: `408`.
+    HeadTimeout(String),
     /// Identity missing or unverifiable: `407`.
     Auth(AuthError),
     /// The policy refused the destination: `403`.
@@ -72,6 +76,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Auth(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::Denied { .. } | ProxyError::UnknownPolicy { .. } => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } | ProxyError::TooManyTunnels { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -83,6 +89,8 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge(_)
+            | ProxyError::HeadTimeout(_)
             | ProxyError::Auth(_)
             | ProxyError::RateLimited { .. }
             | ProxyError::TooManyTunnels { .. } => Fault::Client,
@@ -95,6 +103,8 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeadTooLarge(_) => "head_too_large",
+            ProxyError::HeadTimeout(_) => "head_timeout",
             ProxyError::Auth(AuthError::Missing) => "auth_missing",
             ProxyError::Auth(AuthError::Credential(CredentialError::Expired { .. })) => "auth_expired",
             ProxyError::Auth(AuthError::Credential(CredentialError::BadSignature)) => "auth_bad_signature",
@@ -112,7 +122,7 @@ impl ProxyError {
     /// The sentence that says what happened.
     pub fn message(&self) -> String {
         match self {
-            ProxyError::BadRequest(m) => m.clone(),
+            ProxyError::BadRequest(m) | ProxyError::HeadTooLarge(m) | ProxyError::HeadTimeout(m) => m.clone(),
             ProxyError::Auth(e) => format!("proxy authentication failed: {e}"),
             ProxyError::Denied { decision, authority } => {
                 format!("{authority} is not allowed: {}", decision.reason)
@@ -142,7 +152,11 @@ impl ProxyError {
             ProxyError::UnknownPolicy { .. } => Some("add the policy to the proxy's policies directory, or mint the credential for an existing policy".into()),
             ProxyError::RateLimited { .. } => Some("a policy author raises it with requests_per_second and burst in the policy's [limits]".into()),
             ProxyError::TooManyTunnels { .. } => Some("close idle connections, or raise max_tunnels in the policy's [limits]".into()),
-            ProxyError::BadRequest(_) | ProxyError::Upstream(_) | ProxyError::BadUpstream(_) => None,
+            ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge(_)
+            | ProxyError::HeadTimeout(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::BadUpstream(_) => None,
         }
     }
 }
