@@ -38,6 +38,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
+use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
 use push::{MAX_COMMAND_BYTES, PushError, PushRequest, Verdict};
 use route::{Action, Route, Service};
@@ -183,6 +184,7 @@ pub struct GitProxy {
     keyring: Option<Keyring>,
     upstream: Upstream,
     tokens: TokenStore,
+    audit: AuditLog,
 }
 
 impl GitProxy {
@@ -191,7 +193,13 @@ impl GitProxy {
         let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
         Upstream::parse("git.api_upstream", &settings.api_upstream)?;
         let tokens = TokenStore::load(settings)?;
-        Ok(GitProxy { keyring, upstream, tokens })
+        Ok(GitProxy { keyring, upstream, tokens, audit: AuditLog::disabled() })
+    }
+
+    /// Writes one audit line per request to `audit`.
+    pub fn with_audit(mut self, audit: AuditLog) -> GitProxy {
+        self.audit = audit;
+        self
     }
 }
 
@@ -299,23 +307,22 @@ struct Record {
 }
 
 impl Record {
-    fn emit(&self, bytes_down: u64) {
-        tracing::info!(
-            target: "sluice::git",
-            peer = %self.peer,
-            method = %self.method,
-            session = %self.session,
-            repo = %self.repo,
-            service = self.service,
-            verdict = self.verdict,
-            reason = %self.reason,
-            status = self.status,
-            refs = self.refs,
-            bytes_up = self.bytes_up.load(Ordering::Relaxed),
-            bytes_down,
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            "git request"
-        );
+    fn emit(&self, audit: &AuditLog, bytes_down: u64) {
+        let mut event = Event::new(EventKind::Git);
+        event.session = Some(self.session.clone());
+        event.kind = Some("git");
+        event.method = Some(self.method.to_string());
+        event.repo = Some(self.repo.clone());
+        event.target = Some(self.service.to_string());
+        event.verdict = Some(self.verdict);
+        event.reason = Some(self.reason.clone());
+        event.status = Some(self.status);
+        event.client = Some(self.peer.to_string());
+        event.bytes_up = Some(self.bytes_up.load(Ordering::Relaxed));
+        event.bytes_down = Some(bytes_down);
+        event.duration_ms = Some(self.start.elapsed().as_millis() as u64);
+        event.refs = Some(self.refs);
+        audit.write(&event);
     }
 }
 
@@ -324,6 +331,7 @@ struct LoggedBody {
     inner: GitBody,
     bytes: u64,
     record: Record,
+    audit: AuditLog,
 }
 
 impl Body for LoggedBody {
@@ -351,7 +359,7 @@ impl Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        self.record.emit(self.bytes);
+        self.record.emit(&self.audit, self.bytes);
     }
 }
 
@@ -425,7 +433,8 @@ async fn handle(
         }
     };
     record.status = resp.status().as_u16();
-    Ok(resp.map(|inner| LoggedBody { inner, bytes: 0, record }.boxed()))
+    let audit = proxy.audit.clone();
+    Ok(resp.map(|inner| LoggedBody { inner, bytes: 0, record, audit }.boxed()))
 }
 
 /// `Authorization: Basic base64(SESSION:CREDENTIAL)`.

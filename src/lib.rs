@@ -26,6 +26,7 @@
 //! - [`diagnostic`]: `file:line:col` errors and warnings for files people write.
 
 pub mod admin;
+pub mod audit;
 pub mod command;
 pub mod config;
 pub mod credential;

@@ -141,8 +141,8 @@ fn serve(path: Option<PathBuf>) -> u8 {
         },
         None => sluice::config::Config::default(),
     };
-    let _log_guard = match sluice::server::init_logging(&config) {
-        Ok(g) => g,
+    let audit = match sluice::server::init_logging(&config) {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("sluice: {e}");
             return command::EXIT_USAGE;
@@ -155,8 +155,10 @@ fn serve(path: Option<PathBuf>) -> u8 {
             return command::EXIT_USAGE;
         }
     };
-    runtime.block_on(async {
-        let server = match sluice::server::Server::bind(config).await {
+    // Lines still queued at exit are written before the process ends.
+    let last_lines = audit.clone();
+    let status = runtime.block_on(async {
+        let server = match sluice::server::Server::bind(config, audit).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("sluice: {e}");
@@ -168,5 +170,7 @@ fn serve(path: Option<PathBuf>) -> u8 {
         }
         server.run(sluice::server::shutdown_on_signals()).await;
         command::EXIT_OK
-    })
+    });
+    last_lines.flush();
+    status
 }

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::{AuditLog, Event, EventKind};
 use crate::config::EgressConfig;
 use crate::credential::{Keyring, Kind, now_unix, valid_session_id};
 use crate::limit::{SessionLimiter, TunnelPermit};
@@ -49,6 +50,7 @@ pub struct EgressProxy {
     pub metrics: Arc<Metrics>,
     pub denials: Arc<Denials>,
     pub limiter: Arc<SessionLimiter>,
+    pub audit: AuditLog,
 }
 
 /// Who is asking, and under which policy.
@@ -227,7 +229,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Egress
         } else {
             "connection error"
         };
-        tracing::info!(target: "sluice::decision", client = %peer, verdict = "deny", reason = what, error = %e, "connection ended");
+        tracing::debug!(client = %peer, reason = what, error = %e, "egress connection ended");
     }
 }
 
@@ -285,7 +287,6 @@ fn log_refusal(
     target: &str,
     peer: SocketAddr,
 ) {
-    let (metrics, denials) = (&proxy.metrics, &proxy.denials);
     let (rule, policy, level) = match err {
         ProxyError::Denied { decision, .. } => (
             decision.rule.as_ref().map(|r| r.summary()),
@@ -295,31 +296,39 @@ fn log_refusal(
         _ => (None, session.map(|s| s.policy.name.to_string()), session.map(|s| s.policy.level.to_string())),
     };
     let message = err.message();
-    metrics.decision("deny", err.code(), level.as_deref().unwrap_or("none"));
+    proxy.metrics.decision("deny", err.code(), level.as_deref().unwrap_or("none"));
     if matches!(err, ProxyError::RateLimited { .. } | ProxyError::TooManyTunnels { .. }) {
-        metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        proxy.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    // A plain-HTTP target may carry `user:password@`: it is never recorded.
+    let target = if method == Method::CONNECT { target.to_string() } else { redact_userinfo(target) };
+    let session_id = session.map_or(ANONYMOUS, |s| &s.id);
     let denial = Denial {
         time: now_unix(),
-        destination: target.to_string(),
+        destination: target.clone(),
         reason: err.code(),
         message: message.clone(),
         hint: err.hint(),
     };
-    denials.record(session.map_or(ANONYMOUS, |s| &s.id), denial);
-    let fields_target = if method == Method::CONNECT { target.to_string() } else { redact_userinfo(target) };
-    match err.fault() {
-        respond::Fault::Internal | respond::Fault::Upstream => tracing::warn!(
-            target: "sluice::decision",
-            session = session.map(|s| &*s.id), kind = kind_of(method), method = %method, destination = %fields_target,
-            verdict = "deny", reason = err.code(), detail = %message, rule, policy, level, client = %peer, status = err.status().as_u16()
-        ),
-        _ => tracing::info!(
-            target: "sluice::decision",
-            session = session.map(|s| &*s.id), kind = kind_of(method), method = %method, destination = %fields_target,
-            verdict = "deny", reason = err.code(), detail = %message, rule, policy, level, client = %peer, status = err.status().as_u16()
-        ),
+    proxy.denials.record(session_id, denial);
+    let mut event = Event::new(EventKind::Decision);
+    if let ProxyError::Denied { authority, .. } = err {
+        event.host = Some(authority.target.to_string());
+        event.port = Some(authority.port);
     }
+    event.session = Some(session_id.to_string());
+    event.kind = Some(kind_of(method));
+    event.method = Some(method.to_string());
+    event.target = Some(target);
+    event.verdict = Some("deny");
+    event.reason = Some(err.code().to_string());
+    event.detail = Some(message);
+    event.rule = rule;
+    event.policy = policy;
+    event.level = level;
+    event.client = Some(peer.to_string());
+    event.status = Some(err.status().as_u16());
+    proxy.audit.write(&event);
 }
 
 /// The decision line (and metric) for an allowed request, once its upstream is connected.
@@ -333,12 +342,20 @@ pub(crate) fn log_allow(
     upstream: SocketAddr,
 ) {
     proxy.metrics.decision("allow", decision.reason.code(), decision.level.as_str());
-    tracing::info!(
-        target: "sluice::decision",
-        session = &*session.id, kind = kind_of(method), method = %method, destination = %authority,
-        verdict = "allow", reason = decision.reason.code(), rule = decision.rule.as_ref().map(|r| r.summary()),
-        policy = &*decision.policy, level = %decision.level, client = %peer, upstream = %upstream,
-    );
+    let mut event = Event::new(EventKind::Decision);
+    event.session = Some(session.id.to_string());
+    event.kind = Some(kind_of(method));
+    event.method = Some(method.to_string());
+    event.host = Some(authority.target.to_string());
+    event.port = Some(authority.port);
+    event.verdict = Some("allow");
+    event.reason = Some(decision.reason.code().to_string());
+    event.rule = decision.rule.as_ref().map(|r| r.summary());
+    event.policy = Some(decision.policy.to_string());
+    event.level = Some(decision.level.to_string());
+    event.client = Some(peer.to_string());
+    event.upstream = Some(upstream.to_string());
+    proxy.audit.write(&event);
 }
 
 pub(crate) fn kind_of(method: &Method) -> &'static str {

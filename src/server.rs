@@ -2,15 +2,15 @@
 //! then drain.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 
 use crate::admin::Admin;
+use crate::audit::AuditLog;
 use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring, SigningKey};
 use crate::git::GitProxy;
@@ -29,9 +29,6 @@ pub struct Server {
     admin_listener: TcpListener,
     config: Config,
 }
-
-/// The log writer's count of lines it dropped rather than block traffic.
-static DROPPED_LOG_LINES: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// Loads the signing keys: `[auth] key_file` (and `previous_key_file`), else `SLUICE_SIGNING_KEY`.
 pub fn load_keys(config: &Config) -> Result<Option<Keyring>, String> {
@@ -52,7 +49,7 @@ pub fn load_keys(config: &Config) -> Result<Option<Keyring>, String> {
 
 impl Server {
     /// Checks everything a running proxy would trip over later, and binds the listeners.
-    pub async fn bind(config: Config) -> Result<Server, String> {
+    pub async fn bind(config: Config, audit: AuditLog) -> Result<Server, String> {
         let policies = PolicySet::load_dir_or_builtin(&config.policies.dir).map_err(|d| d.to_string())?;
         for w in &policies.warnings {
             tracing::warn!(target: "sluice::policy", "{w}");
@@ -73,7 +70,7 @@ impl Server {
         let egress_listener = TcpListener::bind(config.egress.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
-        let git = Arc::new(GitProxy::new(&config.git, keys.clone())?);
+        let git = Arc::new(GitProxy::new(&config.git, keys.clone())?.with_audit(audit.clone()));
         let git_listener = TcpListener::bind(config.git.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([git] listen): {e}", config.git.listen))?;
@@ -97,6 +94,7 @@ impl Server {
             metrics: Arc::new(Metrics::default()),
             denials: Arc::new(Denials::default()),
             limiter: Arc::new(SessionLimiter::new(config.limits.clone())),
+            audit: audit.clone(),
         });
         egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Server { egress, egress_listener, git_listener, git, admin_listener, config })
@@ -126,7 +124,10 @@ impl Server {
         let admin = Arc::new(Admin {
             metrics: egress.metrics.clone(),
             denials: egress.denials.clone(),
-            dropped_lines: Box::new(|| DROPPED_LOG_LINES.get().map_or(0, |c| c.dropped_lines() as u64)),
+            dropped_lines: Box::new({
+                let audit = egress.audit.clone();
+                move || audit.dropped()
+            }),
         });
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(self.admin_listener, admin, admin_stop.clone()));
@@ -172,12 +173,10 @@ impl Server {
     }
 }
 
-/// Installs the log subscriber: JSON lines (default) or text, to stderr or `[log] file`, written by a
-/// background thread so a slow disk never slows traffic (lines are dropped and counted instead).
-/// Keep the guard until exit: dropping it flushes the last lines.
-pub fn init_logging(config: &Config) -> Result<WorkerGuard, String> {
+/// Starts the log writer (`[log] file`, else stderr) and routes diagnostics (`tracing`) through it,
+/// in the same format as the audit lines. The returned log is what [`Server::bind`] writes to.
+pub fn init_logging(config: &Config) -> Result<AuditLog, String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let out: Box<dyn std::io::Write + Send> = match &config.log.file {
         Some(path) => Box::new(
             std::fs::OpenOptions::new()
@@ -188,18 +187,15 @@ pub fn init_logging(config: &Config) -> Result<WorkerGuard, String> {
         ),
         None => Box::new(std::io::stderr()),
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(64 * 1024)
-        .lossy(true)
-        .finish(out);
-    let _ = DROPPED_LOG_LINES.set(writer.error_counter());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let audit = AuditLog::start(config.log.format, out);
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(audit.clone()).with_ansi(false);
     let result = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))?;
-    Ok(guard)
+    Ok(audit)
 }
 
 /// Cancels the token on SIGTERM or SIGINT.

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use sluice::audit::AuditLog;
+use sluice::config::LogFormat;
 use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
 use sluice::git::{GitProxy, GitSettings, TokenSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +24,15 @@ const BRANCH: &str = "feature";
 const Z40: &str = "0000000000000000000000000000000000000000";
 
 // ---------- log capture ----------
+
+/// The git proxy's audit lines (text format), captured with the diagnostics.
+fn audit() -> &'static AuditLog {
+    static AUDIT: OnceLock<AuditLog> = OnceLock::new();
+    AUDIT.get_or_init(|| {
+        logs();
+        AuditLog::start(LogFormat::Text, Box::new(LogWriter))
+    })
+}
 
 fn logs() -> &'static Mutex<Vec<u8>> {
     static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
@@ -49,6 +60,7 @@ impl Write for LogWriter {
 }
 
 fn log_lines_for(repo: &str) -> Vec<String> {
+    audit().flush();
     let text = String::from_utf8_lossy(&logs().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     assert_no_canary("log output", text.as_bytes());
     text.lines().filter(|l| l.contains(&format!("repo={repo} "))).map(str::to_owned).collect()
@@ -179,7 +191,8 @@ impl World {
             std::fs::write(&token_file, format!("{CANARY}\n")).unwrap();
             settings.tokens.insert(world.owner.clone(), TokenSource::File(token_file));
         }
-        let proxy = Arc::new(GitProxy::new(&settings, Some(world.keyring.clone())).unwrap());
+        let proxy =
+            Arc::new(GitProxy::new(&settings, Some(world.keyring.clone())).unwrap().with_audit(audit().clone()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         world.sluice = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -336,9 +349,7 @@ async fn clone_fetch_pull_over_protocol_v0_and_v2() {
     let lines = log_lines_for(&w.repo());
     assert!(lines.iter().any(|l| l.contains("status=401")), "no 401 challenge logged:\n{lines:#?}");
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("session=sess-1") && l.contains("verdict=\"allow\"") && l.contains("status=200"))
+        lines.iter().any(|l| l.contains("session=sess-1") && l.contains("verdict=allow") && l.contains("status=200"))
     );
 }
 
@@ -428,8 +439,8 @@ async fn push_to_main_is_rejected_with_the_reason() {
     assert_eq!(w.receive_pack_posts(), 1, "only the empty probe was forwarded");
     let lines = log_lines_for(&w.repo());
     assert!(
-        lines.iter().any(|l| l.contains("verdict=\"deny\"")
-            && l.contains("reason=refs/heads/main: push restricted to refs/heads/feature")),
+        lines.iter().any(|l| l.contains("verdict=deny")
+            && l.contains("reason=\"refs/heads/main: push restricted to refs/heads/feature\"")),
         "{lines:#?}"
     );
 }

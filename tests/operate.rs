@@ -356,7 +356,7 @@ fn decision_log_has_one_line_per_request_and_no_secret() {
     let decisions: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "sluice::decision" && v.get("verdict").is_some())
+        .filter(|v| v["event"] == "decision")
         .collect();
     let verdicts: Vec<(&str, &str)> =
         decisions.iter().map(|v| (v["verdict"].as_str().unwrap(), v["reason"].as_str().unwrap())).collect();
@@ -371,6 +371,18 @@ fn decision_log_has_one_line_per_request_and_no_secret() {
         ]
     );
     assert_eq!(decisions[0]["session"], "sess-1");
+    let finished: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "request_finished")
+        .collect();
+    assert_eq!(finished.len(), 2, "one closing line per allowed request:\n{log}");
+    for f in &finished {
+        assert_eq!(
+            (f["bytes_down"].as_u64(), f["end"].as_str(), f["status"].as_u64()),
+            (Some(2), Some("complete"), Some(200))
+        );
+    }
     assert_eq!(decisions[0]["policy"], "app");
     assert!(!log.contains(&token), "the token leaked into the log");
     assert!(!log.contains(&token[3..40]), "part of the token leaked into the log");

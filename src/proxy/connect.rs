@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use super::respond::{self, ProxyBody, ProxyError};
 use super::tunnel::{self, Counters};
 use super::{EgressProxy, Session};
+use crate::audit::{Event, EventKind};
 use crate::policy::Authority;
 
 pub async fn handle(
@@ -40,12 +41,13 @@ pub async fn handle(
     let hard_stop = proxy.hard_stop.clone();
     let session_id = session.id.clone();
     let metrics = proxy.metrics.clone();
+    let audit = proxy.audit.clone();
     proxy.tasks.spawn(async move {
         let started = Instant::now();
         let client = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
             Err(e) => {
-                tracing::info!(target: "sluice::decision", session = &*session_id, destination = %authority, error = %e, "tunnel never opened");
+                tracing::debug!(session = &*session_id, destination = %authority, error = %e, "tunnel never opened");
                 return;
             }
         };
@@ -62,12 +64,17 @@ pub async fn handle(
         if stats.end == tunnel::TunnelEnd::UpstreamError {
             metrics.upstream_resets.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::info!(
-            target: "sluice::decision",
-            event = "tunnel_closed", session = &*session_id, kind = "connect", destination = %authority,
-            upstream = %addr, bytes_up = stats.bytes_up, bytes_down = stats.bytes_down,
-            duration_ms = started.elapsed().as_millis() as u64, end = stats.end.as_str(),
-        );
+        let mut event = Event::new(EventKind::TunnelClosed);
+        event.session = Some(session_id.to_string());
+        event.kind = Some("connect");
+        event.host = Some(authority.target.to_string());
+        event.port = Some(authority.port);
+        event.upstream = Some(addr.to_string());
+        event.bytes_up = Some(stats.bytes_up);
+        event.bytes_down = Some(stats.bytes_down);
+        event.duration_ms = Some(started.elapsed().as_millis() as u64);
+        event.end = Some(stats.end.as_str());
+        audit.write(&event);
     });
     let mut response = Response::new(respond::empty());
     *response.status_mut() = StatusCode::OK;

@@ -2,16 +2,23 @@
 //! `Proxy-*` headers stripped and the target and `Host` rebuilt from the parsed URI.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
-use super::respond::{ProxyBody, ProxyError};
+use super::respond::{BoxError, ProxyBody, ProxyError};
 use super::{EgressProxy, Session};
+use crate::audit::{Event, EventKind};
 use crate::policy::Authority;
 
 pub async fn handle(
@@ -64,7 +71,8 @@ pub async fn handle(
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = path.parse().map_err(|_| ProxyError::BadRequest(format!("bad request target {path:?}")))?;
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+    let sent = Arc::new(AtomicU64::new(0));
+    let upstream_req = Request::from_parts(parts, Counted { inner: body, count: sent.clone() });
 
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -81,7 +89,125 @@ pub async fn handle(
     })?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+    let mut event = Event::new(EventKind::RequestFinished);
+    event.session = Some(session.id.to_string());
+    event.kind = Some("http");
+    event.host = Some(authority.target.to_string());
+    event.port = Some(authority.port);
+    event.upstream = Some(addr.to_string());
+    event.status = Some(parts.status.as_u16());
+    let finish = Finish {
+        proxy: proxy.clone(),
+        limit_key: session.limit_key.clone(),
+        sent,
+        started: Instant::now(),
+        event: Some(event),
+    };
+    let body = Finished { inner: body, received: 0, finish };
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// A request body that counts the bytes sent upstream.
+struct Counted {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body on its way to the client; when it ends (or the client goes away) the request's
+/// closing audit line is written and its bytes counted.
+struct Finished {
+    inner: Incoming,
+    received: u64,
+    finish: Finish,
+}
+
+struct Finish {
+    proxy: Arc<EgressProxy>,
+    limit_key: Arc<str>,
+    sent: Arc<AtomicU64>,
+    started: Instant,
+    event: Option<Event>,
+}
+
+impl Finish {
+    fn done(&mut self, received: u64, end: &'static str) {
+        let Some(mut event) = self.event.take() else { return };
+        let sent = self.sent.load(Ordering::Relaxed);
+        let metrics = &self.proxy.metrics;
+        metrics.bytes_up.fetch_add(sent, Ordering::Relaxed);
+        metrics.bytes_down.fetch_add(received, Ordering::Relaxed);
+        self.proxy.limiter.record_bytes(&self.limit_key, sent, received);
+        event.bytes_up = Some(sent);
+        event.bytes_down = Some(received);
+        event.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        event.end = Some(end);
+        self.proxy.audit.write(&event);
+    }
+}
+
+impl Body for Finished {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish.done(this.received, "upstream_error");
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.finish.done(this.received, "complete");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        // An empty body may never be polled to its end; any other ends early when the client leaves.
+        let end = if self.inner.is_end_stream() { "complete" } else { "client_closed" };
+        self.finish.done(self.received, end);
+    }
 }
 
 /// A `Host` header must name the same authority as the URI (default port 80).

@@ -123,7 +123,7 @@ impl Proxy {
             std::fs::write(policy_dir.join(name), text).expect("write policy");
         }
         config.policies.dir = policy_dir;
-        let server = match Server::bind(config).await {
+        let server = match Server::bind(config, sluice::audit::AuditLog::disabled()).await {
             Ok(s) => s,
             Err(e) => panic!("sluice did not start: {e}"),
         };
