@@ -639,6 +639,10 @@ async fn reads_pass_through_and_link_points_back_at_sluice() {
         let a = w.curl("GET", &w.url(rest), Some(&w.bearer()), None, &[]).await;
         assert_eq!(a.status, 200, "{rest}: {}", a.body);
     }
+    // GitHub Enterprise's `/api/v3/` prefix (what `gh` uses for a non-github.com host) is the same slice.
+    let v3 = format!("http://{}/api/v3/repos/{repo}/pulls/1", w.sluice);
+    let a = w.curl("GET", &v3, Some(&format!("Authorization: token {}", w.token())), None, &[]).await;
+    assert_eq!((a.status, a.json()["head"]["ref"].clone()), (200, json!(BRANCH)));
     let paths: Vec<(String, Option<String>)> = w.calls().into_iter().map(|c| (c.path, c.query)).collect();
     let p = |rest: &str| (format!("/repos/{repo}{rest}"), None);
     assert_eq!(
@@ -650,6 +654,7 @@ async fn reads_pass_through_and_link_points_back_at_sluice() {
             p("/pulls/1/files"),
             p("/pulls/1/comments"),
             p("/issues/1/comments"),
+            p("/pulls/1"),
         ]
     );
     assert!(w.calls().iter().all(|c| c.auth == real_auth()));

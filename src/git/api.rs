@@ -210,7 +210,8 @@ fn number(seg: &str) -> Option<u64> {
 /// Matches `METHOD /api/…` against the route table. The path must be canonical (no `%` escapes, no empty,
 /// `.` or `..` segments): the upstream path is rebuilt from the parsed parts, never copied.
 pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<ApiRoute, Refusal> {
-    let rest = path.strip_prefix("/api/").unwrap_or_default();
+    // `/api/v3/` is where GitHub Enterprise serves REST, and where `gh` looks when GH_HOST is not github.com.
+    let rest = path.strip_prefix("/api/v3/").or_else(|| path.strip_prefix("/api/")).unwrap_or_default();
     let segs: Vec<&str> = rest.strip_suffix('/').unwrap_or(rest).split('/').collect();
     if path.contains('%') || segs.iter().any(|s| s.is_empty() || *s == "." || *s == "..") {
         return Err(Refusal::forbidden(format!(
@@ -890,6 +891,8 @@ mod tests {
             let got = parse(m, p, *q).unwrap_or_else(|e| panic!("{m} {p}: {}", e.message));
             assert_eq!(&got, want, "{m} {p}");
             assert_eq!(got.upstream_path(), *upstream, "{m} {p}");
+            let v3 = p.replacen("/api/", "/api/v3/", 1);
+            assert_eq!(parse(m, &v3, *q).as_ref(), Ok(want), "{m} {v3}");
         }
     }
 
