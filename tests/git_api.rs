@@ -243,10 +243,11 @@ impl Answer {
 
 impl World {
     async fn new(name: &str) -> World {
-        World::with_token(name, true).await
+        World::with_token(name, Some(CANARY)).await
     }
 
-    async fn with_token(name: &str, token: bool) -> World {
+    /// A world whose sluice holds `token` as the real token for the owner (none: no token configured).
+    async fn with_token(name: &str, token: Option<&str>) -> World {
         logs();
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -263,9 +264,9 @@ impl World {
             token_env: None,
             ..GitSettings::default()
         };
-        if token {
+        if let Some(token) = token {
             let token_file = dir.join("real-token");
-            std::fs::write(&token_file, format!("{CANARY}\n")).unwrap();
+            std::fs::write(&token_file, format!("{token}\n")).unwrap();
             settings.tokens.insert(owner.clone(), TokenSource::File(token_file));
         }
         let keyring = Keyring::new(SigningKey::from_bytes(&[43u8; 32]).unwrap(), None);
@@ -722,7 +723,7 @@ async fn missing_expired_forged_and_misbound_credentials_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_real_token_the_api_is_refused() {
-    let w = World::with_token("no-token", false).await;
+    let w = World::with_token("no-token", None).await;
     let a = w.curl("GET", &w.url("/pulls"), Some(&w.bearer()), None, &[]).await;
     a.refused(
         403,
@@ -733,4 +734,21 @@ async fn without_a_real_token_the_api_is_refused() {
         ),
     );
     assert_eq!(w.calls(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_the_real_token_is_the_operators_problem_not_the_sandboxs() {
+    let w = World::with_token("stale", Some("ghs_StaleToken")).await;
+    let a = w.curl("GET", &w.url("/pulls"), Some(&w.bearer()), None, &[]).await;
+    a.refused(
+        502,
+        &format!(
+            "sluice: {} refused sluice's upstream credential for {} (401 Unauthorized); the operator should check \
+             the token configured for it",
+            w.api.base.trim_start_matches("http://"),
+            w.repo()
+        ),
+    );
+    assert_eq!(w.calls().len(), 1);
+    assert_eq!(w.calls()[0].auth.as_deref(), Some("Bearer ghs_StaleToken"));
 }

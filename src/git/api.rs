@@ -772,12 +772,21 @@ impl GitProxy {
                 out_headers.insert(header::LOCATION, v);
             }
         }
+        // Sluice never asks for an encoded body; one that comes anyway passes only when it is a success.
+        let encoding = up.headers.get(header::CONTENT_ENCODING).filter(|v| v.as_bytes() != b"identity");
         let body = if status.is_success() || status == StatusCode::NOT_MODIFIED {
+            if let Some(v) = encoding {
+                out_headers.insert(header::CONTENT_ENCODING, v.clone());
+            }
             up_body.map_err(BoxError::from).boxed()
+        } else if encoding.is_some() {
+            // An encoded error body cannot be searched for the token: say so instead of passing it.
+            out_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+            full(error_body(&format!("sluice: {host} answered {status} with an encoded body, which sluice withholds")))
         } else {
             let text = match read_limited(up_body, MAX_ERROR_BODY, Duration::from_secs(5)).await {
                 Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                Err(_) => format!("{{\"message\":\"sluice: {host} answered {status} with an unreadable body\"}}"),
+                Err(_) => error_body(&format!("sluice: {host} answered {status} with an unreadable body")),
             };
             full(scrub(&text, Some(token)))
         };
