@@ -292,8 +292,8 @@ fn valid_branch(name: &str) -> bool {
     super::push::check_ref_name(&format!("refs/heads/{name}")).is_ok()
 }
 
-const CREATE_FIELDS: [&str; 8] =
-    ["title", "body", "head", "head_repo", "base", "draft", "maintainer_can_modify", "issue"];
+/// Not `issue`: it turns an existing issue, which may be anyone's, into this pull request.
+const CREATE_FIELDS: [&str; 7] = ["title", "body", "head", "head_repo", "base", "draft", "maintainer_can_modify"];
 
 /// `POST …/pulls`: `head` must be the working branch (`BRANCH` or `OWNER:BRANCH` with the repository's
 /// owner), `head_repo` (when given) this repository, and `base` a plain branch name of this repository.
@@ -990,9 +990,9 @@ mod tests {
              this repository"
         );
         assert_eq!(
-            refused(r#"{"head":"feature","base":"main","labels":["x"]}"#).message,
-            "sluice: field \"labels\" is not allowed when opening a pull request; allowed: title, body, head, \
-             head_repo, base, draft, maintainer_can_modify, issue"
+            refused(r#"{"head":"feature","base":"main","issue":12}"#).message,
+            "sluice: field \"issue\" is not allowed when opening a pull request; allowed: title, body, head, \
+             head_repo, base, draft, maintainer_can_modify"
         );
         assert_eq!(
             refused(r#"{"base":"main"}"#),
