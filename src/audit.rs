@@ -60,6 +60,8 @@ pub struct Event {
     pub upstream: Option<String>,
     pub status: Option<u16>,
     pub repo: Option<String>,
+    /// The git proxy's service: `upload-pack`, `receive-pack`, or an API operation.
+    pub service: Option<&'static str>,
     /// Refs in a git push's command list.
     pub refs: Option<usize>,
     pub bytes_up: Option<u64>,

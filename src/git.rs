@@ -7,8 +7,10 @@
 //!                                        allow ─▶ stream the original bytes through, real token attached
 //!                                        refuse ─▶ sluice answers itself (report-status `ng` per ref)
 //! ```
+//! `/api/…` is a repository-scoped slice of the GitHub REST API for pull requests, see [`api`].
 //! Every refusal becomes an HTTP answer in one place, [`respond`]; every request logs one line.
 
+pub mod api;
 pub mod pktline;
 pub mod push;
 pub mod route;
@@ -41,7 +43,7 @@ use tokio::net::TcpListener;
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
 use push::{MAX_COMMAND_BYTES, PushError, PushRequest, Verdict};
-use route::{Action, Route, Service};
+use route::{Action, Service};
 use upstream::{FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, GIT_PROTOCOL, Upstream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -79,7 +81,7 @@ const UPSTREAM_ERROR_LIMIT: usize = 16 << 10;
 pub struct GitSettings {
     pub listen: SocketAddr,
     pub upstream: String,
-    /// Reserved for the pull-request API routes.
+    /// The GitHub REST API the `/api/` routes forward to.
     pub api_upstream: String,
     pub token_env: Option<String>,
     pub token_file: Option<PathBuf>,
@@ -183,6 +185,7 @@ pub struct GitProxy {
     /// `None` when the server has no signing key: every credential is then refused, saying why.
     keyring: Option<Keyring>,
     upstream: Upstream,
+    api: api::Api,
     tokens: TokenStore,
     audit: AuditLog,
 }
@@ -191,9 +194,9 @@ impl GitProxy {
     /// Validates the settings and reads the real tokens.
     pub fn new(settings: &GitSettings, keyring: Option<Keyring>) -> Result<GitProxy, String> {
         let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
-        Upstream::parse("git.api_upstream", &settings.api_upstream)?;
+        let api = api::Api::new(Upstream::parse("git.api_upstream", &settings.api_upstream)?);
         let tokens = TokenStore::load(settings)?;
-        Ok(GitProxy { keyring, upstream, tokens, audit: AuditLog::disabled() })
+        Ok(GitProxy { keyring, upstream, api, tokens, audit: AuditLog::disabled() })
     }
 
     /// Writes one audit line per request to `audit`.
@@ -257,6 +260,8 @@ pub enum GitError {
     BadRequest(String),
     /// The upstream failed or refused: its status where it is meaningful to the client, else 502/504.
     Upstream { status: StatusCode, message: String },
+    /// An `/api/` request refused or failed: a JSON body shaped like GitHub's errors, so `gh` prints it.
+    Api { status: StatusCode, message: String },
 }
 
 /// The one mapping from a refusal or failure to an HTTP answer. Returns the verdict for the log line.
@@ -284,6 +289,14 @@ pub fn respond(err: GitError) -> (Response<GitBody>, &'static str, String) {
             (resp, "deny", reason)
         }
         GitError::Upstream { status, message } => (text(status, &message), "error", message),
+        GitError::Api { status, message } => {
+            let mut resp = Response::new(full(api::error_body(&message)));
+            *resp.status_mut() = status;
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+            let verdict = if status.is_server_error() { "error" } else { "deny" };
+            (resp, verdict, message)
+        }
     }
 }
 
@@ -313,7 +326,7 @@ impl Record {
         event.kind = Some("git");
         event.method = Some(self.method.to_string());
         event.repo = Some(self.repo.clone());
-        event.target = Some(self.service.to_string());
+        event.service = Some(self.service);
         event.verdict = Some(self.verdict);
         event.reason = Some(self.reason.clone());
         event.status = Some(self.status);
@@ -597,6 +610,10 @@ async fn drain(body: &mut Incoming) {
 
 impl GitProxy {
     async fn serve_request(&self, req: Request<Incoming>, record: &mut Record) -> Result<Response<GitBody>, GitError> {
+        let path = req.uri().path();
+        if path == "/api" || path.starts_with("/api/") {
+            return self.serve_api(req, record).await;
+        }
         let route =
             route::parse(req.method(), req.uri().path(), req.uri().query()).map_err(|e| GitError::NotFound(e.0))?;
         record.repo = route.full_name();
@@ -604,7 +621,7 @@ impl GitProxy {
         let (parts, mut body) = req.into_parts();
         let (session, credential) = basic_credentials(&parts.headers)?;
         record.session = if valid_session_id(&session) { session.clone() } else { "(invalid)".into() };
-        let claims = match self.authorize(&route, &session, &credential) {
+        let claims = match self.authorize(&route.full_name(), &session, &credential) {
             Ok(claims) => claims,
             Err(message) if route.action == Action::Rpc(Service::ReceivePack) => {
                 return Err(self.refuse_whole_push(&parts.headers, &mut body, &message, record).await);
@@ -627,8 +644,9 @@ impl GitProxy {
         }
     }
 
-    /// Verifies the credential and that it is for this repository; `Err` is the message for the client.
-    fn authorize(&self, route: &Route, session: &str, credential: &Secret<String>) -> Result<Claims, String> {
+    /// Verifies the credential and that it is for `target` (`OWNER/REPO` as the client spelled it; GitHub
+    /// compares names without case); `Err` is the message for the client.
+    fn authorize(&self, target: &str, session: &str, credential: &Secret<String>) -> Result<Claims, String> {
         let keyring = self.keyring.as_ref().ok_or(
             "sluice: git credential refused: this proxy has no signing key configured ([auth] key_file or SLUICE_SIGNING_KEY)",
         )?;
@@ -636,11 +654,9 @@ impl GitProxy {
             .verify_for(credential.expose(), Kind::Git, session, now_unix())
             .map_err(|e| format!("sluice: git credential refused: {e}"))?;
         let repo = claims.repo.as_deref().ok_or("sluice: git credential refused: it names no repository")?;
-        if !route.is_repository(repo) {
+        if !target.eq_ignore_ascii_case(repo) {
             return Err(format!(
-                "sluice: git credential refused: it is for {repo}, not {}; ask for a credential for {}",
-                route.full_name(),
-                route.full_name()
+                "sluice: git credential refused: it is for {repo}, not {target}; ask for a credential for {target}"
             ));
         }
         let branch = claims.branch.as_deref().ok_or("sluice: git credential refused: it names no working branch")?;
@@ -749,7 +765,7 @@ impl GitProxy {
             Action::Rpc(_) => Method::POST,
         };
         let path = format!("{repo}.git/{}", action.upstream_suffix());
-        let sent = self.upstream.send(method, &path, headers, token, body);
+        let sent = self.upstream.send(method, &path, headers, token.map(upstream::basic_auth), body);
         let result = match action {
             Action::Advertise(_) => {
                 tokio::time::timeout(ADVERTISE_TIMEOUT, sent).await.map_err(|_| GitError::Upstream {

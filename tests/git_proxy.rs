@@ -630,10 +630,23 @@ async fn raw_requests_get_exact_answers() {
         String::from_utf8_lossy(&body),
         "sluice: credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL or a credential helper\n"
     );
+    // `/api/` is the pull-request slice (tests/git_api.rs): this credential is for another repository.
     let (status, _, body) = raw(w.sluice, get("/api/repos/x/y/pulls", Some(&creds))).await;
+    let message =
+        format!("sluice: git credential refused: it is for {}, not x/y; ask for a credential for x/y", w.repo());
+    assert_eq!(
+        (status, serde_json::from_slice::<serde_json::Value>(&body).ok()),
+        (
+            403,
+            Some(
+                serde_json::json!({"message": message, "documentation_url": "https://docs.github.com/rest/pulls/pulls"})
+            )
+        )
+    );
+    let (status, _, body) = raw(w.sluice, get("/%61pi/repos/x/y/pulls", Some(&creds))).await;
     assert_eq!(
         (status, String::from_utf8_lossy(&body).as_ref()),
-        (404, "sluice: \"/api/repos/x/y/pulls\": the /api/ routes are not available on this git proxy\n")
+        (404, "sluice: \"/%61pi/repos/x/y/pulls\": spell API requests /api/repos/OWNER/REPO/… without %-escapes\n")
     );
     let (status, _, _) = raw(w.sluice, get(&format!("/{}.git/HEAD", w.repo()), Some(&creds))).await;
     assert_eq!(status, 404);

@@ -141,7 +141,8 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
     let decoded = percent_decode(path).ok_or_else(no_route)?;
     let segs = segments(&decoded).ok_or_else(no_route)?;
     if segs.first().is_some_and(|s| s.eq_ignore_ascii_case("api")) {
-        return Err(NoRoute(format!("sluice: {path:?}: the /api/ routes are not available on this git proxy")));
+        // The handler sends a plain `/api/…` to the API routes; this is an escaped spelling of it.
+        return Err(NoRoute(format!("sluice: {path:?}: spell API requests /api/repos/OWNER/REPO/… without %-escapes")));
     }
     let (owner, repo, rest) = match segs.as_slice() {
         [owner, repo, rest @ ..] => (*owner, *repo, rest),
@@ -258,8 +259,8 @@ mod tests {
              (sluice speaks git's smart HTTP protocol only)"
         );
         assert_eq!(
-            parse(&Method::GET, "/api/repos/acme/widgets/pulls", None).unwrap_err().0,
-            "sluice: \"/api/repos/acme/widgets/pulls\": the /api/ routes are not available on this git proxy"
+            parse(&Method::GET, "/%61pi/repos/acme/widgets/pulls", None).unwrap_err().0,
+            "sluice: \"/%61pi/repos/acme/widgets/pulls\": spell API requests /api/repos/OWNER/REPO/… without %-escapes"
         );
     }
 }

@@ -100,14 +100,20 @@ impl Upstream {
         &self.authority
     }
 
+    /// `http[s]://host[:port]/base`, as configured, without a trailing `/`.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.authority, self.base_path)
+    }
+
     /// Sends one request to `{base}/{path_and_query}` with the given headers (already filtered) and the
-    /// real token, when there is one, as `Basic x-access-token:TOKEN`.
+    /// real token's `Authorization` value ([`basic_auth`] or [`bearer_auth`]), when there is one.
     pub async fn send<B>(
         &self,
         method: Method,
         path_and_query: &str,
         mut headers: HeaderMap,
-        token: Option<&Secret<String>>,
+        authorization: Option<HeaderValue>,
         body: B,
     ) -> Result<Response<Incoming>, UpstreamError>
     where
@@ -116,8 +122,8 @@ impl Upstream {
         B::Error: Into<BoxError>,
     {
         headers.remove(header::AUTHORIZATION);
-        if let Some(token) = token {
-            headers.insert(header::AUTHORIZATION, basic_auth(token));
+        if let Some(value) = authorization {
+            headers.insert(header::AUTHORIZATION, value);
         }
         let host = HeaderValue::from_str(&self.authority)
             .map_err(|_| UpstreamError::Exchange(format!("invalid upstream host {:?}", self.authority)))?;
@@ -204,6 +210,18 @@ pub fn basic_auth(token: &Secret<String>) -> HeaderValue {
             v
         }
         // Base64 output is always a valid header value.
+        Err(_) => HeaderValue::from_static(""),
+    }
+}
+
+/// `Bearer TOKEN`, the form the GitHub REST API documents, marked sensitive so hyper never logs it.
+pub fn bearer_auth(token: &Secret<String>) -> HeaderValue {
+    match HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
+        Ok(mut v) => {
+            v.set_sensitive(true);
+            v
+        }
+        // `check_token` admits printable ASCII only, which is always a valid header value.
         Err(_) => HeaderValue::from_static(""),
     }
 }

@@ -1,0 +1,766 @@
+//! The `/api/` pull-request slice, driven with `curl` against a stand-in for the GitHub REST API (GitHub
+//! itself cannot run here): a small hyper server on 127.0.0.1:0 that accepts only the real (canary) token,
+//! records every call, and plays api.github.com with its own base URL. Every byte and header the client
+//! sees, and every log line, is searched for the real token.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use sluice::audit::AuditLog;
+use sluice::config::LogFormat;
+use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
+use sluice::git::{GitProxy, GitSettings, TokenSource};
+use tokio::net::TcpListener;
+
+const CANARY: &str = "ghs_CanaryApiToken0123456789abcdefXYZ";
+const SID: &str = "sess-api";
+const BRANCH: &str = "feature";
+const REPO_ID: u64 = 4242;
+const DOCS: &str = "https://docs.github.com/rest/pulls/pulls";
+
+// ---------- log capture ----------
+
+/// The git proxy's audit lines (text format), captured with the diagnostics.
+fn audit() -> &'static AuditLog {
+    static AUDIT: OnceLock<AuditLog> = OnceLock::new();
+    AUDIT.get_or_init(|| {
+        logs();
+        AuditLog::start(LogFormat::Text, Box::new(LogWriter))
+    })
+}
+
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| LogWriter)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        Mutex::new(Vec::new())
+    })
+}
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        logs().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_lines_for(repo: &str) -> Vec<String> {
+    audit().flush();
+    let text = String::from_utf8_lossy(&logs().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    assert_no_canary("log output", &text);
+    text.lines().filter(|l| l.contains(&format!("repo={repo} "))).map(str::to_owned).collect()
+}
+
+fn assert_no_canary(what: &str, text: &str) {
+    for form in [CANARY.to_owned(), STANDARD.encode(CANARY), STANDARD.encode(format!("x-access-token:{CANARY}"))] {
+        assert!(!text.contains(&form), "the real token leaked into {what}:\n{text}");
+    }
+}
+
+// ---------- the stand-in for api.github.com ----------
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Call {
+    method: String,
+    path: String,
+    query: Option<String>,
+    body: String,
+    auth: Option<String>,
+}
+
+struct StandIn {
+    /// `http://127.0.0.1:PORT`: plays `https://api.github.com` in the URLs it writes.
+    base: String,
+    owner: String,
+    calls: Mutex<Vec<Call>>,
+    next_number: AtomicUsize,
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", "application/json; charset=utf-8".parse().unwrap());
+    r
+}
+
+fn pull(s: &StandIn, number: u64, head: &str) -> Value {
+    let repo = format!("{}/widgets", s.owner);
+    json!({
+        "number": number,
+        "url": format!("{}/repos/{repo}/pulls/{number}", s.base),
+        "head": { "ref": head, "repo": { "full_name": repo, "id": REPO_ID } },
+        "base": { "ref": "main", "repo": { "full_name": repo, "id": REPO_ID } },
+    })
+}
+
+async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let auth = parts.headers.get("authorization").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let call = Call {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        auth: auth.clone(),
+    };
+    s.calls.lock().unwrap().push(call);
+    if auth.as_deref() != Some(&format!("Bearer {CANARY}")) {
+        return Ok(json_response(StatusCode::UNAUTHORIZED, json!({"message": "Bad credentials"})));
+    }
+    let prefix = format!("/repos/{}/widgets", s.owner);
+    let Some(rest) = parts.uri.path().strip_prefix(&prefix) else {
+        return Ok(json_response(StatusCode::NOT_FOUND, json!({"message": "Not Found"})));
+    };
+    let method = parts.method.as_str();
+    let resp = match (method, rest) {
+        ("GET", "") => {
+            json_response(StatusCode::OK, json!({"id": REPO_ID, "full_name": format!("{}/widgets", s.owner)}))
+        }
+        ("GET", "/pulls") => {
+            let mut r = json_response(StatusCode::OK, json!([pull(&s, 1, BRANCH), pull(&s, 2, "other")]));
+            let link = format!(
+                "<{base}/repositories/{REPO_ID}/pulls?state=all&page=2>; rel=\"next\", \
+                 <{base}/repos/{owner}/widgets/pulls?state=all&page=3>; rel=\"last\", \
+                 <{base}/repos/{owner}/gears/pulls?page=1>; rel=\"other\"",
+                base = s.base,
+                owner = s.owner
+            );
+            let h = r.headers_mut();
+            h.insert("link", link.parse().unwrap());
+            h.insert("x-ratelimit-remaining", "4999".parse().unwrap());
+            h.insert("x-github-request-id", "ABCD:1234".parse().unwrap());
+            h.insert("set-cookie", "logged_in=yes".parse().unwrap());
+            h.insert("x-oauth-scopes", "repo, workflow".parse().unwrap());
+            // A hostile or buggy upstream reflecting the credential: it must not reach the client.
+            h.insert("x-echo-authorization", auth.clone().unwrap_or_default().parse().unwrap());
+            h.insert("www-authenticate", "Bearer realm=x".parse().unwrap());
+            r
+        }
+        ("GET", "/pulls/1") => json_response(StatusCode::OK, pull(&s, 1, BRANCH)),
+        ("GET", "/pulls/2") => json_response(StatusCode::OK, pull(&s, 2, "other")),
+        ("GET", "/pulls/1/files") => json_response(StatusCode::OK, json!([{"filename": "README"}])),
+        ("GET", "/pulls/2/files") => {
+            // An error body that echoes the request's credential: sluice scrubs it.
+            json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"message": format!("cannot list files, you sent {}", auth.clone().unwrap_or_default())}),
+            )
+        }
+        ("GET", "/pulls/1/comments" | "/issues/1/comments") => json_response(StatusCode::OK, json!([])),
+        ("POST", "/pulls") => {
+            let n = s.next_number.fetch_add(1, Ordering::SeqCst) as u64;
+            let mut r = json_response(StatusCode::CREATED, pull(&s, n, BRANCH));
+            r.headers_mut().insert("location", format!("{}{prefix}/pulls/{n}", s.base).parse().unwrap());
+            r
+        }
+        ("PATCH", "/pulls/1") => json_response(StatusCode::OK, pull(&s, 1, BRANCH)),
+        ("POST", "/pulls/1/comments" | "/issues/1/comments" | "/pulls/2/comments" | "/issues/2/comments") => {
+            json_response(StatusCode::CREATED, json!({"id": 77, "body": "ok"}))
+        }
+        _ => json_response(StatusCode::NOT_FOUND, json!({"message": "Not Found"})),
+    };
+    Ok(resp)
+}
+
+async fn spawn_stand_in(owner: &str) -> Arc<StandIn> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(StandIn {
+        base: format!("http://{addr}"),
+        owner: owner.to_owned(),
+        calls: Mutex::new(Vec::new()),
+        next_number: AtomicUsize::new(3),
+    });
+    let s = state.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| stand_in(req, s.clone()));
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    state
+}
+
+// ---------- the world: stand-in, sluice, curl ----------
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct World {
+    _dir: TempDir,
+    api: Arc<StandIn>,
+    sluice: SocketAddr,
+    keyring: Keyring,
+    owner: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// What curl printed: the status, the headers (names lowercased) and the body.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts a sluice refusal: the status and the exact GitHub-shaped JSON body.
+    fn refused(&self, status: u16, message: &str) {
+        assert_eq!((self.status, self.json()), (status, json!({"message": message, "documentation_url": DOCS})));
+        assert_eq!(self.header("content-type"), Some("application/json; charset=utf-8"));
+    }
+}
+
+impl World {
+    async fn new(name: &str) -> World {
+        World::with_token(name, Some(CANARY)).await
+    }
+
+    /// A world whose sluice holds `token` as the real token for the owner (none: no token configured).
+    async fn with_token(name: &str, token: Option<&str>) -> World {
+        logs();
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-api-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let owner = format!("a-{name}");
+        let api = spawn_stand_in(&owner).await;
+        let mut settings = GitSettings {
+            upstream: "http://127.0.0.1:9".into(),
+            api_upstream: api.base.clone(),
+            token_env: None,
+            ..GitSettings::default()
+        };
+        if let Some(token) = token {
+            let token_file = dir.join("real-token");
+            std::fs::write(&token_file, format!("{token}\n")).unwrap();
+            settings.tokens.insert(owner.clone(), TokenSource::File(token_file));
+        }
+        let keyring = Keyring::new(SigningKey::from_bytes(&[43u8; 32]).unwrap(), None);
+        let proxy = Arc::new(GitProxy::new(&settings, Some(keyring.clone())).unwrap().with_audit(audit().clone()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sluice = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(sluice::git::serve(listener, proxy, async move {
+            let _ = rx.await;
+        }));
+        World { _dir: TempDir(dir), api, sluice, keyring, owner, shutdown: Some(tx) }
+    }
+
+    fn repo(&self) -> String {
+        format!("{}/widgets", self.owner)
+    }
+
+    fn claims(&self) -> Claims {
+        let now = now_unix();
+        Claims {
+            sid: SID.into(),
+            kind: Kind::Git,
+            policy: None,
+            repo: Some(self.repo()),
+            branch: Some(BRANCH.into()),
+            iat: now,
+            exp: now + 3600,
+        }
+    }
+
+    fn token(&self) -> String {
+        self.keyring.mint(&self.claims())
+    }
+
+    fn bearer(&self) -> String {
+        format!("Authorization: Bearer {}", self.token())
+    }
+
+    /// `http://SLUICE/api/repos/OWNER/widgets{rest}`.
+    fn url(&self, rest: &str) -> String {
+        format!("http://{}/api/repos/{}{rest}", self.sluice, self.repo())
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.api.calls.lock().unwrap().clone()
+    }
+
+    fn writes(&self) -> Vec<Call> {
+        self.calls().into_iter().filter(|c| c.method != "GET").collect()
+    }
+
+    fn clear_calls(&self) {
+        self.api.calls.lock().unwrap().clear();
+    }
+
+    /// `curl -sS -i -X METHOD [-H auth] [--data body] URL extra…`, with no proxy from the environment.
+    async fn curl(&self, method: &str, url: &str, auth: Option<&str>, body: Option<&str>, extra: &[&str]) -> Answer {
+        let mut cmd = tokio::process::Command::new("curl");
+        cmd.args(["-sS", "-i", "--max-time", "20", "-X", method]).kill_on_drop(true);
+        for var in ["http_proxy", "https_proxy", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+            cmd.env_remove(var);
+        }
+        if let Some(auth) = auth {
+            cmd.args(["-H", auth]);
+        }
+        if let Some(body) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
+        }
+        cmd.args(extra).arg(url);
+        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("curl timed out").unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_no_canary("curl output", &text);
+        assert_no_canary("curl stderr", &String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Answer { status, headers, body: body.to_owned() }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn real_auth() -> Option<String> {
+    Some(format!("Bearer {CANARY}"))
+}
+
+// ---------- creating pull requests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_a_pull_request_from_the_working_branch_in_both_head_forms() {
+    let w = World::new("create").await;
+    let bodies = [
+        r#"{"title":"Add widgets","head":"feature","base":"main","body":"please"}"#.to_owned(),
+        format!(r#"{{"title":"Again","head":"{}:feature","base":"main"}}"#, w.owner.to_uppercase()),
+    ];
+    // Bearer, token and Basic SESSION:CREDENTIAL all carry the same credential.
+    let auths = [w.bearer(), format!("Authorization: token {}", w.token())];
+    for (i, (body, auth)) in bodies.iter().zip(&auths).enumerate() {
+        let a = w.curl("POST", &w.url("/pulls"), Some(auth), Some(body), &[]).await;
+        let number = 3 + i as u64;
+        assert_eq!(a.status, 201, "{}", a.body);
+        assert_eq!(a.json()["number"], json!(number));
+        assert_eq!(
+            a.header("location").map(str::to_owned),
+            Some(format!("http://{}/api/repos/{}/pulls/{number}", w.sluice, w.repo()))
+        );
+        assert_eq!(a.header("content-type"), Some("application/json; charset=utf-8"));
+    }
+    let basic = format!("Basic {}", STANDARD.encode(format!("{SID}:{}", w.token())));
+    let a = w.curl("POST", &w.url("/pulls"), Some(&format!("Authorization: {basic}")), Some(&bodies[0]), &[]).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    // The stand-in received exactly the client's bytes, with the real token and nothing else.
+    let want: Vec<Call> = [&bodies[0], &bodies[1], &bodies[0]]
+        .iter()
+        .map(|b| Call {
+            method: "POST".into(),
+            path: format!("/repos/{}/pulls", w.repo()),
+            query: None,
+            body: (*b).clone(),
+            auth: real_auth(),
+        })
+        .collect();
+    assert_eq!(w.calls(), want);
+    let lines = log_lines_for(&w.repo());
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains(&format!("session={SID} "))
+                && l.contains("service=api-create-pull")
+                && l.contains("verdict=allow")
+                && l.contains("status=201"))
+            .count(),
+        3,
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_is_refused_for_another_head_a_cross_repo_base_or_another_repository() {
+    let w = World::new("refuse-create").await;
+    let owner = &w.owner;
+    let cases = [
+        (
+            r#"{"title":"t","head":"main","base":"feature"}"#.to_owned(),
+            "sluice: head \"main\" is not this session's working branch; open pull requests from \"feature\" \
+             (or \"OWNER:feature\")"
+                .replace("OWNER", owner),
+        ),
+        (
+            r#"{"title":"t","head":"evil:feature","base":"main"}"#.to_owned(),
+            "sluice: head \"evil:feature\" is not this session's working branch; open pull requests from \
+             \"feature\" (or \"OWNER:feature\")"
+                .replace("OWNER", owner),
+        ),
+        (
+            r#"{"title":"t","head":"feature","base":"evil:main"}"#.to_owned(),
+            format!(
+                "sluice: base \"evil:main\" must be a branch of {owner}/widgets given as a plain branch name, such \
+                 as \"main\""
+            ),
+        ),
+    ];
+    for (body, message) in &cases {
+        let a = w.curl("POST", &w.url("/pulls"), Some(&w.bearer()), Some(body), &[]).await;
+        a.refused(403, message);
+    }
+    let a = w.curl("POST", &w.url("/pulls"), Some(&w.bearer()), Some("{not json"), &[]).await;
+    assert_eq!(a.status, 400);
+    assert!(a.json()["message"].as_str().unwrap().starts_with("sluice: the request body is not valid JSON ("));
+    // Another repository in the path: the credential binds one.
+    let other = format!("http://{}/api/repos/{owner}/gears/pulls", w.sluice);
+    let a = w.curl("POST", &other, Some(&w.bearer()), Some(&cases[0].0), &[]).await;
+    a.refused(
+        403,
+        &format!(
+            "sluice: git credential refused: it is for {owner}/widgets, not {owner}/gears; ask for a credential for \
+             {owner}/gears"
+        ),
+    );
+    let a = w.curl("GET", &other, Some(&w.bearer()), None, &[]).await;
+    assert_eq!(a.status, 403);
+    // A body over the limit is refused before it is read in full.
+    let big = format!(r#"{{"title":"{}","head":"feature","base":"main"}}"#, "x".repeat(2 << 20));
+    let path = std::env::temp_dir().join(format!("sluice-api-big-{}", std::process::id()));
+    std::fs::write(&path, big).unwrap();
+    let a = w.curl("POST", &w.url("/pulls"), Some(&w.bearer()), Some(&format!("@{}", path.display())), &[]).await;
+    let _ = std::fs::remove_file(&path);
+    a.refused(413, "sluice: the request body is longer than 1048576 bytes");
+    assert_eq!(w.calls(), vec![], "nothing reached the stand-in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_ref_deletion_graphql_workflows_and_settings_are_refused() {
+    let w = World::new("refuse-other").await;
+    let repo = w.repo();
+    let allowed = "allowed: GET /api/repos/OWNER/REPO, GET …/pulls, GET …/pulls/N, GET …/pulls/N/files, \
+                   GET …/pulls/N/comments, GET …/issues/N/comments, POST …/pulls, PATCH …/pulls/N, \
+                   POST …/pulls/N/comments, POST …/issues/N/comments";
+    let a = w.curl("PUT", &w.url("/pulls/1/merge"), Some(&w.bearer()), Some("{}"), &[]).await;
+    a.refused(
+        403,
+        &format!(
+            "sluice: PUT \"/api/repos/{repo}/pulls/1/merge\": merging pull requests is not allowed through sluice; \
+             a person merges; {allowed}"
+        ),
+    );
+    let a = w.curl("DELETE", &w.url("/git/refs/heads/feature"), Some(&w.bearer()), None, &[]).await;
+    a.refused(
+        403,
+        &format!(
+            "sluice: DELETE \"/api/repos/{repo}/git/refs/heads/feature\" is not in the pull-request slice sluice \
+             forwards; {allowed}"
+        ),
+    );
+    let graphql = format!("http://{}/api/graphql", w.sluice);
+    let a = w.curl("POST", &graphql, Some(&w.bearer()), Some(r#"{"query":"{viewer{login}}"}"#), &[]).await;
+    a.refused(
+        403,
+        &format!(
+            "sluice: POST \"/api/graphql\": GraphQL is not forwarded (one query can reach any repository); use \
+             the REST routes; {allowed}"
+        ),
+    );
+    for (method, rest, body) in [
+        ("POST", "/actions/workflows/ci.yml/dispatches", Some(r#"{"ref":"main"}"#)),
+        ("PATCH", "", Some(r#"{"default_branch":"feature"}"#)),
+        ("DELETE", "", None),
+        ("PUT", "/collaborators/evil", None),
+    ] {
+        let a = w.curl(method, &w.url(rest), Some(&w.bearer()), body, &[]).await;
+        a.refused(
+            403,
+            &format!(
+                "sluice: {method} \"/api/repos/{repo}{rest}\" is not in the pull-request slice sluice forwards; \
+                 {allowed}"
+            ),
+        );
+    }
+    assert_eq!(w.calls(), vec![], "nothing reached the stand-in");
+}
+
+// ---------- editing and commenting ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comment_and_edit_on_the_own_pull_request_only() {
+    let w = World::new("comment").await;
+    let repo = w.repo();
+    let comment = r#"{"body":"looks good"}"#;
+    let edit = r#"{"title":"Better title","state":"closed"}"#;
+    let a = w.curl("PATCH", &w.url("/pulls/1"), Some(&w.bearer()), Some(edit), &[]).await;
+    assert_eq!((a.status, a.json()["number"].clone()), (200, json!(1)));
+    for rest in ["/issues/1/comments", "/pulls/1/comments"] {
+        let a = w.curl("POST", &w.url(rest), Some(&w.bearer()), Some(comment), &[]).await;
+        assert_eq!((a.status, a.json()), (201, json!({"id": 77, "body": "ok"})));
+    }
+    let lookup = |n: u64| Call {
+        method: "GET".into(),
+        path: format!("/repos/{repo}/pulls/{n}"),
+        query: None,
+        body: String::new(),
+        auth: real_auth(),
+    };
+    let write = |method: &str, rest: &str, body: &str| Call {
+        method: method.into(),
+        path: format!("/repos/{repo}{rest}"),
+        query: None,
+        body: body.into(),
+        auth: real_auth(),
+    };
+    assert_eq!(
+        w.calls(),
+        vec![
+            lookup(1),
+            write("PATCH", "/pulls/1", edit),
+            lookup(1),
+            write("POST", "/issues/1/comments", comment),
+            lookup(1),
+            write("POST", "/pulls/1/comments", comment),
+        ]
+    );
+    w.clear_calls();
+
+    // Pull request #2 comes from another branch: looked up, never written.
+    let other = format!(
+        "sluice: pull request #2 has head \"{repo}:other\"; this session may edit and comment only on pull \
+         requests from {repo}:feature"
+    );
+    for (method, rest, body) in
+        [("PATCH", "/pulls/2", edit), ("POST", "/issues/2/comments", comment), ("POST", "/pulls/2/comments", comment)]
+    {
+        let a = w.curl(method, &w.url(rest), Some(&w.bearer()), Some(body), &[]).await;
+        a.refused(403, &other);
+    }
+    let a = w.curl("POST", &w.url("/issues/99/comments"), Some(&w.bearer()), Some(comment), &[]).await;
+    a.refused(
+        404,
+        &format!(
+            "sluice: {repo} has no pull request #99 (an issue number is not enough: comments go only to pull \
+             requests from \"feature\")"
+        ),
+    );
+    assert_eq!(w.calls(), vec![lookup(2), lookup(2), lookup(2), lookup(99)]);
+    w.clear_calls();
+
+    // Fields other than title, body and state are refused before anything goes upstream.
+    let a = w.curl("PATCH", &w.url("/pulls/1"), Some(&w.bearer()), Some(r#"{"base":"release"}"#), &[]).await;
+    a.refused(
+        403,
+        "sluice: field \"base\" may not be changed (changing the base branch is not allowed through sluice); \
+         allowed: title, body, state",
+    );
+    assert_eq!(w.calls(), vec![]);
+    assert_eq!(w.writes(), vec![]);
+}
+
+// ---------- reading ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_pass_through_and_link_points_back_at_sluice() {
+    let w = World::new("list").await;
+    let repo = w.repo();
+    let a = w.curl("GET", &w.url("/pulls?state=all"), Some(&w.bearer()), None, &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json().as_array().map(Vec::len), Some(2));
+    let base = format!("http://{}/api/repos/{repo}", w.sluice);
+    assert_eq!(
+        a.header("link").map(str::to_owned),
+        Some(format!("<{base}/pulls?state=all&page=2>; rel=\"next\", <{base}/pulls?state=all&page=3>; rel=\"last\""))
+    );
+    assert_eq!(a.header("x-ratelimit-remaining"), Some("4999"));
+    assert_eq!(a.header("x-github-request-id"), Some("ABCD:1234"));
+    for stripped in ["set-cookie", "x-oauth-scopes", "x-echo-authorization", "www-authenticate", "authorization"] {
+        assert_eq!(a.header(stripped), None, "{stripped}");
+    }
+    // The repository id behind `/repositories/ID/` was looked up once, then cached.
+    let a = w.curl("GET", &w.url("/pulls"), Some(&w.bearer()), None, &["-H", "Host: sluice.internal:3129"]).await;
+    assert!(
+        a.header("link").is_some_and(|l| l.starts_with(&format!(
+            "<http://sluice.internal:3129/api/repos/{repo}/pulls?state=all&page=2>; rel=\"next\""
+        ))),
+        "{:?}",
+        a.header("link")
+    );
+    let paths: Vec<(String, Option<String>)> = w.calls().into_iter().map(|c| (c.path, c.query)).collect();
+    assert_eq!(
+        paths,
+        vec![
+            (format!("/repos/{repo}/pulls"), Some("state=all".into())),
+            (format!("/repos/{repo}"), None),
+            (format!("/repos/{repo}/pulls"), None),
+        ]
+    );
+    w.clear_calls();
+
+    // Following the rewritten `next` link goes through sluice to the next page.
+    let next = format!("{base}/pulls?state=all&page=2");
+    let a = w.curl("GET", &next, Some(&w.bearer()), None, &[]).await;
+    assert_eq!(a.status, 200);
+    for rest in ["", "/pulls/1", "/pulls/1/files", "/pulls/1/comments", "/issues/1/comments"] {
+        let a = w.curl("GET", &w.url(rest), Some(&w.bearer()), None, &[]).await;
+        assert_eq!(a.status, 200, "{rest}: {}", a.body);
+    }
+    // GitHub Enterprise's `/api/v3/` prefix (what `gh` uses for a non-github.com host) is the same slice.
+    let v3 = format!("http://{}/api/v3/repos/{repo}/pulls/1", w.sluice);
+    let a = w.curl("GET", &v3, Some(&format!("Authorization: token {}", w.token())), None, &[]).await;
+    assert_eq!((a.status, a.json()["head"]["ref"].clone()), (200, json!(BRANCH)));
+    let paths: Vec<(String, Option<String>)> = w.calls().into_iter().map(|c| (c.path, c.query)).collect();
+    let p = |rest: &str| (format!("/repos/{repo}{rest}"), None);
+    assert_eq!(
+        paths,
+        vec![
+            (format!("/repos/{repo}/pulls"), Some("state=all&page=2".into())),
+            p(""),
+            p("/pulls/1"),
+            p("/pulls/1/files"),
+            p("/pulls/1/comments"),
+            p("/issues/1/comments"),
+            p("/pulls/1"),
+        ]
+    );
+    assert!(w.calls().iter().all(|c| c.auth == real_auth()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_error_bodies_are_passed_back_scrubbed() {
+    let w = World::new("scrub").await;
+    let a = w.curl("GET", &w.url("/pulls/2/files"), Some(&w.bearer()), None, &[]).await;
+    assert_eq!((a.status, a.json()), (422, json!({"message": "cannot list files, you sent Bearer [redacted]"})));
+}
+
+// ---------- credentials ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_expired_forged_and_misbound_credentials_are_refused() {
+    let w = World::new("creds").await;
+    let repo = w.repo();
+    let a = w.curl("GET", &w.url("/pulls"), None, None, &[]).await;
+    a.refused(
+        401,
+        "Requires authentication: send the session's git credential as \"Authorization: Bearer CREDENTIAL\"",
+    );
+    let now = now_unix();
+    let other_key = Keyring::new(SigningKey::from_bytes(&[44u8; 32]).unwrap(), None);
+    let cases = [
+        (w.keyring.mint(&Claims { iat: now - 7200, exp: now - 600, ..w.claims() }), "credential expired 10m ago"),
+        (
+            other_key.mint(&w.claims()),
+            "credential signature does not verify (forged, altered, or signed with another key)",
+        ),
+        (
+            w.keyring.mint(&Claims { kind: Kind::Egress, policy: Some("trusted".into()), ..w.claims() }),
+            "this is an egress credential; a git credential is needed here",
+        ),
+        ("v1.garbage".to_owned(), "malformed credential: expected three dot-separated parts"),
+    ];
+    for (token, why) in &cases {
+        let a = w.curl("GET", &w.url("/pulls"), Some(&format!("Authorization: Bearer {token}")), None, &[]).await;
+        a.refused(403, &format!("sluice: git credential refused: {why}"));
+    }
+    let elsewhere = w.keyring.mint(&Claims { repo: Some(format!("{}/gears", w.owner)), ..w.claims() });
+    let a = w.curl("POST", &w.url("/pulls"), Some(&format!("Authorization: token {elsewhere}")), Some("{}"), &[]).await;
+    a.refused(
+        403,
+        &format!(
+            "sluice: git credential refused: it is for {}/gears, not {repo}; ask for a credential for {repo}",
+            w.owner
+        ),
+    );
+    let wrong_session = format!("Authorization: Basic {}", STANDARD.encode(format!("other:{}", w.token())));
+    let a = w.curl("GET", &w.url("/pulls"), Some(&wrong_session), None, &[]).await;
+    a.refused(
+        403,
+        "sluice: git credential refused: the session id given with the credential is not the one it was issued to",
+    );
+    let a = w.curl("GET", &w.url("/pulls"), Some("Authorization: Digest x"), None, &[]).await;
+    a.refused(
+        401,
+        "sluice: the Authorization header must be \"Bearer CREDENTIAL\", \"token CREDENTIAL\" or HTTP Basic with \
+         user = session id, password = git credential",
+    );
+    assert_eq!(w.calls(), vec![], "nothing reached the stand-in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_real_token_the_api_is_refused() {
+    let w = World::with_token("no-token", None).await;
+    let a = w.curl("GET", &w.url("/pulls"), Some(&w.bearer()), None, &[]).await;
+    a.refused(
+        403,
+        &format!(
+            "sluice: no upstream credential is configured for {}, so API requests are refused; the operator sets \
+             token_env, token_file or [git.tokens]",
+            w.repo()
+        ),
+    );
+    assert_eq!(w.calls(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_the_real_token_is_the_operators_problem_not_the_sandboxs() {
+    let w = World::with_token("stale", Some("ghs_StaleToken")).await;
+    let a = w.curl("GET", &w.url("/pulls"), Some(&w.bearer()), None, &[]).await;
+    a.refused(
+        502,
+        &format!(
+            "sluice: {} refused sluice's upstream credential for {} (401 Unauthorized); the operator should check \
+             the token configured for it",
+            w.api.base.trim_start_matches("http://"),
+            w.repo()
+        ),
+    );
+    assert_eq!(w.calls().len(), 1);
+    assert_eq!(w.calls()[0].auth.as_deref(), Some("Bearer ghs_StaleToken"));
+}
