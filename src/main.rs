@@ -21,6 +21,9 @@ enum Command {
         /// Server configuration (sluice.toml); every key is optional.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Signing key file; overrides [auth] key_file (default: SLUICE_SIGNING_KEY).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Decide one destination and print the decision and the rule that made it.
     Check {
@@ -100,7 +103,7 @@ fn main() -> ExitCode {
     };
     let mut out = std::io::stdout().lock();
     let status = match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, key_file } => serve(config, key_file),
         Command::Check { policies, policy, json, destination } => {
             let args = command::CheckArgs { policies, policy, json, destination };
             command::check(&args, &mut out, &mut std::io::stderr().lock())
@@ -130,8 +133,8 @@ fn main() -> ExitCode {
     ExitCode::from(status)
 }
 
-fn serve(path: Option<PathBuf>) -> u8 {
-    let config = match path {
+fn serve(path: Option<PathBuf>, key_file: Option<PathBuf>) -> u8 {
+    let mut config = match path {
         Some(p) => match sluice::config::Config::load(&p) {
             Ok(c) => c,
             Err(e) => {
@@ -141,6 +144,9 @@ fn serve(path: Option<PathBuf>) -> u8 {
         },
         None => sluice::config::Config::default(),
     };
+    if key_file.is_some() {
+        config.auth.key_file = key_file;
+    }
     let audit = match sluice::server::init_logging(&config) {
         Ok(a) => a,
         Err(e) => {

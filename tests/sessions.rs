@@ -140,3 +140,43 @@ async fn max_tunnels_holds_with_tunnels_open() {
     }
     assert!(freed, "the slot of a closed tunnel was never freed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_minted_under_the_previous_key_works_during_rotation() {
+    use base64::Engine;
+    let upstream = Upstream::plain("plain").await;
+    let port = upstream.port();
+    const OLD: &[u8] = b"the-previous-signing-key-0123456789abcdef";
+    const NEW: &[u8] = b"the-current-signing-key-0123456789abcdef!";
+    const OTHER: &[u8] = b"somebody-elses-signing-key-0123456789abcd";
+    let dir = TempDir::new("rotation");
+    let (new, old) = (dir.write("key", NEW), dir.write("key.old", OLD));
+    let config = format!(
+        "[egress]\npolicy = \"none\"\n[auth]\nanonymous = false\nkey_file = {:?}\nprevious_key_file = {:?}\n[resolver]\nhosts = {{ \"plain.test\" = [\"127.0.0.1\"] }}\n",
+        new.display(),
+        old.display()
+    );
+    let policy = limited("app", &format!("plain.test:{port}"), "");
+    let proxy = Proxy::start_in(dir, &config, &[("app.toml", &policy)]).await;
+    let auth = |key: &[u8]| {
+        let now = now_unix();
+        let claims = Claims {
+            sid: "rot".into(),
+            kind: Kind::Egress,
+            policy: Some("app".into()),
+            repo: None,
+            branch: None,
+            iat: now,
+            exp: now + 600,
+        };
+        let token = Keyring::new(SigningKey::from_bytes(key).unwrap(), None).mint(&claims);
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("rot:{token}")))
+    };
+    for (key, status) in
+        [(NEW, "HTTP/1.1 200 OK"), (OLD, "HTTP/1.1 200 OK"), (OTHER, "HTTP/1.1 407 Proxy Authentication Required")]
+    {
+        let r = raw_exchange(proxy.addr, &get(port, &auth(key))).await;
+        assert_eq!(r.status_line, status);
+    }
+    assert_eq!(upstream.connections(), 2);
+}
