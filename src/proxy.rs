@@ -21,7 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -52,6 +52,9 @@ pub struct EgressProxy {
     pub limiter: Arc<SessionLimiter>,
     pub audit: AuditLog,
 }
+
+/// A client connection's place under `[egress] max_connections`.
+pub(crate) type ConnectionSlot = Arc<OwnedSemaphorePermit>;
 
 /// Who is asking, and under which policy.
 #[derive(Clone, Debug)]
@@ -181,10 +184,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<EgressProxy>, stop_acceptin
         };
         let proxy2 = proxy.clone();
         let stop = stop_accepting.clone();
-        proxy.tasks.spawn(async move {
-            serve_connection(stream, peer, proxy2, stop).await;
-            drop(permit);
-        });
+        // The slot is held by the connection and, after a CONNECT, by its tunnel: the cap counts both.
+        proxy.tasks.spawn(serve_connection(stream, peer, proxy2, stop, Arc::new(permit)));
     }
 }
 
@@ -194,7 +195,13 @@ async fn refuse_overloaded(mut stream: TcpStream, max: usize) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<EgressProxy>, stop: CancellationToken) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<EgressProxy>,
+    stop: CancellationToken,
+    slot: ConnectionSlot,
+) {
     // The head guard enforces the head limits with worded answers; hyper's own are a backstop.
     let limits = head::HeadLimits {
         max_head: proxy.config.max_header_bytes,
@@ -210,7 +217,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Egress
         .half_close(true)
         .keep_alive(true);
     let p = proxy.clone();
-    let service = service_fn(move |req| handle(req, p.clone(), peer));
+    let service = service_fn(move |req| handle(req, p.clone(), peer, slot.clone()));
     let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -238,6 +245,7 @@ async fn handle(
     req: Request<Incoming>,
     proxy: Arc<EgressProxy>,
     peer: SocketAddr,
+    slot: ConnectionSlot,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let wants_json =
         req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
@@ -261,7 +269,7 @@ async fn handle(
         }
     };
     let result = if method == Method::CONNECT {
-        connect::handle(req, &proxy, &session, peer).await
+        connect::handle(req, &proxy, &session, peer, slot).await
     } else {
         forward::handle(req, &proxy, &session, peer).await
     };

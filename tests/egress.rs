@@ -792,3 +792,24 @@ mod identity {
         text.split_whitespace().nth(1).unwrap_or_default().to_string()
     }
 }
+
+/// An open tunnel keeps its connection's slot: the cap counts tunnels, not just request heads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_counts_open_tunnels() {
+    let recorder = Recorder::start().await;
+    let p = recorder.port();
+    let proxy = Proxy::start(
+        &config("max_connections = 1", &["echo.test"]),
+        &[("lab.toml", &lab(&[format!("echo.test:{p}")]))],
+    )
+    .await;
+    let mut tunnel = RawClient::connect(proxy.addr).await;
+    tunnel.send(connect_head(&format!("echo.test:{p}")).as_bytes()).await;
+    assert_eq!(tunnel.response().await.expect("a response").status_line, "HTTP/1.1 200 OK");
+    tunnel.send(b"ping").await;
+    assert_eq!(tunnel.read_exact(4).await, b"ping");
+
+    let r = raw_exchange(proxy.addr, connect_head(&format!("echo.test:{p}")).as_bytes()).await;
+    assert_eq!(r.status_line, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(recorder.connections(), 1);
+}

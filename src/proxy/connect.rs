@@ -20,6 +20,7 @@ pub async fn handle(
     proxy: &Arc<EgressProxy>,
     session: &Session,
     peer: SocketAddr,
+    slot: super::ConnectionSlot,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let uri = req.uri();
     if uri.scheme().is_some() || uri.path_and_query().is_some() {
@@ -43,6 +44,7 @@ pub async fn handle(
     let metrics = proxy.metrics.clone();
     let audit = proxy.audit.clone();
     proxy.tasks.spawn(async move {
+        let _slot = slot;
         let started = Instant::now();
         let client = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
