@@ -93,6 +93,8 @@ impl Drop for TempDir {
 /// A running sluice egress proxy; shut down (and its temp dir removed) on drop.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/v1/denials`.
+    pub admin: SocketAddr,
     pub dir: TempDir,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -128,9 +130,10 @@ impl Proxy {
             Err(e) => panic!("sluice did not start: {e}"),
         };
         let addr = server.egress_addr().expect("egress address");
+        let admin = server.admin_addr().expect("admin address");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
-        Proxy { addr, dir, shutdown, task: Some(task) }
+        Proxy { addr, admin, dir, shutdown, task: Some(task) }
     }
 
     /// `http://127.0.0.1:PORT`, for curl's `-x`.
