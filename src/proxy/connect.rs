@@ -8,6 +8,7 @@ use std::time::Instant;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use super::respond::{self, ProxyBody, ProxyError};
 use super::tunnel::{self, Counters};
@@ -41,8 +42,8 @@ pub async fn handle(
     let metrics = proxy.metrics.clone();
     proxy.tasks.spawn(async move {
         let started = Instant::now();
-        let client = match on_upgrade.await {
-            Ok(u) => TokioIo::new(u),
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
             Err(e) => {
                 tracing::info!(target: "sluice::decision", session = &*session_id, destination = %authority, error = %e, "tunnel never opened");
                 return;
@@ -51,7 +52,12 @@ pub async fn handle(
         let counters = Arc::new(Counters::default());
         metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
         metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
-        let stats = tunnel::run(client, upstream, idle, counters, hard_stop.cancelled_owned()).await;
+        let stop = hard_stop.cancelled_owned();
+        // The client's own socket, when hyper gives it back: the tunnel then runs socket to socket.
+        let stats = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => tunnel::run_tcp(parts.io.into_inner(), upstream, &parts.read_buf, idle, counters, stop).await,
+            Err(upgraded) => tunnel::run(TokioIo::new(upgraded), upstream, idle, counters, stop).await,
+        };
         metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
         metrics.bytes_up.fetch_add(stats.bytes_up, Ordering::Relaxed);
         metrics.bytes_down.fetch_add(stats.bytes_down, Ordering::Relaxed);
