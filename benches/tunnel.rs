@@ -8,6 +8,7 @@
 //! Environment:
 //! - `SLUICE_BENCH_SECS` (default 2): seconds per measurement; `SLUICE_BENCH_ROUNDS` (default 3).
 //! - `SLUICE_BENCH_IDLE` (default 2000): idle tunnels held open for the RSS figure.
+//! - `SLUICE_BENCH_BIN`: another sluice binary to start (e.g. a copy built from an older commit).
 //! - `SLUICE_BENCH_PROXY=host:port`: measure another proxy instead of starting sluice (CONNECT must
 //!   reach 127.0.0.1 on any port); `SLUICE_BENCH_PID` gives its PID for the RSS and CPU figures, and
 //!   `SLUICE_BENCH_TARGET` the host name it is asked for (default `127.0.0.1`).
@@ -249,7 +250,8 @@ fn start_sluice() -> Sluice {
     let config_path = dir.join("sluice.toml");
     std::fs::write(&config_path, config).expect("write the bench config");
     let log = dir.join("decisions.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let bin = std::env::var_os("SLUICE_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into());
+    let mut child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(&config_path)
