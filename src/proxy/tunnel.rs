@@ -51,9 +51,9 @@ pub struct Counters {
     last_activity_ms: AtomicU64,
 }
 
-/// The buffer of [`run`], and of a [`run_tcp`] direction while it carries small writes. It exists
-/// only while bytes are waiting: an idle tunnel holds none.
-const BUF_SIZE: usize = 16 * 1024;
+/// The buffer of [`run`], and of a [`run_tcp`] direction while bytes are waiting (an idle tunnel holds
+/// none). 64 KiB rather than 16 moves a bulk transfer in a quarter of the syscalls.
+const BUF_SIZE: usize = 64 * 1024;
 
 /// One direction's view of the counters.
 struct Meter<'a> {
