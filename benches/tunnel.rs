@@ -305,6 +305,16 @@ fn main() {
         idle: env_or("SLUICE_BENCH_IDLE", 2000usize),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // The sinks get a runtime (and thread) of their own, as a server in another process would: in the
+    // clients' runtime their accept loops queue behind 64 busy clients, which inflates direct latency.
+    let sinks = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sink")
+        .enable_all()
+        .build()
+        .expect("sink runtime");
+    let echo = sinks.block_on(echo_sink());
+    let source = sinks.block_on(source_sink());
     let (sluice, proxy_addr, pid, target) = match std::env::var("SLUICE_BENCH_PROXY") {
         Ok(addr) => {
             let addr: SocketAddr = addr.parse().expect("SLUICE_BENCH_PROXY is host:port");
@@ -322,8 +332,6 @@ fn main() {
     let direct = Route::Direct;
     let s = &settings;
     let (samples, idle_kib) = runtime.block_on(async {
-        let echo = echo_sink().await;
-        let source = source_sink().await;
         // Warm up both paths (and the proxy's allocator and threads) before anything is measured.
         tunnel_rate(&direct, echo, 16, Duration::from_millis(300)).await;
         tunnel_rate(&proxy, echo, 16, Duration::from_millis(300)).await;
