@@ -8,7 +8,9 @@ use std::time::Instant;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
+use super::head::HeadGuard;
 use super::respond::{self, ProxyBody, ProxyError};
 use super::tunnel::{self, Counters};
 use super::{EgressProxy, Session};
@@ -46,8 +48,8 @@ pub async fn handle(
     proxy.tasks.spawn(async move {
         let _slot = slot;
         let started = Instant::now();
-        let client = match on_upgrade.await {
-            Ok(u) => TokioIo::new(u),
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
             Err(e) => {
                 tracing::debug!(session = &*session_id, destination = %authority, error = %e, "tunnel never opened");
                 return;
@@ -56,7 +58,19 @@ pub async fn handle(
         let counters = Arc::new(Counters::default());
         metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
         metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
-        let stats = tunnel::run(client, upstream, idle, counters, hard_stop.cancelled_owned()).await;
+        let stop = hard_stop.cancelled_owned();
+        // The client's own socket, when hyper gives it back: the tunnel then runs socket to socket.
+        // Bytes the client sent after its CONNECT head and that were already read go upstream first:
+        // hyper's buffer holds the earlier ones, the head guard's the later ones.
+        let stats = match upgraded.downcast::<TokioIo<HeadGuard<TcpStream>>>() {
+            Ok(parts) => {
+                let (client, guarded) = parts.io.into_inner().into_parts();
+                let mut pending = parts.read_buf.to_vec();
+                pending.extend_from_slice(&guarded);
+                tunnel::run_tcp(client, upstream, &pending, idle, counters, stop).await
+            }
+            Err(upgraded) => tunnel::run(TokioIo::new(upgraded), upstream, idle, counters, stop).await,
+        };
         metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
         if let Some(permit) = permit {
             permit.record_bytes(stats.bytes_up, stats.bytes_down);

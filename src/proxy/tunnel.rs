@@ -1,10 +1,16 @@
 //! Copies bytes both ways until both sides are done (half-close respected) or the tunnel idles out.
+//!
+//! Two engines share the same ending rules: [`run_tcp`] for the usual socket-to-socket tunnel (no
+//! buffer while idle), and [`run`] for any stream.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// How a tunnel ended, for the closing log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,15 +51,31 @@ pub struct Counters {
     last_activity_ms: AtomicU64,
 }
 
-const BUF_SIZE: usize = 32 * 1024;
+/// The buffer of [`run`], and of a [`run_tcp`] direction while bytes are waiting (an idle tunnel holds
+/// none). 64 KiB rather than 16 moves a bulk transfer in a quarter of the syscalls.
+const BUF_SIZE: usize = 64 * 1024;
 
-/// Runs the tunnel. `stop` ends it early (shutdown grace over).
+/// One direction's view of the counters.
+struct Meter<'a> {
+    count: &'a AtomicU64,
+    counters: &'a Counters,
+    start: Instant,
+}
+
+impl Meter<'_> {
+    fn record(&self, n: usize) {
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        self.counters.last_activity_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Runs the tunnel over any pair of streams. `stop` ends it early (shutdown grace over).
 pub async fn run<C, U>(
     client: C,
     upstream: U,
     idle_timeout: Duration,
     counters: Arc<Counters>,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl Future<Output = ()>,
 ) -> TunnelStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -62,8 +84,48 @@ where
     let start = Instant::now();
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let up = async { pump(&mut cr, &mut uw, &counters.up, &counters, start).await.map_err(|side| side.end(true)) };
-    let down = async { pump(&mut ur, &mut cw, &counters.down, &counters, start).await.map_err(|side| side.end(false)) };
+    let up = Meter { count: &counters.up, counters: &counters, start };
+    let down = Meter { count: &counters.down, counters: &counters, start };
+    let up = async { pump(&mut cr, &mut uw, &up).await.map_err(|side| side.end(true)) };
+    let down = async { pump(&mut ur, &mut cw, &down).await.map_err(|side| side.end(false)) };
+    supervise(up, down, idle_timeout, &counters, start, stop).await
+}
+
+/// Runs a socket-to-socket tunnel. `early` are bytes the client sent before the tunnel opened (read
+/// along with its CONNECT head); they go upstream first.
+pub async fn run_tcp(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    early: &[u8],
+    idle_timeout: Duration,
+    counters: Arc<Counters>,
+    stop: impl Future<Output = ()>,
+) -> TunnelStats {
+    let start = Instant::now();
+    let (cr, mut cw) = client.split();
+    let (ur, mut uw) = upstream.split();
+    let up = Meter { count: &counters.up, counters: &counters, start };
+    let down = Meter { count: &counters.down, counters: &counters, start };
+    let up = async {
+        if !early.is_empty() {
+            uw.write_all(early).await.map_err(|_| Side::Write.end(true))?;
+            up.record(early.len());
+        }
+        pump_tcp(&cr, &mut uw, &up).await.map_err(|side| side.end(true))
+    };
+    let down = async { pump_tcp(&ur, &mut cw, &down).await.map_err(|side| side.end(false)) };
+    supervise(up, down, idle_timeout, &counters, start, stop).await
+}
+
+/// Runs both directions to their end, unless the tunnel idles out or `stop` comes first.
+async fn supervise(
+    up: impl Future<Output = Result<(), TunnelEnd>>,
+    down: impl Future<Output = Result<(), TunnelEnd>>,
+    idle_timeout: Duration,
+    counters: &Counters,
+    start: Instant,
+    stop: impl Future<Output = ()>,
+) -> TunnelStats {
     // Either direction failing ends the tunnel; a clean EOF only ends its own direction.
     let both = async {
         match tokio::try_join!(up, down) {
@@ -110,7 +172,7 @@ impl Side {
     }
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, counters: &Counters, start: Instant) -> Result<(), Side>
+async fn pump<R, W>(r: &mut R, w: &mut W, meter: &Meter<'_>) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -124,7 +186,163 @@ where
             return Ok(());
         }
         w.write_all(&buf[..n]).await.map_err(|_| Side::Write)?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        counters.last_activity_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        meter.record(n);
+    }
+}
+
+/// One direction of a socket tunnel. It waits for readability holding no buffer, and copies what is
+/// waiting through a buffer that lives only until the socket runs dry.
+async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) -> Result<(), Side> {
+    let src: &TcpStream = r.as_ref();
+    loop {
+        src.readable().await.map_err(|_| Side::Read)?;
+        let mut buf = Vec::with_capacity(BUF_SIZE);
+        loop {
+            buf.clear();
+            match src.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    // Half-close: pass the EOF on and keep the other direction running.
+                    let _ = w.shutdown().await;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    w.write_all(&buf).await.map_err(|_| Side::Write)?;
+                    meter.record(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(Side::Read),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// client ↔ (proxy side a | b) … returns (client end, upstream end, tunnel task).
+    async fn tunnel(
+        early: &'static [u8],
+        idle: Duration,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<TunnelStats>) {
+        let (client, proxy_client) = pair().await;
+        let (proxy_upstream, upstream) = pair().await;
+        let task = tokio::spawn(async move {
+            run_tcp(proxy_client, proxy_upstream, early, idle, Arc::new(Counters::default()), stop).await
+        });
+        (client, upstream, task)
+    }
+
+    /// The client closes its side first; the upstream still answers, then closes: nothing is lost.
+    #[tokio::test]
+    async fn half_close_keeps_the_other_direction() {
+        let (mut client, mut upstream, task) = tunnel(b"early ", Duration::from_secs(60), std::future::pending()).await;
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"early request");
+        upstream.write_all(b"answer after the client's EOF").await.unwrap();
+        upstream.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"answer after the client's EOF");
+        let stats = task.await.unwrap();
+        assert_eq!(stats, TunnelStats { bytes_up: 13, bytes_down: 29, end: TunnelEnd::Closed });
+    }
+
+    /// Bulk transfers arrive whole and in order, both ways, and are counted.
+    #[tokio::test]
+    async fn bulk_both_ways_arrives_intact() {
+        let (client, upstream, task) = tunnel(b"", Duration::from_secs(60), std::future::pending()).await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let send = |mut s: TcpStream, data: Vec<u8>| async move {
+            let (mut r, mut w) = s.split();
+            let writer = async {
+                w.write_all(&data).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let reader = r.read_to_end(&mut got);
+            let ((), read) = tokio::join!(writer, reader);
+            read.unwrap();
+            got
+        };
+        let (from_upstream, from_client) =
+            tokio::join!(tokio::spawn(send(client, data.clone())), tokio::spawn(send(upstream, data.clone())));
+        assert!(from_upstream.unwrap() == data, "client got other bytes than upstream sent");
+        assert!(from_client.unwrap() == data, "upstream got other bytes than the client sent");
+        let stats = task.await.unwrap();
+        assert_eq!(stats, TunnelStats { bytes_up: 3_000_000, bytes_down: 3_000_000, end: TunnelEnd::Closed });
+    }
+
+    #[tokio::test]
+    async fn stop_ends_an_open_tunnel() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = rx.await;
+        };
+        let (mut client, mut upstream, task) = tunnel(b"", Duration::from_secs(60), stop).await;
+        client.write_all(b"hi").await.unwrap();
+        let mut got = [0u8; 2];
+        upstream.read_exact(&mut got).await.unwrap();
+        tx.send(()).unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats, TunnelStats { bytes_up: 2, bytes_down: 0, end: TunnelEnd::Shutdown });
+        // The proxy's ends are closed: both peers see EOF.
+        assert_eq!(client.read(&mut got).await.unwrap(), 0);
+        assert_eq!(upstream.read(&mut got).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_tunnel_times_out() {
+        let (_client, _upstream, task) = tunnel(b"", Duration::from_millis(200), std::future::pending()).await;
+        let stats = task.await.unwrap();
+        assert_eq!(stats, TunnelStats { bytes_up: 0, bytes_down: 0, end: TunnelEnd::Idle });
+    }
+
+    /// A peer that resets is told apart from the other one.
+    #[tokio::test]
+    async fn upstream_reset_is_upstream_error() {
+        let (mut client, upstream, task) = tunnel(b"", Duration::from_secs(60), std::future::pending()).await;
+        upstream.set_zero_linger().unwrap();
+        drop(upstream);
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, TunnelEnd::UpstreamError);
+        let mut got = [0u8; 1];
+        assert!(matches!(client.read(&mut got).await, Ok(0) | Err(_)));
+    }
+
+    /// The generic engine keeps the same half-close rule.
+    #[tokio::test]
+    async fn generic_engine_half_close() {
+        let (mut client, proxy_client) = tokio::io::duplex(1024);
+        let (proxy_upstream, mut upstream) = tokio::io::duplex(1024);
+        let task = tokio::spawn(async move {
+            let counters = Arc::new(Counters::default());
+            run(proxy_client, proxy_upstream, Duration::from_secs(60), counters, std::future::pending()).await
+        });
+        client.write_all(b"up").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"up");
+        upstream.write_all(b"down").await.unwrap();
+        drop(upstream);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"down");
+        let stats = task.await.unwrap();
+        assert_eq!(stats, TunnelStats { bytes_up: 2, bytes_down: 4, end: TunnelEnd::Closed });
     }
 }

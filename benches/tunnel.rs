@@ -1,0 +1,461 @@
+//! End-to-end tunnel bench: the same loopback load direct and through a proxy, reported as ratios.
+//!
+//! `cargo bench --bench tunnel` builds the release `sluice` binary (cargo builds a package's binaries
+//! for its benches), starts it as a child process with a generated config (decision log on, to a
+//! file), starts echo and source sinks on 127.0.0.1, and measures each figure without a proxy and
+//! through it in the same run, round after round (the median of the rounds is reported).
+//!
+//! Environment:
+//! - `SLUICE_BENCH_SECS` (default 2): seconds per measurement; `SLUICE_BENCH_ROUNDS` (default 3).
+//! - `SLUICE_BENCH_IDLE` (default 2000): idle tunnels held open for the RSS figure.
+//! - `SLUICE_BENCH_BIN`: another sluice binary to start (e.g. a copy built from an older commit).
+//! - `SLUICE_BENCH_PROXY=host:port`: measure another proxy instead of starting sluice (CONNECT must
+//!   reach 127.0.0.1 on any port); `SLUICE_BENCH_PID` gives its PID for the RSS and CPU figures, and
+//!   `SLUICE_BENCH_TARGET` the host name it is asked for (default `127.0.0.1`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const ECHO_MESSAGE: &[u8] = b"sluice bench echo: 32 bytes.....";
+const CHUNK: usize = 128 * 1024;
+
+struct Settings {
+    secs: Duration,
+    rounds: usize,
+    idle: usize,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+/// Where load goes: straight to the sink, or through a proxy with CONNECT.
+#[derive(Clone)]
+enum Route {
+    Direct,
+    Proxy { addr: SocketAddr, target: Arc<str> },
+}
+
+impl Route {
+    async fn open(&self, sink: SocketAddr) -> std::io::Result<TcpStream> {
+        match self {
+            Route::Direct => {
+                let s = TcpStream::connect(sink).await?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            }
+            Route::Proxy { addr, target } => {
+                let mut s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                let port = sink.port();
+                let head = format!("CONNECT {target}:{port} HTTP/1.1\r\nHost: {target}:{port}\r\n\r\n");
+                s.write_all(head.as_bytes()).await?;
+                read_connect_answer(&mut s).await?;
+                Ok(s)
+            }
+        }
+    }
+}
+
+/// Reads the proxy's answer head byte by byte (so no tunnelled byte is consumed) and checks for `200`.
+async fn read_connect_answer(s: &mut TcpStream) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(128);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 || head.len() > 8192 {
+            return Err(std::io::Error::other(format!("proxy answer cut short: {:?}", String::from_utf8_lossy(&head))));
+        }
+        head.push(byte[0]);
+    }
+    if head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("proxy refused: {:?}", String::from_utf8_lossy(&head))))
+    }
+}
+
+/// Echoes every byte back until EOF.
+async fn echo_sink() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo sink");
+    let addr = listener.local_addr().expect("echo sink address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Writes bytes as fast as the reader takes them until the connection closes.
+async fn source_sink() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind source sink");
+    let addr = listener.local_addr().expect("source sink address");
+    let chunk: Arc<[u8]> = vec![0x5au8; CHUNK].into();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let chunk = chunk.clone();
+            tokio::spawn(async move { while s.write_all(&chunk).await.is_ok() {} });
+        }
+    });
+    addr
+}
+
+/// `concurrency` clients open a tunnel, echo one message and close, until the deadline.
+/// Returns (tunnels per second, p99 latency of one whole exchange, tunnels done).
+async fn tunnel_rate(route: &Route, echo: SocketAddr, concurrency: usize, secs: Duration) -> (f64, Duration, u64) {
+    let start = Instant::now();
+    let deadline = start + secs;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let route = route.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(4096);
+            let mut buf = [0u8; ECHO_MESSAGE.len()];
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let mut s = route.open(echo).await.expect("open a tunnel to the echo sink");
+                s.write_all(ECHO_MESSAGE).await.expect("write the echo message");
+                s.read_exact(&mut buf).await.expect("read the echo back");
+                drop(s);
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("tunnel task"));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let p99 = all.get((all.len() * 99 / 100).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
+    (all.len() as f64 / elapsed, p99, all.len() as u64)
+}
+
+/// `streams` tunnels read from the source sink until the deadline; returns Gbit/s in total.
+async fn throughput(route: &Route, source: SocketAddr, streams: usize, secs: Duration) -> f64 {
+    let mut opened = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        opened.push(route.open(source).await.expect("open a tunnel to the source sink"));
+    }
+    let start = Instant::now();
+    let deadline = start + secs;
+    let mut tasks = Vec::with_capacity(streams);
+    for mut s in opened {
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            let mut total = 0u64;
+            loop {
+                match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return total,
+                    Ok(Ok(n)) => total += n as u64,
+                }
+            }
+        }));
+    }
+    let mut bytes = 0u64;
+    for t in tasks {
+        bytes += t.await.expect("throughput task");
+    }
+    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// The proxy process's resident set (VmRSS) in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The proxy process's CPU time so far (utime + stime).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// Idle tunnels need two descriptors each here and two in the proxy (which inherits this limit).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the rlimit we own; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// A sluice child process with its generated files; killed on drop.
+struct Sluice {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_sluice() -> Sluice {
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("create the bench directory");
+    std::fs::write(
+        policies.join("bench.toml"),
+        "version = 1\nname = \"bench\"\nlevel = \"full\"\nallow_ips = [\"127.0.0.0/8\"]\n",
+    )
+    .expect("write the bench policy");
+    let config = format!(
+        "[egress]\nlisten = \"127.0.0.1:0\"\npolicy = \"bench\"\nidle_timeout = \"10m\"\nmax_connections = 100000\n\
+         [policies]\ndir = {policies:?}\n\
+         [resolver]\nhosts = {{ \"bench.test\" = [\"127.0.0.1\"] }}\nsystem = false\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [log]\nfile = {log:?}\n",
+        policies = policies.display().to_string(),
+        log = dir.join("decisions.log").display().to_string(),
+    );
+    let config_path = dir.join("sluice.toml");
+    std::fs::write(&config_path, config).expect("write the bench config");
+    let log = dir.join("decisions.log");
+    let bin = std::env::var_os("SLUICE_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into());
+    let mut child = Command::new(bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start target/release/sluice");
+    // With `[log] file` set, the "sluice listening" line goes to that file.
+    let started = Instant::now();
+    let addr = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("sluice exited before listening: {status}");
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("sluice listening")) {
+            let at = line.find("\"egress\":\"").expect("egress address in the listening line") + 10;
+            let end = line[at..].find('"').expect("end of the egress address") + at;
+            break line[at..end].parse().expect("egress address");
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "sluice did not log \"sluice listening\" in 10s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Sluice { child, addr, dir }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+/// One figure's values, round by round: (direct, through the proxy).
+type Pair = (Vec<f64>, Vec<f64>);
+
+#[derive(Default)]
+struct Samples {
+    rate64: Pair,
+    p99: Pair,
+    rate1: Pair,
+    thr1: Pair,
+    thr8: Pair,
+    cpu_per_1000_ms: Vec<f64>,
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is accepted and ignored.
+    raise_nofile_limit();
+    let settings = Settings {
+        secs: Duration::from_secs_f64(env_or("SLUICE_BENCH_SECS", 2.0)),
+        rounds: env_or("SLUICE_BENCH_ROUNDS", 3usize).max(1),
+        idle: env_or("SLUICE_BENCH_IDLE", 2000usize),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // The sinks get a runtime (and thread) of their own, as a server in another process would: in the
+    // clients' runtime their accept loops queue behind 64 busy clients, which inflates direct latency.
+    let sinks = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sink")
+        .enable_all()
+        .build()
+        .expect("sink runtime");
+    let echo = sinks.block_on(echo_sink());
+    let source = sinks.block_on(source_sink());
+    let (sluice, proxy_addr, pid, target) = match std::env::var("SLUICE_BENCH_PROXY") {
+        Ok(addr) => {
+            let addr: SocketAddr = addr.parse().expect("SLUICE_BENCH_PROXY is host:port");
+            let pid = std::env::var("SLUICE_BENCH_PID").ok().map(|p| p.parse().expect("SLUICE_BENCH_PID is a PID"));
+            let target = std::env::var("SLUICE_BENCH_TARGET").unwrap_or_else(|_| "127.0.0.1".into());
+            (None, addr, pid, target)
+        }
+        Err(_) => {
+            let s = start_sluice();
+            let (addr, pid) = (s.addr, s.child.id());
+            (Some(s), addr, Some(pid), "bench.test".into())
+        }
+    };
+    let proxy = Route::Proxy { addr: proxy_addr, target: target.into() };
+    let direct = Route::Direct;
+    let s = &settings;
+    let (samples, idle_kib) = runtime.block_on(async {
+        // Warm up both paths (and the proxy's allocator and threads) before anything is measured.
+        tunnel_rate(&direct, echo, 16, Duration::from_millis(300)).await;
+        tunnel_rate(&proxy, echo, 16, Duration::from_millis(300)).await;
+        let idle_kib = match pid {
+            Some(pid) => idle_rss(&proxy, echo, pid, s.idle).await,
+            None => None,
+        };
+        let mut m = Samples::default();
+        for round in 0..s.rounds {
+            eprintln!("round {}/{}", round + 1, s.rounds);
+            let (r, p, _) = tunnel_rate(&direct, echo, 64, s.secs).await;
+            m.rate64.0.push(r);
+            m.p99.0.push(p.as_secs_f64() * 1e3);
+            let cpu0 = pid.and_then(cpu_time);
+            let (r, p, n) = tunnel_rate(&proxy, echo, 64, s.secs).await;
+            if let (Some(c0), Some(c1)) = (cpu0, pid.and_then(cpu_time)) {
+                m.cpu_per_1000_ms.push((c1 - c0).as_secs_f64() * 1e3 * 1000.0 / n.max(1) as f64);
+            }
+            m.rate64.1.push(r);
+            m.p99.1.push(p.as_secs_f64() * 1e3);
+            m.rate1.0.push(tunnel_rate(&direct, echo, 1, s.secs).await.0);
+            m.rate1.1.push(tunnel_rate(&proxy, echo, 1, s.secs).await.0);
+            m.thr1.0.push(throughput(&direct, source, 1, s.secs).await);
+            m.thr1.1.push(throughput(&proxy, source, 1, s.secs).await);
+            m.thr8.0.push(throughput(&direct, source, 8, s.secs).await);
+            m.thr8.1.push(throughput(&proxy, source, 8, s.secs).await);
+        }
+        (m, idle_kib)
+    });
+    report(&settings, samples, idle_kib, sluice.as_ref());
+}
+
+/// Opens `n` tunnels (each echoes once, as a TLS handshake would), holds them idle and returns the
+/// proxy's RSS growth per tunnel in KiB.
+async fn idle_rss(proxy: &Route, echo: SocketAddr, pid: u32, n: usize) -> Option<f64> {
+    if n == 0 {
+        return None;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid)?;
+    let failed = Arc::new(AtomicBool::new(false));
+    let per_task = n.div_ceil(32);
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (proxy, failed) = (proxy.clone(), failed.clone());
+        let count = per_task.min(n.saturating_sub(i * per_task));
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::with_capacity(count);
+            let mut buf = [0u8; ECHO_MESSAGE.len()];
+            for _ in 0..count {
+                let opened = async {
+                    let mut s = proxy.open(echo).await?;
+                    s.write_all(ECHO_MESSAGE).await?;
+                    s.read_exact(&mut buf).await?;
+                    std::io::Result::Ok(s)
+                };
+                match opened.await {
+                    Ok(s) => held.push(s),
+                    Err(e) => {
+                        eprintln!("idle tunnel failed: {e}");
+                        failed.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            held
+        }));
+    }
+    let mut held = Vec::with_capacity(n);
+    for t in tasks {
+        held.extend(t.await.ok()?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid)?;
+    let per = after.saturating_sub(before) as f64 / held.len().max(1) as f64;
+    eprintln!("idle: {} tunnels, proxy RSS {before} KiB → {after} KiB", held.len());
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (!failed.load(Ordering::Relaxed)).then_some(per)
+}
+
+fn report(s: &Settings, m: Samples, idle_kib: Option<f64>, sluice: Option<&Sluice>) {
+    let na = || "n/a".to_string();
+    let ratio = |(d, p): &Pair| median(p.clone()) / median(d.clone());
+    let pair = |(d, p): &Pair, prec: usize| {
+        (format!("{:.*}", prec, median(d.clone())), format!("{:.*}", prec, median(p.clone())))
+    };
+    let met = |ok: bool| if ok { "yes" } else { "NO" };
+    println!();
+    println!(
+        "tunnel bench: {} round(s) of {:.1}s, median; {} idle tunnels; decision log {}",
+        s.rounds,
+        s.secs.as_secs_f64(),
+        s.idle,
+        if sluice.is_some() { "on (file)" } else { "as the proxy is configured" }
+    );
+    println!();
+    println!("| figure | direct | via proxy | proxy / direct | target | met |");
+    println!("|---|---:|---:|---:|---|---|");
+    let rows: [(&str, &Pair, usize, f64); 4] = [
+        ("CONNECT tunnels/s, 64 concurrent (open, 1 echo, close)", &m.rate64, 0, 0.70),
+        ("CONNECT tunnels/s, 1 at a time", &m.rate1, 0, 0.60),
+        ("one tunnel's throughput (Gbit/s)", &m.thr1, 2, 0.80),
+        ("8 tunnels' throughput (Gbit/s)", &m.thr8, 2, 0.75),
+    ];
+    for (name, samples, prec, target) in rows {
+        let (d, p) = pair(samples, prec);
+        let r = ratio(samples);
+        println!("| {name} | {d} | {p} | {r:.2}× | ≥ {target:.2}× | {} |", met(r >= target));
+    }
+    let idle = idle_kib.map_or_else(na, |k| format!("{k:.1} KiB"));
+    let idle_met = idle_kib.map_or("n/a", |k| met(k <= 12.0));
+    println!("| proxy RSS per idle open tunnel | — | {idle} | — | ≤ 12 KiB | {idle_met} |");
+    let cpu = (!m.cpu_per_1000_ms.is_empty()).then(|| median(m.cpu_per_1000_ms.clone()));
+    let cpu_text = cpu.map_or_else(na, |c| format!("{c:.0} ms"));
+    let cpu_met = cpu.map_or("n/a", |c| met(c <= 100.0));
+    println!("| proxy CPU per 1,000 tunnels | — | {cpu_text} | — | ≤ 100 ms | {cpu_met} |");
+    let (d, p) = pair(&m.p99, 2);
+    let r = ratio(&m.p99);
+    println!("| CONNECT latency p99 at 64 concurrent (ms) | {d} | {p} | {r:.2}× | ≤ 3× | {} |", met(r <= 3.0));
+    if let Some(sluice) = sluice {
+        let log = sluice.dir.join("decisions.log");
+        let lines = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
+        println!();
+        println!("decision log: {lines} lines written");
+    }
+}
