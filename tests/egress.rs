@@ -639,36 +639,18 @@ async fn connection_cap_answers_503_and_closes() {
 
 mod identity {
     use super::*;
-    use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
+    use sluice::credential::now_unix;
 
     const KEY: &[u8] = b"test-signing-key-0123456789abcdef-0123456789";
     const SID: &str = "sess-canary-1";
 
-    fn keyring(key: &[u8]) -> Keyring {
-        Keyring::new(SigningKey::from_bytes(key).expect("key"), None)
-    }
-
     fn token(key: &[u8], sid: &str, policy: &str, iat: u64, exp: u64) -> String {
-        let claims = Claims {
-            sid: sid.into(),
-            kind: Kind::Egress,
-            policy: Some(policy.into()),
-            repo: None,
-            branch: None,
-            iat,
-            exp,
-        };
-        keyring(key).mint(&claims)
+        egress_token(key, sid, policy, iat, exp)
     }
 
     fn fresh(policy: &str) -> String {
         let now = now_unix();
         token(KEY, SID, policy, now, now + 3600)
-    }
-
-    fn basic(sid: &str, token: &str) -> String {
-        use base64::Engine;
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{token}")))
     }
 
     /// Anonymous use off; the anonymous policy `closed` (level none) would refuse everything, `team`

@@ -4,11 +4,10 @@
 //! sees, and every log line, is searched for the real token.
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -20,8 +19,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use sluice::audit::AuditLog;
-use sluice::config::LogFormat;
 use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
 use sluice::git::{GitProxy, GitSettings, TokenSource};
 use tokio::net::TcpListener;
@@ -34,45 +31,14 @@ const DOCS: &str = "https://docs.github.com/rest/pulls/pulls";
 
 // ---------- log capture ----------
 
-/// The git proxy's audit lines (text format), captured with the diagnostics.
-fn audit() -> &'static AuditLog {
-    static AUDIT: OnceLock<AuditLog> = OnceLock::new();
-    AUDIT.get_or_init(|| {
-        logs();
-        AuditLog::start(LogFormat::Text, Box::new(LogWriter))
-    })
-}
-
-fn logs() -> &'static Mutex<Vec<u8>> {
-    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(|| LogWriter)
-            .finish();
-        let _ = tracing::subscriber::set_global_default(subscriber);
-        Mutex::new(Vec::new())
-    })
-}
-
-struct LogWriter;
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        logs().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "support/capture.rs"]
+mod capture;
+use capture::audit;
 
 fn log_lines_for(repo: &str) -> Vec<String> {
-    audit().flush();
-    let text = String::from_utf8_lossy(&logs().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let text = capture::text();
     assert_no_canary("log output", &text);
-    text.lines().filter(|l| l.contains(&format!("repo={repo} "))).map(str::to_owned).collect()
+    capture::lines_for_repo(&text, repo)
 }
 
 fn assert_no_canary(what: &str, text: &str) {
@@ -260,7 +226,7 @@ impl World {
 
     /// A world whose sluice holds `token` as the real token for the owner (none: no token configured).
     async fn with_token(name: &str, token: Option<&str>) -> World {
-        logs();
+        audit();
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "sluice-api-{name}-{}-{}",

@@ -5,14 +5,12 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use sluice::audit::AuditLog;
-use sluice::config::LogFormat;
 use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
 use sluice::git::{GitProxy, GitSettings, TokenSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,45 +23,14 @@ const Z40: &str = "0000000000000000000000000000000000000000";
 
 // ---------- log capture ----------
 
-/// The git proxy's audit lines (text format), captured with the diagnostics.
-fn audit() -> &'static AuditLog {
-    static AUDIT: OnceLock<AuditLog> = OnceLock::new();
-    AUDIT.get_or_init(|| {
-        logs();
-        AuditLog::start(LogFormat::Text, Box::new(LogWriter))
-    })
-}
-
-fn logs() -> &'static Mutex<Vec<u8>> {
-    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(|| LogWriter)
-            .finish();
-        let _ = tracing::subscriber::set_global_default(subscriber);
-        Mutex::new(Vec::new())
-    })
-}
-
-struct LogWriter;
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        logs().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "support/capture.rs"]
+mod capture;
+use capture::audit;
 
 fn log_lines_for(repo: &str) -> Vec<String> {
-    audit().flush();
-    let text = String::from_utf8_lossy(&logs().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let text = capture::text();
     assert_no_canary("log output", text.as_bytes());
-    text.lines().filter(|l| l.contains(&format!("repo={repo} "))).map(str::to_owned).collect()
+    capture::lines_for_repo(&text, repo)
 }
 
 fn canary_forms() -> Vec<String> {
@@ -134,7 +101,7 @@ impl World {
     }
 
     async fn with_token(name: &str, token: bool) -> World {
-        logs();
+        audit();
         let dir = TempDir::new(name);
         let base = dir.0.clone();
         let owner = format!("t-{name}");

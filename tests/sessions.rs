@@ -5,25 +5,15 @@ mod support;
 
 use std::time::Duration;
 
-use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
+use sluice::credential::now_unix;
 use support::*;
 
 const KEY: &[u8] = b"sessions-test-signing-key-0123456789abcdef";
 
-fn basic(sid: &str, policy: &str) -> String {
-    use base64::Engine;
+/// A fresh credential for `sid` under `policy`, as a `Proxy-Authorization` value.
+fn auth_for(sid: &str, policy: &str) -> String {
     let now = now_unix();
-    let claims = Claims {
-        sid: sid.into(),
-        kind: Kind::Egress,
-        policy: Some(policy.into()),
-        repo: None,
-        branch: None,
-        iat: now,
-        exp: now + 600,
-    };
-    let token = Keyring::new(SigningKey::from_bytes(KEY).unwrap(), None).mint(&claims);
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{token}")))
+    basic(sid, &egress_token(KEY, sid, policy, now, now + 600))
 }
 
 /// A policy allowing `host` with the given `[limits]`, reaching loopback through its own allow_ips.
@@ -55,7 +45,7 @@ async fn a_burst_gets_exactly_its_429s_recovers_and_spares_other_sessions() {
     // One request per two seconds, burst 5: eight quick requests are five passes and three refusals.
     let policy = limited("slow", &format!("plain.test:{port}"), "requests_per_second = 0.5\nburst = 5");
     let proxy = start(&[("slow.toml", &policy)]).await;
-    let (a, b) = (basic("flood", "slow"), basic("quiet", "slow"));
+    let (a, b) = (auth_for("flood", "slow"), auth_for("quiet", "slow"));
 
     let mut flood = RawClient::connect(proxy.addr).await;
     let mut quiet = RawClient::connect(proxy.addr).await;
@@ -102,7 +92,7 @@ async fn max_tunnels_holds_with_tunnels_open() {
     let port = echo.port();
     let policy = limited("two", &format!("plain.test:{port}"), "max_tunnels = 2");
     let proxy = start(&[("two.toml", &policy)]).await;
-    let auth = basic("tunnels", "two");
+    let auth = auth_for("tunnels", "two");
     let connect =
         format!("CONNECT plain.test:{port} HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {auth}\r\n\r\n");
 
@@ -143,7 +133,6 @@ async fn max_tunnels_holds_with_tunnels_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_minted_under_the_previous_key_works_during_rotation() {
-    use base64::Engine;
     let upstream = Upstream::plain("plain").await;
     let port = upstream.port();
     const OLD: &[u8] = b"the-previous-signing-key-0123456789abcdef";
@@ -160,17 +149,7 @@ async fn a_token_minted_under_the_previous_key_works_during_rotation() {
     let proxy = Proxy::start_in(dir, &config, &[("app.toml", &policy)]).await;
     let auth = |key: &[u8]| {
         let now = now_unix();
-        let claims = Claims {
-            sid: "rot".into(),
-            kind: Kind::Egress,
-            policy: Some("app".into()),
-            repo: None,
-            branch: None,
-            iat: now,
-            exp: now + 600,
-        };
-        let token = Keyring::new(SigningKey::from_bytes(key).unwrap(), None).mint(&claims);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("rot:{token}")))
+        basic("rot", &egress_token(key, "rot", "app", now, now + 600))
     };
     for (key, status) in
         [(NEW, "HTTP/1.1 200 OK"), (OLD, "HTTP/1.1 200 OK"), (OTHER, "HTTP/1.1 407 Proxy Authentication Required")]

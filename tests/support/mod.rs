@@ -618,3 +618,17 @@ pub async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> RawResponse {
     c.send(request).await;
     c.response().await.expect("a response")
 }
+
+/// An egress credential for `sid` naming `policy`, signed with `key`, valid from `iat` to `exp`.
+pub fn egress_token(key: &[u8], sid: &str, policy: &str, iat: u64, exp: u64) -> String {
+    use sluice::credential::{Claims, Keyring, Kind, SigningKey};
+    let claims =
+        Claims { sid: sid.into(), kind: Kind::Egress, policy: Some(policy.into()), repo: None, branch: None, iat, exp };
+    Keyring::new(SigningKey::from_bytes(key).expect("a test key of 32+ bytes"), None).mint(&claims)
+}
+
+/// The `Proxy-Authorization` value for `sid:token`.
+pub fn basic(sid: &str, token: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{token}")))
+}
