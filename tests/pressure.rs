@@ -68,67 +68,8 @@ async fn five_thousand_idle_connections_then_normal_traffic_is_served() {
     drop(idle);
 }
 
-/// sluice as a child process, so its RSS is its own (tests in this binary run in parallel).
-struct Child {
-    child: std::process::Child,
-    egress: std::net::SocketAddr,
-    _dir: TempDir,
-}
-
-impl Child {
-    fn start(config: &str, policies: &[(&str, &str)]) -> Child {
-        use std::io::BufRead;
-        let dir = TempDir::new("child");
-        std::fs::create_dir_all(dir.path().join("policies")).expect("policies dir");
-        for (name, text) in policies {
-            std::fs::write(dir.path().join("policies").join(name), text).expect("policy");
-        }
-        let config = format!(
-            "{config}\n[policies]\ndir = \"policies\"\n[git]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
-        );
-        let config = config
-            .replace("[egress]\n", "[egress]\nlisten = \"127.0.0.1:0\"\n")
-            .replace("[resolver]\n", "[resolver]\nsystem = false\n");
-        std::fs::write(dir.path().join("sluice.toml"), config).expect("config");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config", "sluice.toml"])
-            .current_dir(dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn sluice");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("sluice listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("sluice started");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-        let egress = v["egress"].as_str().expect("egress").parse().expect("addr");
-        Child { child, egress, _dir: dir }
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[path = "support/child.rs"]
+mod child;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_does_not_grow_memory() {
@@ -148,7 +89,14 @@ async fn a_client_that_stops_reading_does_not_grow_memory() {
             counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
     });
-    let sluice = Child::start(&config(&["source.test"]), &[("lab.toml", &lab())]);
+    // sluice as a child process, so the RSS measured is its own (tests here run in parallel).
+    let dir = TempDir::new("stalled");
+    dir.write("policies/lab.toml", lab());
+    let config = config(&["source.test"])
+        .replace("[egress]\n", "[egress]\nlisten = \"127.0.0.1:0\"\n")
+        .replace("[resolver]\n", "[resolver]\nsystem = false\n")
+        + "[git]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let sluice = child::Sluice::start(dir.path(), &config);
     let before = sluice.rss_kib();
     let mut client = RawClient::connect(sluice.egress).await;
     let authority = format!("source.test:{port}");
