@@ -1,7 +1,7 @@
 //! Operating sluice as a process: hot reload by file change and SIGHUP, graceful SIGTERM drain,
 //! `/metrics` after a known sequence, and a decision log with one line per request and no secrets.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
