@@ -94,12 +94,14 @@ impl Host {
             return Err(HostError::Empty);
         }
         // The hot path: already-canonical ASCII needs no UTS 46 processing unless it carries punycode,
-        // which must be checked (a bogus `xn--` label is not a name).
-        let fast = trimmed.bytes().all(|b| valid_label_byte(b) || b == b'.')
-            && !trimmed.split('.').any(|l| l.starts_with("xn--"));
+        // which must be checked (a bogus `xn--` label is not a name). The prefix is matched in any case:
+        // `XN--` lowercases to `xn--` and must not skip the check.
+        let punycode =
+            trimmed.split('.').any(|l| l.as_bytes().get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"xn--")));
+        let fast = !punycode && trimmed.bytes().all(|b| valid_label_byte(b) || b == b'.');
         let name = if fast {
             trimmed.to_string()
-        } else if trimmed.is_ascii() && !trimmed.split('.').any(|l| l.starts_with("xn--")) {
+        } else if trimmed.is_ascii() && !punycode {
             trimmed.to_ascii_lowercase()
         } else {
             let ascii = idna::uts46::Uts46::new()
@@ -378,6 +380,11 @@ mod tests {
         assert_eq!(host("xn--bcher-kva.example"), "xn--bcher-kva.example");
         assert_eq!(host("under_score.example"), "under_score.example");
         assert_eq!(host("."), "error: empty host name");
+        // An upper-case ACE prefix is still punycode and is checked like one.
+        assert_eq!(host("XN--bcher-kva.example"), "xn--bcher-kva.example");
+        assert_eq!(host("Xn--bcher-kva.example"), "xn--bcher-kva.example");
+        assert_eq!(host("xn--zz.example"), "error: not a valid internationalised domain name (UTS 46)");
+        assert_eq!(host("XN--zz.example"), "error: not a valid internationalised domain name (UTS 46)");
         assert_eq!(host(""), "error: empty host name");
     }
 
