@@ -180,10 +180,18 @@ impl Target {
         if let Some(ch) = input.chars().find(|&c| forbidden(c)) {
             return Err(HostError::ForbiddenChar { ch });
         }
-        if ends_in_number(input) {
+        // ASCII needs no normalising to show whether it is an address; this keeps IPv4 literals off
+        // the allocation in `Host::parse`.
+        if input.is_ascii() && ends_in_number(input) {
             return parse_ipv4_legacy(input).map(|ip| Target::Ip(IpAddr::V4(ip))).ok_or(HostError::InvalidIpv4);
         }
-        Host::parse(input).map(Target::Name)
+        let host = Host::parse(input)?;
+        // UTS 46 maps fullwidth digits and ideographic dots to ASCII, so `１２７。０。０。１` only shows
+        // itself as an address once normalised; the WHATWG order is the same (domain to ASCII first).
+        if ends_in_number(host.as_str()) {
+            return parse_ipv4_legacy(host.as_str()).map(|ip| Target::Ip(IpAddr::V4(ip))).ok_or(HostError::InvalidIpv4);
+        }
+        Ok(Target::Name(host))
     }
 
     /// The form to show in a message and to send upstream: a name, a dotted IPv4, or a bracketed IPv6.
@@ -204,7 +212,7 @@ impl fmt::Display for Target {
 
 /// The WHATWG URL rule: a host whose last label is a number is an IPv4 address or an error, never a
 /// name. This is what keeps `1.2.3.999` and `0x7f.1` from being looked up in DNS.
-fn ends_in_number(input: &str) -> bool {
+pub(crate) fn ends_in_number(input: &str) -> bool {
     let trimmed = input.strip_suffix('.').unwrap_or(input);
     let last = trimmed.rsplit('.').next().unwrap_or("");
     if last.is_empty() {
@@ -437,6 +445,17 @@ mod tests {
         assert_eq!(ip("1.2.3.4.5"), "error: looks like an IPv4 address but is not a valid one");
         assert_eq!(ip("08.1.1.1"), "error: looks like an IPv4 address but is not a valid one");
         assert_eq!(ip("1.2.3.a"), "name 1.2.3.a");
+    }
+
+    /// Fullwidth digits and ideographic full stops normalise to an IPv4 literal: an address, not a name.
+    #[test]
+    fn ipv4_hidden_behind_unicode() {
+        assert_eq!(ip("１２７.０.０.１"), "127.0.0.1");
+        assert_eq!(ip("127。0。0。1"), "127.0.0.1");
+        assert_eq!(ip("１２７．１"), "127.0.0.1");
+        assert_eq!(ip("０ｘ７ｆ.1"), "127.0.0.1");
+        assert_eq!(ip("example.１"), "error: looks like an IPv4 address but is not a valid one");
+        assert_eq!(ip("ｅｘａｍｐｌｅ.com"), "name example.com");
     }
 
     fn authority(s: &str) -> String {
