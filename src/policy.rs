@@ -231,6 +231,8 @@ pub struct Policy {
     pub level: Level,
     /// Where it was defined: a file path, or `built-in`.
     pub source: Arc<str>,
+    /// The line of `level = …` in `source` (0 for a built-in policy), where level rules point.
+    pub level_line: usize,
     pub include_defaults: bool,
     pub(crate) allow: RuleMatcher,
     pub(crate) deny: RuleMatcher,
@@ -253,6 +255,7 @@ impl Policy {
             name: level.as_str().into(),
             level,
             source: "built-in".into(),
+            level_line: 0,
             include_defaults: level == Level::Trusted,
             allow: Matcher::default(),
             deny: Matcher::default(),
@@ -273,7 +276,7 @@ impl Policy {
             pattern: format!("level = \"{}\"", self.level).into(),
             list: RuleList::Level,
             file: self.source.clone(),
-            line: 0,
+            line: self.level_line,
             group: None,
         }
     }

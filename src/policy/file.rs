@@ -408,11 +408,13 @@ pub fn parse_policy(
         lint_allow_against(&src, &allow, &deny_matcher, defaults.as_deref(), &mut diags);
     }
 
+    let level_line = raw.level.as_ref().map_or(0, |l| src.location(l.span().start).0);
     let warnings = finish(diags)?;
     let policy = Policy {
         name,
         level,
         source,
+        level_line,
         include_defaults,
         allow: Matcher::new(allow.into_iter().map(|(p, r, _)| (p, r))),
         deny: deny_matcher,
