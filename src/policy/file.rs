@@ -15,7 +15,7 @@ use super::host::Host;
 use super::matcher::{Lookup, Matcher};
 use super::pattern::{HostPattern, PatternKind};
 use super::{DEFAULT_PORTS, Level, Limits, Policy, Rule, RuleList, builtin_policies};
-use crate::diagnostic::{Diagnostic, Diagnostics, Source, from_toml_error};
+use crate::diagnostic::{Diagnostic, Diagnostics, Source, closest, from_toml_error};
 
 /// The default list as shipped in the repository; compiled in so `sluice serve` needs no files.
 pub const BUILTIN_DEFAULTS: &str = include_str!("../../policies/defaults.toml");
@@ -664,23 +664,4 @@ fn lint_allow_against(
             ));
         }
     }
-}
-
-/// The candidate within edit distance 2 of `word`, for "did you mean" hints.
-fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates.map(|c| (edit_distance(word, c), c)).filter(|(d, _)| *d <= 2).min_by_key(|(d, _)| *d).map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
