@@ -86,22 +86,23 @@ fn valid_label_byte(b: u8) -> bool {
 impl Host {
     /// Normalises a host name. IP literals are not names: use [`Target::parse`] where either may come.
     pub fn parse(input: &str) -> Result<Host, HostError> {
+        // The hot path: a name already in canonical form is checked in one pass and copied as is.
+        let trimmed = input.strip_suffix('.').unwrap_or(input);
+        if is_canonical(trimmed) {
+            return Ok(Host(trimmed.into()));
+        }
         if let Some(ch) = input.chars().find(|&c| forbidden(c)) {
             return Err(HostError::ForbiddenChar { ch });
         }
-        let trimmed = input.strip_suffix('.').unwrap_or(input);
         if trimmed.is_empty() {
             return Err(HostError::Empty);
         }
-        // The hot path: already-canonical ASCII needs no UTS 46 processing unless it carries punycode,
-        // which must be checked (a bogus `xn--` label is not a name). The prefix is matched in any case:
-        // `XN--` lowercases to `xn--` and must not skip the check.
+        // ASCII needs no UTS 46 processing unless it carries punycode, which must be checked (a bogus
+        // `xn--` label is not a name). The prefix is matched in any case: `XN--` lowercases to `xn--`
+        // and must not skip the check.
         let punycode =
             trimmed.split('.').any(|l| l.as_bytes().get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"xn--")));
-        let fast = !punycode && trimmed.bytes().all(|b| valid_label_byte(b) || b == b'.');
-        let name = if fast {
-            trimmed.to_string()
-        } else if trimmed.is_ascii() && !punycode {
+        let name = if trimmed.is_ascii() && !punycode {
             trimmed.to_ascii_lowercase()
         } else {
             let ascii = idna::uts46::Uts46::new()
@@ -130,6 +131,22 @@ impl Host {
         let s = self.as_str();
         std::iter::once(s).chain(s.match_indices('.').map(move |(i, _)| &s[i + 1..]))
     }
+}
+
+/// The hot path of every request: whether `name` is already a canonical host (what `check_labels`
+/// accepts, with no `xn--` label to validate), decided in one pass so it can be copied as is.
+fn is_canonical(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_NAME_LEN {
+        return false;
+    }
+    bytes.split(|&b| b == b'.').all(|label| {
+        !label.is_empty()
+            && label.len() <= MAX_LABEL_LEN
+            // A slice pattern, not `starts_with`: that is a `memcmp` call per label.
+            && !matches!(label, [b'x', b'n', b'-', b'-', ..])
+            && label.iter().all(|&b| valid_label_byte(b))
+    })
 }
 
 fn check_labels(name: &str) -> Result<(), HostError> {
@@ -173,6 +190,11 @@ impl Target {
             let inner = rest.strip_suffix(']').ok_or(HostError::InvalidIpv6)?;
             // A zone id (`%eth0`) names a local interface: never a destination for a sandbox.
             return inner.parse::<Ipv6Addr>().map(|ip| Target::Ip(IpAddr::V6(ip))).map_err(|_| HostError::InvalidIpv6);
+        }
+        // The hot path: a name in canonical form that is not an IPv4 literal needs no other check.
+        let trimmed = input.strip_suffix('.').unwrap_or(input);
+        if is_canonical(trimmed) && !ends_in_number(trimmed) {
+            return Ok(Target::Name(Host(trimmed.into())));
         }
         if input.contains(':') {
             return input.parse::<Ipv6Addr>().map(|ip| Target::Ip(IpAddr::V6(ip))).map_err(|_| HostError::InvalidIpv6);
@@ -221,9 +243,9 @@ pub(crate) fn ends_in_number(input: &str) -> bool {
     if last.bytes().all(|b| b.is_ascii_digit()) {
         return true;
     }
-    match last.strip_prefix("0x").or_else(|| last.strip_prefix("0X")) {
-        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
-        None => false,
+    match last.as_bytes() {
+        [b'0', b'x' | b'X', hex @ ..] => hex.iter().all(u8::is_ascii_hexdigit),
+        _ => false,
     }
 }
 
