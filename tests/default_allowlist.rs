@@ -55,13 +55,13 @@ fn allowed_by(pattern: &str, group: &str) -> Decision {
     Decision {
         verdict: Verdict::Allow,
         reason: Reason::DefaultAllowlisted,
-        rule: Some(Rule {
+        rule: Some(Arc::new(Rule {
             pattern: pattern.into(),
             list: RuleList::Defaults,
             file: BUILTIN_DEFAULTS_FILE.into(),
             line: defaults_line(pattern),
             group: Some(group.into()),
-        }),
+        })),
         policy: "trusted".into(),
         level: Level::Trusted,
     }
@@ -142,5 +142,5 @@ fn other_ports_are_refused_naming_the_entry() {
     assert_eq!(d.rule, allowed_by("github.com", "Version control").rule);
     let d = trusted_decision("a.b.gcr.io", 8443);
     assert_eq!(d.reason, Reason::PortNotAllowed { port: 8443, allowed: vec![80, 443] });
-    assert_eq!(d.rule.map(|r| r.pattern), Some(Arc::from("*.gcr.io")));
+    assert_eq!(d.rule.as_deref().map(|r| &*r.pattern), Some("*.gcr.io"));
 }

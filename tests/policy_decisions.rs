@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use sluice::policy::{Authority, Decision, Level, PolicySet, Reason, Rule, RuleList, Target, Verdict};
 
@@ -317,11 +317,11 @@ fn the_fixture_directory_loads_cleanly_next_to_the_built_ins() {
     }
 }
 
-fn rule(list: RuleList, pattern: &str, file: &str, line: usize) -> Option<Rule> {
-    Some(Rule { pattern: pattern.into(), list, file: file.into(), line, group: None })
+fn rule(list: RuleList, pattern: &str, file: &str, line: usize) -> Option<Arc<Rule>> {
+    Some(Arc::new(Rule { pattern: pattern.into(), list, file: file.into(), line, group: None }))
 }
 
-fn decision(policy: &str, level: Level, verdict: Verdict, reason: Reason, rule: Option<Rule>) -> Decision {
+fn decision(policy: &str, level: Level, verdict: Verdict, reason: Reason, rule: Option<Arc<Rule>>) -> Decision {
     Decision { verdict, reason, rule, policy: policy.into(), level }
 }
 
