@@ -414,6 +414,11 @@ impl Policy {
     pub fn allow_len(&self) -> usize {
         self.allow.len()
     }
+
+    /// Every entry of the policy's own allow and deny lists, in no particular order.
+    pub fn patterns(&self) -> impl Iterator<Item = &HostPattern> {
+        self.allow.entries().chain(self.deny.entries()).map(|(p, _)| p)
+    }
 }
 
 /// An entry's own port, from its canonical text.

@@ -458,3 +458,25 @@ fn refusals_explain_themselves() {
         assert_eq!(d.hint(&a.target, a.port).as_deref(), hint, "{policy} {destination}");
     }
 }
+
+#[test]
+fn a_policy_lists_its_own_patterns() {
+    let mut patterns: Vec<String> = set().get("acme-dev").unwrap().patterns().map(ToString::to_string).collect();
+    patterns.sort();
+    assert_eq!(
+        patterns,
+        [
+            "*.cdn-*.example.org",
+            "*.gcr.io:80",
+            "*.internal.example.com",
+            "*.secret.internal.example.com",
+            "api-*.example.net",
+            "api.example.com",
+            "gist.github.com",
+            "registry.example.com:8443",
+            "uploads.example.com",
+            "xn--bcher-kva.example",
+        ]
+    );
+    assert_eq!(set().get("trusted").unwrap().patterns().count(), 0);
+}
