@@ -160,12 +160,38 @@ impl std::error::Error for Diagnostics {}
 pub fn from_toml_error(source: &Source<'_>, err: &toml::de::Error) -> Diagnostic {
     let span = err.span().unwrap_or(0..0);
     let message = err.message().trim_end_matches('\n').replace('\n', "; ");
-    let hint = if message.starts_with("unknown field") {
-        Some("check the spelling; the keys this table accepts are listed above".to_string())
-    } else {
-        None
-    };
+    let hint = unknown_field_hint(&message);
     source.error(span, message, hint)
+}
+
+/// For serde's "unknown field `alow`, expected one of `version`, `allow`, …": the nearest key.
+fn unknown_field_hint(message: &str) -> Option<String> {
+    let (field, rest) = message.strip_prefix("unknown field `")?.split_once('`')?;
+    // The expected keys are every other backtick-delimited piece of the rest.
+    let expected = rest.split('`').skip(1).step_by(2);
+    Some(match closest(field, expected) {
+        Some(key) => format!("did you mean `{key}`?"),
+        None => "check the spelling against the keys the message lists".to_string(),
+    })
+}
+
+/// The candidate within edit distance 2 of `word`, for "did you mean" hints.
+pub(crate) fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates.map(|c| (edit_distance(word, c), c)).filter(|(d, _)| *d <= 2).min_by_key(|(d, _)| *d).map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -182,6 +208,20 @@ mod tests {
             d.to_string(),
             "p.toml:2:10: error: too broad\n  |\n2 | allow = [\"*.com\"]\n  |          ^^^^^^^\n  = hint: name the domains"
         );
+    }
+
+    #[test]
+    fn unknown_keys_get_the_nearest_known_one() {
+        let hint = |m: &str| unknown_field_hint(m);
+        assert_eq!(
+            hint("unknown field `alow`, expected one of `version`, `allow`, `allow_ips`").as_deref(),
+            Some("did you mean `allow`?")
+        );
+        assert_eq!(
+            hint("unknown field `colour`, expected one of `version`, `allow`").as_deref(),
+            Some("check the spelling against the keys the message lists")
+        );
+        assert_eq!(hint("invalid type: string \"x\", expected i64"), None);
     }
 
     #[test]

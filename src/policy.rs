@@ -194,7 +194,8 @@ impl fmt::Display for Reason {
 pub struct Decision {
     pub verdict: Verdict,
     pub reason: Reason,
-    pub rule: Option<Rule>,
+    /// Shared with the policy: cloning a decision's rule is one reference count, not one per field.
+    pub rule: Option<Arc<Rule>>,
     pub policy: Arc<str>,
     pub level: Level,
 }
@@ -234,7 +235,7 @@ impl Decision {
 }
 
 /// Allow-list entries carry their rule; deny entries too.
-pub(crate) type RuleMatcher = Matcher<Rule>;
+pub(crate) type RuleMatcher = Matcher<Arc<Rule>>;
 
 /// One named policy, compiled.
 #[derive(Debug)]
@@ -243,8 +244,8 @@ pub struct Policy {
     pub level: Level,
     /// Where it was defined: a file path, or `built-in`.
     pub source: Arc<str>,
-    /// The line of its `level` key (0 for built-ins).
-    pub level_line: usize,
+    /// The rule decisions made by the level itself point at: `level = …` in `source`.
+    pub(crate) level_rule: Arc<Rule>,
     pub include_defaults: bool,
     pub(crate) allow: RuleMatcher,
     pub(crate) deny: RuleMatcher,
@@ -253,7 +254,7 @@ pub struct Policy {
     pub ports: Vec<u16>,
     /// Whether `ports` was written in the file; level full allows every port unless it was.
     pub ports_explicit: bool,
-    pub allow_ips: Vec<(IpNet, Rule)>,
+    pub allow_ips: Vec<(IpNet, Arc<Rule>)>,
     pub limits: Limits,
 }
 
@@ -263,11 +264,12 @@ pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
 impl Policy {
     /// A built-in policy at `level` over the given default list.
     pub fn builtin(level: Level, defaults: Arc<DefaultList>) -> Policy {
+        let source: Arc<str> = "built-in".into();
         Policy {
             name: level.as_str().into(),
             level,
-            source: "built-in".into(),
-            level_line: 0,
+            level_rule: Policy::level_rule(level, source.clone(), 0),
+            source,
             include_defaults: level == Level::Trusted,
             allow: Matcher::default(),
             deny: Matcher::default(),
@@ -279,18 +281,20 @@ impl Policy {
         }
     }
 
-    fn decision(&self, verdict: Verdict, reason: Reason, rule: Option<Rule>) -> Decision {
+    fn decision(&self, verdict: Verdict, reason: Reason, rule: Option<Arc<Rule>>) -> Decision {
         Decision { verdict, reason, rule, policy: self.name.clone(), level: self.level }
     }
 
-    fn level_rule(&self) -> Rule {
-        Rule {
-            pattern: format!("level = \"{}\"", self.level).into(),
+    /// The rule for decisions the level makes by itself; `line` is where `level = …` was written (0 for
+    /// a built-in policy).
+    pub(crate) fn level_rule(level: Level, source: Arc<str>, line: usize) -> Arc<Rule> {
+        Arc::new(Rule {
+            pattern: format!("level = \"{level}\"").into(),
             list: RuleList::Level,
-            file: self.source.clone(),
-            line: self.level_line,
+            file: source,
+            line,
             group: None,
-        }
+        })
     }
 
     fn port_allowed(&self, pattern: &HostPattern, port: u16) -> bool {
@@ -312,7 +316,7 @@ impl Policy {
             return self.decision(Verdict::Deny, Reason::InvalidPort, None);
         }
         if self.level == Level::None {
-            return self.decision(Verdict::Deny, Reason::LevelNone, Some(self.level_rule()));
+            return self.decision(Verdict::Deny, Reason::LevelNone, Some(self.level_rule.clone()));
         }
         match target {
             Target::Ip(ip) => self.decide_ip(*ip, port),
@@ -339,10 +343,10 @@ impl Policy {
                 return self.decision(
                     Verdict::Deny,
                     Reason::PortNotAllowed { port, allowed: self.ports.clone() },
-                    Some(self.level_rule()),
+                    Some(self.level_rule.clone()),
                 );
             }
-            return self.decision(Verdict::Allow, Reason::FullLevel, Some(self.level_rule()));
+            return self.decision(Verdict::Allow, Reason::FullLevel, Some(self.level_rule.clone()));
         }
         self.decision(Verdict::Deny, Reason::IpNotAllowed { ip }, None)
     }
@@ -364,10 +368,10 @@ impl Policy {
                 return self.decision(
                     Verdict::Deny,
                     Reason::PortNotAllowed { port, allowed: self.ports.clone() },
-                    Some(self.level_rule()),
+                    Some(self.level_rule.clone()),
                 );
             }
-            return self.decision(Verdict::Allow, Reason::FullLevel, Some(self.level_rule()));
+            return self.decision(Verdict::Allow, Reason::FullLevel, Some(self.level_rule.clone()));
         }
         let port_ok = |p: &HostPattern| self.port_allowed(p, port);
         let mut mismatch = None;
@@ -400,7 +404,7 @@ impl Policy {
         }
     }
 
-    fn allowed_ip(&self, ip: IpAddr) -> Option<&Rule> {
+    fn allowed_ip(&self, ip: IpAddr) -> Option<&Arc<Rule>> {
         let ip = canonical_ip(ip);
         self.allow_ips.iter().find(|(net, _)| net.contains(&ip)).map(|(_, r)| r)
     }
@@ -421,6 +425,11 @@ impl Policy {
 
     pub fn allow_len(&self) -> usize {
         self.allow.len()
+    }
+
+    /// Every entry of the policy's own allow and deny lists, in no particular order.
+    pub fn patterns(&self) -> impl Iterator<Item = &HostPattern> {
+        self.allow.entries().chain(self.deny.entries()).map(|(p, _)| p)
     }
 }
 

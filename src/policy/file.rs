@@ -15,7 +15,7 @@ use super::host::Host;
 use super::matcher::{Lookup, Matcher};
 use super::pattern::{HostPattern, PatternKind};
 use super::{DEFAULT_PORTS, Level, Limits, Policy, Rule, RuleList, builtin_policies};
-use crate::diagnostic::{Diagnostic, Diagnostics, Source, from_toml_error};
+use crate::diagnostic::{Diagnostic, Diagnostics, Source, closest, from_toml_error};
 
 /// The default list as shipped in the repository; compiled in so `sluice serve` needs no files.
 pub const BUILTIN_DEFAULTS: &str = include_str!("../../policies/defaults.toml");
@@ -27,7 +27,7 @@ pub const DEFAULTS_FILE_NAME: &str = "defaults.toml";
 /// The Trusted level's list, grouped as published.
 #[derive(Debug)]
 pub struct DefaultList {
-    pub(crate) matcher: Matcher<Rule>,
+    pub(crate) matcher: Matcher<Arc<Rule>>,
     pub groups: Vec<(Arc<str>, Vec<HostPattern>)>,
     pub source: Arc<str>,
 }
@@ -390,13 +390,13 @@ pub fn parse_policy(
     for written in &raw.allow_ips {
         if let Some(net) = parse_ip_entry(&src, written, &mut diags) {
             let (line, _) = src.location(written.span().start);
-            let rule = Rule {
+            let rule = Arc::new(Rule {
                 pattern: net.to_string().into(),
                 list: RuleList::AllowIps,
                 file: source.clone(),
                 line,
                 group: None,
-            };
+            });
             allow_ips.push((net, rule));
         }
     }
@@ -408,13 +408,14 @@ pub fn parse_policy(
         lint_allow_against(&src, &allow, &deny_matcher, defaults.as_deref(), &mut diags);
     }
 
-    let warnings = finish(diags)?;
     let level_line = raw.level.as_ref().map_or(0, |l| src.location(l.span().start).0);
+    let level_rule = Policy::level_rule(level, source.clone(), level_line);
+    let warnings = finish(diags)?;
     let policy = Policy {
         name,
         level,
         source,
-        level_line,
+        level_rule,
         include_defaults,
         allow: Matcher::new(allow.into_iter().map(|(p, r, _)| (p, r))),
         deny: deny_matcher,
@@ -467,9 +468,9 @@ fn rule_at(
     span: Range<usize>,
     list: RuleList,
     group: Option<Arc<str>>,
-) -> Rule {
+) -> Arc<Rule> {
     let (line, _) = src.location(span.start);
-    Rule { pattern: p.to_string().into(), list, file: file.clone(), line, group }
+    Arc::new(Rule { pattern: p.to_string().into(), list, file: file.clone(), line, group })
 }
 
 fn parse_ip_entry(src: &Source<'_>, written: &Spanned<String>, diags: &mut Vec<Diagnostic>) -> Option<IpNet> {
@@ -551,7 +552,7 @@ fn parse_limits(src: &Source<'_>, raw: Option<&RawLimits>, diags: &mut Vec<Diagn
 fn lint_list(
     src: &Source<'_>,
     list: &str,
-    entries: &[(HostPattern, Rule, Range<usize>)],
+    entries: &[(HostPattern, Arc<Rule>, Range<usize>)],
     shadows: bool,
     diags: &mut Vec<Diagnostic>,
 ) {
@@ -562,7 +563,7 @@ fn lint_list(
             subdomains.entry(h.as_str()).or_default().push((p, r.line));
         }
     }
-    let globs: Vec<&(HostPattern, Rule, Range<usize>)> =
+    let globs: Vec<&(HostPattern, Arc<Rule>, Range<usize>)> =
         entries.iter().filter(|(p, _, _)| matches!(p.kind(), PatternKind::Glob { .. })).collect();
     for (p, r, span) in entries {
         let text = p.to_string();
@@ -610,8 +611,8 @@ fn lint_list(
 /// Warnings for allow entries that a deny entry cancels, or that the default list already allows.
 fn lint_allow_against(
     src: &Source<'_>,
-    allow: &[(HostPattern, Rule, Range<usize>)],
-    deny: &Matcher<Rule>,
+    allow: &[(HostPattern, Arc<Rule>, Range<usize>)],
+    deny: &Matcher<Arc<Rule>>,
     defaults: Option<&DefaultList>,
     diags: &mut Vec<Diagnostic>,
 ) {
@@ -664,23 +665,4 @@ fn lint_allow_against(
             ));
         }
     }
-}
-
-/// The candidate within edit distance 2 of `word`, for "did you mean" hints.
-fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates.map(|c| (edit_distance(word, c), c)).filter(|(d, _)| *d <= 2).min_by_key(|(d, _)| *d).map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }

@@ -86,20 +86,23 @@ fn valid_label_byte(b: u8) -> bool {
 impl Host {
     /// Normalises a host name. IP literals are not names: use [`Target::parse`] where either may come.
     pub fn parse(input: &str) -> Result<Host, HostError> {
+        // The hot path: a name already in canonical form is checked in one pass and copied as is.
+        let trimmed = input.strip_suffix('.').unwrap_or(input);
+        if is_canonical(trimmed) {
+            return Ok(Host(trimmed.into()));
+        }
         if let Some(ch) = input.chars().find(|&c| forbidden(c)) {
             return Err(HostError::ForbiddenChar { ch });
         }
-        let trimmed = input.strip_suffix('.').unwrap_or(input);
         if trimmed.is_empty() {
             return Err(HostError::Empty);
         }
-        // The hot path: already-canonical ASCII needs no UTS 46 processing unless it carries punycode,
-        // which must be checked (a bogus `xn--` label is not a name).
-        let fast = trimmed.bytes().all(|b| valid_label_byte(b) || b == b'.')
-            && !trimmed.split('.').any(|l| l.starts_with("xn--"));
-        let name = if fast {
-            trimmed.to_string()
-        } else if trimmed.is_ascii() && !trimmed.split('.').any(|l| l.starts_with("xn--")) {
+        // ASCII needs no UTS 46 processing unless it carries punycode, which must be checked (a bogus
+        // `xn--` label is not a name). The prefix is matched in any case: `XN--` lowercases to `xn--`
+        // and must not skip the check.
+        let punycode =
+            trimmed.split('.').any(|l| l.as_bytes().get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"xn--")));
+        let name = if trimmed.is_ascii() && !punycode {
             trimmed.to_ascii_lowercase()
         } else {
             let ascii = idna::uts46::Uts46::new()
@@ -126,8 +129,25 @@ impl Host {
     /// The name and every parent of it, longest first: `a.b.c`, `b.c`, `c`.
     pub fn suffixes(&self) -> impl Iterator<Item = &str> {
         let s = self.as_str();
-        std::iter::once(s).chain(s.match_indices('.').map(move |(i, _)| &s[i + 1..]))
+        // A plain byte scan: labels are short, so a `memchr` call per dot costs more than it saves.
+        std::iter::once(s).chain(s.bytes().enumerate().filter(|&(_, b)| b == b'.').map(move |(i, _)| &s[i + 1..]))
     }
+}
+
+/// The hot path of every request: whether `name` is already a canonical host (what `check_labels`
+/// accepts, with no `xn--` label to validate), decided in one pass so it can be copied as is.
+fn is_canonical(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_NAME_LEN {
+        return false;
+    }
+    bytes.split(|&b| b == b'.').all(|label| {
+        !label.is_empty()
+            && label.len() <= MAX_LABEL_LEN
+            // A slice pattern, not `starts_with`: that is a `memcmp` call per label.
+            && !matches!(label, [b'x', b'n', b'-', b'-', ..])
+            && label.iter().all(|&b| valid_label_byte(b))
+    })
 }
 
 fn check_labels(name: &str) -> Result<(), HostError> {
@@ -172,16 +192,29 @@ impl Target {
             // A zone id (`%eth0`) names a local interface: never a destination for a sandbox.
             return inner.parse::<Ipv6Addr>().map(|ip| Target::Ip(IpAddr::V6(ip))).map_err(|_| HostError::InvalidIpv6);
         }
+        // The hot path: a name in canonical form that is not an IPv4 literal needs no other check.
+        let trimmed = input.strip_suffix('.').unwrap_or(input);
+        if is_canonical(trimmed) && !ends_in_number(trimmed) {
+            return Ok(Target::Name(Host(trimmed.into())));
+        }
         if input.contains(':') {
             return input.parse::<Ipv6Addr>().map(|ip| Target::Ip(IpAddr::V6(ip))).map_err(|_| HostError::InvalidIpv6);
         }
         if let Some(ch) = input.chars().find(|&c| forbidden(c)) {
             return Err(HostError::ForbiddenChar { ch });
         }
-        if ends_in_number(input) {
+        // ASCII needs no normalising to show whether it is an address; this keeps IPv4 literals off
+        // the allocation in `Host::parse`.
+        if input.is_ascii() && ends_in_number(input) {
             return parse_ipv4_legacy(input).map(|ip| Target::Ip(IpAddr::V4(ip))).ok_or(HostError::InvalidIpv4);
         }
-        Host::parse(input).map(Target::Name)
+        let host = Host::parse(input)?;
+        // UTS 46 maps fullwidth digits and ideographic dots to ASCII, so `１２７。０。０。１` only shows
+        // itself as an address once normalised; the WHATWG order is the same (domain to ASCII first).
+        if ends_in_number(host.as_str()) {
+            return parse_ipv4_legacy(host.as_str()).map(|ip| Target::Ip(IpAddr::V4(ip))).ok_or(HostError::InvalidIpv4);
+        }
+        Ok(Target::Name(host))
     }
 
     /// The form to show in a message and to send upstream: a name, a dotted IPv4, or a bracketed IPv6.
@@ -202,7 +235,7 @@ impl fmt::Display for Target {
 
 /// The WHATWG URL rule: a host whose last label is a number is an IPv4 address or an error, never a
 /// name. This is what keeps `1.2.3.999` and `0x7f.1` from being looked up in DNS.
-fn ends_in_number(input: &str) -> bool {
+pub(crate) fn ends_in_number(input: &str) -> bool {
     let trimmed = input.strip_suffix('.').unwrap_or(input);
     let last = trimmed.rsplit('.').next().unwrap_or("");
     if last.is_empty() {
@@ -211,9 +244,9 @@ fn ends_in_number(input: &str) -> bool {
     if last.bytes().all(|b| b.is_ascii_digit()) {
         return true;
     }
-    match last.strip_prefix("0x").or_else(|| last.strip_prefix("0X")) {
-        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
-        None => false,
+    match last.as_bytes() {
+        [b'0', b'x' | b'X', hex @ ..] => hex.iter().all(u8::is_ascii_hexdigit),
+        _ => false,
     }
 }
 
@@ -378,6 +411,11 @@ mod tests {
         assert_eq!(host("xn--bcher-kva.example"), "xn--bcher-kva.example");
         assert_eq!(host("under_score.example"), "under_score.example");
         assert_eq!(host("."), "error: empty host name");
+        // An upper-case ACE prefix is still punycode and is checked like one.
+        assert_eq!(host("XN--bcher-kva.example"), "xn--bcher-kva.example");
+        assert_eq!(host("Xn--bcher-kva.example"), "xn--bcher-kva.example");
+        assert_eq!(host("xn--zz.example"), "error: not a valid internationalised domain name (UTS 46)");
+        assert_eq!(host("XN--zz.example"), "error: not a valid internationalised domain name (UTS 46)");
         assert_eq!(host(""), "error: empty host name");
     }
 
@@ -430,6 +468,17 @@ mod tests {
         assert_eq!(ip("1.2.3.4.5"), "error: looks like an IPv4 address but is not a valid one");
         assert_eq!(ip("08.1.1.1"), "error: looks like an IPv4 address but is not a valid one");
         assert_eq!(ip("1.2.3.a"), "name 1.2.3.a");
+    }
+
+    /// Fullwidth digits and ideographic full stops normalise to an IPv4 literal: an address, not a name.
+    #[test]
+    fn ipv4_hidden_behind_unicode() {
+        assert_eq!(ip("１２７.０.０.１"), "127.0.0.1");
+        assert_eq!(ip("127。0。0。1"), "127.0.0.1");
+        assert_eq!(ip("１２７．１"), "127.0.0.1");
+        assert_eq!(ip("０ｘ７ｆ.1"), "127.0.0.1");
+        assert_eq!(ip("example.１"), "error: looks like an IPv4 address but is not a valid one");
+        assert_eq!(ip("ｅｘａｍｐｌｅ.com"), "name example.com");
     }
 
     fn authority(s: &str) -> String {

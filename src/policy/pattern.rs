@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::host::{Host, HostError, Target};
+use super::host::{Host, HostError, Target, ends_in_number};
 
 /// One allow or deny entry, validated and in canonical form.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -35,6 +35,7 @@ pub enum PatternError {
     NotCanonical { written: String, canonical: String },
     Host(HostError),
     IpLiteral { written: String },
+    NumericName { written: String },
     Port { written: String },
 }
 
@@ -61,6 +62,10 @@ impl fmt::Display for PatternError {
             PatternError::IpLiteral { written } => {
                 write!(f, "pattern {written:?} is an IP address; host patterns never match addresses")
             }
+            PatternError::NumericName { written } => write!(
+                f,
+                "pattern {written:?} ends in a numeric label, so it could only match an IP address, which host patterns never do"
+            ),
             PatternError::Port { written } => {
                 write!(f, "invalid port {written:?}: expected a number from 1 to 65535")
             }
@@ -89,6 +94,9 @@ impl PatternError {
             PatternError::IpLiteral { written } => {
                 let ip = written.trim_start_matches('[').split(']').next().unwrap_or(written);
                 format!("put addresses in allow_ips, e.g. allow_ips = [\"{ip}\"]")
+            }
+            PatternError::NumericName { .. } => {
+                "put addresses in allow_ips, e.g. allow_ips = [\"192.0.2.0/24\"]".to_string()
             }
             PatternError::Port { .. } => "ports are 1 to 65535, e.g. \"registry.example.com:8443\"".to_string(),
         })
@@ -135,6 +143,11 @@ impl HostPattern {
             && let Ok(Target::Ip(_)) = Target::parse(host_part)
         {
             return Err(PatternError::IpLiteral { written: written.to_string() });
+        }
+        // A destination whose last label is a number is an address or an error, never a name, so such
+        // a pattern would load and then silently never match.
+        if ends_in_number(host_part) {
+            return Err(PatternError::NumericName { written: written.to_string() });
         }
         check_canonical(written, host_part, port)?;
 
@@ -358,6 +371,14 @@ mod tests {
             "error: invalid host in pattern: empty label (two dots in a row, or a leading dot)"
         );
         assert_eq!(parse(""), "error: empty pattern");
+        for p in ["*.0.0.1", "1.2.3.256", "example.0x7f", "api-*.1:443"] {
+            assert_eq!(
+                parse(p),
+                format!(
+                    "error: pattern {p:?} ends in a numeric label, so it could only match an IP address, which host patterns never do"
+                )
+            );
+        }
     }
 
     #[test]
