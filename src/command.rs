@@ -7,9 +7,7 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::credential::{
-    Claims, KEY_ENV, Keyring, Kind, SigningKey, TOKEN_PREFIX, human_duration, now_unix, valid_session_id,
-};
+use crate::credential::{Claims, KEY_ENV, Keyring, Kind, TOKEN_PREFIX, human_duration, now_unix, valid_session_id};
 use crate::diagnostic::{Diagnostic, Severity};
 use crate::policy::file::{DEFAULTS_FILE_NAME, DefaultList, parse_policy};
 use crate::policy::{Authority, Decision, Policy, PolicySet};
@@ -182,15 +180,7 @@ pub struct MintArgs {
 
 /// The signing key from `--key-file`, else `SLUICE_SIGNING_KEY`.
 pub fn load_keyring(key_file: Option<&Path>, previous: Option<&Path>) -> Result<Keyring, String> {
-    let current = match key_file {
-        Some(path) => SigningKey::from_file(path)?,
-        None => match std::env::var_os(KEY_ENV) {
-            Some(v) => SigningKey::from_bytes(v.as_encoded_bytes()).map_err(|e| format!("{KEY_ENV}: {e}"))?,
-            None => return Err(format!("no signing key: pass --key-file FILE or set {KEY_ENV}")),
-        },
-    };
-    let previous = previous.map(SigningKey::from_file).transpose()?;
-    Ok(Keyring::new(current, previous))
+    Keyring::load(key_file, previous)?.ok_or_else(|| format!("no signing key: pass --key-file FILE or set {KEY_ENV}"))
 }
 
 /// The claims `token mint` would sign, checked for what each kind needs.

@@ -205,6 +205,24 @@ impl Keyring {
         Keyring { current, previous }
     }
 
+    /// The keys from a file (else `SLUICE_SIGNING_KEY`) and, during a rotation, the previous key's
+    /// file. `Ok(None)` when no key is configured at all.
+    pub fn load(current: Option<&Path>, previous: Option<&Path>) -> Result<Option<Keyring>, String> {
+        let current = match current {
+            Some(path) => Some(SigningKey::from_file(path)?),
+            None => match std::env::var_os(KEY_ENV) {
+                Some(v) => Some(SigningKey::from_bytes(v.as_encoded_bytes()).map_err(|e| format!("{KEY_ENV}: {e}"))?),
+                None => None,
+            },
+        };
+        let previous = previous.map(SigningKey::from_file).transpose()?;
+        match current {
+            Some(k) => Ok(Some(Keyring::new(k, previous))),
+            None if previous.is_some() => Err("a previous key is set but there is no current key".into()),
+            None => Ok(None),
+        }
+    }
+
     /// Signs claims with the current key.
     pub fn mint(&self, claims: &Claims) -> String {
         // Claims are plain strings and numbers: serialising them cannot fail.

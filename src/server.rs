@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::config::{Config, LogFormat};
-use crate::credential::{KEY_ENV, Keyring, SigningKey};
+use crate::credential::{KEY_ENV, Keyring};
 use crate::git::GitProxy;
 use crate::limit::SessionLimiter;
 use crate::metrics::{Denials, Metrics};
@@ -30,23 +30,6 @@ pub struct Server {
     config: Config,
 }
 
-/// Loads the signing keys: `[auth] key_file` (and `previous_key_file`), else `SLUICE_SIGNING_KEY`.
-pub fn load_keys(config: &Config) -> Result<Option<Keyring>, String> {
-    let current = match &config.auth.key_file {
-        Some(path) => Some(SigningKey::from_file(path)?),
-        None => match std::env::var_os(KEY_ENV) {
-            Some(v) => Some(SigningKey::from_bytes(v.as_encoded_bytes()).map_err(|e| format!("{KEY_ENV}: {e}"))?),
-            None => None,
-        },
-    };
-    let previous = config.auth.previous_key_file.as_deref().map(SigningKey::from_file).transpose()?;
-    match current {
-        Some(k) => Ok(Some(Keyring::new(k, previous))),
-        None if previous.is_some() => Err("[auth] previous_key_file is set but there is no current key".into()),
-        None => Ok(None),
-    }
-}
-
 impl Server {
     /// Checks everything a running proxy would trip over later, and binds the listeners.
     pub async fn bind(config: Config, audit: AuditLog) -> Result<Server, String> {
@@ -62,7 +45,8 @@ impl Server {
                 known.join(", ")
             ));
         }
-        let keys = load_keys(&config)?;
+        let keys = Keyring::load(config.auth.key_file.as_deref(), config.auth.previous_key_file.as_deref())
+            .map_err(|e| format!("[auth]: {e}"))?;
         if keys.is_none() && !config.auth.anonymous {
             return Err(format!("[auth] anonymous = false needs a signing key: set [auth] key_file or {KEY_ENV}"));
         }
