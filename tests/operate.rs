@@ -99,6 +99,15 @@ fn policy(allow: &[&str], port: u16) -> String {
     )
 }
 
+/// A temp directory with `policies/app.toml` allowing `a.test` on `port`; returns it and the policies dir.
+fn workspace(port: u16) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("app.toml"), policy(&["a.test"], port)).unwrap();
+    (dir, policies)
+}
+
 /// Polls (bounded) until curl sees `want`; returns how long it took.
 fn until_status(proxy: SocketAddr, url: &str, want: &str, limit: Duration) -> Duration {
     let start = Instant::now();
@@ -114,11 +123,8 @@ fn until_status(proxy: SocketAddr, url: &str, want: &str, limit: Duration) -> Du
 
 #[test]
 fn edited_policy_file_takes_effect_and_a_broken_one_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
     let up = http_upstream();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let (dir, policies) = workspace(up);
     let sluice = Sluice::start(dir.path(), &config(""));
     let b = format!("http://b.test:{up}/");
     assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/"), None), "200");
@@ -136,11 +142,8 @@ fn edited_policy_file_takes_effect_and_a_broken_one_is_refused() {
 
 #[test]
 fn sighup_reloads_when_watching_is_off() {
-    let dir = tempfile::tempdir().unwrap();
     let up = http_upstream();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let (dir, policies) = workspace(up);
     let sluice = Sluice::start(dir.path(), &config("[policies]\nwatch = false\n"));
     let b = format!("http://b.test:{up}/");
     std::fs::write(policies.join("app.toml"), policy(&["a.test", "b.test"], up)).unwrap();
@@ -153,11 +156,8 @@ fn sighup_reloads_when_watching_is_off() {
 
 #[test]
 fn sigterm_lets_an_open_tunnel_finish_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
     let echo = echo_upstream();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(policies.join("app.toml"), policy(&["a.test"], echo)).unwrap();
+    let (dir, _) = workspace(echo);
     let mut sluice = Sluice::start(dir.path(), &config(""));
 
     let mut tunnel = TcpStream::connect(sluice.egress).unwrap();
@@ -232,11 +232,8 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 
 #[test]
 fn metrics_count_what_was_sent_and_denials_are_listed() {
-    let dir = tempfile::tempdir().unwrap();
     let up = http_upstream();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let (dir, _) = workspace(up);
     let sluice = Sluice::start(dir.path(), &config(""));
     for _ in 0..3 {
         assert_eq!(curl_status(sluice.egress, &format!("http://a.test:{up}/"), None), "200");
@@ -264,11 +261,8 @@ fn metrics_count_what_was_sent_and_denials_are_listed() {
 
 #[test]
 fn decision_log_has_one_line_per_request_and_no_secret() {
-    let dir = tempfile::tempdir().unwrap();
     let up = http_upstream();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(policies.join("app.toml"), policy(&["a.test"], up)).unwrap();
+    let (dir, _) = workspace(up);
     let key = "canary-signing-key-0123456789abcdef-0123456789";
     std::fs::write(dir.path().join("key"), key).unwrap();
     let sluice = Sluice::start(dir.path(), &config("[auth]\nkey_file = \"key\"\nanonymous = false\n"));
