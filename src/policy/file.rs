@@ -504,6 +504,15 @@ fn parse_ip_entry(src: &Source<'_>, written: &Spanned<String>, diags: &mut Vec<D
             }
         }
     };
+    // Addresses are compared in IPv4 form when they are IPv4-mapped, so a mapped range is stored as the
+    // IPv4 range it stands for (else it could never match).
+    let net = match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map(IpNet::V4).unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    };
     if net.prefix_len() == 0 {
         diags.push(src.warning(
             written.span(),
@@ -664,5 +673,23 @@ fn lint_allow_against(
                 Some("include_defaults = true already allows it; remove the entry".into()),
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Target, Verdict};
+
+    #[test]
+    fn an_ipv4_mapped_allow_ips_range_covers_the_ipv4_addresses() {
+        let text = "version = 1\nname = \"p\"\nlevel = \"custom\"\nallow_ips = [\"::ffff:10.0.0.0/104\"]\n";
+        let (policy, _) = parse_policy("p.toml", text, &DefaultList::builtin()).unwrap();
+        assert_eq!(policy.allow_ips[0].0.to_string(), "10.0.0.0/8");
+        for ip in ["10.1.2.3", "::ffff:10.1.2.3"] {
+            let d = policy.decide(&Target::Ip(ip.parse().unwrap()), 443);
+            assert_eq!(d.verdict, Verdict::Allow, "{ip}");
+        }
+        assert_eq!(policy.decide(&Target::Ip("11.0.0.1".parse().unwrap()), 443).verdict, Verdict::Deny);
     }
 }

@@ -127,7 +127,13 @@ impl HostPattern {
             return Err(PatternError::Path { written: written.to_string(), host: host.to_string() });
         }
         if written.starts_with('[') || written.matches(':').count() > 1 {
-            return Err(PatternError::IpLiteral { written: written.to_string() });
+            let bare = written.strip_prefix('[').and_then(|r| r.split(']').next()).unwrap_or(written);
+            if written.starts_with('[') || bare.parse::<std::net::Ipv6Addr>().is_ok() {
+                return Err(PatternError::IpLiteral { written: written.to_string() });
+            }
+            // Two colons and no address: the port is what is wrong (`a.b:443:`).
+            let port = written.split_once(':').map_or("", |(_, p)| p);
+            return Err(PatternError::Port { written: port.to_string() });
         }
         let (host_part, port) = match written.rsplit_once(':') {
             Some((h, p)) => (h, Some(parse_port(p)?)),
@@ -371,6 +377,8 @@ mod tests {
             "error: invalid host in pattern: empty label (two dots in a row, or a leading dot)"
         );
         assert_eq!(parse(""), "error: empty pattern");
+        assert_eq!(parse("a.example.com:443:"), "error: invalid port \"443:\": expected a number from 1 to 65535");
+        assert_eq!(parse("::1"), "error: pattern \"::1\" is an IP address; host patterns never match addresses");
         for p in ["*.0.0.1", "1.2.3.256", "example.0x7f", "api-*.1:443"] {
             assert_eq!(
                 parse(p),
