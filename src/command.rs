@@ -150,6 +150,12 @@ fn validate_file(path: &Path) -> Vec<Diagnostic> {
             Err(d) => d.0,
         };
     }
+    if is_server_config(path, &text) {
+        return match crate::config::Config::parse(&name, &text) {
+            Ok(_) => Vec::new(),
+            Err(d) => d.0,
+        };
+    }
     // A policy file next to its own defaults.toml is checked against that list.
     let sibling = path.parent().map(|p| p.join(DEFAULTS_FILE_NAME));
     let defaults = sibling
@@ -162,6 +168,19 @@ fn validate_file(path: &Path) -> Vec<Diagnostic> {
     match parse_policy(&name, &text, &defaults) {
         Ok((_, w)) => w,
         Err(d) => d.0,
+    }
+}
+
+/// `sluice.toml`, or a file whose top level has no `version` but a server table: a server
+/// configuration rather than a policy.
+fn is_server_config(path: &Path, text: &str) -> bool {
+    const TABLES: [&str; 9] = ["egress", "auth", "policies", "resolver", "limits", "git", "admin", "log", "server"];
+    if path.file_name().is_some_and(|f| f == "sluice.toml") {
+        return true;
+    }
+    match text.parse::<toml::Table>() {
+        Ok(table) => !table.contains_key("version") && TABLES.iter().any(|t| table.contains_key(*t)),
+        Err(_) => false,
     }
 }
 

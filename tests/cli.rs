@@ -351,3 +351,16 @@ fn validate_defaults_to_the_policies_directory() {
     );
     assert_eq!(run.code, DENY);
 }
+
+#[test]
+fn validate_checks_a_server_configuration_as_one() {
+    let dir = TempDir::new();
+    dir.write("sluice.toml", "[egress]\nlisten = \"127.0.0.1:3128\"\nlistn = 1\n");
+    dir.write("ops.toml", "[server]\nshutdown_grace = \"5s\"\n");
+    let run = sluice(&dir.0, &["validate", "sluice.toml", "ops.toml"]);
+    assert_eq!(
+        run.stdout,
+        "sluice.toml:3:1: error: unknown field `listn`, expected one of `listen`, `policy`, `connect_timeout`, `idle_timeout`, `header_timeout`, `max_header_bytes`, `max_connections`\n  |\n3 | listn = 1\n  | ^^^^^\n  = hint: did you mean `listen`?\n\nchecked 2 files: 1 error, 0 warnings\n"
+    );
+    assert_eq!(run.code, DENY);
+}
