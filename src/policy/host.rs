@@ -95,11 +95,13 @@ impl Host {
         }
         // The hot path: already-canonical ASCII needs no UTS 46 processing unless it carries punycode,
         // which must be checked (a bogus `xn--` label is not a name).
-        let fast = trimmed.bytes().all(|b| valid_label_byte(b) || b == b'.')
-            && !trimmed.split('.').any(|l| l.starts_with("xn--"));
+        // `XN--` is punycode too: the prefix is case-insensitive.
+        let punycode =
+            trimmed.split('.').any(|l| l.as_bytes().get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"xn--")));
+        let fast = trimmed.bytes().all(|b| valid_label_byte(b) || b == b'.') && !punycode;
         let name = if fast {
             trimmed.to_string()
-        } else if trimmed.is_ascii() && !trimmed.split('.').any(|l| l.starts_with("xn--")) {
+        } else if trimmed.is_ascii() && !punycode {
             trimmed.to_ascii_lowercase()
         } else {
             let ascii = idna::uts46::Uts46::new()
@@ -376,6 +378,11 @@ mod tests {
         assert_eq!(host("bücher.example"), "xn--bcher-kva.example");
         assert_eq!(host("BÜCHER.example"), "xn--bcher-kva.example");
         assert_eq!(host("xn--bcher-kva.example"), "xn--bcher-kva.example");
+        assert_eq!(host("XN--bcher-kva.example"), "xn--bcher-kva.example");
+        // Found by the absolute_uri fuzz target: an upper-case `xN--` label skipped the punycode check, so a
+        // bogus one was accepted and printed as a lower-case name that does not parse again.
+        assert_eq!(host("xn---635"), "error: not a valid internationalised domain name (UTS 46)");
+        assert_eq!(host("xN---635"), "error: not a valid internationalised domain name (UTS 46)");
         assert_eq!(host("under_score.example"), "under_score.example");
         assert_eq!(host("."), "error: empty host name");
         assert_eq!(host(""), "error: empty host name");
