@@ -495,7 +495,8 @@ struct CommandList {
 }
 
 /// A `Write` that takes at most `cap` bytes, so a gzip bomb cannot grow it.
-struct Capped {
+#[doc(hidden)]
+pub struct Capped {
     buf: Vec<u8>,
     cap: usize,
 }
@@ -516,13 +517,32 @@ impl Write for Capped {
     }
 }
 
-enum Decoded {
+/// A push body as it is decoded: identity or gzip, never more than [`MAX_COMMAND_BYTES`] + 1 bytes
+/// (identity) or [`MAX_COMMAND_BYTES`] (gzip). Public for the fuzz targets.
+#[doc(hidden)]
+pub enum Decoded {
     Identity(Vec<u8>),
     Gzip(Box<flate2::write::GzDecoder<Capped>>),
 }
 
 impl Decoded {
-    fn bytes(&self) -> &[u8] {
+    pub fn new(gzip: bool) -> Decoded {
+        if gzip {
+            let capped = Capped { buf: Vec::new(), cap: MAX_COMMAND_BYTES };
+            Decoded::Gzip(Box::new(flate2::write::GzDecoder::new(capped)))
+        } else {
+            Decoded::Identity(Vec::new())
+        }
+    }
+
+    /// The body ended: a gzip stream flushes what it still holds.
+    pub fn finish(&mut self) {
+        if let Decoded::Gzip(d) = self {
+            let _ = d.try_finish();
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
         match self {
             Decoded::Identity(b) => b,
             Decoded::Gzip(d) => &d.get_ref().buf,
@@ -530,7 +550,7 @@ impl Decoded {
     }
 
     /// Adds raw bytes; a gzip error is reported, a full buffer is not (the parser says "too large").
-    fn push(&mut self, raw: &[u8]) -> Result<(), String> {
+    pub fn push(&mut self, raw: &[u8]) -> Result<(), String> {
         match self {
             Decoded::Identity(b) => {
                 let room = (MAX_COMMAND_BYTES + 1).saturating_sub(b.len());
@@ -553,12 +573,7 @@ impl Decoded {
 /// [`MAX_COMMAND_BYTES`] of decoded bytes. The raw bytes are kept to be forwarded unchanged.
 async fn read_command_list(body: &mut Incoming, gzip: bool) -> Result<CommandList, GitError> {
     let mut raw = Vec::new();
-    let mut decoded = if gzip {
-        let capped = Capped { buf: Vec::new(), cap: MAX_COMMAND_BYTES };
-        Decoded::Gzip(Box::new(flate2::write::GzDecoder::new(capped)))
-    } else {
-        Decoded::Identity(Vec::new())
-    };
+    let mut decoded = Decoded::new(gzip);
     let mut eof = false;
     loop {
         match push::parse(decoded.bytes(), eof) {
@@ -578,9 +593,7 @@ async fn read_command_list(body: &mut Incoming, gzip: bool) -> Result<CommandLis
         match frame {
             None => {
                 eof = true;
-                if let Decoded::Gzip(d) = &mut decoded {
-                    let _ = d.try_finish();
-                }
+                decoded.finish();
             }
             Some(Err(e)) => return Err(GitError::BadRequest(format!("sluice: cannot read the push body: {e}"))),
             Some(Ok(frame)) => {

@@ -28,32 +28,7 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let uri = req.uri().clone();
-    match uri.scheme_str() {
-        Some("http") => {}
-        None => {
-            return Err(ProxyError::BadRequest(
-                "this is a proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port".into(),
-            ));
-        }
-        Some("https") => {
-            return Err(ProxyError::BadRequest(
-                "https:// URLs are tunnelled, not forwarded: the client should use CONNECT (set HTTPS_PROXY)".into(),
-            ));
-        }
-        Some(other) => {
-            return Err(ProxyError::BadRequest(format!(
-                "unsupported scheme {other:?}: only http:// is forwarded; use CONNECT for anything else"
-            )));
-        }
-    }
-    let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
-    if text.contains('@') {
-        return Err(ProxyError::BadRequest(
-            "credentials in the URL (user@host) are not forwarded; send them in an Authorization header".into(),
-        ));
-    }
-    let authority = Authority::parse(text, Some(80))
-        .map_err(|e| ProxyError::BadRequest(format!("bad host in URL {text:?}: {e}")))?;
+    let authority = absolute_target(&uri)?;
     // Framing (Content-Length, Transfer-Encoding) was checked by the head guard before hyper parsed it.
     check_host_header(req.headers(), &authority)?;
 
@@ -105,6 +80,36 @@ pub async fn handle(
     };
     let body = Finished { inner: body, received: 0, finish };
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The host and port an absolute-form `http://` request names: other schemes and userinfo are refused,
+/// a missing port is 80. Pure, so it is fuzzed on its own.
+pub fn absolute_target(uri: &http::Uri) -> Result<Authority, ProxyError> {
+    match uri.scheme_str() {
+        Some("http") => {}
+        None => {
+            return Err(ProxyError::BadRequest(
+                "this is a proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port".into(),
+            ));
+        }
+        Some("https") => {
+            return Err(ProxyError::BadRequest(
+                "https:// URLs are tunnelled, not forwarded: the client should use CONNECT (set HTTPS_PROXY)".into(),
+            ));
+        }
+        Some(other) => {
+            return Err(ProxyError::BadRequest(format!(
+                "unsupported scheme {other:?}: only http:// is forwarded; use CONNECT for anything else"
+            )));
+        }
+    }
+    let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    if text.contains('@') {
+        return Err(ProxyError::BadRequest(
+            "credentials in the URL (user@host) are not forwarded; send them in an Authorization header".into(),
+        ));
+    }
+    Authority::parse(text, Some(80)).map_err(|e| ProxyError::BadRequest(format!("bad host in URL {text:?}: {e}")))
 }
 
 /// A request body that counts the bytes sent upstream.
