@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
+use sluice::credential::{Claims, Keyring, SigningKey, now_unix};
 use sluice::git::{GitProxy, GitSettings, TokenSource};
 use tokio::net::TcpListener;
 
@@ -16,18 +16,6 @@ mod cgi;
 
 const TOKEN: &str = "ghs_BenchRealToken";
 const RUNS: usize = 3;
-
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -57,7 +45,8 @@ async fn git(home: &Path, dir: &Path, args: &[&str]) -> Duration {
 async fn add_data(home: &Path, dir: &Path, mb: usize, seed: u64) {
     let files = mb.div_ceil(5).max(1);
     for i in 0..files {
-        std::fs::write(dir.join(format!("data-{seed}-{i}.bin")), noise((mb << 20) / files, seed + i as u64)).unwrap();
+        std::fs::write(dir.join(format!("data-{seed}-{i}.bin")), cgi::noise((mb << 20) / files, seed + i as u64))
+            .unwrap();
     }
     git(home, dir, &["add", "-A"]).await;
     git(home, dir, &["commit", "-q", "-m", "data"]).await;
@@ -98,15 +87,7 @@ async fn main() {
     settings.tokens.insert("acme".into(), TokenSource::File(token_file));
     let keyring = Keyring::new(SigningKey::from_bytes(&[b'b'; 32]).unwrap(), None);
     let now = now_unix();
-    let credential = keyring.mint(&Claims {
-        sid: "bench".into(),
-        kind: Kind::Git,
-        policy: None,
-        repo: Some("acme/big".into()),
-        branch: Some("feature".into()),
-        iat: now,
-        exp: now + 3600,
-    });
+    let credential = keyring.mint(&Claims::git("bench", "acme/big", "feature", now, now + 3600));
     let proxy = Arc::new(GitProxy::new(&settings, Some(keyring)).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sluice = listener.local_addr().unwrap();

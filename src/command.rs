@@ -211,35 +211,27 @@ pub fn mint_claims(args: &MintArgs, now: u64) -> Result<Claims, String> {
     if ttl == 0 {
         return Err("--ttl must be longer than 0s".into());
     }
-    let (policy, repo, branch) = match args.kind {
+    let exp = now.saturating_add(ttl);
+    match args.kind {
         Kind::Egress => {
             if args.repo.is_some() || args.branch.is_some() {
                 return Err("--repo and --branch are for --kind git".into());
             }
-            (Some(args.policy.clone().unwrap_or_else(|| "trusted".into())), None, None)
+            Ok(Claims::egress(&args.session, args.policy.as_deref().unwrap_or("trusted"), now, exp))
         }
         Kind::Git => {
-            let repo = args.repo.clone().ok_or("--kind git needs --repo OWNER/REPO")?;
-            let branch = args.branch.clone().ok_or("--kind git needs --branch BRANCH")?;
+            let repo = args.repo.as_deref().ok_or("--kind git needs --repo OWNER/REPO")?;
+            let branch = args.branch.as_deref().ok_or("--kind git needs --branch BRANCH")?;
             if repo.split('/').count() != 2 || repo.split('/').any(|p| p.is_empty()) {
                 return Err(format!("invalid --repo {repo:?}: expected OWNER/REPO"));
             }
-            let branch = branch.strip_prefix("refs/heads/").unwrap_or(&branch).to_string();
             if args.policy.is_some() {
                 return Err("--policy is for --kind egress".into());
             }
-            (None, Some(repo), Some(branch))
+            let branch = branch.strip_prefix("refs/heads/").unwrap_or(branch);
+            Ok(Claims::git(&args.session, repo, branch, now, exp))
         }
-    };
-    Ok(Claims {
-        sid: args.session.clone(),
-        kind: args.kind,
-        policy,
-        repo,
-        branch,
-        iat: now,
-        exp: now.saturating_add(ttl),
-    })
+    }
 }
 
 /// `sluice token mint`: prints one token.

@@ -104,6 +104,26 @@ pub struct Claims {
     pub exp: u64,
 }
 
+impl Claims {
+    /// An egress credential: `sid` under `policy`, valid from `iat` to `exp`.
+    pub fn egress(sid: &str, policy: &str, iat: u64, exp: u64) -> Claims {
+        Claims { sid: sid.into(), kind: Kind::Egress, policy: Some(policy.into()), repo: None, branch: None, iat, exp }
+    }
+
+    /// A git credential: `sid` may push `branch` of `repo` (`OWNER/REPO`), valid from `iat` to `exp`.
+    pub fn git(sid: &str, repo: &str, branch: &str, iat: u64, exp: u64) -> Claims {
+        Claims {
+            sid: sid.into(),
+            kind: Kind::Git,
+            policy: None,
+            repo: Some(repo.into()),
+            branch: Some(branch.into()),
+            iat,
+            exp,
+        }
+    }
+}
+
 /// Why a credential was refused. Messages never quote the token or the key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CredentialError {

@@ -264,15 +264,7 @@ impl World {
 
     fn claims(&self) -> Claims {
         let now = now_unix();
-        Claims {
-            sid: SID.into(),
-            kind: Kind::Git,
-            policy: None,
-            repo: Some(self.repo()),
-            branch: Some(BRANCH.into()),
-            iat: now,
-            exp: now + 3600,
-        }
+        Claims::git(SID, &self.repo(), BRANCH, now, now + 3600)
     }
 
     fn token(&self) -> String {

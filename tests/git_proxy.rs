@@ -180,15 +180,7 @@ impl World {
 
     fn claims(&self) -> Claims {
         let now = now_unix();
-        Claims {
-            sid: SID.into(),
-            kind: Kind::Git,
-            policy: None,
-            repo: Some(self.repo()),
-            branch: Some(BRANCH.into()),
-            iat: now,
-            exp: now + 3600,
-        }
+        Claims::git(SID, &self.repo(), BRANCH, now, now + 3600)
     }
 
     fn token(&self) -> String {
@@ -352,25 +344,12 @@ async fn push_creates_and_updates_the_working_branch_with_push_options() {
     w.assert_upstream_saw_only_the_real_token();
 }
 
-/// Deterministic incompressible bytes.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_push_uses_the_probe_and_chunked_body() {
     let w = World::new("large").await;
     let dir = w.clone("work", &[]).await;
     w.git_ok(&dir, &["checkout", "-q", "-b", BRANCH]).await;
-    std::fs::write(dir.join("blob.bin"), noise(3 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
+    std::fs::write(dir.join("blob.bin"), cgi::noise(3 << 20, 0x9e37_79b9_7f4a_7c15)).unwrap();
     w.git_ok(&dir, &["add", "blob.bin"]).await;
     w.git_ok(&dir, &["commit", "-q", "-m", "big"]).await;
     let head = w.git_ok(&dir, &["rev-parse", "HEAD"]).await.stdout.trim().to_owned();
@@ -396,7 +375,7 @@ async fn push_to_main_is_rejected_with_the_reason() {
     assert_eq!(w.upstream_ref("refs/heads/main").await, before);
     assert_eq!(w.receive_pack_posts(), 0);
     // A big refused push (chunked, after the probe) gets the same answer.
-    std::fs::write(dir.join("blob.bin"), noise(2 << 20, 7)).unwrap();
+    std::fs::write(dir.join("blob.bin"), cgi::noise(2 << 20, 7)).unwrap();
     w.git_ok(&dir, &["add", "blob.bin"]).await;
     w.git_ok(&dir, &["commit", "-q", "-m", "big"]).await;
     let out = w.git(&dir, &["-c", "http.postBuffer=65536", "push", "origin", "main"]).await;

@@ -169,3 +169,16 @@ pub async fn spawn_upstream(state: Arc<UpstreamState>) -> SocketAddr {
     });
     addr
 }
+
+/// Deterministic incompressible bytes (xorshift), for repositories that do not compress away.
+pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
