@@ -208,7 +208,11 @@ async fn serve_connection(
         head_timeout: proxy.config.header_timeout.0,
         idle_timeout: proxy.config.idle_timeout.0,
     };
-    let stream = head::HeadGuard::new(stream, limits);
+    let guard = head::HeadGuard::new(stream, limits);
+    let stream = match connect::serve_first(guard, &proxy, peer, &stop).await {
+        connect::First::Done => return,
+        connect::First::Http(guard) => guard,
+    };
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

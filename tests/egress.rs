@@ -554,7 +554,7 @@ async fn tunnel_carries_pipelined_bytes_and_respects_half_close() {
     let mut c = RawClient::connect(proxy.addr).await;
     c.send(format!("{}EARLY BYTES", connect_head(&format!("echo.test:{p}"))).as_bytes()).await;
     let r = c.response().await.expect("a response");
-    assert_eq!((r.status_line.as_str(), r.headers.len(), r.body.as_str()), ("HTTP/1.1 200 OK", 1, ""), "{r:#?}");
+    assert_eq!((r.status_line.as_str(), r.headers.len(), r.body.as_str()), ("HTTP/1.1 200 OK", 0, ""), "{r:#?}");
     assert_eq!(c.read_exact(11).await, b"EARLY BYTES");
 
     // Half-close: the client shuts its write side; the echo still comes back, then EOF.
@@ -766,6 +766,44 @@ mod identity {
                 assert!(r.headers.iter().all(|(_, v)| !v.contains(t.as_str())), "token echoed in {r:#?}");
             }
         }
+    }
+
+    /// A client that answers a `407` on the same connection gets its tunnel there; a connection whose
+    /// first request is plain HTTP can still open a tunnel after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_stay_usable_after_a_407_and_after_plain_http() {
+        let upstream = Upstream::plain("plain").await;
+        let port = upstream.port();
+        let proxy = start(port).await;
+        let token = fresh("team");
+        let target = format!("plain.test:{port}");
+        let with_auth = |head: String| {
+            head.replace("\r\n\r\n", &format!("\r\nProxy-Authorization: {}\r\n\r\n", basic(SID, &token)))
+        };
+        let through_tunnel = format!("GET /t HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(connect_head(&target).as_bytes()).await;
+        let r = c.response().await.expect("a 407");
+        let body = format!("sluice: proxy authentication failed: this proxy requires credentials\n{AUTH_HINT}");
+        assert_407(&r, "auth_missing", &body);
+        assert_eq!(r.header("connection"), None, "a 407 keeps the connection: {r:#?}");
+        c.send(with_auth(connect_head(&target)).as_bytes()).await;
+        assert_eq!(c.response().await.expect("a 200").status_line, "HTTP/1.1 200 OK");
+        c.send(through_tunnel.as_bytes()).await;
+        let r = c.response().await.expect("the upstream's answer");
+        assert_eq!((r.status_line.as_str(), r.body.as_str()), ("HTTP/1.1 200 OK", "hello from plain /t\n"));
+
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(with_auth(get(port, None)).as_bytes()).await;
+        assert_eq!(c.response().await.expect("a forwarded answer").status_line, "HTTP/1.1 200 OK");
+        c.send(with_auth(connect_head(&target)).as_bytes()).await;
+        assert_eq!(c.response().await.expect("a 200").status_line, "HTTP/1.1 200 OK");
+        c.send(through_tunnel.as_bytes()).await;
+        let r = c.response().await.expect("the upstream's answer");
+        assert_eq!((r.status_line.as_str(), r.body.as_str()), ("HTTP/1.1 200 OK", "hello from plain /t\n"));
+        // Two tunnels and one forwarded request.
+        assert_eq!(upstream.connections(), 3);
     }
 
     fn curl_version() -> String {

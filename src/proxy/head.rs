@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// Most header lines a request may have.
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Longest trailer section of a chunked body.
 const MAX_TRAILERS: usize = 8 * 1024;
 
@@ -124,6 +124,47 @@ impl<S> HeadGuard<S> {
     /// The stream and the bytes read from it that were not yet handed on.
     pub fn into_parts(self) -> (S, BytesMut) {
         (self.inner, self.buf)
+    }
+
+    /// Gives back a head read with [`HeadGuard::next_head`]: it is handed on again, before anything else.
+    pub fn unread(&mut self, head: BytesMut) {
+        let mut buf = head;
+        self.approved = buf.len();
+        buf.unsplit(std::mem::take(&mut self.buf));
+        self.buf = buf;
+    }
+
+    /// The stream the guard reads from, for writing an answer.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> HeadGuard<S> {
+    /// After a head that was answered without being passed on (a refused CONNECT on a connection that
+    /// stays open): the next bytes are a head again, not a tunnel.
+    pub fn expect_head(&mut self) {
+        self.start_head(!self.buf.is_empty());
+    }
+
+    /// Reads the next head the guard hands on (or the synthetic request standing for its refusal) and
+    /// nothing after it. `None` when the connection ends first.
+    pub async fn next_head(&mut self) -> io::Result<Option<BytesMut>> {
+        use tokio::io::AsyncReadExt;
+        let mut head = BytesMut::with_capacity(1024);
+        loop {
+            if self.read_buf(&mut head).await? == 0 {
+                return Ok(None);
+            }
+            // The guard hands on a whole head and stops there; anything after it is handed back.
+            if let Some(end) = find_head_end(&head) {
+                if end < head.len() {
+                    let rest = head.split_off(end);
+                    self.unread(rest);
+                }
+                return Ok(Some(head));
+            }
+        }
     }
 
     fn refuse(&mut self, kind: HeadRefusal, detail: &str) {

@@ -179,6 +179,32 @@ pub struct Context<'a> {
 /// Builds the answer for an error: status, `X-Sluice-Decision`, a plain-text (or JSON) body with a
 /// `Content-Length`, and `Connection: close` when the exchange ends here.
 pub fn refusal(err: &ProxyError, ctx: &Context<'_>) -> Response<ProxyBody> {
+    let (head, body) = refusal_parts(err, ctx);
+    Response::from_parts(head, full(body))
+}
+
+/// The same answer as [`refusal`], as the bytes to write on a connection hyper does not serve.
+pub fn refusal_bytes(err: &ProxyError, ctx: &Context<'_>) -> Vec<u8> {
+    let (head, body) = refusal_parts(err, ctx);
+    let status = head.status;
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &head.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+fn refusal_parts(err: &ProxyError, ctx: &Context<'_>) -> (http::response::Parts, String) {
     let status = err.status();
     let policy = match err {
         ProxyError::Denied { decision, .. } => Some(decision.policy.to_string()),
@@ -227,9 +253,9 @@ pub fn refusal(err: &ProxyError, ctx: &Context<'_>) -> Response<ProxyBody> {
     if let Some(p) = &policy {
         decision_header.push_str(&format!("; policy={p}"));
     }
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
+    let (mut head, ()) = Response::new(()).into_parts();
+    head.status = status;
+    let headers = &mut head.headers;
     let content_type = if ctx.wants_json { "application/json" } else { "text/plain; charset=utf-8" };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Ok(v) = HeaderValue::from_str(&decision_header) {
@@ -250,7 +276,7 @@ pub fn refusal(err: &ProxyError, ctx: &Context<'_>) -> Response<ProxyBody> {
     if ctx.close {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    response
+    (head, body)
 }
 
 /// A body of known length.
