@@ -44,7 +44,7 @@ impl Histogram {
 #[derive(Default)]
 pub struct Metrics {
     /// (verdict, reason, level) → count.
-    decisions: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
+    decisions: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
     pub open_tunnels: AtomicU64,
     pub tunnels_total: AtomicU64,
     pub bytes_up: AtomicU64,
@@ -60,9 +60,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn decision(&self, verdict: &'static str, reason: &'static str, level: &str) {
+    pub fn decision(&self, verdict: &'static str, reason: &'static str, level: &'static str) {
         if let Ok(mut map) = self.decisions.lock() {
-            *map.entry((verdict, reason, level.to_string())).or_insert(0) += 1;
+            *map.entry((verdict, reason, level)).or_insert(0) += 1;
         }
     }
 

@@ -303,12 +303,12 @@ fn log_refusal(
         ProxyError::Denied { decision, .. } => (
             decision.rule.as_ref().map(|r| r.summary()),
             Some(decision.policy.to_string()),
-            Some(decision.level.to_string()),
+            Some(decision.level.as_str()),
         ),
-        _ => (None, session.map(|s| s.policy.name.to_string()), session.map(|s| s.policy.level.to_string())),
+        _ => (None, session.map(|s| s.policy.name.to_string()), session.map(|s| s.policy.level.as_str())),
     };
     let message = err.message();
-    proxy.metrics.decision("deny", err.code(), level.as_deref().unwrap_or("none"));
+    proxy.metrics.decision("deny", err.code(), level.unwrap_or("none"));
     if matches!(err, ProxyError::RateLimited { .. } | ProxyError::TooManyTunnels { .. }) {
         proxy.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -364,7 +364,7 @@ pub(crate) fn log_allow(
     event.reason = Some(decision.reason.code().to_string());
     event.rule = decision.rule.as_ref().map(|r| r.summary());
     event.policy = Some(decision.policy.to_string());
-    event.level = Some(decision.level.to_string());
+    event.level = Some(decision.level.as_str());
     event.client = Some(peer.to_string());
     event.upstream = Some(upstream.to_string());
     proxy.audit.write(&event);
