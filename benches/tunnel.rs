@@ -9,6 +9,7 @@
 //! - `SLUICE_BENCH_SECS` (default 2): seconds per measurement; `SLUICE_BENCH_ROUNDS` (default 3).
 //! - `SLUICE_BENCH_IDLE` (default 2000): idle tunnels held open for the RSS figure.
 //! - `SLUICE_BENCH_BIN`: another sluice binary to start (e.g. a copy built from an older commit).
+//! - `SLUICE_BENCH_THREADS` (default 0, one per CPU): sluice's `[server] threads`.
 //! - `SLUICE_BENCH_PROXY=host:port`: measure another proxy instead of starting sluice (CONNECT must
 //!   reach 127.0.0.1 on any port); `SLUICE_BENCH_PID` gives its PID for the RSS and CPU figures, and
 //!   `SLUICE_BENCH_TARGET` the host name it is asked for (default `127.0.0.1`).
@@ -246,7 +247,9 @@ fn start_sluice() -> Sluice {
          [resolver]\nhosts = {{ \"bench.test\" = [\"127.0.0.1\"] }}\nsystem = false\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\
          [git]\nlisten = \"127.0.0.1:0\"\n\
-         [log]\nfile = {log:?}\n",
+         [log]\nfile = {log:?}\n\
+         [server]\nthreads = {threads}\n",
+        threads = env_or("SLUICE_BENCH_THREADS", 0usize),
         policies = policies.display().to_string(),
         log = dir.join("decisions.log").display().to_string(),
     );

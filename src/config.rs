@@ -156,11 +156,13 @@ pub struct LogConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub shutdown_grace: Seconds,
+    /// Runtime worker threads; 0 means one per CPU.
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { shutdown_grace: Seconds(Duration::from_secs(30)) }
+        ServerConfig { shutdown_grace: Seconds(Duration::from_secs(30)), threads: 0 }
     }
 }
 
@@ -207,6 +209,11 @@ impl Config {
             let at = text.find("max_header_bytes").unwrap_or(0);
             errors.push(src.error(at..at + 16, "max_header_bytes must be at least 8192", None));
         }
+        if config.server.threads > 1024 {
+            let at = text.find("threads").unwrap_or(0);
+            let hint = Some("0 (the default) starts one per CPU".into());
+            errors.push(src.error(at..at + 7, "threads must be at most 1024", hint));
+        }
         if errors.is_empty() { Ok(config) } else { Err(Diagnostics(errors)) }
     }
 
@@ -230,6 +237,9 @@ mod tests {
         assert_eq!(c.egress.policy, "trusted");
         assert!(c.auth.anonymous);
         assert_eq!(c.server.shutdown_grace, Seconds(Duration::from_secs(30)));
+        assert_eq!(c.server.threads, 0);
+        let e = Config::parse("s.toml", "[server]\nthreads = 5000\n").unwrap_err().to_string();
+        assert!(e.contains("s.toml:2:1") && e.contains("threads must be at most 1024"), "{e}");
     }
 
     #[test]
