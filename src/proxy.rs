@@ -5,6 +5,8 @@ pub mod connect;
 pub mod forward;
 pub mod head;
 pub mod respond;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod tunnel;
 
 use std::convert::Infallible;

@@ -1,7 +1,7 @@
 //! Copies bytes both ways until both sides are done (half-close respected) or the tunnel idles out.
 //!
 //! Two engines share the same ending rules: [`run_tcp`] for the usual socket-to-socket tunnel (no
-//! buffer while idle), and [`run`] for any stream.
+//! buffer while idle, `splice(2)` once a direction carries bulk data), and [`run`] for any stream.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// How a tunnel ended, for the closing log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,14 +55,14 @@ pub struct Counters {
 const BUF_SIZE: usize = 64 * 1024;
 
 /// One direction's view of the counters.
-struct Meter<'a> {
+pub(super) struct Meter<'a> {
     count: &'a AtomicU64,
     counters: &'a Counters,
     start: Instant,
 }
 
 impl Meter<'_> {
-    fn record(&self, n: usize) {
+    pub(super) fn record(&self, n: usize) {
         self.count.fetch_add(n as u64, Ordering::Relaxed);
         self.counters.last_activity_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -94,26 +93,25 @@ where
 /// Runs a socket-to-socket tunnel. `early` are bytes the client sent before the tunnel opened (read
 /// along with its CONNECT head); they go upstream first.
 pub async fn run_tcp(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     early: &[u8],
     idle_timeout: Duration,
     counters: Arc<Counters>,
     stop: impl Future<Output = ()>,
 ) -> TunnelStats {
     let start = Instant::now();
-    let (cr, mut cw) = client.split();
-    let (ur, mut uw) = upstream.split();
+    let (client, upstream) = (&client, &upstream);
     let up = Meter { count: &counters.up, counters: &counters, start };
     let down = Meter { count: &counters.down, counters: &counters, start };
     let up = async {
         if !early.is_empty() {
-            uw.write_all(early).await.map_err(|_| Side::Write.end(true))?;
+            write_all(upstream, early).await.map_err(|_| Side::Write.end(true))?;
             up.record(early.len());
         }
-        pump_tcp(&cr, &mut uw, &up).await.map_err(|side| side.end(true))
+        pump_tcp(client, upstream, &up).await.map_err(|side| side.end(true))
     };
-    let down = async { pump_tcp(&ur, &mut cw, &down).await.map_err(|side| side.end(false)) };
+    let down = async { pump_tcp(upstream, client, &down).await.map_err(|side| side.end(false)) };
     supervise(up, down, idle_timeout, &counters, start, stop).await
 }
 
@@ -158,7 +156,7 @@ async fn supervise(
 /// Which side of a pump failed: reading its source, or writing its sink. (For the upstream→client
 /// pump the source is upstream, so a read failure there is upstream's.)
 #[derive(Debug)]
-enum Side {
+pub(super) enum Side {
     Read,
     Write,
 }
@@ -190,24 +188,56 @@ where
     }
 }
 
+/// Writes all of `bytes` to a socket shared by both directions (readiness needs only `&TcpStream`).
+async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Passes a half-close on: the peer reads EOF, the other direction keeps running.
+pub(super) fn shutdown_write(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
+}
+
+/// Bytes a direction moves through its buffer before it switches to `splice(2)` (Linux): short
+/// exchanges (a TLS handshake, an API call) never pay for a pipe; bulk transfers stop copying every
+/// byte into sluice and out again.
+const SPLICE_AFTER: u64 = 256 * 1024;
+
 /// One direction of a socket tunnel. It waits for readability holding no buffer, and copies what is
-/// waiting through a buffer that lives only until the socket runs dry.
-async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) -> Result<(), Side> {
-    let src: &TcpStream = r.as_ref();
+/// waiting through a buffer that lives only until the socket runs dry; past [`SPLICE_AFTER`] bytes it
+/// hands over to [`super::splice`] where that is available.
+async fn pump_tcp(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> Result<(), Side> {
+    let mut moved = 0u64;
     loop {
         src.readable().await.map_err(|_| Side::Read)?;
         let mut buf = Vec::with_capacity(BUF_SIZE);
         loop {
+            #[cfg(target_os = "linux")]
+            if moved >= SPLICE_AFTER {
+                // Without a pipe (out of descriptors) the copy goes on, and tries again later.
+                match super::splice::Pipe::new() {
+                    Ok(pipe) => return super::splice::pump(src, dst, pipe, meter).await,
+                    Err(_) => moved = 0,
+                }
+            }
             buf.clear();
             match src.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    // Half-close: pass the EOF on and keep the other direction running.
-                    let _ = w.shutdown().await;
+                    shutdown_write(dst);
                     return Ok(());
                 }
                 Ok(n) => {
-                    w.write_all(&buf).await.map_err(|_| Side::Write)?;
+                    write_all(dst, &buf).await.map_err(|_| Side::Write)?;
                     meter.record(n);
+                    moved += n as u64;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => return Err(Side::Read),
@@ -284,6 +314,33 @@ mod tests {
         assert!(from_client.unwrap() == data, "upstream got other bytes than the client sent");
         let stats = task.await.unwrap();
         assert_eq!(stats, TunnelStats { bytes_up: 3_000_000, bytes_down: 3_000_000, end: TunnelEnd::Closed });
+    }
+
+    /// Past the splice threshold each direction still passes its EOF on and keeps the other running.
+    #[tokio::test]
+    async fn bulk_then_half_close_each_way() {
+        let (mut client, mut upstream, task) = tunnel(b"", Duration::from_secs(60), std::future::pending()).await;
+        let request: Vec<u8> = (0..(SPLICE_AFTER as u32) * 4 + 7).map(|i| (i % 253) as u8).collect();
+        let answer: Vec<u8> = (0..(SPLICE_AFTER as u32) * 3 + 11).map(|i| (i % 241) as u8).collect();
+        let sent = request.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert!(got == request, "upstream got {} bytes, not the {} sent", got.len(), request.len());
+        upstream.write_all(&answer).await.unwrap();
+        upstream.shutdown().await.unwrap();
+        let mut client = writer.await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got == answer, "client got {} bytes, not the {} sent", got.len(), answer.len());
+        let stats = task.await.unwrap();
+        let want =
+            TunnelStats { bytes_up: request.len() as u64, bytes_down: answer.len() as u64, end: TunnelEnd::Closed };
+        assert_eq!(stats, want);
     }
 
     #[tokio::test]
