@@ -2,8 +2,9 @@
 //!
 //! `cargo bench --bench tunnel` builds the release `sluice` binary (cargo builds a package's binaries
 //! for its benches), starts it as a child process with a generated config (decision log on, to a
-//! file), starts echo and source sinks on 127.0.0.1, and measures each figure without a proxy and
-//! through it in the same run, round after round (the median of the rounds is reported).
+//! file), starts echo and source sinks on 127.0.0.1, and measures each figure without a proxy, through
+//! it, and through a bare relay (the least a CONNECT proxy can do, in this process: the machine's
+//! ceiling for any user-space proxy) in the same run, round after round (the median is reported).
 //!
 //! Environment:
 //! - `SLUICE_BENCH_SECS` (default 2): seconds per measurement; `SLUICE_BENCH_ROUNDS` (default 3).
@@ -119,6 +120,46 @@ async fn source_sink() -> SocketAddr {
         while let Ok((mut s, _)) = listener.accept().await {
             let chunk = chunk.clone();
             tokio::spawn(async move { while s.write_all(&chunk).await.is_ok() {} });
+        }
+    });
+    addr
+}
+
+/// The least a CONNECT proxy can do: read the head, dial 127.0.0.1 at the port it names, answer `200`,
+/// copy both ways (64 KiB buffers). No policy, no log, no limits: what it reaches is the machine's
+/// ceiling for a user-space relay, so a proxy's ratio can be read against it.
+async fn bare_relay() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the bare relay");
+    let addr = listener.local_addr().expect("bare relay address");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let _ = client.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut head = Vec::with_capacity(256);
+                let mut buf = [0u8; 1024];
+                let end = loop {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                    if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let text = String::from_utf8_lossy(&head[..end]);
+                let Some(port) = text.split_whitespace().nth(1).and_then(|a| a.rsplit_once(':')?.1.parse::<u16>().ok())
+                else {
+                    return;
+                };
+                let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", port)).await else { return };
+                let _ = upstream.set_nodelay(true);
+                if upstream.write_all(&head[end..]).await.is_err()
+                    || client.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err()
+                {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 65536, 65536).await;
+            });
         }
     });
     addr
@@ -290,8 +331,30 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
-/// One figure's values, round by round: (direct, through the proxy).
-type Pair = (Vec<f64>, Vec<f64>);
+/// One figure's values, round by round: direct, through the proxy, through the bare relay.
+#[derive(Default)]
+struct Pair {
+    direct: Vec<f64>,
+    proxy: Vec<f64>,
+    relay: Vec<f64>,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Direct,
+    Proxy,
+    Relay,
+}
+
+impl Pair {
+    fn push(&mut self, which: Which, v: f64) {
+        match which {
+            Which::Direct => self.direct.push(v),
+            Which::Proxy => self.proxy.push(v),
+            Which::Relay => self.relay.push(v),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Samples {
@@ -337,11 +400,20 @@ fn main() {
     };
     let proxy = Route::Proxy { addr: proxy_addr, target: target.into() };
     let direct = Route::Direct;
+    // The floor for any proxy on this machine: a relay that does nothing but relay, on a thread of its own.
+    let relay_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("relay")
+        .enable_all()
+        .build()
+        .expect("relay runtime");
+    let relay = Route::Proxy { addr: relay_runtime.block_on(bare_relay()), target: "127.0.0.1".into() };
     let s = &settings;
     let (samples, idle_kib) = runtime.block_on(async {
         // Warm up both paths (and the proxy's allocator and threads) before anything is measured.
         tunnel_rate(&direct, echo, 16, Duration::from_millis(300)).await;
         tunnel_rate(&proxy, echo, 16, Duration::from_millis(300)).await;
+        tunnel_rate(&relay, echo, 16, Duration::from_millis(300)).await;
         let idle_kib = match pid {
             Some(pid) => idle_rss(&proxy, echo, pid, s.idle).await,
             None => None,
@@ -349,22 +421,24 @@ fn main() {
         let mut m = Samples::default();
         for round in 0..s.rounds {
             eprintln!("round {}/{}", round + 1, s.rounds);
-            let (r, p, _) = tunnel_rate(&direct, echo, 64, s.secs).await;
-            m.rate64.0.push(r);
-            m.p99.0.push(p.as_secs_f64() * 1e3);
-            let cpu0 = pid.and_then(cpu_time);
-            let (r, p, n) = tunnel_rate(&proxy, echo, 64, s.secs).await;
-            if let (Some(c0), Some(c1)) = (cpu0, pid.and_then(cpu_time)) {
-                m.cpu_per_1000_ms.push((c1 - c0).as_secs_f64() * 1e3 * 1000.0 / n.max(1) as f64);
+            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
+                let cpu0 = pid.and_then(cpu_time);
+                let (r, p, n) = tunnel_rate(route, echo, 64, s.secs).await;
+                if let (Which::Proxy, Some(c0), Some(c1)) = (which, cpu0, pid.and_then(cpu_time)) {
+                    m.cpu_per_1000_ms.push((c1 - c0).as_secs_f64() * 1e3 * 1000.0 / n.max(1) as f64);
+                }
+                m.rate64.push(which, r);
+                m.p99.push(which, p.as_secs_f64() * 1e3);
             }
-            m.rate64.1.push(r);
-            m.p99.1.push(p.as_secs_f64() * 1e3);
-            m.rate1.0.push(tunnel_rate(&direct, echo, 1, s.secs).await.0);
-            m.rate1.1.push(tunnel_rate(&proxy, echo, 1, s.secs).await.0);
-            m.thr1.0.push(throughput(&direct, source, 1, s.secs).await);
-            m.thr1.1.push(throughput(&proxy, source, 1, s.secs).await);
-            m.thr8.0.push(throughput(&direct, source, 8, s.secs).await);
-            m.thr8.1.push(throughput(&proxy, source, 8, s.secs).await);
+            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
+                m.rate1.push(which, tunnel_rate(route, echo, 1, s.secs).await.0);
+            }
+            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
+                m.thr1.push(which, throughput(route, source, 1, s.secs).await);
+            }
+            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
+                m.thr8.push(which, throughput(route, source, 8, s.secs).await);
+            }
         }
         (m, idle_kib)
     });
@@ -422,10 +496,7 @@ async fn idle_rss(proxy: &Route, echo: SocketAddr, pid: u32, n: usize) -> Option
 
 fn report(s: &Settings, m: Samples, idle_kib: Option<f64>, sluice: Option<&Sluice>) {
     let na = || "n/a".to_string();
-    let ratio = |(d, p): &Pair| median(p.clone()) / median(d.clone());
-    let pair = |(d, p): &Pair, prec: usize| {
-        (format!("{:.*}", prec, median(d.clone())), format!("{:.*}", prec, median(p.clone())))
-    };
+    let med = |v: &Vec<f64>| median(v.clone());
     let met = |ok: bool| if ok { "yes" } else { "NO" };
     println!();
     println!(
@@ -436,29 +507,35 @@ fn report(s: &Settings, m: Samples, idle_kib: Option<f64>, sluice: Option<&Sluic
         if sluice.is_some() { "on (file)" } else { "as the proxy is configured" }
     );
     println!();
-    println!("| figure | direct | via proxy | proxy / direct | target | met |");
-    println!("|---|---:|---:|---:|---|---|");
+    println!("| figure | direct | via proxy | bare relay | proxy / direct | relay / direct | target | met |");
+    println!("|---|---:|---:|---:|---:|---:|---|---|");
     let rows: [(&str, &Pair, usize, f64); 4] = [
         ("CONNECT tunnels/s, 64 concurrent (open, 1 echo, close)", &m.rate64, 0, 0.70),
         ("CONNECT tunnels/s, 1 at a time", &m.rate1, 0, 0.60),
         ("one tunnel's throughput (Gbit/s)", &m.thr1, 2, 0.80),
         ("8 tunnels' throughput (Gbit/s)", &m.thr8, 2, 0.75),
     ];
-    for (name, samples, prec, target) in rows {
-        let (d, p) = pair(samples, prec);
-        let r = ratio(samples);
-        println!("| {name} | {d} | {p} | {r:.2}× | ≥ {target:.2}× | {} |", met(r >= target));
+    for (name, f, prec, target) in rows {
+        let (d, p, b) = (med(&f.direct), med(&f.proxy), med(&f.relay));
+        let (r, rb) = (p / d, b / d);
+        println!(
+            "| {name} | {d:.prec$} | {p:.prec$} | {b:.prec$} | {r:.2}× | {rb:.2}× | ≥ {target:.2}× | {} |",
+            met(r >= target)
+        );
     }
     let idle = idle_kib.map_or_else(na, |k| format!("{k:.1} KiB"));
     let idle_met = idle_kib.map_or("n/a", |k| met(k <= 12.0));
-    println!("| proxy RSS per idle open tunnel | — | {idle} | — | ≤ 12 KiB | {idle_met} |");
+    println!("| proxy RSS per idle open tunnel | — | {idle} | — | — | — | ≤ 12 KiB | {idle_met} |");
     let cpu = (!m.cpu_per_1000_ms.is_empty()).then(|| median(m.cpu_per_1000_ms.clone()));
     let cpu_text = cpu.map_or_else(na, |c| format!("{c:.0} ms"));
     let cpu_met = cpu.map_or("n/a", |c| met(c <= 100.0));
-    println!("| proxy CPU per 1,000 tunnels | — | {cpu_text} | — | ≤ 100 ms | {cpu_met} |");
-    let (d, p) = pair(&m.p99, 2);
-    let r = ratio(&m.p99);
-    println!("| CONNECT latency p99 at 64 concurrent (ms) | {d} | {p} | {r:.2}× | ≤ 3× | {} |", met(r <= 3.0));
+    println!("| proxy CPU per 1,000 tunnels | — | {cpu_text} | — | — | — | ≤ 100 ms | {cpu_met} |");
+    let (d, p, b) = (med(&m.p99.direct), med(&m.p99.proxy), med(&m.p99.relay));
+    let (r, rb) = (p / d, b / d);
+    println!(
+        "| CONNECT latency p99 at 64 concurrent (ms) | {d:.2} | {p:.2} | {b:.2} | {r:.2}× | {rb:.2}× | ≤ 3× | {} |",
+        met(r <= 3.0)
+    );
     if let Some(sluice) = sluice {
         let log = sluice.dir.join("decisions.log");
         let lines = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
