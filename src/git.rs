@@ -52,8 +52,6 @@ pub type GitBody = BoxBody<Bytes, BoxError>;
 
 /// How long a client may take to send its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client may pause while sluice reads a push's command list.
-const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long discovery may wait for the upstream's response head.
 const ADVERTISE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A refused push's pack is read and dropped (so the client sees the answer, not a broken pipe) up to this much.
@@ -86,6 +84,11 @@ pub struct GitSettings {
     pub token_env: Option<String>,
     pub token_file: Option<PathBuf>,
     pub tokens: BTreeMap<String, TokenSource>,
+    /// Client connections served at once; more are answered `503` and closed.
+    pub max_connections: usize,
+    /// How long a client may pause while sending a request body (a push's command list, or any upload
+    /// streaming upstream) before the request fails.
+    pub body_timeout: crate::config::Seconds,
 }
 
 impl Default for GitSettings {
@@ -97,6 +100,8 @@ impl Default for GitSettings {
             token_env: Some("SLUICE_GITHUB_TOKEN".into()),
             token_file: None,
             tokens: BTreeMap::new(),
+            max_connections: 1024,
+            body_timeout: crate::config::Seconds(Duration::from_secs(30)),
         }
     }
 }
@@ -188,6 +193,8 @@ pub struct GitProxy {
     api: api::Api,
     tokens: TokenStore,
     audit: AuditLog,
+    max_connections: usize,
+    body_timeout: Duration,
 }
 
 impl GitProxy {
@@ -196,7 +203,9 @@ impl GitProxy {
         let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
         let api = api::Api::new(Upstream::parse("git.api_upstream", &settings.api_upstream)?);
         let tokens = TokenStore::load(settings)?;
-        Ok(GitProxy { keyring, upstream, api, tokens, audit: AuditLog::disabled() })
+        let max_connections = settings.max_connections.max(1);
+        let body_timeout = settings.body_timeout.0.max(Duration::from_secs(1));
+        Ok(GitProxy { keyring, upstream, api, tokens, audit: AuditLog::disabled(), max_connections, body_timeout })
     }
 
     /// Writes one audit line per request to `audit`.
@@ -213,13 +222,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(proxy.max_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+                Ok((mut stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        let max = proxy.max_connections;
+                        tracing::warn!(target: "sluice::git", max_connections = max, %peer, "git connection refused: at the connection limit");
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncWriteExt;
+                            let _ = stream.write_all(&overloaded_answer(max)).await;
+                            let _ = stream.shutdown().await;
+                        });
+                        continue;
+                    };
                     let proxy = proxy.clone();
                     let service = service_fn(move |req| handle(proxy.clone(), peer, req));
                     let conn = hyper::server::conn::http1::Builder::new()
@@ -228,6 +248,7 @@ pub async fn serve(
                         .serve_connection(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(e) = conn.await {
                             tracing::debug!(target: "sluice::git", %peer, error = %e, "git connection ended with an error");
                         }
@@ -243,6 +264,17 @@ pub async fn serve(
     }
     graceful.shutdown().await;
     Ok(())
+}
+
+/// The raw answer when `[git] max_connections` are open: git prints the body after
+/// `fatal: unable to access '…': The requested URL returned error: 503`.
+fn overloaded_answer(max: usize) -> Vec<u8> {
+    let body = format!("sluice: the git proxy is at its connection limit ({max} connections); retry shortly\n");
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// Why a request is not forwarded; [`respond`] turns each into its answer.
@@ -377,29 +409,50 @@ impl Drop for LoggedBody {
 }
 
 /// The request body sent upstream: the bytes sluice already read (the command list), then the rest,
-/// exactly as the client sent them.
+/// exactly as the client sent them. A client that stops sending for `[git] body_timeout` fails the
+/// request, so a stalled upload cannot hold an upstream connection open for ever.
 struct ForwardBody {
     prefix: VecDeque<Bytes>,
     rest: Incoming,
     sent: Arc<AtomicU64>,
+    timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl ForwardBody {
+    fn new(prefix: VecDeque<Bytes>, rest: Incoming, sent: Arc<AtomicU64>, timeout: Duration) -> ForwardBody {
+        ForwardBody { prefix, rest, sent, timeout, idle: Box::pin(tokio::time::sleep(timeout)) }
+    }
 }
 
 impl Body for ForwardBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(chunk) = self.prefix.pop_front() {
             self.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        let polled = Pin::new(&mut self.rest).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match Pin::new(&mut self.rest).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                let next = tokio::time::Instant::now() + self.timeout;
+                self.idle.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(BoxError::from))),
+            Poll::Pending => {
+                if self.idle.as_mut().poll(cx).is_ready() {
+                    let secs = self.timeout.as_secs();
+                    tracing::debug!(target: "sluice::git", "request body stalled for {secs}s; upload abandoned");
+                    return Poll::Ready(Some(Err(format!("the client sent nothing for {secs}s").into())));
+                }
+                Poll::Pending
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -571,7 +624,7 @@ impl Decoded {
 
 /// Reads the request body until the command list (and push options) are complete, bounded by
 /// [`MAX_COMMAND_BYTES`] of decoded bytes. The raw bytes are kept to be forwarded unchanged.
-async fn read_command_list(body: &mut Incoming, gzip: bool) -> Result<CommandList, GitError> {
+async fn read_command_list(body: &mut Incoming, gzip: bool, timeout: Duration) -> Result<CommandList, GitError> {
     let mut raw = Vec::new();
     let mut decoded = Decoded::new(gzip);
     let mut eof = false;
@@ -584,10 +637,10 @@ async fn read_command_list(body: &mut Incoming, gzip: bool) -> Result<CommandLis
                 return Ok(CommandList { raw, parsed: Err(e), side_band });
             }
         }
-        let frame = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await.map_err(|_| {
+        let frame = tokio::time::timeout(timeout, body.frame()).await.map_err(|_| {
             GitError::BadRequest(format!(
                 "sluice: the push sent no data for {}s while sluice read its command list",
-                BODY_IDLE_TIMEOUT.as_secs()
+                timeout.as_secs()
             ))
         })?;
         match frame {
@@ -651,7 +704,7 @@ impl GitProxy {
             }
             Action::Rpc(Service::ReceivePack) => self.push(&parts, body, &repo, &branch, token, record).await,
             action => {
-                let body = ForwardBody { prefix: VecDeque::new(), rest: body, sent: record.bytes_up.clone() };
+                let body = ForwardBody::new(VecDeque::new(), body, record.bytes_up.clone(), self.body_timeout);
                 self.forward(&parts.headers, &repo, action, token, body).await
             }
         }
@@ -693,7 +746,7 @@ impl GitProxy {
             Ok(gzip) => gzip,
             Err(e) => return e,
         };
-        let list = match read_command_list(body, gzip).await {
+        let list = match read_command_list(body, gzip, self.body_timeout).await {
             Ok(list) => list,
             Err(e) => return e,
         };
@@ -720,7 +773,7 @@ impl GitProxy {
         record: &mut Record,
     ) -> Result<Response<GitBody>, GitError> {
         let gzip = content_encoding(&parts.headers)?;
-        let list = read_command_list(&mut body, gzip).await?;
+        let list = read_command_list(&mut body, gzip, self.body_timeout).await?;
         let req = match list.parsed {
             Ok(req) => req,
             Err(e) => {
@@ -738,7 +791,7 @@ impl GitProxy {
         };
         match verdict {
             Verdict::Allow => {
-                let body = ForwardBody { prefix: list.raw.into(), rest: body, sent: record.bytes_up.clone() };
+                let body = ForwardBody::new(list.raw.into(), body, record.bytes_up.clone(), self.body_timeout);
                 self.forward(&parts.headers, repo, Action::Rpc(Service::ReceivePack), token, body).await
             }
             Verdict::Refuse(reasons) => {

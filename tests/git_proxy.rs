@@ -101,6 +101,10 @@ impl World {
     }
 
     async fn with_token(name: &str, token: bool) -> World {
+        World::with_settings(name, token, |_| {}).await
+    }
+
+    async fn with_settings(name: &str, token: bool, tweak: impl FnOnce(&mut GitSettings)) -> World {
         audit();
         let dir = TempDir::new(name);
         let base = dir.0.clone();
@@ -153,6 +157,7 @@ impl World {
         let up_addr = spawn_upstream(upstream).await;
         let mut settings =
             GitSettings { upstream: format!("http://{up_addr}"), token_env: None, ..GitSettings::default() };
+        tweak(&mut settings);
         if token {
             let token_file = base.join("real-token");
             std::fs::write(&token_file, format!("{CANARY}\n")).unwrap();
@@ -637,4 +642,62 @@ async fn raw_requests_get_exact_answers() {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(w.receive_pack_posts(), 1);
+}
+
+// ---------- the listener under pressure ----------
+
+/// At most `[git] max_connections` connections are served at once (the next is answered 503 and
+/// closed), and an upload that stalls for `[git] body_timeout` is abandoned, which frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_and_stalled_uploads() {
+    let w = World::with_settings("cap", true, |s| {
+        s.max_connections = 1;
+        s.body_timeout = sluice::config::Seconds(Duration::from_secs(1));
+    })
+    .await;
+    let creds = STANDARD.encode(format!("{SID}:{}", w.token()));
+    // A push to the working branch whose pack never comes: the command list, then silence, with a
+    // Content-Length that promises far more.
+    let list =
+        [pkt(format!("{Z40} {} refs/heads/{BRANCH}\0report-status", "1".repeat(40)).as_bytes()), b"0000".to_vec()]
+            .concat();
+    let head = format!(
+        "POST /{}.git/git-receive-pack HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {creds}\r\n\
+         Content-Type: application/x-git-receive-pack-request\r\nContent-Length: 1000000\r\n\r\n",
+        w.repo()
+    );
+    let mut stalled = tokio::net::TcpStream::connect(w.sluice).await.unwrap();
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&list).await.unwrap();
+
+    // The stalled upload holds the only slot: the next connection is told so, in words.
+    let get = b"GET /x/y.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let (status, head, body) = raw(w.sluice, get.to_vec()).await;
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (503, "sluice: the git proxy is at its connection limit (1 connections); retry shortly\n"),
+        "{head}"
+    );
+
+    // After a second of silence the upload is abandoned: the upstream sees its request end and
+    // answers, and the client's connection closes (the body it promised never came).
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut answer))
+        .await
+        .expect("the stalled upload is abandoned")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+
+    // Its slot is free again.
+    let mut served = None;
+    for _ in 0..50 {
+        let (status, _, body) = raw(w.sluice, get.to_vec()).await;
+        if status != 503 {
+            served = Some((status, body));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served.expect("a slot frees up").0, 401);
 }
