@@ -253,8 +253,7 @@ async fn handle(
     peer: SocketAddr,
     slot: ConnectionSlot,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let wants_json =
-        req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
+    let wants_json = wants_json(req.headers().get(header::ACCEPT));
     let method = req.method().clone();
     let target = req.uri().to_string();
     let detail = req.headers().get("x-sluice-detail").and_then(|v| v.to_str().ok());
@@ -271,7 +270,11 @@ async fn handle(
         Ok(s) => s,
         Err(err) => {
             log_refusal(&proxy, &err, None, &method, &target, peer);
-            return Ok(respond::refusal(&err, &Context { wants_json, close: false, ..Context::default() }));
+            // A refused CONNECT through hyper closes: the head guard has moved on to passing a tunnel's
+            // bytes, so it would not inspect another request on this connection. (A connection's first
+            // CONNECT is answered in `connect::serve_first`, which keeps it open after a 407.)
+            let close = method == Method::CONNECT;
+            return Ok(respond::refusal(&err, &Context { wants_json, close, ..Context::default() }));
         }
     };
     let result = if method == Method::CONNECT {
@@ -291,6 +294,11 @@ async fn handle(
             respond::refusal(&err, &ctx)
         }
     })
+}
+
+/// Whether a refusal is answered in JSON: the (first) `Accept` header asks for it.
+pub(crate) fn wants_json(accept: Option<&http::HeaderValue>) -> bool {
+    accept.and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"))
 }
 
 fn log_refusal(

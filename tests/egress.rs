@@ -804,6 +804,21 @@ mod identity {
         assert_eq!((r.status_line.as_str(), r.body.as_str()), ("HTTP/1.1 200 OK", "hello from plain /t\n"));
         // Two tunnels and one forwarded request.
         assert_eq!(upstream.connections(), 3);
+
+        // A client that says it will not keep the connection gets its 407 and the close.
+        for (head, status_line) in [
+            (
+                format!("CONNECT {target} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+                "HTTP/1.1 407 Proxy Authentication Required",
+            ),
+            (format!("CONNECT {target} HTTP/1.0\r\n\r\n"), "HTTP/1.0 407 Proxy Authentication Required"),
+        ] {
+            let mut c = RawClient::connect(proxy.addr).await;
+            c.send(head.as_bytes()).await;
+            let r = c.response().await.expect("a 407");
+            assert_eq!((r.status_line.as_str(), r.header("connection")), (status_line, Some("close")), "{r:#?}");
+            assert!(c.expect_eof().await, "the connection stays open after {head:?}");
+        }
     }
 
     fn curl_version() -> String {

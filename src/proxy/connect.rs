@@ -27,8 +27,10 @@ use crate::audit::{Event, EventKind};
 use crate::limit::TunnelPermit;
 use crate::policy::Authority;
 
-/// The answer to a CONNECT that opens its tunnel.
-const ESTABLISHED: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
+/// The answer to a CONNECT that opens its tunnel, in the request's HTTP version.
+fn established(version: http::Version) -> &'static [u8] {
+    if version == http::Version::HTTP_10 { b"HTTP/1.0 200 OK\r\n\r\n" } else { b"HTTP/1.1 200 OK\r\n\r\n" }
+}
 
 /// A CONNECT whose upstream is connected, waiting for the client's side of the tunnel.
 pub(crate) struct Opened {
@@ -133,7 +135,7 @@ pub(crate) async fn serve_first(
         };
         let (err, session) = match answer.await {
             Ok(opened) => {
-                if let Err(e) = guard.get_mut().write_all(ESTABLISHED).await {
+                if let Err(e) = guard.get_mut().write_all(established(request.version)).await {
                     tracing::debug!(client = %peer, error = %e, "client left before its tunnel opened");
                     return First::Done;
                 }
@@ -144,7 +146,9 @@ pub(crate) async fn serve_first(
             Err(refused) => refused,
         };
         super::log_refusal(proxy, &err, session.as_ref(), &Method::CONNECT, &request.target, peer);
-        let close = session.is_some();
+        // As hyper would: a 407 keeps the connection (unless the client asked to close it), so the
+        // client can answer the challenge; every other refusal ends it.
+        let close = session.is_some() || request.close;
         let level = session.as_ref().map(|s| s.policy.level.to_string());
         let ctx = Context {
             policy: session.as_ref().map(|s| &*s.policy.name),
@@ -152,7 +156,7 @@ pub(crate) async fn serve_first(
             wants_json: request.wants_json,
             close,
         };
-        let answer = respond::refusal_bytes(&err, &ctx);
+        let answer = respond::refusal_bytes(&err, &ctx, request.version);
         let stream = guard.get_mut();
         if stream.write_all(&answer).await.is_err() || close {
             let _ = stream.shutdown().await;
@@ -168,6 +172,9 @@ struct ConnectHead {
     /// Only the headers identity reads.
     headers: HeaderMap,
     wants_json: bool,
+    version: http::Version,
+    /// The client does not keep the connection after this request (HTTP/1.0, or `Connection: close`).
+    close: bool,
 }
 
 impl ConnectHead {
@@ -179,15 +186,33 @@ impl ConnectHead {
         if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) || req.method != Some("CONNECT") {
             return None;
         }
-        let mut out = ConnectHead { target: req.path?.to_string(), headers: HeaderMap::new(), wants_json: false };
+        let version = if req.version == Some(0) { http::Version::HTTP_10 } else { http::Version::HTTP_11 };
+        let mut out = ConnectHead {
+            target: req.path?.to_string(),
+            headers: HeaderMap::new(),
+            wants_json: false,
+            version,
+            close: version == http::Version::HTTP_10,
+        };
+        let mut accept_seen = false;
         for h in req.headers.iter() {
+            let value = HeaderValue::from_bytes(h.value).ok();
             if h.name.eq_ignore_ascii_case("proxy-authorization") {
-                // A second value would be ambiguous: identity sees the first, as with hyper's map.
-                if !out.headers.contains_key(header::PROXY_AUTHORIZATION) {
-                    out.headers.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_bytes(h.value).ok()?);
+                // The head guard refuses a second one.
+                out.headers.insert(header::PROXY_AUTHORIZATION, value?);
+            } else if h.name.eq_ignore_ascii_case("accept") && !accept_seen {
+                // The first Accept decides, as `HeaderMap::get` does on hyper's path.
+                accept_seen = true;
+                out.wants_json = super::wants_json(value.as_ref());
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                let tokens = value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+                for token in tokens.split(',').map(str::trim) {
+                    if token.eq_ignore_ascii_case("close") {
+                        out.close = true;
+                    } else if token.eq_ignore_ascii_case("keep-alive") && version == http::Version::HTTP_10 {
+                        out.close = false;
+                    }
                 }
-            } else if h.name.eq_ignore_ascii_case("accept") {
-                out.wants_json |= h.value.windows(16).any(|w| w == b"application/json");
             }
         }
         Some(out)

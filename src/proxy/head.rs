@@ -226,7 +226,19 @@ impl<S: AsyncRead + Unpin> HeadGuard<S> {
 fn framing(req: &httparse::Request<'_, '_>) -> Result<Phase, (HeadRefusal, String)> {
     let bad = |m: &str| Err((HeadRefusal::Framing, m.to_string()));
     let target = req.path.unwrap_or("");
+    let headers: &[httparse::Header<'_>] = req.headers;
+    let named = |name: &'static str| headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name));
+    // Identity is read from this header: two of them could be read two ways along the path.
+    if named("proxy-authorization").nth(1).is_some() {
+        return Err((HeadRefusal::Malformed, "request has more than one Proxy-Authorization header".to_string()));
+    }
     if req.method == Some("CONNECT") {
+        // A body would leave where the request ends (and the tunnel starts) open to two readings.
+        let has_body = named("transfer-encoding").next().is_some()
+            || named("content-length").any(|h| h.value.iter().any(|&b| b != b'0'));
+        if has_body {
+            return bad("CONNECT takes no body: send no Content-Length or Transfer-Encoding");
+        }
         // hyper would refuse a target that is not an authority with a bare 400; say what is wrong.
         // What hyper accepts, the CONNECT handler checks and words itself.
         if target.parse::<http::uri::Authority>().is_ok() {
@@ -597,6 +609,16 @@ mod tests {
                 "bad CONNECT target \"a:443:443\": IPv6 addresses must be written in brackets, e.g. [2001:db8::1]:443"
             )
         );
+        let body = "CONNECT a:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let no_body = refusal(2, "CONNECT takes no body: send no Content-Length or Transfer-Encoding");
+        assert_eq!(through(body.as_bytes()).await, no_body);
+        let chunked = "CONNECT a:443 HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(through(chunked.as_bytes()).await, no_body);
+        let zero = "CONNECT a:443 HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(through(zero.as_bytes()).await, zero);
+        let two_ids = "CONNECT a:443 HTTP/1.1\r\nProxy-Authorization: Basic a\r\nproxy-authorization: Basic b\r\n\r\n";
+        let two = refusal(1, "request has more than one Proxy-Authorization header");
+        assert_eq!(through(two_ids.as_bytes()).await, two);
         let obs_fold = "GET http://a/ HTTP/1.1\r\nX: a\r\n b\r\n\r\n";
         assert_eq!(through(obs_fold.as_bytes()).await, refusal(1, "malformed request head: invalid header name"));
     }

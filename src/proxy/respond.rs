@@ -184,11 +184,11 @@ pub fn refusal(err: &ProxyError, ctx: &Context<'_>) -> Response<ProxyBody> {
 }
 
 /// The same answer as [`refusal`], as the bytes to write on a connection hyper does not serve.
-pub fn refusal_bytes(err: &ProxyError, ctx: &Context<'_>) -> Vec<u8> {
+pub fn refusal_bytes(err: &ProxyError, ctx: &Context<'_>, version: http::Version) -> Vec<u8> {
     let (head, body) = refusal_parts(err, ctx);
     let status = head.status;
     let mut out = Vec::with_capacity(256 + body.len());
-    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(if version == http::Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
