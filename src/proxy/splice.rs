@@ -8,38 +8,61 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::tunnel::{Meter, Side, shutdown_write};
 
-/// A pipe between the two sockets of one direction. Its buffer holds pages only while bytes are in
-/// flight; the kernel's default size (64 KiB) is kept, so many bulk tunnels stay within the per-user
-/// pipe allowance.
+/// How much one splice moves. With the kernel's default pipe (64 KiB) splice measured no better than
+/// the copy; 1 MiB pipes are what pay, so a smaller pipe (the per-user pipe allowance,
+/// `/proc/sys/fs/pipe-user-pages-soft`, refused the size) is not used at all.
 const PIPE_SIZE: usize = 1 << 20;
 
+/// Pipes open at once, across all tunnels: each can pin up to [`PIPE_SIZE`] of kernel memory while
+/// bytes are in flight. Past this, bulk directions copy.
+const MAX_PIPES: usize = 256;
+
+/// A spliced direction that has had nothing to move for this long releases its pipe.
+const QUIET: Duration = Duration::from_secs(1);
+
+static PIPES: AtomicUsize = AtomicUsize::new(0);
+
+/// A pipe between the two sockets of one direction; counted in [`PIPES`] while it lives.
 pub(super) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
-    size: usize,
 }
 
 impl Pipe {
     pub(super) fn new() -> io::Result<Pipe> {
+        if PIPES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_PIPES).then_some(n + 1)).is_err() {
+            return Err(io::Error::other("too many pipes open"));
+        }
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: pipe2 writes two new descriptors into the array, which we own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            PIPES.fetch_sub(1, Ordering::AcqRel);
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors were just created and nothing else owns them.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a pipe we own; a refusal (over the per-user pipe allowance) leaves the default.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
-        // SAFETY: F_GETPIPE_SZ only reads the pipe's size.
-        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        let size = usize::try_from(size).ok().filter(|&n| n > 0).unwrap_or(64 * 1024);
-        Ok(Pipe { read, write, size })
+        // From here on, dropping the pipe closes both ends and gives back its count.
+        let pipe = Pipe { read, write };
+        // SAFETY: fcntl on a pipe we own; it only resizes the pipe's buffer.
+        let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        if usize::try_from(size).map_or(true, |n| n < PIPE_SIZE) {
+            return Err(io::Error::other("pipe allowance used up"));
+        }
+        Ok(pipe)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        PIPES.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -58,18 +81,50 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// Moves `src` → `dst` until `src` ends (the EOF is passed on) or either side fails. The pipe is
-/// emptied into `dst` before `src` is read again, so it never holds more than one read's worth.
-pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, pipe: Pipe, meter: &Meter<'_>) -> Result<(), Side> {
+/// `SIOCATMARK` from `<linux/sockios.h>` (the libc crate does not define it).
+const SIOCATMARK: u32 = 0x8905;
+
+/// Whether the socket's next byte is TCP urgent data, which splice cannot move past.
+fn at_urgent_mark(s: &TcpStream) -> bool {
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int into `at`, which we own.
+    let ok = unsafe { libc::ioctl(s.as_raw_fd(), SIOCATMARK as _, &mut at) } == 0;
+    ok && at != 0
+}
+
+/// Why [`pump`] handed the direction back.
+pub(super) enum Spliced {
+    /// `src` ended; the EOF was passed on.
+    Ended,
+    /// Nothing to move for [`QUIET`]: the pipe is released and the copy waits without a buffer.
+    Quiet,
+    /// An urgent byte is next: a plain read steps over it, as the copy always did.
+    UrgentMark,
+}
+
+/// Moves `src` → `dst` until `src` ends (the EOF is passed on), either side fails, or the copy must
+/// take over. The pipe is emptied into `dst` before `src` is read again, so it never holds more than
+/// one read's worth, and bytes are counted as they reach `dst`.
+pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, pipe: Pipe, meter: &Meter<'_>) -> Result<Spliced, Side> {
     loop {
-        src.readable().await.map_err(|_| Side::Read)?;
-        // try_io clears the readiness it waited for when the socket turns out to be dry.
-        let n = match src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)) {
-            Ok(0) => {
+        match tokio::time::timeout(QUIET, src.readable()).await {
+            Err(_) => return Ok(Spliced::Quiet),
+            Ok(ready) => ready.map_err(|_| Side::Read)?,
+        }
+        // try_io clears the readiness it waited for when the socket turns out to be dry; stopped at an
+        // urgent mark it is not dry, so the readiness stays for the copy's read.
+        let spliced =
+            src.try_io(Interest::READABLE, || match splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src) => Ok(None),
+                other => other.map(Some),
+            });
+        let n = match spliced {
+            Ok(None) => return Ok(Spliced::UrgentMark),
+            Ok(Some(0)) => {
                 shutdown_write(dst);
-                return Ok(());
+                return Ok(Spliced::Ended);
             }
-            Ok(n) => n,
+            Ok(Some(n)) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(Side::Read),
         };
@@ -77,11 +132,13 @@ pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, pipe: Pipe, meter: &M
         while left > 0 {
             dst.writable().await.map_err(|_| Side::Write)?;
             match dst.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    meter.record(m);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return Err(Side::Write),
             }
         }
-        meter.record(n);
     }
 }

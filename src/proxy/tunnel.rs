@@ -222,10 +222,17 @@ async fn pump_tcp(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> Result
         loop {
             #[cfg(target_os = "linux")]
             if moved >= SPLICE_AFTER {
-                // Without a pipe (out of descriptors) the copy goes on, and tries again later.
-                match super::splice::Pipe::new() {
-                    Ok(pipe) => return super::splice::pump(src, dst, pipe, meter).await,
-                    Err(_) => moved = 0,
+                moved = 0;
+                // Without a pipe (descriptors or pipe allowance used up) the copy goes on.
+                if let Ok(pipe) = super::splice::Pipe::new() {
+                    drop(std::mem::take(&mut buf));
+                    match super::splice::pump(src, dst, pipe, meter).await? {
+                        super::splice::Spliced::Ended => return Ok(()),
+                        // Back to the copy: the direction went quiet (its pipe is released), or an
+                        // urgent byte stopped the splice (a read steps over it).
+                        super::splice::Spliced::Quiet => break,
+                        super::splice::Spliced::UrgentMark => buf = Vec::with_capacity(BUF_SIZE),
+                    }
                 }
             }
             buf.clear();
@@ -341,6 +348,43 @@ mod tests {
         let want =
             TunnelStats { bytes_up: request.len() as u64, bytes_down: answer.len() as u64, end: TunnelEnd::Closed };
         assert_eq!(stats, want);
+    }
+
+    /// An urgent (out-of-band) byte after bulk data neither stalls the direction nor loses what
+    /// follows it (splice cannot pass the urgent mark; the copy steps over the byte, as it always did),
+    /// and a spliced direction that went quiet carries on after the pause.
+    #[tokio::test]
+    async fn urgent_byte_and_pause_after_bulk() {
+        use std::os::fd::AsRawFd;
+        let (mut client, mut upstream, task) = tunnel(b"", Duration::from_secs(60), std::future::pending()).await;
+        let bulk: Vec<u8> = (0..(SPLICE_AFTER as u32) * 2).map(|i| (i % 251) as u8).collect();
+        client.write_all(&bulk).await.unwrap();
+        let mut got = vec![0u8; bulk.len()];
+        upstream.read_exact(&mut got).await.unwrap();
+        assert!(got == bulk);
+
+        client.write_all(b"BEFORE").await.unwrap();
+        // SAFETY: send on a socket we own, from a one-byte buffer we own.
+        let sent = unsafe { libc::send(client.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1);
+        client.write_all(b"AFTER").await.unwrap();
+        let mut got = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(10), upstream.read_exact(&mut got))
+            .await
+            .expect("bytes after an urgent byte arrive")
+            .unwrap();
+        assert_eq!(&got, b"BEFOREAFTER");
+
+        // Quiet for longer than a spliced direction keeps its pipe, then bulk again.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.write_all(&bulk).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert!(got == bulk, "after the pause upstream got {} bytes, not {}", got.len(), bulk.len());
+        drop(upstream);
+        let stats = task.await.unwrap();
+        assert_eq!(stats.bytes_up, 2 * bulk.len() as u64 + 11);
     }
 
     #[tokio::test]
