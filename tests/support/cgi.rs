@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -71,9 +72,8 @@ async fn cgi(
         }
     }
     let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let mut cmd = tokio::process::Command::new("git");
-    cmd.arg("http-backend")
-        .env_clear()
+    let mut cmd = tokio::process::Command::new(http_backend());
+    cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", &state.home)
         .env("GIT_CONFIG_NOSYSTEM", "1")
@@ -98,12 +98,25 @@ async fn cgi(
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut body = req.into_body();
+    // When the client abandons its request (the body fails before its end), http-backend is killed:
+    // waiting for the bytes it was promised, it would otherwise never exit (and can spin at EOF).
+    let abandoned = tokio_util::sync::CancellationToken::new();
+    let abandoned_rx = abandoned.clone();
     tokio::spawn(async move {
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data()
-                && stdin.write_all(&data).await.is_err()
-            {
-                break;
+        loop {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && stdin.write_all(&data).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Some(Err(_)) => {
+                    abandoned.cancel();
+                    break;
+                }
             }
         }
         drop(stdin);
@@ -112,7 +125,13 @@ async fn cgi(
     let mut head = Vec::new();
     let mut buf = [0u8; 65536];
     let split = loop {
-        let n = stdout.read(&mut buf).await.unwrap();
+        let n = tokio::select! {
+            n = stdout.read(&mut buf) => n.unwrap(),
+            () = abandoned_rx.cancelled() => {
+                let _ = child.kill().await;
+                return Ok(text_response(StatusCode::BAD_REQUEST, "upstream: request abandoned\n"));
+            }
+        };
         assert!(n > 0, "http-backend wrote no headers");
         head.extend_from_slice(&buf[..n]);
         if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -139,7 +158,11 @@ async fn cgi(
         }
         loop {
             let mut chunk = vec![0u8; 65536];
-            match stdout.read(&mut chunk).await {
+            let read = tokio::select! {
+                read = stdout.read(&mut chunk) => read,
+                () = abandoned_rx.cancelled() => break,
+            };
+            match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     chunk.truncate(n);
@@ -149,9 +172,22 @@ async fn cgi(
                 }
             }
         }
-        let _ = child.wait().await;
+        // Bounded: a backend that has not exited within a minute of its output ending is killed.
+        if tokio::time::timeout(Duration::from_secs(60), child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
     });
     Ok(resp.body(ChannelBody(rx).boxed()).unwrap())
+}
+
+/// The `git-http-backend` program itself: run through `git http-backend`, it is a grandchild that
+/// killing the child leaves behind.
+fn http_backend() -> &'static std::path::Path {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let out = std::process::Command::new("git").arg("--exec-path").output().expect("git --exec-path");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("git-http-backend")
+    })
 }
 
 pub async fn spawn_upstream(state: Arc<UpstreamState>) -> SocketAddr {
