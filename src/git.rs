@@ -228,16 +228,11 @@ pub async fn serve(
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((mut stream, peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        let max = proxy.max_connections;
-                        tracing::warn!(target: "sluice::git", max_connections = max, %peer, "git connection refused: at the connection limit");
-                        tokio::spawn(async move {
-                            use tokio::io::AsyncWriteExt;
-                            let _ = stream.write_all(&overloaded_answer(max)).await;
-                            let _ = stream.shutdown().await;
-                        });
+                        let refusal = crate::proxy::respond::refuse_overloaded(stream, "git proxy", proxy.max_connections, peer);
+                        tokio::spawn(refusal);
                         continue;
                     };
                     let proxy = proxy.clone();
@@ -264,17 +259,6 @@ pub async fn serve(
     }
     graceful.shutdown().await;
     Ok(())
-}
-
-/// The raw answer when `[git] max_connections` are open: git prints the body after
-/// `fatal: unable to access '…': The requested URL returned error: 503`.
-fn overloaded_answer(max: usize) -> Vec<u8> {
-    let body = format!("sluice: the git proxy is at its connection limit ({max} connections); retry shortly\n");
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
 }
 
 /// Why a request is not forwarded; [`respond`] turns each into its answer.

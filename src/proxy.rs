@@ -21,7 +21,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -181,7 +180,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<EgressProxy>, stop_acceptin
         let _ = stream.set_nodelay(true);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             let max = proxy.config.max_connections;
-            proxy.tasks.spawn(refuse_overloaded(stream, max));
+            proxy.tasks.spawn(respond::refuse_overloaded(stream, "proxy", max, peer));
             continue;
         };
         let proxy2 = proxy.clone();
@@ -189,12 +188,6 @@ pub async fn serve(listener: TcpListener, proxy: Arc<EgressProxy>, stop_acceptin
         // The slot is held by the connection and, after a CONNECT, by its tunnel: the cap counts both.
         proxy.tasks.spawn(serve_connection(stream, peer, proxy2, stop, Arc::new(permit)));
     }
-}
-
-async fn refuse_overloaded(mut stream: TcpStream, max: usize) {
-    tracing::warn!(max_connections = max, "connection refused: at the connection limit");
-    let _ = stream.write_all(&respond::overloaded_bytes(max)).await;
-    let _ = stream.shutdown().await;
 }
 
 async fn serve_connection(
@@ -274,7 +267,7 @@ async fn handle(
             // bytes, so it would not inspect another request on this connection. (A connection's first
             // CONNECT is answered in `connect::serve_first`, which keeps it open after a 407.)
             let close = method == Method::CONNECT;
-            return Ok(respond::refusal(&err, &Context { wants_json, close, ..Context::default() }));
+            return Ok(respond::refusal(&err, &context(None, wants_json, close)));
         }
     };
     let result = if method == Method::CONNECT {
@@ -286,14 +279,22 @@ async fn handle(
         Ok(response) => response,
         Err(err) => {
             log_refusal(&proxy, &err, Some(&session), &method, &target, peer);
-            let level = session.policy.level.to_string();
             // After a malformed request the client's idea of the connection state cannot be trusted,
             // and after a refused CONNECT the head guard no longer follows the connection's framing.
             let close = matches!(err, ProxyError::BadRequest(_)) || method == Method::CONNECT;
-            let ctx = Context { policy: Some(&session.policy.name), level: Some(&level), wants_json, close };
-            respond::refusal(&err, &ctx)
+            respond::refusal(&err, &context(Some(&session), wants_json, close))
         }
     })
+}
+
+/// What a refusal names about the session (its policy and level, once it is known).
+pub(crate) fn context(session: Option<&Session>, wants_json: bool, close: bool) -> Context<'_> {
+    Context {
+        policy: session.map(|s| &*s.policy.name),
+        level: session.map(|s| s.policy.level.as_str()),
+        wants_json,
+        close,
+    }
 }
 
 /// Whether a refusal is answered in JSON: the (first) `Accept` header asks for it.

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::head::HeadGuard;
-use super::respond::{self, Context, ProxyBody, ProxyError};
+use super::respond::{self, ProxyBody, ProxyError};
 use super::tunnel::{self, Counters};
 use super::{EgressProxy, Session};
 use crate::audit::{Event, EventKind};
@@ -149,13 +149,7 @@ pub(crate) async fn serve_first(
         // As hyper would: a 407 keeps the connection (unless the client asked to close it), so the
         // client can answer the challenge; every other refusal ends it.
         let close = session.is_some() || request.close;
-        let level = session.as_ref().map(|s| s.policy.level.to_string());
-        let ctx = Context {
-            policy: session.as_ref().map(|s| &*s.policy.name),
-            level: level.as_deref(),
-            wants_json: request.wants_json,
-            close,
-        };
+        let ctx = super::context(session.as_ref(), request.wants_json, close);
         let answer = respond::refusal_bytes(&err, &ctx, request.version);
         let stream = guard.get_mut();
         if stream.write_all(&answer).await.is_err() || close {

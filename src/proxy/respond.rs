@@ -1,10 +1,13 @@
 //! The one place every refusal and failure becomes an HTTP answer a person and an agent can act on.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::credential::CredentialError;
 use crate::net::NetError;
@@ -289,9 +292,16 @@ pub fn empty() -> ProxyBody {
     full(Bytes::new())
 }
 
-/// The raw answer written when the connection cap is reached, before any HTTP is parsed.
-pub fn overloaded_bytes(max: usize) -> Vec<u8> {
-    let body = format!("sluice: the proxy is at its connection limit ({max} connections); retry shortly\n");
+/// Answers a connection over a listener's cap (`listener` names it: "proxy", "git proxy") with a raw
+/// `503`, before any HTTP is parsed, and closes it.
+pub async fn refuse_overloaded(mut stream: TcpStream, listener: &'static str, max: usize, peer: SocketAddr) {
+    tracing::warn!(listener, max_connections = max, client = %peer, "connection refused: at the connection limit");
+    let _ = stream.write_all(&overloaded_bytes(listener, max)).await;
+    let _ = stream.shutdown().await;
+}
+
+fn overloaded_bytes(listener: &str, max: usize) -> Vec<u8> {
+    let body = format!("sluice: the {listener} is at its connection limit ({max} connections); retry shortly\n");
     format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nX-Sluice-Decision: deny; reason=overloaded\r\nConnection: close\r\n\r\n{body}",
         body.len()

@@ -11,10 +11,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::Interest;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::net::tcp::WriteHalf;
 
-use super::tunnel::{Meter, Side, shutdown_write};
+use super::tunnel::{Meter, Side};
 
 /// How much one splice moves. With the kernel's default pipe (64 KiB) splice measured no better than
 /// the copy; 1 MiB pipes are what pay, so a smaller pipe (the per-user pipe allowance,
@@ -105,7 +106,12 @@ pub(super) enum Spliced {
 /// Moves `src` → `dst` until `src` ends (the EOF is passed on), either side fails, or the copy must
 /// take over. The pipe is emptied into `dst` before `src` is read again, so it never holds more than
 /// one read's worth, and bytes are counted as they reach `dst`.
-pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, pipe: Pipe, meter: &Meter<'_>) -> Result<Spliced, Side> {
+pub(super) async fn pump(
+    src: &TcpStream,
+    w: &mut WriteHalf<'_>,
+    pipe: Pipe,
+    meter: &Meter<'_>,
+) -> Result<Spliced, Side> {
     loop {
         match tokio::time::timeout(QUIET, src.readable()).await {
             Err(_) => return Ok(Spliced::Quiet),
@@ -121,13 +127,14 @@ pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, pipe: Pipe, meter: &M
         let n = match spliced {
             Ok(None) => return Ok(Spliced::UrgentMark),
             Ok(Some(0)) => {
-                shutdown_write(dst);
+                let _ = w.shutdown().await;
                 return Ok(Spliced::Ended);
             }
             Ok(Some(n)) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(Side::Read),
         };
+        let dst: &TcpStream = w.as_ref();
         let mut left = n;
         while left > 0 {
             dst.writable().await.map_err(|_| Side::Write)?;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// How a tunnel ended, for the closing log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,25 +94,26 @@ where
 /// Runs a socket-to-socket tunnel. `early` are bytes the client sent before the tunnel opened (read
 /// along with its CONNECT head); they go upstream first.
 pub async fn run_tcp(
-    client: TcpStream,
-    upstream: TcpStream,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
     early: &[u8],
     idle_timeout: Duration,
     counters: Arc<Counters>,
     stop: impl Future<Output = ()>,
 ) -> TunnelStats {
     let start = Instant::now();
-    let (client, upstream) = (&client, &upstream);
+    let (cr, mut cw) = client.split();
+    let (ur, mut uw) = upstream.split();
     let up = Meter { count: &counters.up, counters: &counters, start };
     let down = Meter { count: &counters.down, counters: &counters, start };
     let up = async {
         if !early.is_empty() {
-            write_all(upstream, early).await.map_err(|_| Side::Write.end(true))?;
+            uw.write_all(early).await.map_err(|_| Side::Write.end(true))?;
             up.record(early.len());
         }
-        pump_tcp(client, upstream, &up).await.map_err(|side| side.end(true))
+        pump_tcp(&cr, &mut uw, &up).await.map_err(|side| side.end(true))
     };
-    let down = async { pump_tcp(upstream, client, &down).await.map_err(|side| side.end(false)) };
+    let down = async { pump_tcp(&ur, &mut cw, &down).await.map_err(|side| side.end(false)) };
     supervise(up, down, idle_timeout, &counters, start, stop).await
 }
 
@@ -188,24 +190,6 @@ where
     }
 }
 
-/// Writes all of `bytes` to a socket shared by both directions (readiness needs only `&TcpStream`).
-async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Passes a half-close on: the peer reads EOF, the other direction keeps running.
-pub(super) fn shutdown_write(s: &TcpStream) {
-    let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
-}
-
 /// Bytes a direction moves through its buffer before it switches to `splice(2)` (Linux): short
 /// exchanges (a TLS handshake, an API call) never pay for a pipe; bulk transfers stop copying every
 /// byte into sluice and out again.
@@ -214,7 +198,8 @@ const SPLICE_AFTER: u64 = 256 * 1024;
 /// One direction of a socket tunnel. It waits for readability holding no buffer, and copies what is
 /// waiting through a buffer that lives only until the socket runs dry; past [`SPLICE_AFTER`] bytes it
 /// hands over to [`super::splice`] where that is available.
-async fn pump_tcp(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> Result<(), Side> {
+async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) -> Result<(), Side> {
+    let src: &TcpStream = r.as_ref();
     let mut moved = 0u64;
     loop {
         src.readable().await.map_err(|_| Side::Read)?;
@@ -226,7 +211,7 @@ async fn pump_tcp(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> Result
                 // Without a pipe (descriptors or pipe allowance used up) the copy goes on.
                 if let Ok(pipe) = super::splice::Pipe::new() {
                     drop(std::mem::take(&mut buf));
-                    match super::splice::pump(src, dst, pipe, meter).await? {
+                    match super::splice::pump(src, w, pipe, meter).await? {
                         super::splice::Spliced::Ended => return Ok(()),
                         // Back to the copy: the direction went quiet (its pipe is released), or an
                         // urgent byte stopped the splice (a read steps over it).
@@ -238,11 +223,12 @@ async fn pump_tcp(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> Result
             buf.clear();
             match src.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    shutdown_write(dst);
+                    // Half-close: pass the EOF on and keep the other direction running.
+                    let _ = w.shutdown().await;
                     return Ok(());
                 }
                 Ok(n) => {
-                    write_all(dst, &buf).await.map_err(|_| Side::Write)?;
+                    w.write_all(&buf).await.map_err(|_| Side::Write)?;
                     meter.record(n);
                     moved += n as u64;
                 }
