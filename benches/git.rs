@@ -91,7 +91,7 @@ async fn main() {
     let proxy = Arc::new(GitProxy::new(&settings, Some(keyring)).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sluice = listener.local_addr().unwrap();
-    tokio::spawn(sluice::git::serve(listener, proxy, std::future::pending()));
+    tokio::spawn(sluice::git::serve(listener, proxy, sluice::listen::Shutdown::default()));
 
     let direct_url = format!("http://x-access-token:{TOKEN}@{upstream}/acme/big.git");
     let sluice_url = format!("http://bench:{credential}@{sluice}/acme/big.git");

@@ -11,8 +11,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
+use crate::listen::{self, Accepted, Listener, Shutdown};
 use crate::metrics::{Denials, Metrics};
 
 /// What the admin endpoints read.
@@ -23,17 +23,20 @@ pub struct Admin {
     pub dropped_lines: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-            () = stop.cancelled() => return,
-        };
+/// Most admin connections served at once (scrapers and health checks); more get a `503`.
+const MAX_CONNECTIONS: usize = 64;
+
+pub async fn serve(socket: TcpListener, admin: Arc<Admin>, shutdown: Shutdown) {
+    let body = "sluice: the admin listener is at its connection limit; retry shortly\n";
+    let overload = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let listener =
+        Listener { name: "admin", socket, max_connections: MAX_CONNECTIONS, overload: overload.as_bytes().into() };
+    listen::serve(listener, shutdown, move |accepted: Accepted| {
         let admin = admin.clone();
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, &req)) }
@@ -41,10 +44,11 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(accepted.stream), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -311,9 +311,81 @@ pub fn valid_session_id(sid: &str) -> bool {
         && sid.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
+/// Why an `Authorization` or `Proxy-Authorization` header identifies nobody.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    NotBasic,
+    BadEncoding,
+    InvalidSessionId,
+    NoKey,
+    Credential(CredentialError),
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::Missing => f.write_str("this proxy requires credentials"),
+            AuthError::NotBasic => f.write_str("Proxy-Authorization must use the Basic scheme"),
+            AuthError::BadEncoding => f.write_str("Proxy-Authorization is not base64 of \"SESSION:TOKEN\""),
+            AuthError::InvalidSessionId => {
+                f.write_str("the session id must be 1 to 128 letters, digits, '.', '-' or '_'")
+            }
+            AuthError::NoKey => f.write_str("this proxy has no signing key, so it cannot verify credentials"),
+            AuthError::Credential(e) => e.fmt(f),
+        }
+    }
+}
+
+/// HTTP Basic credentials, `Basic base64(USER:PASSWORD)`: the one parser both proxies use. The user is
+/// the session id; the password, a credential, is kept as a [`Secret`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Basic {
+    pub user: String,
+    pub password: Secret<String>,
+}
+
+impl Basic {
+    /// Reads a header value. The encoded part is bounded (a credential is at most
+    /// [`MAX_TOKEN_LEN`] bytes), so a hostile header costs little; the session id is not checked here
+    /// (see [`valid_session_id`]).
+    pub fn parse(value: &[u8]) -> Result<Basic, AuthError> {
+        let text = std::str::from_utf8(value).map_err(|_| AuthError::BadEncoding)?.trim();
+        let (scheme, rest) = text.split_once(' ').ok_or(AuthError::NotBasic)?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(AuthError::NotBasic);
+        }
+        let encoded = rest.trim();
+        if encoded.len() > 4 * MAX_TOKEN_LEN {
+            return Err(AuthError::BadEncoding);
+        }
+        let decoded = STANDARD.decode(encoded).map_err(|_| AuthError::BadEncoding)?;
+        let decoded = String::from_utf8(decoded).map_err(|_| AuthError::BadEncoding)?;
+        let (user, password) = decoded.split_once(':').ok_or(AuthError::BadEncoding)?;
+        Ok(Basic { user: user.to_owned(), password: Secret::new(password.to_owned()) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_credentials() {
+        let v = format!("Basic {}", STANDARD.encode("s-1:v1.abc.def"));
+        let basic = Basic::parse(v.as_bytes()).unwrap();
+        assert_eq!((basic.user.as_str(), basic.password.expose().as_str()), ("s-1", "v1.abc.def"));
+        let lower = format!("basic  {} ", STANDARD.encode("a:"));
+        assert_eq!(Basic::parse(lower.as_bytes()).unwrap().password.expose(), "");
+        assert_eq!(Basic::parse(b"Bearer x"), Err(AuthError::NotBasic));
+        assert_eq!(Basic::parse(b"Basic"), Err(AuthError::NotBasic));
+        assert_eq!(Basic::parse(b"Basic !!!"), Err(AuthError::BadEncoding));
+        assert_eq!(Basic::parse(b"Basic \xff"), Err(AuthError::BadEncoding));
+        let no_colon = format!("Basic {}", STANDARD.encode("nocolon"));
+        assert_eq!(Basic::parse(no_colon.as_bytes()), Err(AuthError::BadEncoding));
+        let huge = format!("Basic {}", "A".repeat(4 * MAX_TOKEN_LEN + 4));
+        assert_eq!(Basic::parse(huge.as_bytes()), Err(AuthError::BadEncoding));
+    }
 
     fn keyring() -> Keyring {
         Keyring::new(SigningKey::from_bytes(&[7u8; 32]).unwrap(), None)

@@ -42,6 +42,8 @@ use tokio::net::TcpListener;
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
+use crate::listen::{self, Accepted, Listener, Shutdown};
+use crate::refusal::Refusal;
 use push::{MAX_COMMAND_BYTES, PushError, PushRequest, Verdict};
 use route::{Action, Service};
 use upstream::{FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, GIT_PROTOCOL, Upstream};
@@ -215,50 +217,47 @@ impl GitProxy {
     }
 }
 
-/// Serves git-proxy connections until `shutdown` completes, then waits for the requests in flight.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<GitProxy>,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(proxy.max_connections));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        let refusal = crate::proxy::respond::refuse_overloaded(stream, "git proxy", proxy.max_connections, peer);
-                        tokio::spawn(refusal);
-                        continue;
-                    };
-                    let proxy = proxy.clone();
-                    let service = service_fn(move |req| handle(proxy.clone(), peer, req));
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), service);
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        if let Err(e) = conn.await {
-                            tracing::debug!(target: "sluice::git", %peer, error = %e, "git connection ended with an error");
-                        }
-                    });
+/// Serves git-proxy connections until `shutdown` drains them; open requests finish within the grace.
+pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown) {
+    let max_connections = proxy.max_connections;
+    let listener = Listener { name: "git", socket, max_connections, overload: overload_answer(max_connections).into() };
+    let draining = shutdown.draining.clone();
+    listen::serve(listener, shutdown, move |accepted: Accepted| {
+        let proxy = proxy.clone();
+        let draining = draining.clone();
+        async move {
+            let Accepted { stream, peer, slot: _slot } = accepted;
+            let service = service_fn(move |req| handle(proxy.clone(), peer, req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = draining.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!(target: "sluice::git", error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+            };
+            if let Err(e) = result {
+                tracing::debug!(target: "sluice::git", %peer, error = %e, "git connection ended with an error");
+            }
         }
-    }
-    graceful.shutdown().await;
-    Ok(())
+    })
+    .await;
+}
+
+/// The `503` a connection over `[git] max_connections` gets before it is closed.
+fn overload_answer(max: usize) -> Vec<u8> {
+    let refusal = Refusal::overloaded("git proxy", max);
+    let body = format!("sluice: {}\n", refusal.message);
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nx-sluice-decision: deny; reason={}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        refusal.code,
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// Why a request is not forwarded; [`respond`] turns each into its answer.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::audit::AuditLog;
@@ -15,6 +14,7 @@ use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring};
 use crate::git::GitProxy;
 use crate::limit::SessionLimiter;
+use crate::listen::Shutdown;
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
 use crate::policy::PolicySet;
@@ -73,8 +73,7 @@ impl Server {
             keys,
             anonymous: config.auth.anonymous,
             own,
-            hard_stop: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown: Shutdown::default(),
             metrics: Arc::new(Metrics::default()),
             denials: Arc::new(Denials::default()),
             limiter: Arc::new(SessionLimiter::new(config.limits.clone())),
@@ -99,12 +98,10 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets open tunnels and requests
     /// finish within `[server] shutdown_grace`, and closes what is left.
     pub async fn run(self, shutdown: CancellationToken) {
-        let stop_accepting = CancellationToken::new();
         let egress = self.egress.clone();
-        let accept = tokio::spawn(proxy::serve(self.egress_listener, egress.clone(), stop_accepting.clone()));
-        let git_stop = stop_accepting.clone();
-        let git =
-            tokio::spawn(crate::git::serve(self.git_listener, self.git, async move { git_stop.cancelled().await }));
+        let accept = tokio::spawn(proxy::serve(self.egress_listener, egress.clone()));
+        // Both proxies drain and stop together.
+        let git = tokio::spawn(crate::git::serve(self.git_listener, self.git, egress.shutdown.clone()));
         let admin = Arc::new(Admin {
             metrics: egress.metrics.clone(),
             denials: egress.denials.clone(),
@@ -113,10 +110,11 @@ impl Server {
                 move || audit.dropped()
             }),
         });
-        let admin_stop = CancellationToken::new();
-        tokio::spawn(crate::admin::serve(self.admin_listener, admin, admin_stop.clone()));
+        // The admin listener stays up while the proxies drain, so health checks see the drain.
+        let admin_shutdown = Shutdown::default();
+        tokio::spawn(crate::admin::serve(self.admin_listener, admin, admin_shutdown.clone()));
         let limiter = egress.limiter.clone();
-        let housekeeping_stop = admin_stop.clone();
+        let housekeeping_stop = admin_shutdown.draining.clone();
         tokio::spawn(async move {
             // Idle sessions' limiter state and counters are dropped so memory stays bounded.
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
@@ -133,26 +131,18 @@ impl Server {
                 self.config.policies.watch,
                 egress.policies.clone(),
                 egress.metrics.clone(),
-                admin_stop.clone(),
+                admin_shutdown.draining.clone(),
             );
         }
         shutdown.cancelled().await;
         let grace = self.config.server.shutdown_grace.0;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; draining");
-        stop_accepting.cancel();
-        let _ = accept.await;
-        egress.tasks.close();
-        // The git listener drains its own requests; both get the same grace.
-        let drained = async {
-            egress.tasks.wait().await;
-            let _ = git.await;
-        };
-        if tokio::time::timeout(grace, drained).await.is_err() {
-            tracing::warn!("shutdown grace over: closing the connections still open");
-            egress.hard_stop.cancel();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), egress.tasks.wait()).await;
+        let drained = egress.shutdown.drain(grace).await;
+        let _ = tokio::join!(accept, git);
+        if !drained {
+            tracing::warn!("shutdown grace over: closed the connections still open");
         }
-        admin_stop.cancel();
+        admin_shutdown.drain(std::time::Duration::ZERO).await;
         tracing::info!("stopped");
     }
 }

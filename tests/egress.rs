@@ -605,17 +605,20 @@ async fn connection_cap_answers_503_and_closes() {
     let r = third.response().await.expect("a 503");
     let body = "sluice: the proxy is at its connection limit (2 connections); retry shortly\n";
     assert_eq!(r.status_line, "HTTP/1.1 503 Service Unavailable");
+    // Rendered like every other refusal: the same header order, `date` last.
+    let (date, headers) = r.headers.split_last().expect("headers");
     assert_eq!(
-        r.headers,
+        headers,
         [
             ("content-type", "text/plain; charset=utf-8"),
-            ("content-length", body.len().to_string().as_str()),
-            ("retry-after", "1"),
             ("x-sluice-decision", "deny; reason=overloaded"),
+            ("retry-after", "1"),
             ("connection", "close"),
+            ("content-length", body.len().to_string().as_str()),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()))
     );
+    assert!(date.0 == "date" && date.1.ends_with(" GMT"), "{date:?}");
     assert_eq!(r.body, body);
     assert!(third.expect_eof().await);
 

@@ -252,9 +252,13 @@ impl World {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let sluice = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(sluice::git::serve(listener, proxy, async move {
+        let shutdown = sluice::listen::Shutdown::default();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
             let _ = rx.await;
-        }));
+            stop.drain(std::time::Duration::from_secs(5)).await;
+        });
+        tokio::spawn(sluice::git::serve(listener, proxy, shutdown));
         World { _dir: TempDir(dir), api, sluice, keyring, owner, shutdown: Some(tx) }
     }
 

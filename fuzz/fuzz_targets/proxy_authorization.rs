@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use libfuzzer_sys::fuzz_target;
 use sluice::credential::{Claims, Keyring, Kind, SigningKey};
-use sluice::proxy::parse_basic;
+use sluice::credential::Basic;
 
 const NOW: u64 = 1_500;
 
@@ -40,8 +40,8 @@ fn header(credential: &[u8]) -> Vec<u8> {
 }
 
 fn check(header: &[u8]) -> Option<Claims> {
-    let (session, token) = parse_basic(header).ok()?;
-    keyring().verify_for(&token, Kind::Egress, &session, NOW).ok()
+    let basic = Basic::parse(header).ok()?;
+    keyring().verify_for(basic.password.expose(), Kind::Egress, &basic.user, NOW).ok()
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -1,12 +1,10 @@
 //! Absolute-form `http://` requests: decided like a tunnel, then forwarded with hop-by-hop and
 //! `Proxy-*` headers stripped and the target and `Host` rebuilt from the parsed URI.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -16,100 +14,120 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
-use super::respond::{BoxError, ProxyBody, ProxyError};
+use super::admit::Admission;
+use super::record::Record;
+use super::respond::{BoxError, ProxyBody};
 use super::{EgressProxy, Session};
-use crate::audit::{Event, EventKind};
 use crate::policy::Authority;
+use crate::refusal::Refusal;
 
-pub async fn handle(
+pub(crate) async fn handle(
     req: Request<Incoming>,
     proxy: &Arc<EgressProxy>,
     session: &Session,
-    peer: SocketAddr,
-) -> Result<Response<ProxyBody>, ProxyError> {
+    mut record: Record,
+) -> Result<Response<ProxyBody>, (Refusal, Record)> {
     let uri = req.uri().clone();
-    let authority = absolute_target(&uri)?;
     // Framing (Content-Length, Transfer-Encoding) was checked by the head guard before hyper parsed it.
-    check_host_header(req.headers(), &authority)?;
+    let admitted = async {
+        let authority = absolute_target(&uri)?;
+        check_host_header(req.headers(), &authority)?;
+        let admission = proxy.admit(session, &authority, false).await?;
+        Ok::<_, Refusal>((authority, admission))
+    };
+    let (authority, admission) = match admitted.await {
+        Ok(a) => a,
+        Err(refusal) => return Err((refusal, record)),
+    };
+    record.admitted(proxy, req.method(), &authority, &admission.decision, admission.addr);
+    match exchange(req, &authority, admission, proxy).await {
+        Ok((response, sent)) => {
+            record.restart();
+            let (parts, body) = response.into_parts();
+            let finish = Finish {
+                proxy: proxy.clone(),
+                limit_key: session.limit_key.clone(),
+                sent,
+                status: parts.status.as_u16(),
+                record: Some(record),
+            };
+            let body = Finished { inner: body, received: 0, finish };
+            Ok(Response::from_parts(parts, body.boxed()))
+        }
+        Err(refusal) => Err((refusal, record)),
+    }
+}
 
-    let super::Upstream { decision, stream, addr, .. } = proxy.open_upstream(session, &authority, false).await?;
-    super::log_allow(proxy, session, req.method(), &authority, &decision, peer, addr);
-
+/// Sends an admitted request upstream over its checked connection: hop-by-hop and `Proxy-*` headers
+/// stripped, the target and `Host` rebuilt from the parsed URI. Returns the response (hop-by-hop
+/// headers stripped) and the counter of request-body bytes sent.
+async fn exchange(
+    req: Request<Incoming>,
+    authority: &Authority,
+    admission: Admission,
+    proxy: &EgressProxy,
+) -> Result<(Response<Incoming>, Arc<AtomicU64>), Refusal> {
+    let Admission { stream, addr, .. } = admission;
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let host = match authority.port {
         80 => authority.target.to_authority_host(),
         p => format!("{}:{p}", authority.target.to_authority_host()),
     };
-    let host = HeaderValue::from_str(&host).map_err(|_| ProxyError::BadRequest("bad host".into()))?;
+    let host = HeaderValue::from_str(&host).map_err(|_| Refusal::bad_request("bad host"))?;
     parts.headers.insert(header::HOST, host);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = path.parse().map_err(|_| ProxyError::BadRequest(format!("bad request target {path:?}")))?;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = path.parse().map_err(|_| Refusal::bad_request(format!("bad request target {path:?}")))?;
     parts.version = Version::HTTP_11;
     let sent = Arc::new(AtomicU64::new(0));
     let upstream_req = Request::from_parts(parts, Counted { inner: body, count: sent.clone() });
 
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| ProxyError::BadUpstream(format!("upstream {addr} failed the HTTP handshake: {e}")))?;
-    proxy.tasks.spawn(async move {
+        .map_err(|e| Refusal::bad_upstream(format!("upstream {addr} failed the HTTP handshake: {e}")))?;
+    proxy.shutdown.spawn(async move {
         let _ = conn.await;
     });
     let response = sender.send_request(upstream_req).await.map_err(|e| {
         if e.is_user() || e.is_body_write_aborted() {
-            ProxyError::BadRequest(format!("the request body could not be forwarded: {e}"))
+            Refusal::bad_request(format!("the request body could not be forwarded: {e}"))
         } else {
-            ProxyError::BadUpstream(format!("upstream {addr} did not answer with valid HTTP: {e}"))
+            Refusal::bad_upstream(format!("upstream {addr} did not answer with valid HTTP: {e}"))
         }
     })?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let mut event = Event::new(EventKind::RequestFinished);
-    event.session = Some(session.id.to_string());
-    event.kind = Some("http");
-    event.host = Some(authority.target.to_string());
-    event.port = Some(authority.port);
-    event.upstream = Some(addr.to_string());
-    event.status = Some(parts.status.as_u16());
-    let finish = Finish {
-        proxy: proxy.clone(),
-        limit_key: session.limit_key.clone(),
-        sent,
-        started: Instant::now(),
-        event: Some(event),
-    };
-    let body = Finished { inner: body, received: 0, finish };
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok((Response::from_parts(parts, body), sent))
 }
 
 /// The host and port an absolute-form `http://` request names: other schemes and userinfo are refused,
 /// a missing port is 80. Pure, so it is fuzzed on its own.
-pub fn absolute_target(uri: &http::Uri) -> Result<Authority, ProxyError> {
+pub fn absolute_target(uri: &http::Uri) -> Result<Authority, Refusal> {
     match uri.scheme_str() {
         Some("http") => {}
         None => {
-            return Err(ProxyError::BadRequest(
-                "this is a proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port".into(),
+            return Err(Refusal::bad_request(
+                "this is a proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port",
             ));
         }
         Some("https") => {
-            return Err(ProxyError::BadRequest(
-                "https:// URLs are tunnelled, not forwarded: the client should use CONNECT (set HTTPS_PROXY)".into(),
+            return Err(Refusal::bad_request(
+                "https:// URLs are tunnelled, not forwarded: the client should use CONNECT (set HTTPS_PROXY)",
             ));
         }
         Some(other) => {
-            return Err(ProxyError::BadRequest(format!(
+            return Err(Refusal::bad_request(format!(
                 "unsupported scheme {other:?}: only http:// is forwarded; use CONNECT for anything else"
             )));
         }
     }
     let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
     if text.contains('@') {
-        return Err(ProxyError::BadRequest(
-            "credentials in the URL (user@host) are not forwarded; send them in an Authorization header".into(),
+        return Err(Refusal::bad_request(
+            "credentials in the URL (user@host) are not forwarded; send them in an Authorization header",
         ));
     }
-    Authority::parse(text, Some(80)).map_err(|e| ProxyError::BadRequest(format!("bad host in URL {text:?}: {e}")))
+    Authority::parse(text, Some(80)).map_err(|e| Refusal::bad_request(format!("bad host in URL {text:?}: {e}")))
 }
 
 /// A request body that counts the bytes sent upstream.
@@ -153,23 +171,16 @@ struct Finish {
     proxy: Arc<EgressProxy>,
     limit_key: Arc<str>,
     sent: Arc<AtomicU64>,
-    started: Instant,
-    event: Option<Event>,
+    status: u16,
+    record: Option<Record>,
 }
 
 impl Finish {
     fn done(&mut self, received: u64, end: &'static str) {
-        let Some(mut event) = self.event.take() else { return };
+        let Some(record) = self.record.take() else { return };
         let sent = self.sent.load(Ordering::Relaxed);
-        let metrics = &self.proxy.metrics;
-        metrics.bytes_up.fetch_add(sent, Ordering::Relaxed);
-        metrics.bytes_down.fetch_add(received, Ordering::Relaxed);
         self.proxy.limiter.record_bytes(&self.limit_key, sent, received);
-        event.bytes_up = Some(sent);
-        event.bytes_down = Some(received);
-        event.duration_ms = Some(self.started.elapsed().as_millis() as u64);
-        event.end = Some(end);
-        self.proxy.audit.write(&event);
+        record.closed(&self.proxy, sent, received, end, Some(self.status));
     }
 }
 
@@ -216,16 +227,16 @@ impl Drop for Finished {
 }
 
 /// A `Host` header must name the same authority as the URI (default port 80).
-fn check_host_header(headers: &HeaderMap, authority: &Authority) -> Result<(), ProxyError> {
+fn check_host_header(headers: &HeaderMap, authority: &Authority) -> Result<(), Refusal> {
     let hosts: Vec<&HeaderValue> = headers.get_all(header::HOST).iter().collect();
     if hosts.len() > 1 {
-        return Err(ProxyError::BadRequest("request has more than one Host header".into()));
+        return Err(Refusal::bad_request("request has more than one Host header"));
     }
     let Some(value) = hosts.first() else { return Ok(()) };
     let text = value.to_str().unwrap_or("");
     match Authority::parse(text, Some(80)) {
         Ok(h) if h == *authority => Ok(()),
-        _ => Err(ProxyError::BadRequest(format!(
+        _ => Err(Refusal::bad_request(format!(
             "Host header {text:?} does not match the URL's host {authority}; they must agree"
         ))),
     }

@@ -1,15 +1,17 @@
 //! A guard in front of hyper that reads each request head first: ambiguous framing, malformed heads,
-//! oversized heads and slow heads are answered in sluice's own words instead of reaching hyper, whose
+//! oversized heads and slow heads are refused in sluice's own words instead of reaching hyper, whose
 //! answers to them are bare (or, for `Content-Length` + `Transfer-Encoding`, a silent normalisation).
 //!
-//! The guard follows the connection's framing (heads, `Content-Length` bodies, chunked bodies) so it
-//! finds every head on a keep-alive connection; after a `CONNECT` head it passes bytes through. When it
-//! refuses, it hands hyper a synthetic request to an unguessable path instead of the bad head, so the
-//! refusal is answered by the one error mapping, in order after any earlier response.
+//! The guard follows the connection's framing ([`framing`](super::framing): heads, `Content-Length`
+//! bodies, chunked bodies) so it finds every head on a keep-alive connection; after a `CONNECT` head
+//! it passes bytes through. It is read two ways: [`HeadGuard::next_head`] hands a caller whole heads or
+//! the [`Refusal`] that stopped them; as an `AsyncRead` (for hyper) a refusal reads as the end of the
+//! stream, and the guard writes the refusal's answer itself when hyper, having answered every earlier
+//! request, shuts the connection down. No bad head ever reaches hyper.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -17,62 +19,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Most header lines a request may have.
-pub(crate) const MAX_HEADERS: usize = 100;
-/// Longest trailer section of a chunked body.
-const MAX_TRAILERS: usize = 8 * 1024;
-
-/// Why the guard refused a head; the proxy turns it into the answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeadRefusal {
-    Malformed = 1,
-    Framing = 2,
-    TooLarge = 3,
-    Timeout = 4,
-}
-
-impl HeadRefusal {
-    fn from_code(code: u8) -> Option<HeadRefusal> {
-        Some(match code {
-            1 => HeadRefusal::Malformed,
-            2 => HeadRefusal::Framing,
-            3 => HeadRefusal::TooLarge,
-            4 => HeadRefusal::Timeout,
-            _ => return None,
-        })
-    }
-}
-
-/// The secret path prefix of synthetic refusal requests: random per process, so no client can forge one.
-fn refusal_prefix() -> &'static str {
-    static PREFIX: OnceLock<String> = OnceLock::new();
-    PREFIX.get_or_init(|| {
-        let mut bytes = [0u8; 16];
-        // Without randomness the prefix would be guessable; a fixed fallback keeps the proxy up and the
-        // worst case is a client forging its own refusal.
-        let _ = getrandom::fill(&mut bytes);
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        format!("/.sluice-refusal-{hex}/")
-    })
-}
-
-/// Reads a synthetic refusal request back: `(kind, detail)` when `path` is one.
-pub fn parse_refusal(path: &str, detail: Option<&str>) -> Option<(HeadRefusal, String)> {
-    let code = path.strip_prefix(refusal_prefix())?.parse::<u8>().ok()?;
-    Some((HeadRefusal::from_code(code)?, detail.unwrap_or("").to_string()))
-}
-
-fn synthetic_request(kind: HeadRefusal, detail: &str) -> Vec<u8> {
-    // The detail travels in a header: keep it to printable ASCII.
-    let detail: String =
-        detail.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(300).collect();
-    format!(
-        "GET {}{} HTTP/1.1\r\nHost: sluice\r\nX-Sluice-Detail: {detail}\r\nConnection: close\r\n\r\n",
-        refusal_prefix(),
-        kind as u8
-    )
-    .into_bytes()
-}
+use super::framing::{self, Chunked, Framing, MAX_HEADERS};
+use crate::refusal::Refusal;
 
 #[derive(Clone, Copy, Debug)]
 pub struct HeadLimits {
@@ -90,9 +38,23 @@ enum Phase {
     Chunked(Chunked),
     /// After a CONNECT head: everything passes through.
     Tunnel,
-    /// A synthetic refusal is being handed to hyper; then EOF.
-    Refusing(Vec<u8>, usize),
+    /// A head was refused: reads end here.
+    Refused,
     Closed,
+}
+
+/// Where a refusal the guard answered on hyper's behalf is reported, so the front end records it.
+pub type RefusalSlot = Arc<Mutex<Option<Refusal>>>;
+
+/// What [`HeadGuard::next_head`] found.
+#[derive(Debug)]
+pub enum NextHead {
+    /// A whole head that passed every framing rule, and nothing after it.
+    Head(BytesMut),
+    /// The connection ended (or failed) before a head began.
+    End,
+    /// The head was refused; the caller answers it.
+    Refused(Refusal),
 }
 
 pub struct HeadGuard<S> {
@@ -103,8 +65,15 @@ pub struct HeadGuard<S> {
     deadline: Pin<Box<Sleep>>,
     /// Whether the current head has started (its first byte arrived): the deadline is then the head's.
     head_started: bool,
+    /// How much of the buffered head the end-of-head search has looked at already.
+    scanned: usize,
     /// Buffered bytes already inspected (a head) and not yet handed on.
     approved: usize,
+    /// The refusal that ended reading, until it is answered.
+    refusal: Option<Refusal>,
+    /// The answer being written at shutdown, and how much of it is written.
+    answer: Option<(Vec<u8>, usize)>,
+    report: Option<RefusalSlot>,
 }
 
 impl<S> HeadGuard<S> {
@@ -117,7 +86,11 @@ impl<S> HeadGuard<S> {
             limits,
             deadline,
             head_started: false,
+            scanned: 0,
             approved: 0,
+            refusal: None,
+            answer: None,
+            report: None,
         }
     }
 
@@ -138,6 +111,84 @@ impl<S> HeadGuard<S> {
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
+
+    /// Refusals answered on hyper's behalf are also put here.
+    pub fn report_to(&mut self, slot: RefusalSlot) {
+        self.report = Some(slot);
+    }
+
+    fn refuse(&mut self, refusal: Refusal) {
+        tracing::debug!(code = refusal.code, message = %refusal.message, "request head refused");
+        self.buf.clear();
+        if let Some(slot) = &self.report
+            && let Ok(mut slot) = slot.lock()
+        {
+            *slot = Some(refusal.clone());
+        }
+        self.refusal = Some(refusal);
+        self.phase = Phase::Refused;
+    }
+
+    /// A new head is expected; `has_bytes` says whether some of it is already buffered (the idle
+    /// deadline applies until its first byte arrives, the head deadline after).
+    fn start_head(&mut self, has_bytes: bool) {
+        self.phase = Phase::Head;
+        self.head_started = has_bytes;
+        self.scanned = 0;
+        let wait = if self.head_started { self.limits.head_timeout } else { self.limits.idle_timeout };
+        self.deadline.as_mut().reset(Instant::now() + wait);
+    }
+
+    /// Looks at the buffered head: refuses it, or releases it and moves to its body's phase. Returns
+    /// the number of head bytes to release, or `None` when more bytes are needed.
+    fn inspect_head(&mut self) -> Option<usize> {
+        let max = self.limits.max_head;
+        let too_large = || Refusal::head_too_large(format!("request head is over {max} bytes"));
+        let Some(end) = framing::find_head_end(&self.buf, &mut self.scanned) else {
+            if self.buf.len() > max {
+                self.refuse(too_large());
+            }
+            return None;
+        };
+        if end > max {
+            self.refuse(too_large());
+            return None;
+        }
+        match inspect(&self.buf[..end]) {
+            Err(refusal) => {
+                self.refuse(refusal);
+                None
+            }
+            Ok(Framing::NoBody) => {
+                self.start_head(self.buf.len() > end);
+                Some(end)
+            }
+            Ok(Framing::Length(n)) => {
+                self.phase = Phase::Body(n);
+                Some(end)
+            }
+            Ok(Framing::Chunked) => {
+                self.phase = Phase::Chunked(Chunked::default());
+                Some(end)
+            }
+            Ok(Framing::Tunnel) => {
+                self.phase = Phase::Tunnel;
+                Some(end)
+            }
+        }
+    }
+}
+
+/// Every rule a whole head must pass before anything reads it.
+fn inspect(head: &[u8]) -> Result<Framing, Refusal> {
+    framing::check_line_endings(head)?;
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => framing::framing(&req),
+        Ok(_) => Err(Refusal::bad_request("incomplete request head")),
+        Err(e) => Err(Refusal::bad_request(format!("malformed request head: {e}"))),
+    }
 }
 
 impl<S: AsyncRead + Unpin> HeadGuard<S> {
@@ -147,248 +198,33 @@ impl<S: AsyncRead + Unpin> HeadGuard<S> {
         self.start_head(!self.buf.is_empty());
     }
 
-    /// Reads the next head the guard hands on (or the synthetic request standing for its refusal) and
-    /// nothing after it. `None` when the connection ends first.
-    pub async fn next_head(&mut self) -> io::Result<Option<BytesMut>> {
+    /// Reads the next head and nothing after it, or the refusal that stopped it (which the caller
+    /// answers: the guard will not).
+    pub async fn next_head(&mut self) -> NextHead {
         use tokio::io::AsyncReadExt;
         let mut head = BytesMut::with_capacity(1024);
+        let mut scanned = 0;
         loop {
-            if self.read_buf(&mut head).await? == 0 {
-                return Ok(None);
+            match self.read_buf(&mut head).await {
+                Ok(0) => {
+                    self.phase = Phase::Closed;
+                    return self.refusal.take().map_or(NextHead::End, NextHead::Refused);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed while reading a request head");
+                    return NextHead::End;
+                }
             }
             // The guard hands on a whole head and stops there; anything after it is handed back.
-            if let Some(end) = find_head_end(&head) {
+            if let Some(end) = framing::find_head_end(&head, &mut scanned) {
                 if end < head.len() {
                     let rest = head.split_off(end);
                     self.unread(rest);
                 }
-                return Ok(Some(head));
+                return NextHead::Head(head);
             }
         }
-    }
-
-    fn refuse(&mut self, kind: HeadRefusal, detail: &str) {
-        tracing::debug!(?kind, detail, "request head refused");
-        self.buf.clear();
-        self.phase = Phase::Refusing(synthetic_request(kind, detail), 0);
-    }
-
-    /// A new head is expected; `has_bytes` says whether some of it is already buffered (the idle
-    /// deadline applies until its first byte arrives, the head deadline after).
-    fn start_head(&mut self, has_bytes: bool) {
-        self.phase = Phase::Head;
-        self.head_started = has_bytes;
-        let wait = if self.head_started { self.limits.head_timeout } else { self.limits.idle_timeout };
-        self.deadline.as_mut().reset(Instant::now() + wait);
-    }
-
-    /// Looks at the buffered head: refuses it, or releases it and moves to its body's phase. Returns
-    /// the number of head bytes to release, or `None` when more bytes are needed.
-    fn inspect_head(&mut self) -> Option<usize> {
-        let Some(end) = find_head_end(&self.buf) else {
-            if self.buf.len() > self.limits.max_head {
-                let max = self.limits.max_head;
-                self.refuse(HeadRefusal::TooLarge, &format!("request head is over {max} bytes"));
-            }
-            return None;
-        };
-        if end > self.limits.max_head {
-            let max = self.limits.max_head;
-            self.refuse(HeadRefusal::TooLarge, &format!("request head is over {max} bytes"));
-            return None;
-        }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let framing = match req.parse(&self.buf[..end]) {
-            Ok(httparse::Status::Complete(_)) => framing(&req),
-            Ok(httparse::Status::Partial) => Err((HeadRefusal::Malformed, "incomplete request head".to_string())),
-            Err(e) => Err((HeadRefusal::Malformed, format!("malformed request head: {e}"))),
-        };
-        match framing {
-            Err((kind, detail)) => {
-                self.refuse(kind, &detail);
-                None
-            }
-            Ok(Phase::Head) => {
-                self.start_head(self.buf.len() > end);
-                Some(end)
-            }
-            Ok(next) => {
-                self.phase = next;
-                Some(end)
-            }
-        }
-    }
-}
-
-/// The phase after a head: its body's framing. Refuses every head whose body length could be read two
-/// ways.
-fn framing(req: &httparse::Request<'_, '_>) -> Result<Phase, (HeadRefusal, String)> {
-    let bad = |m: &str| Err((HeadRefusal::Framing, m.to_string()));
-    let target = req.path.unwrap_or("");
-    let headers: &[httparse::Header<'_>] = req.headers;
-    let named = |name: &'static str| headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name));
-    // Identity is read from this header: two of them could be read two ways along the path.
-    if named("proxy-authorization").nth(1).is_some() {
-        return Err((HeadRefusal::Malformed, "request has more than one Proxy-Authorization header".to_string()));
-    }
-    if req.method == Some("CONNECT") {
-        // A body would leave where the request ends (and the tunnel starts) open to two readings.
-        let has_body = named("transfer-encoding").next().is_some()
-            || named("content-length").any(|h| h.value.iter().any(|&b| b != b'0'));
-        if has_body {
-            return bad("CONNECT takes no body: send no Content-Length or Transfer-Encoding");
-        }
-        // hyper would refuse a target that is not an authority with a bare 400; say what is wrong.
-        // What hyper accepts, the CONNECT handler checks and words itself.
-        if target.parse::<http::uri::Authority>().is_ok() {
-            return Ok(Phase::Tunnel);
-        }
-        if target.contains("://") || target.starts_with('/') {
-            let hint = "e.g. CONNECT example.com:443";
-            return Err((HeadRefusal::Malformed, format!("CONNECT takes host:port, not a URL ({target}); {hint}")));
-        }
-        let why = crate::policy::Authority::parse(target, None)
-            .err()
-            .map_or("expected host:port".to_string(), |e| e.to_string());
-        return Err((HeadRefusal::Malformed, format!("bad CONNECT target {target:?}: {why}")));
-    }
-    if target.parse::<http::Uri>().is_err() {
-        return Err((HeadRefusal::Malformed, format!("request target {target:?} is not a valid URI")));
-    }
-    let mut lengths = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length"));
-    let mut codings = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-    let (length, coding) = (lengths.next(), codings.next());
-    if lengths.next().is_some() {
-        return bad("request has more than one Content-Length");
-    }
-    if codings.next().is_some() {
-        return bad("request has more than one Transfer-Encoding header");
-    }
-    match (length, coding) {
-        (Some(_), Some(_)) => bad("request has both Content-Length and Transfer-Encoding; send one"),
-        (Some(l), None) => {
-            let ok = !l.value.is_empty() && l.value.len() <= 19 && l.value.iter().all(u8::is_ascii_digit);
-            match std::str::from_utf8(l.value).ok().and_then(|v| v.parse::<u64>().ok()).filter(|_| ok) {
-                Some(0) => Ok(Phase::Head),
-                Some(n) => Ok(Phase::Body(n)),
-                None => bad("Content-Length must be a single decimal number"),
-            }
-        }
-        (None, Some(t)) if t.value.eq_ignore_ascii_case(b"chunked") => Ok(Phase::Chunked(Chunked::default())),
-        (None, Some(_)) => bad("unsupported Transfer-Encoding: only \"chunked\" is accepted"),
-        (None, None) => Ok(Phase::Head),
-    }
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-/// A chunked-body walker: it only finds where the body ends (the bytes pass on unchanged) and refuses
-/// sizes and delimiters that do not parse.
-#[derive(Debug, Default)]
-struct Chunked {
-    state: ChunkState,
-    size_digits: u8,
-    size: u64,
-    trailer_bytes: usize,
-}
-
-#[derive(Debug, Default, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Size,
-    Extension,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    /// After the last chunk: trailer lines until an empty one. `line_len` counts the current line.
-    Trailer {
-        line_len: usize,
-    },
-    TrailerLf {
-        line_len: usize,
-    },
-}
-
-impl Chunked {
-    /// Walks `bytes`; returns how many belong to the body and whether the body ended there.
-    fn feed(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            match self.state {
-                ChunkState::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        self.size_digits += 1;
-                        if self.size_digits > 15 {
-                            return Err("chunk size too large");
-                        }
-                        self.size = self.size * 16 + u64::from((b as char).to_digit(16).unwrap_or(0));
-                    }
-                    b';' if self.size_digits > 0 => self.state = ChunkState::Extension,
-                    b'\r' if self.size_digits > 0 => self.state = ChunkState::SizeLf,
-                    _ => return Err("invalid chunk size"),
-                },
-                ChunkState::Extension => match b {
-                    b'\r' => self.state = ChunkState::SizeLf,
-                    b'\n' => return Err("bare LF in a chunk extension"),
-                    _ => {}
-                },
-                ChunkState::SizeLf => {
-                    if b != b'\n' {
-                        return Err("chunk size line must end with CRLF");
-                    }
-                    self.state = if self.size == 0 { ChunkState::Trailer { line_len: 0 } } else { ChunkState::Data };
-                }
-                ChunkState::Data => {
-                    let take = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    self.size -= take as u64;
-                    i += take;
-                    if self.size == 0 {
-                        self.state = ChunkState::DataCr;
-                    }
-                    continue;
-                }
-                ChunkState::DataCr => {
-                    if b != b'\r' {
-                        return Err("chunk data longer than its size");
-                    }
-                    self.state = ChunkState::DataLf;
-                }
-                ChunkState::DataLf => {
-                    if b != b'\n' {
-                        return Err("chunk data must end with CRLF");
-                    }
-                    self.state = ChunkState::Size;
-                    self.size_digits = 0;
-                }
-                ChunkState::Trailer { line_len } => {
-                    self.trailer_bytes += 1;
-                    if self.trailer_bytes > MAX_TRAILERS {
-                        return Err("chunked trailers too large");
-                    }
-                    self.state = match b {
-                        b'\r' => ChunkState::TrailerLf { line_len },
-                        b'\n' => return Err("bare LF in chunked trailers"),
-                        _ => ChunkState::Trailer { line_len: line_len + 1 },
-                    };
-                }
-                ChunkState::TrailerLf { line_len } => {
-                    if b != b'\n' {
-                        return Err("chunked trailer line must end with CRLF");
-                    }
-                    if line_len == 0 {
-                        return Ok((i + 1, true));
-                    }
-                    self.state = ChunkState::Trailer { line_len: 0 };
-                }
-            }
-            i += 1;
-        }
-        Ok((bytes.len(), false))
     }
 }
 
@@ -420,16 +256,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
                 return Poll::Ready(Ok(()));
             }
             match &mut this.phase {
-                Phase::Closed => return Poll::Ready(Ok(())),
-                Phase::Refusing(bytes, at) => {
-                    let n = (bytes.len() - *at).min(out.remaining());
-                    out.put_slice(&bytes[*at..*at + n]);
-                    *at += n;
-                    if *at == bytes.len() {
-                        this.phase = Phase::Closed;
-                    }
-                    return Poll::Ready(Ok(()));
-                }
+                Phase::Closed | Phase::Refused => return Poll::Ready(Ok(())),
                 Phase::Tunnel => {
                     if !this.buf.is_empty() {
                         let n = this.buf.len();
@@ -498,7 +325,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
                             this.phase = Phase::Closed;
                             if !this.buf.is_empty() {
                                 let detail = "the connection closed in the middle of a request head";
-                                this.refuse(HeadRefusal::Malformed, detail);
+                                this.refuse(Refusal::bad_request(detail));
                             }
                             continue;
                         }
@@ -507,10 +334,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
                             if this.deadline.as_mut().poll(cx).is_ready() {
                                 if this.head_started {
                                     let secs = this.limits.head_timeout.as_secs_f64();
-                                    this.refuse(
-                                        HeadRefusal::Timeout,
-                                        &format!("request head not complete within {secs}s"),
-                                    );
+                                    this.refuse(Refusal::head_timeout(format!(
+                                        "request head not complete within {secs}s"
+                                    )));
                                 } else {
                                     this.phase = Phase::Closed;
                                 }
@@ -534,8 +360,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadGuard<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
+    /// hyper shuts the connection down once it has answered every request it read: a refused head's
+    /// answer goes out then, after theirs.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if let Some(refusal) = this.refusal.take() {
+            this.answer = Some((super::respond::bytes(&refusal, false, http::Version::HTTP_11), 0));
+        }
+        if let Some((answer, written)) = &mut this.answer {
+            while *written < answer.len() {
+                let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &answer[*written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                *written += n;
+            }
+            this.answer = None;
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -559,68 +401,86 @@ mod tests {
     const LIMITS: HeadLimits =
         HeadLimits { max_head: 1024, head_timeout: Duration::from_secs(5), idle_timeout: Duration::from_secs(5) };
 
-    /// What hyper would read through the guard when a client sends `input` and closes.
-    async fn through(input: &[u8]) -> String {
+    /// What hyper would read through the guard when a client sends `input` and closes, and the
+    /// refusal (code, message) that ended it, if one did.
+    async fn through(input: &[u8]) -> (String, Option<(&'static str, String)>) {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         client.write_all(input).await.unwrap();
         client.shutdown().await.unwrap();
         let mut guard = HeadGuard::new(server, LIMITS);
         let mut out = Vec::new();
         let _ = guard.read_to_end(&mut out).await;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        text.replace(refusal_prefix(), "/REFUSAL/")
+        let refusal = guard.refusal.as_ref().map(|r| (r.code, r.message.clone()));
+        (String::from_utf8_lossy(&out).into_owned(), refusal)
     }
 
-    fn refusal(code: u8, detail: &str) -> String {
-        format!(
-            "GET /REFUSAL/{code} HTTP/1.1\r\nHost: sluice\r\nX-Sluice-Detail: {detail}\r\nConnection: close\r\n\r\n"
-        )
+    fn bad(message: &str) -> Option<(&'static str, String)> {
+        Some(("bad_request", message.to_string()))
     }
 
     #[tokio::test]
     async fn well_framed_requests_pass_unchanged() {
         let two = "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\nPOST http://a/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET http://b/ HTTP/1.1\r\n\r\n";
-        assert_eq!(through(two.as_bytes()).await, two);
+        assert_eq!(through(two.as_bytes()).await, (two.to_string(), None));
         let chunked = "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: v\r\n\r\nGET http://b/ HTTP/1.1\r\n\r\n";
-        assert_eq!(through(chunked.as_bytes()).await, chunked);
-        let tunnel = "CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01 binary \r\n\r\n bytes";
-        assert_eq!(through(tunnel.as_bytes()).await, tunnel);
+        assert_eq!(through(chunked.as_bytes()).await, (chunked.to_string(), None));
+        let tunnel = "CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01 binary \n\n bytes";
+        assert_eq!(through(tunnel.as_bytes()).await, (tunnel.to_string(), None));
     }
 
     #[tokio::test]
-    async fn ambiguous_framing_becomes_a_refusal() {
-        let cl_te = "POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-        assert_eq!(
-            through(cl_te.as_bytes()).await,
-            refusal(2, "request has both Content-Length and Transfer-Encoding; send one")
-        );
-        let dup = "POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
-        assert_eq!(through(dup.as_bytes()).await, refusal(2, "request has more than one Content-Length"));
-        let te = "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
-        assert_eq!(
-            through(te.as_bytes()).await,
-            refusal(2, "unsupported Transfer-Encoding: only \"chunked\" is accepted")
-        );
-        let port = "CONNECT a:443:443 HTTP/1.1\r\n\r\n";
-        assert_eq!(
-            through(port.as_bytes()).await,
-            refusal(
-                1,
-                "bad CONNECT target \"a:443:443\": IPv6 addresses must be written in brackets, e.g. [2001:db8::1]:443"
-            )
-        );
-        let body = "CONNECT a:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
-        let no_body = refusal(2, "CONNECT takes no body: send no Content-Length or Transfer-Encoding");
-        assert_eq!(through(body.as_bytes()).await, no_body);
-        let chunked = "CONNECT a:443 HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-        assert_eq!(through(chunked.as_bytes()).await, no_body);
+    async fn ambiguous_framing_is_refused() {
+        let cases = [
+            (
+                "POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "request has both Content-Length and Transfer-Encoding; send one",
+            ),
+            (
+                "POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+                "request has more than one Content-Length",
+            ),
+            (
+                "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "unsupported Transfer-Encoding: only \"chunked\" is accepted",
+            ),
+            (
+                "CONNECT a:443:443 HTTP/1.1\r\n\r\n",
+                "bad CONNECT target \"a:443:443\": IPv6 addresses must be written in brackets, e.g. [2001:db8::1]:443",
+            ),
+            (
+                "CONNECT a:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+                "CONNECT takes no body: send no Content-Length or Transfer-Encoding",
+            ),
+            (
+                "CONNECT a:443 HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "CONNECT takes no body: send no Content-Length or Transfer-Encoding",
+            ),
+            (
+                "CONNECT a:443 HTTP/1.1\r\nProxy-Authorization: Basic a\r\nproxy-authorization: Basic b\r\n\r\n",
+                "request has more than one Proxy-Authorization header",
+            ),
+            ("GET http://a/ HTTP/1.1\r\nX: a\r\n b\r\n\r\n", "malformed request head: invalid header name"),
+            (
+                "GET http://a/ HTTP/1.1\r\nContent_Length: 5\r\n\r\n",
+                "header name \"Content_Length\" has an underscore where \"content-length\" has a hyphen; servers may read it as \"content-length\", so it is refused",
+            ),
+        ];
+        for (input, message) in cases {
+            assert_eq!(through(input.as_bytes()).await, (String::new(), bad(message)), "{input:?}");
+        }
         let zero = "CONNECT a:443 HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(through(zero.as_bytes()).await, zero);
-        let two_ids = "CONNECT a:443 HTTP/1.1\r\nProxy-Authorization: Basic a\r\nproxy-authorization: Basic b\r\n\r\n";
-        let two = refusal(1, "request has more than one Proxy-Authorization header");
-        assert_eq!(through(two_ids.as_bytes()).await, two);
-        let obs_fold = "GET http://a/ HTTP/1.1\r\nX: a\r\n b\r\n\r\n";
-        assert_eq!(through(obs_fold.as_bytes()).await, refusal(1, "malformed request head: invalid header name"));
+        assert_eq!(through(zero.as_bytes()).await, (zero.to_string(), None));
+    }
+
+    #[tokio::test]
+    async fn a_bare_lf_head_cannot_hide_a_second_request() {
+        // The guard ends this head where httparse does (at LF LF) and refuses it, so the CL+TE request
+        // behind it is never read as a head of its own.
+        let smuggle = "GET http://a/ HTTP/1.1\nHost: a\n\nPOST http://a/ HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let lf = bad("request head has a line ending in a bare LF; lines must end with CRLF");
+        assert_eq!(through(smuggle.as_bytes()).await, (String::new(), lf.clone()));
+        let mixed = "GET http://a/ HTTP/1.1\r\nHost: a\n\r\n";
+        assert_eq!(through(mixed.as_bytes()).await, (String::new(), lf));
     }
 
     #[tokio::test]
@@ -629,40 +489,71 @@ mod tests {
         let first = "POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
         assert_eq!(
             through(smuggle.as_bytes()).await,
-            format!("{first}{}", refusal(2, "request has more than one Content-Length"))
+            (first.to_string(), bad("request has more than one Content-Length"))
         );
     }
 
     #[tokio::test]
     async fn oversized_and_truncated_heads() {
         let big = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
-        assert_eq!(through(big.as_bytes()).await, refusal(3, "request head is over 1024 bytes"));
+        let too_large = Some(("head_too_large", "request head is over 1024 bytes".to_string()));
+        assert_eq!(through(big.as_bytes()).await, (String::new(), too_large));
         assert_eq!(
             through(b"GET http://a/ HTTP/1.1\r\nHost: a").await,
-            refusal(1, "the connection closed in the middle of a request head")
+            (String::new(), bad("the connection closed in the middle of a request head"))
         );
-        assert_eq!(through(b"").await, "");
+        assert_eq!(through(b"").await, (String::new(), None));
     }
 
-    #[test]
-    fn chunk_walker_refuses_bad_sizes() {
-        let feed = |s: &str| Chunked::default().feed(s.as_bytes());
-        assert_eq!(feed("5\r\nhello\r\n0\r\n\r\n"), Ok((15, true)));
-        assert_eq!(feed("5\r\nhello\r\n0\r\n\r\nGET"), Ok((15, true)));
-        assert_eq!(feed("zz\r\n"), Err("invalid chunk size"));
-        assert_eq!(feed("-1\r\n"), Err("invalid chunk size"));
-        assert_eq!(feed("\r\n"), Err("invalid chunk size"));
-        assert_eq!(feed("5\nhello"), Err("invalid chunk size"));
-        assert_eq!(feed("1000000000000000\r\n"), Err("chunk size too large"));
-        assert_eq!(feed("3\r\nhello\r\n"), Err("chunk data longer than its size"));
-        assert_eq!(feed("3\r\nabc"), Ok((6, false)));
+    #[tokio::test]
+    async fn a_refusal_is_answered_at_shutdown_after_what_came_before() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(
+                b"GET http://a/ HTTP/1.1\r\n\r\nGET http://a/ HTTP/1.1\r\nA_: x\r\nTransfer_Encoding: chunked\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut guard = HeadGuard::new(server, LIMITS);
+        let slot = RefusalSlot::default();
+        guard.report_to(slot.clone());
+        let mut first = vec![0u8; 26];
+        guard.read_exact(&mut first).await.unwrap();
+        let mut rest = Vec::new();
+        guard.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        // As hyper would: its answer to the first request, then shutdown.
+        guard.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        guard.shutdown().await.unwrap();
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        let wire = String::from_utf8(wire).unwrap();
+        let (ok, refusal) = wire.split_at("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".len());
+        assert_eq!(ok, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(refusal.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{refusal}");
+        assert!(refusal.ends_with("\r\n\r\nsluice: header name \"Transfer_Encoding\" has an underscore where \"transfer-encoding\" has a hyphen; servers may read it as \"transfer-encoding\", so it is refused\n"), "{refusal}");
+        assert_eq!(slot.lock().unwrap().as_ref().map(|r| r.code), Some("bad_request"));
     }
 
-    #[test]
-    fn refusal_paths_cannot_be_guessed_or_forged() {
-        assert_eq!(parse_refusal("/.sluice-refusal-00/1", None), None);
-        let path = format!("{}2", refusal_prefix());
-        assert_eq!(parse_refusal(&path, Some("x")), Some((HeadRefusal::Framing, "x".to_string())));
-        assert_eq!(refusal_prefix().len(), "/.sluice-refusal-/".len() + 32);
+    #[tokio::test]
+    async fn next_head_hands_over_heads_and_refusals() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(
+                b"CONNECT a:443 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let mut guard = HeadGuard::new(server, LIMITS);
+        match guard.next_head().await {
+            NextHead::Head(h) => assert_eq!(&h[..], b"CONNECT a:443 HTTP/1.1\r\n\r\n"),
+            other => panic!("{other:?}"),
+        }
+        guard.expect_head();
+        match guard.next_head().await {
+            NextHead::Refused(r) => assert_eq!(r.message, "request has more than one Content-Length"),
+            other => panic!("{other:?}"),
+        }
     }
 }

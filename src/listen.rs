@@ -1,0 +1,172 @@
+//! One accept loop for every listener (egress, git, admin): the connection cap and its overload
+//! answer, backoff when accepting fails, graceful drain, and the hard stop after the grace.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How a group of listeners stops: first `draining` (no new connections; open ones finish what they
+/// are doing), then, after the grace, `hard_stop` (what is still open is closed). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    pub draining: CancellationToken,
+    pub hard_stop: CancellationToken,
+    /// Every connection, and every task a connection starts that outlives it (a tunnel).
+    pub tasks: TaskTracker,
+}
+
+impl Shutdown {
+    /// Drains: stops accepting, waits up to `grace` for open connections, then closes the rest.
+    /// Returns whether everything finished within the grace.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.draining.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_ok() {
+            return true;
+        }
+        self.hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        false
+    }
+
+    /// Runs `task` tracked, and drops it at the hard stop.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let hard_stop = self.hard_stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = hard_stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// A bound listener and what it does at its cap.
+pub struct Listener {
+    /// Names the listener in log lines: `egress`, `git`, `admin`.
+    pub name: &'static str,
+    pub socket: TcpListener,
+    pub max_connections: usize,
+    /// The answer (already rendered by the front end) a connection over the cap gets before it is
+    /// closed: it is never queued.
+    pub overload: Arc<[u8]>,
+}
+
+/// An accepted connection and its place under the cap, released when dropped.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// Shortest and longest pause after a failed accept (out of file descriptors and the like).
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+
+/// Accepts until `shutdown` drains, handing each connection under the cap to `serve` in a task of its
+/// own (tracked, and dropped at the hard stop).
+pub async fn serve<F, Fut>(listener: Listener, shutdown: Shutdown, serve: F)
+where
+    F: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Listener { name, socket, max_connections, overload } = listener;
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let mut backoff = BACKOFF.0;
+    loop {
+        let accepted = tokio::select! {
+            a = socket.accept() => a,
+            () = shutdown.draining.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.draining.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF.1);
+                continue;
+            }
+        };
+        backoff = BACKOFF.0;
+        let _ = stream.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => shutdown.spawn(serve(Accepted { stream, peer, slot })),
+            Err(_) => {
+                tracing::warn!(listener = name, max_connections, client = %peer, "connection refused: at the connection limit");
+                shutdown.spawn(refuse(stream, overload.clone()));
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, answer: Arc<[u8]>) {
+    let written = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.shutdown().await;
+    });
+    let _ = written.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn the_cap_answers_and_drain_stops_accepting() {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let shutdown = Shutdown::default();
+        let listener = Listener { name: "test", socket, max_connections: 1, overload: Arc::from(&b"full\n"[..]) };
+        let release = CancellationToken::new();
+        let held = release.clone();
+        let loop_ = tokio::spawn(serve(listener, shutdown.clone(), move |a: Accepted| {
+            let held = held.clone();
+            async move {
+                // The slot is held as long as the connection is served.
+                let Accepted { mut stream, slot, .. } = a;
+                let _ = stream.write_all(b"hello\n").await;
+                held.cancelled().await;
+                drop(slot);
+            }
+        }));
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 6];
+        first.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello\n");
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        let mut answer = Vec::new();
+        second.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"full\n");
+        release.cancel();
+        assert!(shutdown.drain(Duration::from_secs(5)).await);
+        loop_.await.unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed after the drain");
+    }
+
+    #[tokio::test]
+    async fn the_hard_stop_closes_what_outlives_the_grace() {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let shutdown = Shutdown::default();
+        let listener = Listener { name: "test", socket, max_connections: 4, overload: Arc::from(&b""[..]) };
+        tokio::spawn(serve(listener, shutdown.clone(), |a: Accepted| async move {
+            let _keep = a;
+            std::future::pending::<()>().await;
+        }));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!shutdown.drain(Duration::from_millis(100)).await);
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0, "the connection was closed");
+    }
+}

@@ -1,0 +1,166 @@
+//! One egress request's record: built along the pipeline, it writes the request's decision line
+//! (and counts it) once, and its closing line when a tunnel or a forwarded response ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use http::Method;
+
+use super::{ANONYMOUS, EgressProxy, Session};
+use crate::audit::{Event, EventKind};
+use crate::credential::now_unix;
+use crate::metrics::Denial;
+use crate::policy::{Authority, Decision};
+use crate::refusal::Refusal;
+
+/// What is known of a request from its head on.
+pub(crate) struct Record {
+    started: Instant,
+    client: SocketAddr,
+    connect: bool,
+    session: Arc<str>,
+    host: Option<Authority>,
+    upstream: Option<SocketAddr>,
+}
+
+impl Record {
+    pub fn new(method: &Method, client: SocketAddr) -> Record {
+        Record {
+            started: Instant::now(),
+            client,
+            connect: method == Method::CONNECT,
+            session: ANONYMOUS.into(),
+            host: None,
+            upstream: None,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.connect { "connect" } else { "http" }
+    }
+
+    pub fn identified(&mut self, session: &Session) {
+        self.session = session.id.clone();
+    }
+
+    /// The decision line (and metric) for an admitted request, once its upstream is connected.
+    pub fn admitted(
+        &mut self,
+        proxy: &EgressProxy,
+        method: &Method,
+        authority: &Authority,
+        decision: &Decision,
+        upstream: SocketAddr,
+    ) {
+        proxy.metrics.decision("allow", decision.reason.code(), decision.level.as_str());
+        self.host = Some(authority.clone());
+        self.upstream = Some(upstream);
+        let mut event = self.event(EventKind::Decision);
+        event.method = Some(method.to_string());
+        event.verdict = Some("allow");
+        event.reason = Some(decision.reason.code().to_string());
+        event.rule = decision.rule.as_ref().map(|r| r.summary());
+        event.policy = Some(decision.policy.to_string());
+        event.level = Some(decision.level.as_str());
+        event.client = Some(self.client.to_string());
+        proxy.audit.write(&event);
+    }
+
+    /// The decision line, the metric and the `/v1/denials` entry for a refused request. `target` is
+    /// the request target as sent.
+    pub fn refused(&self, proxy: &EgressProxy, refusal: &Refusal, method: &str, target: &str) {
+        let policy = refusal.policy.as_ref();
+        let level = policy.map(|p| p.level);
+        proxy.metrics.decision("deny", refusal.code, level.unwrap_or("none"));
+        if refusal.is_limit() {
+            proxy.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        // A plain-HTTP target may carry `user:password@`: it is never recorded.
+        let target = if self.connect { target.to_string() } else { redact_userinfo(target) };
+        let denial = Denial {
+            time: now_unix(),
+            destination: target.clone(),
+            reason: refusal.code,
+            message: refusal.message.clone(),
+            hint: refusal.hint.clone(),
+        };
+        proxy.denials.record(&self.session, denial);
+        let mut event = Event::new(EventKind::Decision);
+        if let Some(authority) = refusal.authority() {
+            event.host = Some(authority.target.to_string());
+            event.port = Some(authority.port);
+        }
+        event.session = Some(self.session.to_string());
+        event.kind = Some(self.kind());
+        event.method = Some(method.to_string());
+        event.target = Some(target);
+        event.verdict = Some("deny");
+        event.reason = Some(refusal.code.to_string());
+        event.detail = Some(refusal.message.clone());
+        event.rule = refusal.rule_summary();
+        event.policy = policy.map(|p| p.name.to_string());
+        event.level = level;
+        event.client = Some(self.client.to_string());
+        event.status = Some(refusal.status.as_u16());
+        proxy.audit.write(&event);
+    }
+
+    /// The closing line of an admitted request: a tunnel's (`status` none) or a forwarded response's.
+    pub fn closed(&self, proxy: &EgressProxy, bytes_up: u64, bytes_down: u64, end: &'static str, status: Option<u16>) {
+        let metrics = &proxy.metrics;
+        metrics.bytes_up.fetch_add(bytes_up, Ordering::Relaxed);
+        metrics.bytes_down.fetch_add(bytes_down, Ordering::Relaxed);
+        let mut event = self.event(if self.connect { EventKind::TunnelClosed } else { EventKind::RequestFinished });
+        event.status = status;
+        event.bytes_up = Some(bytes_up);
+        event.bytes_down = Some(bytes_down);
+        event.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        event.end = Some(end);
+        proxy.audit.write(&event);
+    }
+
+    /// The fields every line of an admitted request carries.
+    fn event(&self, kind: EventKind) -> Event {
+        let mut event = Event::new(kind);
+        event.session = Some(self.session.to_string());
+        event.kind = Some(self.kind());
+        if let Some(authority) = &self.host {
+            event.host = Some(authority.target.to_string());
+            event.port = Some(authority.port);
+        }
+        event.upstream = self.upstream.map(|a| a.to_string());
+        event
+    }
+
+    /// Restarts the clock: a tunnel's duration counts from its `200`, a response's from its head.
+    pub fn restart(&mut self) {
+        self.started = Instant::now();
+    }
+}
+
+/// A URL with any `user:password@` removed, for logs.
+pub(crate) fn redact_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}://[redacted]@{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(redact_userinfo("http://u:secret@example.com/x@y"), "http://[redacted]@example.com/x@y");
+        assert_eq!(redact_userinfo("http://example.com/a@b"), "http://example.com/a@b");
+    }
+}
