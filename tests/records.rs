@@ -407,6 +407,50 @@ async fn rate_limit_records() {
     assert_eq!(lab.echo.connections(), 1, "only the allowed tunnel reached the upstream");
 }
 
+/// An upstream that resets mid-tunnel: the tunnel_closed line says `upstream_error`, with the bytes that
+/// made it each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_tunnel_record() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf).await;
+        let _ = s.write_all(b"bye").await;
+        // SO_LINGER 0 turns the close into a reset.
+        let _ = s.set_zero_linger();
+    });
+    let dir = TempDir::new("records-reset");
+    let config = "[egress]\npolicy = \"lab\"\n[resolver]\nhosts = { \"reset.test\" = [\"127.0.0.1\"] }\n";
+    let lab = custom("lab", &[format!("reset.test:{port}")], "");
+    let proxy = Proxy::start_recorded(dir, config, &[("lab.toml", &lab)]).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    let client = local(&c);
+    let connect = format!("CONNECT reset.test:{port} HTTP/1.1\r\nHost: reset.test:{port}\r\n\r\n");
+    assert_eq!(status(&mut c, &connect).await, "HTTP/1.1 200 OK");
+    c.send(b"hello").await;
+    assert_eq!(c.read_exact(3).await, b"bye");
+    assert!(c.expect_eof().await);
+    let rule = format!("reset.test:{port} ({}:4)", proxy.dir.path().join("policies/lab.toml").display());
+    let upstream = format!("127.0.0.1:{port}");
+    let want = [
+        json!({
+            "time": TIME, "event": "decision", "session": "anonymous", "kind": "connect", "method": "CONNECT",
+            "host": "reset.test", "port": port, "verdict": "allow", "reason": "allowlisted", "rule": rule,
+            "policy": "lab", "level": "custom", "client": client, "upstream": upstream,
+        }),
+        json!({
+            "time": TIME, "event": "tunnel_closed", "session": "anonymous", "kind": "connect",
+            "host": "reset.test", "port": port, "upstream": upstream,
+            "bytes_up": 5, "bytes_down": 3, "duration_ms": MS, "end": "upstream_error",
+        }),
+    ];
+    expect_records(&proxy, &want).await;
+    no_more_records(&proxy, want.len()).await;
+}
+
 /// A destination the policy allows but DNS does not know (system DNS is off): 502, recorded as a deny
 /// with the DNS code, no host or port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
