@@ -6,6 +6,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// Pipes that bulk tunnel directions have spliced through (Linux): process-wide, like the pipes
+/// themselves, so every listener's `/metrics` shows the same count. Stays 0 where splice never runs.
+pub static SPLICE_PIPES: AtomicU64 = AtomicU64::new(0);
+
 /// Latency buckets, in seconds, for DNS and upstream connects.
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
@@ -79,7 +83,7 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, &AtomicU64); 9] = [
+        let gauges: [(&str, &str, &str, &AtomicU64); 10] = [
             ("sluice_open_tunnels", "gauge", "Tunnels open now.", &self.open_tunnels),
             ("sluice_tunnels_total", "counter", "Tunnels opened.", &self.tunnels_total),
             ("sluice_bytes_up_total", "counter", "Bytes from clients to upstreams.", &self.bytes_up),
@@ -103,6 +107,12 @@ impl Metrics {
                 "counter",
                 "Log lines dropped because the writer fell behind.",
                 &self.dropped_log_lines,
+            ),
+            (
+                "sluice_splice_pipes_total",
+                "counter",
+                "Pipes opened to splice(2) bulk tunnel traffic (Linux; 0: every byte was copied).",
+                &SPLICE_PIPES,
             ),
         ];
         for (name, kind, help, value) in gauges {

@@ -142,8 +142,8 @@ async fn an_upstream_reset_mid_tunnel_is_counted_and_disturbs_nothing_else() {
     let mut doomed = connect_tunnel(&proxy, &format!("reset.test:{reset_port}")).await;
     doomed.send(b"hello").await;
     assert_eq!(doomed.read_exact(3).await, b"bye");
-    // The doomed tunnel ends (a clean EOF or a reset passed on; no more bytes either way).
-    let _ = doomed.expect_eof().await;
+    // The doomed tunnel ends: sluice closes the client's side cleanly (the reset is upstream's alone).
+    assert!(doomed.expect_eof().await, "the client's side of a reset tunnel must end in a clean EOF");
 
     // The other tunnel is untouched.
     steady.send(b"ping").await;

@@ -52,3 +52,43 @@ pub fn text() -> String {
 pub fn lines_for_repo(text: &str, repo: &str) -> Vec<String> {
     text.lines().filter(|l| l.contains(&format!("repo={repo} "))).map(str::to_owned).collect()
 }
+
+/// One proxy's own audit stream in JSON, one record per line, kept apart from every other proxy's so
+/// tests running in parallel can assert exact records.
+#[derive(Clone)]
+pub struct Records {
+    log: AuditLog,
+    buf: std::sync::Arc<Mutex<Vec<u8>>>,
+}
+
+struct SharedWriter(std::sync::Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Records {
+    pub fn json() -> Records {
+        let buf = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log = AuditLog::start(LogFormat::Json, Box::new(SharedWriter(buf.clone())));
+        Records { log, buf }
+    }
+
+    /// The audit log to hand to `Server::bind`.
+    pub fn log(&self) -> AuditLog {
+        self.log.clone()
+    }
+
+    /// Every line written so far, once the writer has caught up.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.flush();
+        let text = String::from_utf8_lossy(&self.buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        text.lines().map(str::to_owned).collect()
+    }
+}

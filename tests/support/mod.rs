@@ -5,6 +5,8 @@
 //! system = false`). Every wait is bounded so a hang fails the test instead of stalling CI.
 #![allow(dead_code)]
 
+pub mod capture;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -95,7 +97,11 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// `/metrics`, `/healthz`, `/v1/denials`.
     pub admin: SocketAddr,
+    /// The git listener.
+    pub git: SocketAddr,
     pub dir: TempDir,
+    /// This proxy's audit stream, when it was started with [`Proxy::start_recorded`].
+    records: Option<capture::Records>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -110,6 +116,20 @@ impl Proxy {
 
     /// Like [`Proxy::start`], in a directory the test already wrote files to (e.g. a key file).
     pub async fn start_in(dir: TempDir, config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
+        Proxy::launch(dir, config_toml, policies, None).await
+    }
+
+    /// Like [`Proxy::start_in`], with the audit stream (JSON) captured for [`Proxy::records`].
+    pub async fn start_recorded(dir: TempDir, config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
+        Proxy::launch(dir, config_toml, policies, Some(capture::Records::json())).await
+    }
+
+    async fn launch(
+        dir: TempDir,
+        config_toml: &str,
+        policies: &[(&str, &str)],
+        records: Option<capture::Records>,
+    ) -> Proxy {
         init_logging();
         let mut config = match Config::parse("test.toml", config_toml) {
             Ok(c) => c,
@@ -125,15 +145,22 @@ impl Proxy {
             std::fs::write(policy_dir.join(name), text).expect("write policy");
         }
         config.policies.dir = policy_dir;
-        let server = match Server::bind(config, sluice::audit::AuditLog::disabled()).await {
+        let audit = records.as_ref().map_or_else(sluice::audit::AuditLog::disabled, capture::Records::log);
+        let server = match Server::bind(config, audit).await {
             Ok(s) => s,
             Err(e) => panic!("sluice did not start: {e}"),
         };
         let addr = server.egress_addr().expect("egress address");
         let admin = server.admin_addr().expect("admin address");
+        let git = server.git_addr().expect("git address");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
-        Proxy { addr, admin, dir, shutdown, task: Some(task) }
+        Proxy { addr, admin, git, dir, records, shutdown, task: Some(task) }
+    }
+
+    /// Every audit record written so far, one JSON line each (the writer has caught up).
+    pub fn records(&self) -> Vec<String> {
+        self.records.as_ref().expect("a proxy started with Proxy::start_recorded").lines()
     }
 
     /// `http://127.0.0.1:PORT`, for curl's `-x`.
@@ -591,6 +618,40 @@ impl RawClient {
             }
         };
         Some(RawResponse { status_line, headers, body: String::from_utf8_lossy(&body_bytes).into_owned() })
+    }
+
+    /// Reads one response as the exact bytes on the wire: its head, then a `Content-Length` body (a
+    /// `200` without one has none: a tunnel starts after it; anything else without one runs to EOF).
+    /// `None` if the connection closed before a byte of it arrived.
+    pub async fn response_bytes(&mut self) -> Option<Vec<u8>> {
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            assert!(self.buf.len() < 1 << 20, "response head over 1 MiB");
+            if !self.fill().await {
+                assert!(self.buf.is_empty(), "connection closed mid-head: {:?}", String::from_utf8_lossy(&self.buf));
+                return None;
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let length = head
+            .split("\r\n")
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+        let end = match length {
+            Some(n) => head_end + n,
+            None if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => head_end,
+            None => {
+                while self.fill().await {}
+                self.buf.len()
+            }
+        };
+        while self.buf.len() < end {
+            assert!(self.fill().await, "connection closed mid-body");
+        }
+        Some(self.buf.drain(..end).collect())
     }
 
     /// Reads exactly `n` bytes (buffered ones first).
