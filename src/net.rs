@@ -1,5 +1,9 @@
 //! Resolve → classify every address → dial exactly an address that was classified.
 
+mod own;
+
+pub use own::is_own;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -156,11 +160,6 @@ pub async fn reach(
         }
     }
     Reach::Failed(last.unwrap_or(NetError::NoSuchHost { host: target.to_string() }))
-}
-
-fn is_own(own: &[SocketAddr], ip: IpAddr, port: u16) -> bool {
-    let ip = crate::policy::canonical_ip(ip);
-    own.iter().any(|a| a.port() == port && (a.ip() == ip || (a.ip().is_unspecified() && a.is_ipv4() == ip.is_ipv4())))
 }
 
 /// Dials one address with a timeout, `TCP_NODELAY` on (small TLS handshake records must not wait

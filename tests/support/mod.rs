@@ -110,13 +110,24 @@ impl Proxy {
 
     /// Like [`Proxy::start`], in a directory the test already wrote files to (e.g. a key file).
     pub async fn start_in(dir: TempDir, config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
+        Proxy::launch(dir, config_toml, policies, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Like [`Proxy::start`], with the admin listener on `admin` (e.g. `[::]:0`, to test a dual-stack
+    /// listener) instead of 127.0.0.1:0. Still port 0: nothing else on the machine is disturbed.
+    pub async fn start_with_admin_on(admin: SocketAddr, config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
+        assert_eq!(admin.port(), 0, "tests listen on port 0 only");
+        Proxy::launch(TempDir::new("proxy"), config_toml, policies, admin).await
+    }
+
+    async fn launch(dir: TempDir, config_toml: &str, policies: &[(&str, &str)], admin: SocketAddr) -> Proxy {
         init_logging();
         let mut config = match Config::parse("test.toml", config_toml) {
             Ok(c) => c,
             Err(e) => panic!("test config does not parse:\n{e}"),
         };
         config.egress.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.admin.listen = admin;
         config.git.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.resolver.system = false;
         let policy_dir = dir.path().join("policies");
