@@ -2,9 +2,11 @@
 
 mod own;
 mod race;
+mod upstream;
 
 pub use own::is_own;
 pub use race::{ATTEMPT_DELAY, order, race};
+pub use upstream::{UpstreamDialError, UpstreamGuard, connect_upstream};
 
 use std::collections::HashMap;
 use std::fmt;

@@ -121,7 +121,7 @@ fn first_to_finish<F: Future>(attempts: &mut [Attempt<F>]) -> impl Future<Output
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     use tokio::net::{TcpListener, TcpSocket};
@@ -148,7 +148,7 @@ pub(crate) mod tests {
     /// A listener on `ip` whose accept queue is full and never drained: connecting to it hangs (the
     /// kernel drops the SYN), on loopback, with nothing sent anywhere else. Returns it, the
     /// connections that fill it (keep them alive) and its address.
-    pub(crate) async fn hanging_listener(addr: SocketAddr) -> Option<(TcpSocketHold, SocketAddr)> {
+    async fn hanging_listener(addr: SocketAddr) -> Option<(Hold, SocketAddr)> {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4().ok()? } else { TcpSocket::new_v6().ok()? };
         socket.bind(addr).ok()?;
         let listener = socket.listen(1).ok()?;
@@ -158,14 +158,14 @@ pub(crate) mod tests {
             match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => fillers.push(s),
                 Ok(Err(_)) => return None,
-                Err(_) => return Some((TcpSocketHold { _listener: listener, _fillers: fillers }, addr)),
+                Err(_) => return Some((Hold { _listener: listener, _fillers: fillers }, addr)),
             }
         }
         None
     }
 
     /// Keeps a hanging listener and its fillers open.
-    pub(crate) struct TcpSocketHold {
+    struct Hold {
         _listener: TcpListener,
         _fillers: Vec<TcpStream>,
     }
