@@ -191,7 +191,16 @@ mod tests {
         // "fd000000000000000000000000000002 04 40 00 80 eth0".
         let listed = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
         for line in listed.lines() {
-            let Some(Ok(bits)) = line.split_whitespace().next().map(|h| u128::from_str_radix(h, 16)) else { continue };
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(Ok(bits)), Some(Ok(flags))) =
+                (fields.first().map(|h| u128::from_str_radix(h, 16)), fields.get(4).map(|f| u8::from_str_radix(f, 16)))
+            else {
+                continue;
+            };
+            // Tentative (0x40) or failed duplicate detection (0x08): not yet, or never, bindable.
+            if flags & 0x48 != 0 {
+                continue;
+            }
             let a = IpAddr::V6(Ipv6Addr::from(bits));
             assert!(is_local(a), "{a} is listed in /proc/net/if_inet6");
         }
