@@ -1,5 +1,13 @@
 //! Resolve → classify every address → dial exactly an address that was classified.
 
+mod own;
+mod race;
+mod upstream;
+
+pub use own::is_own;
+pub use race::{ATTEMPT_DELAY, order, race};
+pub use upstream::{UpstreamDialError, UpstreamGuard, connect_upstream};
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -114,7 +122,8 @@ pub enum Reach {
 }
 
 /// Resolves `target`, checks every address with the guard (a name whose answer holds any refused
-/// address is refused), refuses the proxy's own listeners, and dials the checked addresses in order.
+/// address is refused) and refuses the proxy's own listeners, all before any dial; then races the
+/// checked addresses, IPv6 first (Happy Eyeballs, [`race`]), within `connect_timeout`.
 pub async fn reach(
     target: &Target,
     port: u16,
@@ -131,6 +140,7 @@ pub async fn reach(
             let answer = resolver.resolve(host).await;
             metrics.dns_latency.observe(started.elapsed());
             match answer {
+                Ok(a) if a.is_empty() => return Reach::Failed(NetError::NoSuchHost { host: host.to_string() }),
                 Ok(a) => a,
                 Err(e) => return Reach::Failed(e),
             }
@@ -144,35 +154,10 @@ pub async fn reach(
             return Reach::Refused(Box::new(policy.own_address(*ip, port)));
         }
     }
-    let mut last = None;
-    for ip in addrs {
-        let addr = SocketAddr::new(ip, port);
-        let started = Instant::now();
-        let dialled = dial(addr, connect_timeout).await;
-        metrics.connect_latency.observe(started.elapsed());
-        match dialled {
-            Ok(stream) => return Reach::Connected { stream, addr },
-            Err(e) => last = Some(e),
-        }
-    }
-    Reach::Failed(last.unwrap_or(NetError::NoSuchHost { host: target.to_string() }))
-}
-
-fn is_own(own: &[SocketAddr], ip: IpAddr, port: u16) -> bool {
-    let ip = crate::policy::canonical_ip(ip);
-    own.iter().any(|a| a.port() == port && (a.ip() == ip || (a.ip().is_unspecified() && a.is_ipv4() == ip.is_ipv4())))
-}
-
-/// Dials one address with a timeout, `TCP_NODELAY` on (small TLS handshake records must not wait
-/// for Nagle).
-pub async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, NetError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => Err(NetError::ConnectTimeout { addr }),
-        Ok(Err(e)) => Err(NetError::ConnectFailed { addr, detail: e.to_string() }),
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
+    let candidates: Vec<SocketAddr> = order(&addrs).into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
+    match race(&candidates, ATTEMPT_DELAY, connect_timeout, metrics).await {
+        Ok((stream, addr)) => Reach::Connected { stream, addr },
+        Err(e) => Reach::Failed(e),
     }
 }
 

@@ -116,12 +116,20 @@ impl Proxy {
 
     /// Like [`Proxy::start`], in a directory the test already wrote files to (e.g. a key file).
     pub async fn start_in(dir: TempDir, config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
-        Proxy::launch(dir, config_toml, policies, None).await
+        Proxy::launch(dir, config_toml, policies, None, SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
     /// Like [`Proxy::start_in`], with the audit stream (JSON) captured for [`Proxy::records`].
     pub async fn start_recorded(dir: TempDir, config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
-        Proxy::launch(dir, config_toml, policies, Some(capture::Records::json())).await
+        let records = Some(capture::Records::json());
+        Proxy::launch(dir, config_toml, policies, records, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Like [`Proxy::start`], with the admin listener on `admin` (e.g. `[::]:0`, to test a dual-stack
+    /// listener) instead of 127.0.0.1:0. Still port 0: nothing else on the machine is disturbed.
+    pub async fn start_with_admin_on(admin: SocketAddr, config_toml: &str, policies: &[(&str, &str)]) -> Proxy {
+        assert_eq!(admin.port(), 0, "tests listen on port 0 only");
+        Proxy::launch(TempDir::new("proxy"), config_toml, policies, None, admin).await
     }
 
     async fn launch(
@@ -129,6 +137,7 @@ impl Proxy {
         config_toml: &str,
         policies: &[(&str, &str)],
         records: Option<capture::Records>,
+        admin: SocketAddr,
     ) -> Proxy {
         init_logging();
         let mut config = match Config::parse("test.toml", config_toml) {
@@ -136,7 +145,7 @@ impl Proxy {
             Err(e) => panic!("test config does not parse:\n{e}"),
         };
         config.egress.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.admin.listen = admin;
         config.git.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.resolver.system = false;
         let policy_dir = dir.path().join("policies");
