@@ -27,13 +27,16 @@ pub struct Admin {
 const MAX_CONNECTIONS: usize = 64;
 
 pub async fn serve(socket: TcpListener, admin: Arc<Admin>, shutdown: Shutdown) {
-    let body = "sluice: the admin listener is at its connection limit; retry shortly\n";
-    let overload = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let listener =
-        Listener { name: "admin", socket, max_connections: MAX_CONNECTIONS, overload: overload.as_bytes().into() };
+    let overload = |_| {
+        let body = "sluice: the admin listener is at its connection limit; retry shortly\n";
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\ndate: {date}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let listener = Listener { name: "admin", socket, max_connections: MAX_CONNECTIONS, overload };
     listen::serve(listener, shutdown, move |accepted: Accepted| {
         let admin = admin.clone();
         async move {

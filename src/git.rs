@@ -220,7 +220,7 @@ impl GitProxy {
 /// Serves git-proxy connections until `shutdown` drains them; open requests finish within the grace.
 pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown) {
     let max_connections = proxy.max_connections;
-    let listener = Listener { name: "git", socket, max_connections, overload: overload_answer(max_connections).into() };
+    let listener = Listener { name: "git", socket, max_connections, overload: overload_answer };
     let draining = shutdown.draining.clone();
     listen::serve(listener, shutdown, move |accepted: Accepted| {
         let proxy = proxy.clone();
@@ -252,8 +252,9 @@ pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown
 fn overload_answer(max: usize) -> Vec<u8> {
     let refusal = Refusal::overloaded("git proxy", max);
     let body = format!("sluice: {}\n", refusal.message);
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
     format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nx-sluice-decision: deny; reason={}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nx-sluice-decision: deny; reason={}\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\ndate: {date}\r\n\r\n{body}",
         refusal.code,
         body.len()
     )

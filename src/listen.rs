@@ -54,9 +54,9 @@ pub struct Listener {
     pub name: &'static str,
     pub socket: TcpListener,
     pub max_connections: usize,
-    /// The answer (already rendered by the front end) a connection over the cap gets before it is
-    /// closed: it is never queued.
-    pub overload: Arc<[u8]>,
+    /// Renders the answer a connection over the cap gets before it is closed (it is never queued):
+    /// each front end renders it in its own words, when it happens (its `date` is now).
+    pub overload: fn(usize) -> Vec<u8>,
 }
 
 /// An accepted connection and its place under the cap, released when dropped.
@@ -102,13 +102,13 @@ where
             Ok(slot) => shutdown.spawn(serve(Accepted { stream, peer, slot })),
             Err(_) => {
                 tracing::warn!(listener = name, max_connections, client = %peer, "connection refused: at the connection limit");
-                shutdown.spawn(refuse(stream, overload.clone()));
+                shutdown.spawn(refuse(stream, overload(max_connections)));
             }
         }
     }
 }
 
-async fn refuse(mut stream: TcpStream, answer: Arc<[u8]>) {
+async fn refuse(mut stream: TcpStream, answer: Vec<u8>) {
     let written = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = stream.write_all(&answer).await;
         let _ = stream.shutdown().await;
@@ -126,7 +126,8 @@ mod tests {
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let shutdown = Shutdown::default();
-        let listener = Listener { name: "test", socket, max_connections: 1, overload: Arc::from(&b"full\n"[..]) };
+        let listener =
+            Listener { name: "test", socket, max_connections: 1, overload: |max| format!("full at {max}\n").into() };
         let release = CancellationToken::new();
         let held = release.clone();
         let loop_ = tokio::spawn(serve(listener, shutdown.clone(), move |a: Accepted| {
@@ -146,7 +147,7 @@ mod tests {
         let mut second = TcpStream::connect(addr).await.unwrap();
         let mut answer = Vec::new();
         second.read_to_end(&mut answer).await.unwrap();
-        assert_eq!(answer, b"full\n");
+        assert_eq!(answer, b"full at 1\n");
         release.cancel();
         assert!(shutdown.drain(Duration::from_secs(5)).await);
         loop_.await.unwrap();
@@ -158,7 +159,7 @@ mod tests {
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let shutdown = Shutdown::default();
-        let listener = Listener { name: "test", socket, max_connections: 4, overload: Arc::from(&b""[..]) };
+        let listener = Listener { name: "test", socket, max_connections: 4, overload: |_| Vec::new() };
         tokio::spawn(serve(listener, shutdown.clone(), |a: Accepted| async move {
             let _keep = a;
             std::future::pending::<()>().await;

@@ -81,8 +81,8 @@ pub const ANONYMOUS: &str = "anonymous";
 /// get a `503` and are closed, never queued.
 pub async fn serve(socket: TcpListener, proxy: Arc<EgressProxy>) {
     let max_connections = proxy.config.max_connections;
-    let overload = respond::bytes(&Refusal::overloaded("proxy", max_connections), false, http::Version::HTTP_11);
-    let listener = Listener { name: "egress", socket, max_connections, overload: overload.into() };
+    let overload = |max| respond::bytes(&Refusal::overloaded("proxy", max), false, http::Version::HTTP_11);
+    let listener = Listener { name: "egress", socket, max_connections, overload };
     let shutdown = proxy.shutdown.clone();
     listen::serve(listener, shutdown, move |accepted| serve_connection(accepted, proxy.clone())).await;
 }

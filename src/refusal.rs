@@ -206,7 +206,7 @@ impl Refusal {
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_tunnels",
             Fault::Client,
-            format!("session already has {max} open tunnels, the most it may have at once"),
+            format!("session already has {max} open {}, the most it may have at once", plural(max, "tunnel")),
         )
         .with_hint("close idle connections, or raise max_tunnels in the policy's [limits]");
         r.retry_after = Some(1);
@@ -230,7 +230,10 @@ impl Refusal {
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             Fault::Internal,
-            format!("the {listener} is at its connection limit ({max} connections); retry shortly"),
+            format!(
+                "the {listener} is at its connection limit ({max} {}); retry shortly",
+                plural(max as u64, "connection")
+            ),
         )
         .closing(true);
         r.retry_after = Some(1);
@@ -251,6 +254,10 @@ impl Refusal {
     pub fn is_limit(&self) -> bool {
         matches!(self.code, "rate_limited" | "too_many_tunnels")
     }
+}
+
+fn plural(n: impl Into<u64>, noun: &str) -> String {
+    if n.into() == 1 { noun.to_string() } else { format!("{noun}s") }
 }
 
 /// `Retry-After` has whole seconds: round up, so a client that obeys it is not refused again.
@@ -274,6 +281,10 @@ mod tests {
         assert_eq!(r.message, "proxy authentication failed: this proxy requires credentials");
         let r = Refusal::unreachable("connect_timeout", true, "connecting to 127.0.0.1:9 timed out");
         assert_eq!((r.status, r.fault), (StatusCode::GATEWAY_TIMEOUT, Fault::Upstream));
+        assert_eq!(
+            Refusal::too_many_tunnels(1).message,
+            "session already has 1 open tunnel, the most it may have at once"
+        );
         let r = Refusal::overloaded("proxy", 3);
         assert_eq!(r.message, "the proxy is at its connection limit (3 connections); retry shortly");
         assert_eq!((r.retry_after, r.close), (Some(1), true));

@@ -219,7 +219,7 @@ fn missing_json() -> String {
 }
 
 const RATE_TEXT: &str = "sluice: session over its rate limit (0.5 requests per second, burst 1); retry in 2s\n  policy:      slow (level custom)\n  hint:        a policy author raises it with requests_per_second and burst in the policy's [limits]\n";
-const TUNNELS_TEXT: &str = "sluice: session already has 1 open tunnels, the most it may have at once\n  policy:      one (level custom)\n  hint:        close idle connections, or raise max_tunnels in the policy's [limits]\n";
+const TUNNELS_TEXT: &str = "sluice: session already has 1 open tunnel, the most it may have at once\n  policy:      one (level custom)\n  hint:        close idle connections, or raise max_tunnels in the policy's [limits]\n";
 const DNS_TEXT: &str = "sluice: DNS has no address for nowhere.test\n  policy:      lab (level custom)\n";
 const NO_PORT_TEXT: &str =
     "sluice: bad CONNECT target \"echo.test\": missing port: expected host:port\n  policy:      lab (level custom)\n";
@@ -595,7 +595,6 @@ async fn head_timeout_answer() {
 
 /// Issue 14: the direct path's refusals carry no `date`, unlike every answer that comes through hyper.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 14: direct path lacks date"]
 async fn direct_connect_refusals_carry_a_date() {
     let lab = Lab::start("").await;
     for (what, request, _) in connect_refusals(&lab) {
@@ -613,12 +612,18 @@ async fn overloaded_answers_on_both_listeners() {
         let _held = RawClient::connect(addr).await;
         let mut c = RawClient::connect(addr).await;
         let bytes = c.response_bytes().await.expect("a 503");
-        let body = format!("sluice: the {listener} is at its connection limit (1 connections); retry shortly\n");
+        let body = format!("sluice: the {listener} is at its connection limit (1 connection); retry shortly\n");
+        // Rendered like every other refusal, `date` (of this answer) last.
         let want = format!(
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nX-Sluice-Decision: deny; reason=overloaded\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nx-sluice-decision: deny; reason=overloaded\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\ndate: ",
             body.len()
         );
-        assert_eq!(String::from_utf8_lossy(&bytes), want, "{listener}");
+        let text = String::from_utf8_lossy(&bytes);
+        let (head, rest) = text.split_at(want.len().min(text.len()));
+        assert_eq!(head, want, "{listener}");
+        let (date, got_body) = rest.split_once("\r\n\r\n").expect("a head");
+        assert!(date.ends_with(" GMT") && date.len() == 29, "{listener}: {date:?}");
+        assert_eq!(got_body, body, "{listener}");
         assert!(c.expect_eof().await, "{listener}");
     }
 }

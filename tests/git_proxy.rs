@@ -679,7 +679,7 @@ async fn connection_cap_and_stalled_uploads() {
     let (status, head, body) = raw(w.sluice, get.to_vec()).await;
     assert_eq!(
         (status, String::from_utf8_lossy(&body).as_ref()),
-        (503, "sluice: the git proxy is at its connection limit (1 connections); retry shortly\n"),
+        (503, "sluice: the git proxy is at its connection limit (1 connection); retry shortly\n"),
         "{head}"
     );
 
