@@ -1,29 +1,28 @@
 //! sluice: a forward egress proxy and network-policy engine for sandboxed coding sessions.
 //!
-//! Every destination a session asks for goes through one flow:
+//! Every request, on either listener, goes through one pipeline; each step returns a value, and the
+//! first that cannot go on returns a [`refusal::Refusal`]:
 //!
 //! ```text
-//! Proxy-Authorization ─▶ credential::Keyring::verify_for ─▶ Session { id, policy }
-//! CONNECT host:port / GET http://… ─▶ Authority ─▶ Policy::decide ─▶ Decision { verdict, reason, rule }
-//!                                                        │ allow
-//!                                                        ▼
-//!   limit::SessionLimiter ─▶ net::Resolver ─▶ Policy::check_address (every answer) ─▶ dial that address
-//!                                                        │
-//!                                                        ▼
-//!                                     proxy::tunnel (CONNECT) or proxy::forward (plain HTTP)
+//! listen (cap, drain) ─▶ head guard (framing) ─▶ identify ─▶ decide ─▶ limit ─▶ reach ─▶ serve
+//!                              │                   │            │          │        │
+//!                        proxy::framing   credential::Basic  Policy   limit::    net: resolve →
+//!                                         + Keyring::verify  ::decide SessionLim. classify every
+//!                                                                               address → dial it
+//!                                                   any step ─▶ Refusal ─▶ the front end's renderer
 //! ```
+//! Egress serves CONNECT tunnels ([`proxy::connect`]) and plain HTTP ([`proxy::forward`]); its
+//! renderer is [`proxy::respond`] (text or JSON). The git proxy ([`git`]) swaps scoped credentials for
+//! the real token and restricts pushes to one branch. Every request writes one decision record
+//! ([`audit`]), and its closing line when a tunnel or response ends.
 //!
-//! Refusals at any step are values (`Decision`) or errors (`proxy::respond::ProxyError`) that
-//! `proxy::respond::refusal` alone turns into HTTP answers.
-//!
-//! Modules:
-//! - [`policy`]: levels, host patterns, the compiled matcher, policy files and `decide`.
-//! - [`net`]: resolution with static overrides, the guard after DNS, dialling the checked address.
-//! - [`credential`]: signed scoped tokens shared by both proxies; [`limit`]: per-session limits.
-//! - [`proxy`]: the egress proxy; [`git`]: the git proxy (scoped credential → real token, one branch).
-//! - [`admin`], [`metrics`], [`reload`]: operating it.
-//! - [`config`], [`server`]: `sluice.toml` and `sluice serve`; [`command`]: the other subcommands.
-//! - [`diagnostic`]: `file:line:col` errors and warnings for files people write.
+//! Layers (a module uses only those below it):
+//! - L0, pure: [`policy`], [`credential`], [`refusal`], [`diagnostic`], `git::{pktline, push, route}`.
+//! - L1, I/O: [`listen`], [`net`], [`limit`], [`audit`], [`metrics`], [`reload`].
+//! - L2, front ends: [`proxy`], [`git`], [`admin`] (proxy and git never use each other).
+//! - L3, wiring: [`config`], [`server`], [`command`], and the binary.
+
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod audit;

@@ -548,6 +548,33 @@ async fn head_guard_refusals() {
             refusal(bad, "bad_request", "request has both Content-Length and Transfer-Encoding; send one"),
         ),
         (
+            // Issue 14, hole 5: a bare-LF head ends where httparse ends it, and is refused, so the
+            // CL+TE request behind it is never read as a head of its own.
+            "bare LF, then a CL+TE request",
+            format!(
+                "GET http://plain.test:{p}/ HTTP/1.1\nHost: plain.test:{p}\n\nPOST http://plain.test:{p}/sha256 HTTP/1.1\r\nHost: plain.test:{p}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            refusal(bad, "bad_request", "request head has a line ending in a bare LF; lines must end with CRLF"),
+        ),
+        (
+            "bare LF, then a second Proxy-Authorization",
+            format!(
+                "CONNECT {echo} HTTP/1.1\nHost: {echo}\n\nCONNECT {echo} HTTP/1.1\r\nProxy-Authorization: Basic a\r\nProxy-Authorization: Basic b\r\n\r\n"
+            ),
+            refusal(bad, "bad_request", "request head has a line ending in a bare LF; lines must end with CRLF"),
+        ),
+        (
+            "an underscore framing header",
+            format!(
+                "GET http://plain.test:{p}/ HTTP/1.1\r\nHost: plain.test:{p}\r\nTransfer_Encoding: chunked\r\n\r\n"
+            ),
+            refusal(
+                bad,
+                "bad_request",
+                "header name \"Transfer_Encoding\" has an underscore where \"transfer-encoding\" has a hyphen; servers may read it as \"transfer-encoding\", so it is refused",
+            ),
+        ),
+        (
             "head too large",
             format!("GET http://plain.test:{p}/ HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000)),
             refusal(
@@ -565,6 +592,8 @@ async fn head_guard_refusals() {
         }
     }
     assert_eq!(lab.echo.connections(), 0);
+    // Only the served requests that set up the "after a served one" cases reached the plain upstream.
+    assert_eq!(lab.plain.connections(), cases.len());
 }
 
 /// A head not complete within `[egress] header_timeout`: 408, as a first request and after a served one.

@@ -103,7 +103,9 @@ async fn exchange(
 /// The host and port an absolute-form `http://` request names: other schemes and userinfo are refused,
 /// a missing port is 80. Pure, so it is fuzzed on its own.
 pub fn absolute_target(uri: &http::Uri) -> Result<Authority, Refusal> {
-    match uri.scheme_str() {
+    // Schemes are case-insensitive (RFC 3986 §3.1): `HTTP://` is `http://`.
+    let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
+    match scheme.as_deref() {
         Some("http") => {}
         None => {
             return Err(Refusal::bad_request(
@@ -284,6 +286,20 @@ mod tests {
             h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn absolute_targets_read_their_scheme_without_case() {
+        let uri: http::Uri = "HTTP://GITHUB.COM/a".parse().unwrap();
+        assert_eq!(absolute_target(&uri).unwrap().to_string(), "github.com:80");
+        let uri: http::Uri = "hTTp://example.org:8080/".parse().unwrap();
+        assert_eq!(absolute_target(&uri).unwrap().to_string(), "example.org:8080");
+        let uri: http::Uri = "HTTPS://example.org/".parse().unwrap();
+        let refusal = absolute_target(&uri).unwrap_err();
+        assert_eq!(
+            refusal.message,
+            "https:// URLs are tunnelled, not forwarded: the client should use CONNECT (set HTTPS_PROXY)"
+        );
     }
 
     #[test]

@@ -341,7 +341,6 @@ mod tests {
     /// and a spliced direction that went quiet carries on after the pause.
     #[tokio::test]
     async fn urgent_byte_and_pause_after_bulk() {
-        use std::os::fd::AsRawFd;
         let (mut client, mut upstream, task) = tunnel(b"", Duration::from_secs(60), std::future::pending()).await;
         let bulk: Vec<u8> = (0..(SPLICE_AFTER as u32) * 2).map(|i| (i % 251) as u8).collect();
         client.write_all(&bulk).await.unwrap();
@@ -350,8 +349,7 @@ mod tests {
         assert!(got == bulk);
 
         client.write_all(b"BEFORE").await.unwrap();
-        // SAFETY: send on a socket we own, from a one-byte buffer we own.
-        let sent = unsafe { libc::send(client.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+        let sent = socket2::SockRef::from(&client).send_out_of_band(b"!").unwrap();
         assert_eq!(sent, 1);
         client.write_all(b"AFTER").await.unwrap();
         let mut got = [0u8; 11];
