@@ -11,6 +11,7 @@
 //! Every refusal becomes an HTTP answer in one place, [`respond`]; every request logs one line.
 
 pub mod api;
+pub mod command_list;
 pub mod pktline;
 pub mod push;
 pub mod route;
@@ -19,7 +20,6 @@ pub mod upstream;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -42,7 +42,8 @@ use tokio::net::TcpListener;
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
-use push::{MAX_COMMAND_BYTES, PushError, PushRequest, Verdict};
+use command_list::ListError;
+use push::Verdict;
 use route::{Action, Service};
 use upstream::{FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, GIT_PROTOCOL, Upstream};
 
@@ -195,6 +196,8 @@ pub struct GitProxy {
     audit: AuditLog,
     max_connections: usize,
     body_timeout: Duration,
+    /// The whole command list of a push must arrive within this: twice `body_timeout`.
+    list_deadline: Duration,
 }
 
 impl GitProxy {
@@ -205,7 +208,17 @@ impl GitProxy {
         let tokens = TokenStore::load(settings)?;
         let max_connections = settings.max_connections.max(1);
         let body_timeout = settings.body_timeout.0.max(Duration::from_secs(1));
-        Ok(GitProxy { keyring, upstream, api, tokens, audit: AuditLog::disabled(), max_connections, body_timeout })
+        let list_deadline = 2 * body_timeout;
+        Ok(GitProxy {
+            keyring,
+            upstream,
+            api,
+            tokens,
+            audit: AuditLog::disabled(),
+            max_connections,
+            body_timeout,
+            list_deadline,
+        })
     }
 
     /// Writes one audit line per request to `audit`.
@@ -524,128 +537,6 @@ fn no_token_message(repo: &str) -> String {
     )
 }
 
-/// What sluice read of a push before deciding.
-struct CommandList {
-    raw: Vec<Bytes>,
-    parsed: Result<PushRequest, PushError>,
-    side_band: Option<usize>,
-}
-
-/// A `Write` that takes at most `cap` bytes, so a gzip bomb cannot grow it.
-#[doc(hidden)]
-pub struct Capped {
-    buf: Vec<u8>,
-    cap: usize,
-}
-
-impl Write for Capped {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let room = self.cap.saturating_sub(self.buf.len());
-        if room == 0 && !data.is_empty() {
-            return Err(std::io::Error::other("decoded command list is over the limit"));
-        }
-        let n = room.min(data.len());
-        self.buf.extend_from_slice(&data[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A push body as it is decoded: identity or gzip, never more than [`MAX_COMMAND_BYTES`] + 1 bytes
-/// (identity) or [`MAX_COMMAND_BYTES`] (gzip). Public for the fuzz targets.
-#[doc(hidden)]
-pub enum Decoded {
-    Identity(Vec<u8>),
-    Gzip(Box<flate2::write::GzDecoder<Capped>>),
-}
-
-impl Decoded {
-    pub fn new(gzip: bool) -> Decoded {
-        if gzip {
-            let capped = Capped { buf: Vec::new(), cap: MAX_COMMAND_BYTES };
-            Decoded::Gzip(Box::new(flate2::write::GzDecoder::new(capped)))
-        } else {
-            Decoded::Identity(Vec::new())
-        }
-    }
-
-    /// The body ended: a gzip stream flushes what it still holds.
-    pub fn finish(&mut self) {
-        if let Decoded::Gzip(d) = self {
-            let _ = d.try_finish();
-        }
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Decoded::Identity(b) => b,
-            Decoded::Gzip(d) => &d.get_ref().buf,
-        }
-    }
-
-    /// Adds raw bytes; a gzip error is reported, a full buffer is not (the parser says "too large").
-    pub fn push(&mut self, raw: &[u8]) -> Result<(), String> {
-        match self {
-            Decoded::Identity(b) => {
-                let room = (MAX_COMMAND_BYTES + 1).saturating_sub(b.len());
-                b.extend_from_slice(&raw[..room.min(raw.len())]);
-                Ok(())
-            }
-            Decoded::Gzip(d) => {
-                let result = d.write_all(raw).and_then(|()| d.flush());
-                match result {
-                    Err(_) if d.get_ref().buf.len() >= d.get_ref().cap => Ok(()),
-                    Err(e) => Err(format!("sluice: the push body is not valid gzip: {e}")),
-                    Ok(()) => Ok(()),
-                }
-            }
-        }
-    }
-}
-
-/// Reads the request body until the command list (and push options) are complete, bounded by
-/// [`MAX_COMMAND_BYTES`] of decoded bytes. The raw bytes are kept to be forwarded unchanged.
-async fn read_command_list(body: &mut Incoming, gzip: bool, timeout: Duration) -> Result<CommandList, GitError> {
-    let mut raw = Vec::new();
-    let mut decoded = Decoded::new(gzip);
-    let mut eof = false;
-    loop {
-        match push::parse(decoded.bytes(), eof) {
-            Ok(Some(req)) => return Ok(CommandList { raw, parsed: Ok(req), side_band: None }),
-            Ok(None) => {}
-            Err(e) => {
-                let side_band = push::sniff_side_band(decoded.bytes());
-                return Ok(CommandList { raw, parsed: Err(e), side_band });
-            }
-        }
-        let frame = tokio::time::timeout(timeout, body.frame()).await.map_err(|_| {
-            GitError::BadRequest(format!(
-                "sluice: the push sent no data for {}s while sluice read its command list",
-                timeout.as_secs()
-            ))
-        })?;
-        match frame {
-            None => {
-                eof = true;
-                decoded.finish();
-            }
-            Some(Err(e)) => return Err(GitError::BadRequest(format!("sluice: cannot read the push body: {e}"))),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if let Err(m) = decoded.push(&data) {
-                        let side_band = push::sniff_side_band(decoded.bytes());
-                        return Err(GitError::PushRefused { body: push::fatal(&m, side_band), reason: m });
-                    }
-                    raw.push(data);
-                }
-            }
-        }
-    }
-}
-
 /// Reads and drops what is left of a refused push, within limits, so the client reads the answer.
 async fn drain(body: &mut Incoming) {
     let mut total = 0u64;
@@ -655,6 +546,15 @@ async fn drain(body: &mut Incoming) {
             Ok(Some(Ok(frame))) => total += frame.data_ref().map_or(0, |d| d.len() as u64),
             _ => break,
         }
+    }
+}
+
+/// After a push refused before its command list was complete, what the client still sends is read and
+/// dropped in the background, within the drain limits, so the answer goes out at once and the client reads
+/// it instead of a reset connection. A stalled or broken body is not waited for.
+fn linger(mut body: Incoming, why: &ListError) {
+    if !matches!(why, ListError::Stalled { .. } | ListError::Body(_)) {
+        tokio::spawn(async move { drain(&mut body).await });
     }
 }
 
@@ -668,13 +568,13 @@ impl GitProxy {
             route::parse(req.method(), req.uri().path(), req.uri().query()).map_err(|e| GitError::NotFound(e.0))?;
         record.repo = route.full_name();
         record.service = route.action.service().as_str();
-        let (parts, mut body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let (session, credential) = basic_credentials(&parts.headers)?;
         record.session = if valid_session_id(&session) { session.clone() } else { "(invalid)".into() };
         let claims = match self.authorize(&route.full_name(), &session, &credential) {
             Ok(claims) => claims,
             Err(message) if route.action == Action::Rpc(Service::ReceivePack) => {
-                return Err(self.refuse_whole_push(&parts.headers, &mut body, &message, record).await);
+                return Err(self.refuse_whole_push(&parts.headers, body, &message, record).await);
             }
             Err(message) => return Err(GitError::Forbidden(message)),
         };
@@ -718,11 +618,13 @@ impl GitProxy {
         Ok(claims)
     }
 
-    /// A push whose credential failed: every ref gets `ng` with the reason, nothing goes upstream.
+    /// A push whose credential failed: every ref gets `ng` with the reason, nothing goes upstream. A
+    /// command list that cannot be read (malformed, or past the raw cap or the deadline) gets the same
+    /// reason as one fatal error.
     async fn refuse_whole_push(
         &self,
         headers: &HeaderMap,
-        body: &mut Incoming,
+        mut body: Incoming,
         message: &str,
         record: &mut Record,
     ) -> GitError {
@@ -730,11 +632,16 @@ impl GitProxy {
             Ok(gzip) => gzip,
             Err(e) => return e,
         };
-        let list = match read_command_list(body, gzip, self.body_timeout).await {
+        let fatal =
+            |side_band| GitError::PushRefused { body: push::fatal(message, side_band), reason: message.to_owned() };
+        let list = match command_list::read(&mut body, gzip, self.body_timeout, self.list_deadline).await {
             Ok(list) => list,
-            Err(e) => return e,
+            Err(unread) => {
+                linger(body, &unread.error);
+                return fatal(unread.side_band);
+            }
         };
-        drain(body).await;
+        drain(&mut body).await;
         match list.parsed {
             Ok(req) => {
                 record.refs = req.updates.len();
@@ -743,7 +650,7 @@ impl GitProxy {
                 let body = if req.updates.is_empty() { Vec::new() } else { push::refusal(&req, message, &reasons) };
                 GitError::PushRefused { body, reason: message.to_owned() }
             }
-            Err(_) => GitError::PushRefused { body: push::fatal(message, list.side_band), reason: message.to_owned() },
+            Err(_) => fatal(list.side_band),
         }
     }
 
@@ -757,7 +664,17 @@ impl GitProxy {
         record: &mut Record,
     ) -> Result<Response<GitBody>, GitError> {
         let gzip = content_encoding(&parts.headers)?;
-        let list = read_command_list(&mut body, gzip, self.body_timeout).await?;
+        let list = match command_list::read(&mut body, gzip, self.body_timeout, self.list_deadline).await {
+            Ok(list) => list,
+            Err(unread) => {
+                let message = unread.error.message();
+                linger(body, &unread.error);
+                return Err(match unread.error {
+                    ListError::Stalled { .. } | ListError::Body(_) => GitError::BadRequest(message),
+                    _ => GitError::PushRefused { body: push::fatal(&message, unread.side_band), reason: message },
+                });
+            }
+        };
         let req = match list.parsed {
             Ok(req) => req,
             Err(e) => {

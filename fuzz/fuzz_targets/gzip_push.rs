@@ -7,7 +7,7 @@ use std::io::Write;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use libfuzzer_sys::fuzz_target;
-use sluice::git::Decoded;
+use sluice::git::command_list::Decoded;
 use sluice::git::push::{self, MAX_COMMAND_BYTES};
 
 /// Feeds `body` to a decoder `chunk` bytes at a time, as frames arrive; checks the cap after each.
