@@ -18,6 +18,7 @@ const CANARY: &str = "ghs_CanaryHardeningToken0123456789abcdef";
 const SID: &str = "sess-h";
 const BRANCH: &str = "feature";
 /// What sluice reads of a push body, at most, before the command list must be complete.
+const Z40: &str = "0000000000000000000000000000000000000000";
 const RAW_CAP: usize = 2 << 20;
 
 #[path = "support/capture.rs"]
@@ -128,6 +129,12 @@ fn chunk(data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
     out
+}
+
+fn pkt(s: &[u8]) -> Vec<u8> {
+    let mut v = format!("{:04x}", s.len() + 4).into_bytes();
+    v.extend_from_slice(s);
+    v
 }
 
 /// A gzip member header (no name, no extra), as `git` and zlib write it.
@@ -333,5 +340,63 @@ async fn a_dribbled_command_list_is_refused_at_its_deadline() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.ends_with(&fatal(message)), "{text}");
     assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(10), "answered after {took:?}");
+    w.assert_nothing_went_upstream();
+}
+
+// ---------- hole 2: thousands of tiny frames ----------
+
+/// 900 KiB of command list in one frame, then the rest one byte per chunk: every byte is looked at a
+/// bounded number of times, so the answer comes quickly (the old reader re-parsed the whole buffer
+/// for every chunk, some milliseconds each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_list_in_tiny_frames_is_read_once() {
+    let w = World::new("tiny", Duration::from_secs(30)).await;
+    let shallow = |i: usize| pkt(format!("shallow {i:040x}").as_bytes());
+    let mut list = Vec::new();
+    let mut i = 0;
+    while list.len() < 900 << 10 {
+        list.extend(shallow(i));
+        i += 1;
+    }
+    let mut tail = Vec::new();
+    while tail.len() < 20_000 {
+        tail.extend(shallow(i));
+        i += 1;
+    }
+    tail.extend(pkt(format!("{Z40} {} refs/heads/main\0report-status", "1".repeat(40)).as_bytes()));
+    tail.extend_from_slice(b"0000PACK");
+    let mut body = chunk(&list);
+    for b in &tail {
+        body.extend(chunk(std::slice::from_ref(b)));
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let mut s = TcpStream::connect(w.sluice).await.unwrap();
+    s.write_all(w.push_head(&w.good(), "").as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&body).await;
+        wr
+    });
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while complete(&out).is_none() {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let _ = writer.await;
+    assert!(read.is_ok(), "no answer within 30s for {} tiny chunks", tail.len());
+    eprintln!("{} one-byte chunks after 900 KiB: answered in {:?}", tail.len(), started.elapsed());
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..end]).into_owned();
+    assert_eq!(
+        String::from_utf8_lossy(&decode_body(&head, &out[end + 4..])),
+        "000eunpack ok\n003dng refs/heads/main push restricted to refs/heads/feature\n0000"
+    );
     w.assert_nothing_went_upstream();
 }

@@ -1,10 +1,10 @@
 //! Reading a push's command list off the request body before anything goes upstream: decoded (identity or
-//! gzip) into a capped buffer and parsed, within a cap on the raw bytes read and a deadline for the whole
-//! list.
+//! gzip) into a capped buffer, scanned packet by packet as bytes arrive, parsed once it can be complete,
+//! within a cap on the raw bytes read and a deadline for the whole list.
 //!
 //! ```text
-//! frame ─▶ raw (kept, to forward unchanged) ─▶ Decoded (≤ MAX_COMMAND_BYTES) ─▶ push::parse
-//!            │ > MAX_RAW_BYTES and not complete: refused
+//! frame ─▶ raw (kept, to forward unchanged) ─▶ Decoded (≤ MAX_COMMAND_BYTES) ─▶ Scanner (new packets only)
+//!            │ > MAX_RAW_BYTES and not complete: refused            flush / bad length / full ─▶ push::parse
 //!            └ past the deadline: refused
 //! ```
 //! Both limits hold before authentication too: a push with a refused credential is read the same way, to
@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::pktline::{self, Packet};
 use super::push::{self, MAX_COMMAND_BYTES, PushError, PushRequest};
 
 /// The most raw body bytes read before the command list must be complete. Twice the decoded cap: deflate's
@@ -152,6 +153,63 @@ impl Decoded {
     }
 }
 
+/// Walks the pkt-lines of a growing buffer, each packet once, and says when [`push::parse`] can give a
+/// final answer: at a special packet (a flush ends the commands or the push options; a delim or
+/// response-end is an error), at a malformed length, or when the buffer is full. Parsing only then
+/// keeps the work per body byte bounded however the body is split into frames; before, every frame
+/// re-parsed everything received so far.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default)]
+pub struct Scanner {
+    offset: usize,
+    /// Packet decodes so far: at most one per call that ends on an incomplete packet, plus one per packet.
+    pub steps: u64,
+}
+
+impl Scanner {
+    /// Looks at the bytes of `buf` after the packets already seen (`buf` only grows between calls).
+    pub fn ready(&mut self, buf: &[u8]) -> bool {
+        loop {
+            self.steps += 1;
+            let Some(rest) = buf.get(self.offset..) else { return true };
+            match pktline::decode(rest, self.offset) {
+                Ok(None) => return buf.len() >= MAX_COMMAND_BYTES,
+                Ok(Some((Packet::Data(_), n))) => self.offset += n,
+                Ok(Some((_, n))) => {
+                    self.offset += n;
+                    return true;
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Bytes of whole packets seen so far.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+}
+
+/// The command list of a decoded body fed in pieces: scanned as it grows, parsed when it can be final.
+/// `Some` is the final answer, as [`push::parse`] gives it for the whole buffer.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default)]
+pub struct Incremental {
+    pub scanner: Scanner,
+    /// Calls to [`push::parse`]: at most three (a flush before push options, the end, the body's end).
+    pub parses: u32,
+}
+
+impl Incremental {
+    pub fn check(&mut self, buf: &[u8], eof: bool) -> Option<Result<PushRequest, PushError>> {
+        if !self.scanner.ready(buf) && !eof {
+            return None;
+        }
+        self.parses += 1;
+        push::parse(buf, eof).transpose()
+    }
+}
+
 fn unread(error: ListError, decoded: &Decoded) -> Result<CommandList, Unread> {
     Err(Unread { error, side_band: push::sniff_side_band(decoded.bytes()) })
 }
@@ -163,10 +221,11 @@ pub async fn read(body: &mut Incoming, gzip: bool, gap: Duration, deadline: Dura
     let mut raw = Vec::new();
     let mut raw_len = 0usize;
     let mut decoded = Decoded::new(gzip);
+    let mut list = Incremental::default();
     let mut eof = false;
     let end = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(parsed) = push::parse(decoded.bytes(), eof).transpose() {
+        if let Some(parsed) = list.check(decoded.bytes(), eof) {
             let side_band = match &parsed {
                 Ok(_) => None,
                 Err(_) => push::sniff_side_band(decoded.bytes()),
@@ -204,6 +263,109 @@ pub async fn read(body: &mut Incoming, gzip: bool, gap: Duration, deadline: Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const A: &str = "1111111111111111111111111111111111111111";
+    const Z: &str = "0000000000000000000000000000000000000000";
+
+    fn lines(lines: &[&str]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in lines {
+            if l.is_empty() {
+                out.extend_from_slice(pktline::FLUSH);
+            } else {
+                pktline::put_data(&mut out, l.as_bytes());
+            }
+        }
+        out
+    }
+
+    /// Feeds `buf` cut at `cuts`, as frames would arrive; the answer and how much work it took.
+    fn fed(buf: &[u8], cuts: &[usize]) -> (Result<PushRequest, PushError>, Incremental) {
+        let mut list = Incremental::default();
+        let mut ends: Vec<usize> = cuts.iter().copied().filter(|&c| c < buf.len()).collect();
+        ends.push(buf.len());
+        for end in ends {
+            if let Some(answer) = list.check(&buf[..end], false) {
+                return (answer, list);
+            }
+        }
+        let answer = list.check(buf, true).expect("an answer at the end of the body");
+        (answer, list)
+    }
+
+    fn whole(buf: &[u8]) -> Result<PushRequest, PushError> {
+        push::parse(buf, true).transpose().expect("an answer at eof")
+    }
+
+    fn inputs() -> Vec<Vec<u8>> {
+        let first = format!("{Z} {A} refs/heads/feature\0report-status side-band-64k push-options");
+        let plain = format!("{Z} {A} refs/heads/feature\0report-status");
+        let second = format!("{A} {Z} refs/heads/other");
+        vec![
+            [lines(&[&first, &second, "", "ci.skip", "k=v", ""]), b"PACK\0\0\0\x02".to_vec()].concat(),
+            [lines(&[&format!("shallow {A}"), &plain, ""]), b"PACK".to_vec()].concat(),
+            lines(&[""]),
+            lines(&[&plain]),
+            [lines(&[&plain]), b"00zz".to_vec()].concat(),
+            [lines(&[&plain]), b"0001".to_vec()].concat(),
+            lines(&["junk", ""]),
+            lines(&[&first, "", "opt"]),
+            [lines(&[&first]), b"0003".to_vec()].concat(),
+            b"push-cert".to_vec(),
+        ]
+    }
+
+    #[test]
+    fn every_split_gives_the_whole_buffer_answer() {
+        for buf in inputs() {
+            let want = whole(&buf);
+            for cut in 0..=buf.len() {
+                let (got, _) = fed(&buf, &[cut]);
+                assert_eq!(got, want, "cut at {cut} of {:?}", String::from_utf8_lossy(&buf));
+            }
+            for step in [1, 2, 3, 7] {
+                let cuts: Vec<usize> = (0..buf.len()).step_by(step).collect();
+                let (got, list) = fed(&buf, &cuts);
+                assert_eq!(got, want, "{step}-byte frames of {:?}", String::from_utf8_lossy(&buf));
+                assert!(list.parses <= 3, "{} parses", list.parses);
+            }
+        }
+    }
+
+    #[test]
+    fn work_per_byte_is_bounded() {
+        // About 900 KiB of shallow lines, then one byte per frame: every packet is decoded once, and a
+        // frame that ends inside a packet costs one look at its length.
+        let mut buf = Vec::new();
+        let mut i = 0u64;
+        while buf.len() < 920 << 10 {
+            pktline::put_data(&mut buf, format!("shallow {i:040x}").as_bytes());
+            i += 1;
+        }
+        pktline::put_data(&mut buf, format!("{Z} {A} refs/heads/main\0report-status").as_bytes());
+        buf.extend_from_slice(pktline::FLUSH);
+        let bulk = 900 << 10;
+        let cuts: Vec<usize> = (bulk..buf.len()).collect();
+        let (got, list) = fed(&buf, &cuts);
+        assert_eq!(got, whole(&buf));
+        assert_eq!(got.map(|r| r.shallow.len()), Ok(usize::try_from(i).unwrap()));
+        let packets = i + 2;
+        let frames = (buf.len() - bulk + 1) as u64;
+        assert!(list.scanner.steps <= packets + frames, "{} steps for {packets} packets", list.scanner.steps);
+        assert_eq!(list.parses, 1);
+    }
+
+    #[test]
+    fn a_full_buffer_is_final() {
+        let mut buf = Vec::new();
+        while buf.len() < MAX_COMMAND_BYTES {
+            pktline::put_data(&mut buf, format!("shallow {A}").as_bytes());
+        }
+        let (got, _) = fed(&buf[..MAX_COMMAND_BYTES], &[]);
+        assert_eq!(got, Err(PushError::TooLarge));
+        let mut list = Incremental::default();
+        assert_eq!(list.check(&buf[..MAX_COMMAND_BYTES], false), Some(Err(PushError::TooLarge)));
+    }
 
     #[test]
     fn errors_say_what_was_expected() {
