@@ -15,6 +15,7 @@ pub mod command_list;
 pub mod pktline;
 pub mod push;
 pub mod route;
+pub mod scrub;
 pub mod upstream;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -779,8 +780,8 @@ impl GitProxy {
                  the token configured for it"
             ),
             _ => {
-                let text = upstream_error_text(resp.into_body()).await;
-                format!("sluice: {host} answered {status} for {repo}: {}", upstream::scrub(&text, token))
+                let text = upstream_error_text(resp, token).await;
+                format!("sluice: {host} answered {status} for {repo}: {text}")
             }
         };
         let status = match status.as_u16() {
@@ -791,22 +792,31 @@ impl GitProxy {
     }
 }
 
-/// Up to [`UPSTREAM_ERROR_LIMIT`] bytes of an upstream error body, as one line of text.
-async fn upstream_error_text(mut body: Incoming) -> String {
+/// Up to [`UPSTREAM_ERROR_LIMIT`] bytes of an upstream error body, as one line of text with the token
+/// scrubbed. The token is removed before the text is cut, from a read that goes one longest token form
+/// past the limit, so a token straddling the cut is whole when it is replaced; a fragment the cut leaves
+/// is redacted too. An encoded body is withheld: it cannot be searched.
+async fn upstream_error_text(resp: Response<Incoming>, token: Option<&Secret<String>>) -> String {
+    if resp.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v.as_bytes() != b"identity") {
+        return "(an encoded body, which sluice withholds)".to_owned();
+    }
+    let scrubber = scrub::Scrubber::new(token);
+    let want = UPSTREAM_ERROR_LIMIT + scrubber.longest();
+    let mut body = resp.into_body();
     let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while buf.len() < UPSTREAM_ERROR_LIMIT {
+    while buf.len() < want {
         match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    buf.extend_from_slice(d);
+                    buf.extend_from_slice(&d[..d.len().min(want - buf.len())]);
                 }
             }
             _ => break,
         }
     }
-    buf.truncate(UPSTREAM_ERROR_LIMIT);
-    String::from_utf8_lossy(&buf).split_whitespace().collect::<Vec<_>>().join(" ")
+    let text = scrubber.cut(&buf, UPSTREAM_ERROR_LIMIT);
+    String::from_utf8_lossy(&text).split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// `Ok(true)` for a gzip body, `Ok(false)` for identity; other encodings cannot be inspected.

@@ -83,6 +83,8 @@ struct World {
     _dir: TempDir,
     base: PathBuf,
     upstream: Arc<UpstreamState>,
+    /// The upstream's address, as sluice names it in messages.
+    up: SocketAddr,
     sluice: SocketAddr,
     keyring: Keyring,
     owner: String,
@@ -122,6 +124,7 @@ impl World {
             _dir: dir,
             base: base.clone(),
             upstream: upstream.clone(),
+            up: "127.0.0.1:0".parse().unwrap(),
             sluice: "127.0.0.1:0".parse().unwrap(),
             keyring: Keyring::new(SigningKey::from_bytes(&[42u8; 32]).unwrap(), None),
             owner,
@@ -155,6 +158,7 @@ impl World {
         world.git_ok(&seed, &["push", "-q", bare.to_str().unwrap(), "main", "main:other"]).await;
 
         let up_addr = spawn_upstream(upstream).await;
+        world.up = up_addr;
         let mut settings =
             GitSettings { upstream: format!("http://{up_addr}"), token_env: None, ..GitSettings::default() };
         tweak(&mut settings);
@@ -642,6 +646,54 @@ async fn raw_requests_get_exact_answers() {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(w.receive_pack_posts(), 1);
+}
+
+// ---------- upstream errors ----------
+
+/// An upstream error body with the real token (in each of its forms) across the 16 KiB the client is
+/// shown: neither the token nor any 8-byte piece of it reaches the client or the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_across_the_error_cut_is_redacted_whole() {
+    const LIMIT: usize = 16 << 10;
+    let w = World::new("errcut").await;
+    let creds = format!("{SID}:{}", w.token());
+    let get = format!(
+        "GET /{}.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {}\r\n\
+         Connection: close\r\n\r\n",
+        w.repo(),
+        STANDARD.encode(&creds)
+    );
+    let mut cases = 0;
+    for form in canary_forms() {
+        for start in [LIMIT - form.len() - 1, LIMIT - 20, LIMIT - 8, LIMIT - 1, LIMIT, LIMIT + 1] {
+            let mut body = vec![b'x'; start];
+            body.extend_from_slice(form.as_bytes());
+            body.extend_from_slice(b" and the rest of the error");
+            *w.upstream.error_body.lock().unwrap() = Some(body);
+            let (status, _, answer) = raw(w.sluice, get.clone().into_bytes()).await;
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            assert_eq!(status, 502, "{text}");
+            let prefix = format!("sluice: {} answered 500 Internal Server Error for {}: ", w.up, w.repo());
+            assert!(text.starts_with(&prefix), "{text}");
+            let shown = &text[prefix.len()..];
+            for piece in form.as_bytes().windows(8) {
+                assert!(!shown.as_bytes().windows(8).any(|w| w == piece), "start {start}: {shown:?}");
+            }
+            if start <= LIMIT - 10 {
+                assert!(shown.contains("[redacted]"), "start {start}: {}", &shown[shown.len() - 40..]);
+            }
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 30);
+    // The log lines (the reason carries the same text) hold no token either.
+    let lines = log_lines_for(&w.repo());
+    for form in canary_forms() {
+        for piece in form.as_bytes().windows(8) {
+            assert!(!lines.iter().any(|l| l.as_bytes().windows(8).any(|w| w == piece)), "the log has a piece");
+        }
+    }
+    assert_eq!(lines.iter().filter(|l| l.contains("status=502")).count(), 30);
 }
 
 // ---------- the listener under pressure ----------

@@ -6,7 +6,7 @@
 //!    Read     ─▶ forward
 //!    Create   ─▶ check_create (head = working branch, base = a plain branch) ─▶ forward the same bytes
 //!    OwnPull  ─▶ check the body ─▶ GET …/pulls/N upstream ─▶ check_pull_head ─▶ forward the same bytes
-//! answer ─▶ allowed headers only, Link/Location rewritten to sluice, error bodies scrubbed of the token
+//! answer ─▶ allowed headers only, Link/Location rewritten to sluice, bodies scrubbed of the token
 //! ```
 
 use std::collections::HashMap;
@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
 use serde_json::Value;
 
+use super::scrub::{ScrubbedBody, Scrubber};
 use super::upstream::{self, Upstream, bearer_auth, scrub};
 use super::{BoxError, GitBody, GitError, GitProxy, Record, full};
 use crate::credential::{Secret, valid_session_id};
@@ -772,13 +773,19 @@ impl GitProxy {
                 out_headers.insert(header::LOCATION, v);
             }
         }
-        // Sluice never asks for an encoded body; one that comes anyway passes only when it is a success.
+        // Sluice never asks for an encoded body; one that comes anyway passes only when it is a success,
+        // unscrubbed (it cannot be searched). A plain success is streamed with the token scrubbed: GitHub
+        // never echoes it, so this costs a lookup per byte and changes nothing, unless something upstream
+        // reflects the credential.
         let encoding = up.headers.get(header::CONTENT_ENCODING).filter(|v| v.as_bytes() != b"identity");
         let body = if status.is_success() || status == StatusCode::NOT_MODIFIED {
-            if let Some(v) = encoding {
-                out_headers.insert(header::CONTENT_ENCODING, v.clone());
+            match encoding {
+                Some(v) => {
+                    out_headers.insert(header::CONTENT_ENCODING, v.clone());
+                    up_body.map_err(BoxError::from).boxed()
+                }
+                None => ScrubbedBody::new(up_body, Scrubber::new(Some(token))).map_err(BoxError::from).boxed(),
             }
-            up_body.map_err(BoxError::from).boxed()
         } else if encoding.is_some() {
             // An encoded error body cannot be searched for the token: say so instead of passing it.
             out_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
