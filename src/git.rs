@@ -559,10 +559,34 @@ fn linger(mut body: Incoming, why: &ListError) {
     }
 }
 
+/// The headers that frame or encode a request body. Spelled with `_`, a back end that folds `_` into `-`
+/// (CGI does, and so do some proxies) would see a second one that sluice never judged.
+const FRAMING_HEADERS: [&str; 3] = ["Transfer-Encoding", "Content-Length", "Content-Encoding"];
+
+/// Refuses a request carrying a framing header spelled with `_` (sluice forwards neither spelling
+/// anyway: this says so instead of leaving it to the back end).
+fn check_header_names(headers: &HeaderMap) -> Result<(), String> {
+    for name in headers.keys().map(|n| n.as_str()).filter(|n| n.contains('_')) {
+        let folded = name.replace('_', "-");
+        if let Some(canonical) = FRAMING_HEADERS.iter().find(|c| c.eq_ignore_ascii_case(&folded)) {
+            return Err(format!(
+                "sluice: request header {name:?} is {canonical} spelled with '_', which some servers read as a \
+                 second {canonical}; send {canonical} only"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl GitProxy {
     async fn serve_request(&self, req: Request<Incoming>, record: &mut Record) -> Result<Response<GitBody>, GitError> {
         let path = req.uri().path();
-        if path == "/api" || path.starts_with("/api/") {
+        let api = path == "/api" || path.starts_with("/api/");
+        check_header_names(req.headers()).map_err(|message| match api {
+            true => GitError::Api { status: StatusCode::BAD_REQUEST, message },
+            false => GitError::BadRequest(message),
+        })?;
+        if api {
             return self.serve_api(req, record).await;
         }
         let route =

@@ -400,3 +400,62 @@ async fn a_command_list_in_tiny_frames_is_read_once() {
     );
     w.assert_nothing_went_upstream();
 }
+
+// ---------- framing headers spelled with `_` ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_headers_spelled_with_underscores_are_refused() {
+    let w = World::new("underscore", Duration::from_secs(10)).await;
+    let cases = [
+        (
+            "GET",
+            "info/refs?service=git-upload-pack",
+            "Transfer_Encoding: chunked",
+            "Transfer_Encoding",
+            "Transfer-Encoding",
+        ),
+        ("POST", "git-receive-pack", "Content_Length: 4", "Content_Length", "Content-Length"),
+        ("POST", "git-upload-pack", "content_encoding: gzip", "content_encoding", "Content-Encoding"),
+    ];
+    for (method, rest, header, name, canonical) in cases {
+        let req = format!(
+            "{method} /{}.git/{rest} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {}\r\n{header}\r\n\
+             Content-Length: 4\r\nConnection: close\r\n\r\n0000",
+            w.repo(),
+            w.good()
+        );
+        let mut s = TcpStream::connect(w.sluice).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, body) = read_response(&mut s, Duration::from_secs(10)).await;
+        assert_eq!(
+            (status, String::from_utf8_lossy(&body).as_ref()),
+            (
+                400,
+                format!(
+                    "sluice: request header {:?} is {canonical} spelled with '_', which some servers read as a \
+                     second {canonical}; send {canonical} only\n",
+                    name.to_ascii_lowercase()
+                )
+                .as_str()
+            ),
+            "{head}"
+        );
+    }
+    // The same on /api, as GitHub-shaped JSON.
+    let req = format!(
+        "GET /api/repos/{}/pulls HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {}\r\nTransfer_Encoding: chunked\r\n\
+         Connection: close\r\n\r\n",
+        w.repo(),
+        w.good()
+    );
+    let mut s = TcpStream::connect(w.sluice).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (status, _, body) = read_response(&mut s, Duration::from_secs(10)).await;
+    let message = "sluice: request header \"transfer_encoding\" is Transfer-Encoding spelled with '_', which some \
+                   servers read as a second Transfer-Encoding; send Transfer-Encoding only";
+    assert_eq!(
+        (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap()),
+        (400, serde_json::json!({"message": message, "documentation_url": "https://docs.github.com/rest/pulls/pulls"}))
+    );
+    w.assert_nothing_went_upstream();
+}
