@@ -336,6 +336,52 @@ async fn shallow_and_partial_clones_pass_through() {
     w.assert_upstream_saw_only_the_real_token();
 }
 
+/// Partial clone over protocol v0. The filter itself works over v0 (`filter blob:none` in the want list,
+/// accepted with `uploadpack.allowFilter`), but the lazy fetch of the blobs checkout needs asks for
+/// objects the v0 advertisement never listed, which upload-pack refuses unless the upstream sets
+/// `uploadpack.allowAnySHA1InWant` (v2 has no such check; GitHub speaks v2). sluice passes both answers
+/// through unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_clone_over_protocol_v0() {
+    let w = World::new("partial0").await;
+    let seed = w.base.join("seed");
+    let head_blob = w.git_ok(&seed, &["rev-parse", "HEAD:README"]).await.stdout.trim().to_owned();
+    let old_blob = w.git_ok(&seed, &["rev-parse", "HEAD~1:README"]).await.stdout.trim().to_owned();
+    let v0 = ["-c", "protocol.version=0"];
+    // Without allowAnySHA1InWant: the filtered clone arrives, its checkout cannot fetch README.
+    let dest = w.base.join("p0-strict");
+    let url = w.url();
+    let args = [&["clone", "-q"][..], &v0, &["--filter=blob:none", &url, dest.to_str().unwrap()]].concat();
+    let out = w.git(&w.base, &args).await;
+    assert!(!out.ok, "{}", out.stderr);
+    stderr_has(&out, &format!("error: Server does not allow request for unadvertised object {head_blob}"));
+    stderr_has(&out, &format!("fatal: could not fetch {head_blob} from promisor remote"));
+    stderr_has(&out, "warning: Clone succeeded, but checkout failed.");
+    assert_eq!(w.git_ok(&dest, &["config", "remote.origin.partialclonefilter"]).await.stdout.trim(), "blob:none");
+    let listed = w.git_ok(&dest, &["rev-list", "--objects", "--missing=print", "--all"]).await.stdout;
+    let mut missing: Vec<&str> = listed.lines().filter_map(|l| l.strip_prefix('?')).collect();
+    missing.sort_unstable();
+    let mut both = vec![head_blob.as_str(), old_blob.as_str()];
+    both.sort_unstable();
+    assert_eq!(missing, both, "no blob came: {listed}");
+
+    // With it (as an upstream serving v0 partial clones must have): clone, checkout, lazy fetch all work.
+    w.git_ok(&w.bare(), &["config", "uploadpack.allowAnySHA1InWant", "true"]).await;
+    let dir = w.clone("p0", &[&v0[..], &["--filter=blob:none"]].concat()).await;
+    assert_eq!(w.git_ok(&dir, &["config", "remote.origin.partialclonefilter"]).await.stdout.trim(), "blob:none");
+    assert_eq!(std::fs::read_to_string(dir.join("README")).unwrap(), "version 2\n");
+    // The first commit's README ("version 1") was never fetched: the clone is partial.
+    let listed = w.git_ok(&dir, &["rev-list", "--objects", "--missing=print", "--all"]).await.stdout;
+    let missing: Vec<&str> = listed.lines().filter_map(|l| l.strip_prefix('?')).collect();
+    assert_eq!(missing, [old_blob.as_str()], "{listed}");
+    // Asking for it fetches it lazily, over v0 again.
+    let shown = w.git_ok(&dir, &[&v0[..], &["show", "HEAD~1:README"]].concat()).await.stdout;
+    assert_eq!(shown, "version 1\n");
+    let listed = w.git_ok(&dir, &["rev-list", "--objects", "--missing=print", "--all"]).await.stdout;
+    assert!(!listed.lines().any(|l| l.starts_with('?')), "{listed}");
+    w.assert_upstream_saw_only_the_real_token();
+}
+
 // ---------- pushes that are allowed ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
