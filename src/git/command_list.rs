@@ -196,7 +196,8 @@ impl Scanner {
 #[derive(Clone, Debug, Default)]
 pub struct Incremental {
     pub scanner: Scanner,
-    /// Calls to [`push::parse`]: at most three (a flush before push options, the end, the body's end).
+    /// Calls to [`push::parse`]: at most three (a flush before push options, the end, the body's end), and
+    /// one more when the reader gives up.
     pub parses: u32,
 }
 
@@ -210,50 +211,110 @@ impl Incremental {
     }
 }
 
-fn unread(error: ListError, decoded: &Decoded) -> Result<CommandList, Unread> {
-    Err(Unread { error, side_band: push::sniff_side_band(decoded.bytes()) })
+/// The reader's state between frames, apart from the waiting: what [`read`] does with each frame, as
+/// plain code the fuzz target drives.
+#[doc(hidden)]
+pub struct ListReader {
+    raw: Vec<Bytes>,
+    raw_len: usize,
+    decoded: Decoded,
+    list: Incremental,
+}
+
+impl ListReader {
+    pub fn new(gzip: bool) -> ListReader {
+        ListReader { raw: Vec::new(), raw_len: 0, decoded: Decoded::new(gzip), list: Incremental::default() }
+    }
+
+    /// Raw bytes taken so far.
+    pub fn raw_len(&self) -> usize {
+        self.raw_len
+    }
+
+    pub fn decoded(&self) -> &[u8] {
+        self.decoded.bytes()
+    }
+
+    /// The work done so far: scanner steps and parses.
+    pub fn work(&self) -> (u64, u32) {
+        (self.list.scanner.steps, self.list.parses)
+    }
+
+    /// Takes one frame: `Some` is the answer (the list, or why it cannot be read), `None` asks for more.
+    pub fn frame(&mut self, data: Bytes) -> Option<Result<CommandList, Unread>> {
+        self.raw_len += data.len();
+        if let Err(e) = self.decoded.push(&data) {
+            return Some(Err(self.unread(ListError::Gzip(e))));
+        }
+        self.raw.push(data);
+        if let Some(done) = self.check(false) {
+            return Some(Ok(done));
+        }
+        if self.raw_len > MAX_RAW_BYTES {
+            return Some(self.give_up(ListError::RawCap { decoded: self.decoded.bytes().len() }));
+        }
+        None
+    }
+
+    /// Stops reading for `error`, unless what was decoded already has its answer: the scanner waits for a
+    /// flush to parse, so a bad command in a list that never ends is found here, and answered as itself.
+    pub fn give_up(&mut self, error: ListError) -> Result<CommandList, Unread> {
+        self.list.parses += 1;
+        match push::parse(self.decoded.bytes(), false).transpose() {
+            Some(parsed) => Ok(self.list_of(parsed)),
+            None => Err(self.unread(error)),
+        }
+    }
+
+    /// The body ended: the answer is final now.
+    pub fn end(&mut self) -> CommandList {
+        self.decoded.finish();
+        match self.check(true) {
+            Some(done) => done,
+            // `check` at the end of the body always answers; say "truncated" rather than panic.
+            None => self.list_of(Err(PushError::Truncated { len: self.decoded.bytes().len() })),
+        }
+    }
+
+    pub fn unread(&self, error: ListError) -> Unread {
+        Unread { error, side_band: push::sniff_side_band(self.decoded.bytes()) }
+    }
+
+    fn check(&mut self, eof: bool) -> Option<CommandList> {
+        let parsed = self.list.check(self.decoded.bytes(), eof)?;
+        Some(self.list_of(parsed))
+    }
+
+    fn list_of(&mut self, parsed: Result<PushRequest, PushError>) -> CommandList {
+        let side_band = match &parsed {
+            Ok(_) => None,
+            Err(_) => push::sniff_side_band(self.decoded.bytes()),
+        };
+        CommandList { raw: std::mem::take(&mut self.raw), parsed, side_band }
+    }
 }
 
 /// Reads the request body until the command list (and push options) are complete, within
 /// [`MAX_COMMAND_BYTES`] decoded, [`MAX_RAW_BYTES`] raw, `gap` between frames and `deadline` in all.
 /// The raw bytes are kept to be forwarded unchanged.
 pub async fn read(body: &mut Incoming, gzip: bool, gap: Duration, deadline: Duration) -> Result<CommandList, Unread> {
-    let mut raw = Vec::new();
-    let mut raw_len = 0usize;
-    let mut decoded = Decoded::new(gzip);
-    let mut list = Incremental::default();
-    let mut eof = false;
+    let mut reader = ListReader::new(gzip);
     let end = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(parsed) = list.check(decoded.bytes(), eof) {
-            let side_band = match &parsed {
-                Ok(_) => None,
-                Err(_) => push::sniff_side_band(decoded.bytes()),
-            };
-            return Ok(CommandList { raw, parsed, side_band });
-        }
-        if raw_len > MAX_RAW_BYTES {
-            return unread(ListError::RawCap { decoded: decoded.bytes().len() }, &decoded);
-        }
         let next_gap = tokio::time::Instant::now() + gap;
         let frame = match tokio::time::timeout_at(next_gap.min(end), body.frame()).await {
             Ok(frame) => frame,
-            Err(_) if next_gap < end => return unread(ListError::Stalled { secs: gap.as_secs() }, &decoded),
-            Err(_) => return unread(ListError::Deadline { secs: deadline.as_secs() }, &decoded),
+            Err(_) if next_gap < end => return reader.give_up(ListError::Stalled { secs: gap.as_secs() }),
+            Err(_) => return reader.give_up(ListError::Deadline { secs: deadline.as_secs() }),
         };
         match frame {
-            None => {
-                eof = true;
-                decoded.finish();
-            }
-            Some(Err(e)) => return unread(ListError::Body(e.to_string()), &decoded),
+            None => return Ok(reader.end()),
+            Some(Err(e)) => return Err(reader.unread(ListError::Body(e.to_string()))),
             Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    raw_len += data.len();
-                    if let Err(e) = decoded.push(&data) {
-                        return unread(ListError::Gzip(e), &decoded);
-                    }
-                    raw.push(data);
+                if let Ok(data) = frame.into_data()
+                    && let Some(answer) = reader.frame(data)
+                {
+                    return answer;
                 }
             }
         }
@@ -365,6 +426,50 @@ mod tests {
         assert_eq!(got, Err(PushError::TooLarge));
         let mut list = Incremental::default();
         assert_eq!(list.check(&buf[..MAX_COMMAND_BYTES], false), Some(Err(PushError::TooLarge)));
+    }
+
+    #[test]
+    fn a_body_that_decodes_to_nothing_stops_at_the_raw_cap() {
+        let mut reader = ListReader::new(true);
+        assert!(reader.frame(Bytes::from_static(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])).is_none());
+        let blocks = Bytes::from([0u8, 0, 0, 0xff, 0xff].repeat(13_107));
+        let mut frames = 0;
+        let refused = loop {
+            frames += 1;
+            assert!(frames < 100, "never refused");
+            if let Some(answer) = reader.frame(blocks.clone()) {
+                break answer;
+            }
+            assert!(reader.raw_len() <= MAX_RAW_BYTES);
+        };
+        let Err(unread) = refused else { panic!("a bomb was accepted") };
+        assert_eq!(unread.error, ListError::RawCap { decoded: 0 });
+        assert!(reader.raw_len() > MAX_RAW_BYTES && reader.raw_len() <= MAX_RAW_BYTES + blocks.len());
+        assert_eq!(reader.work(), (u64::try_from(frames).unwrap() + 1, 1), "one look per frame, one parse");
+    }
+
+    #[test]
+    fn a_bad_command_in_a_list_that_never_ends_is_answered_as_itself() {
+        // Found by the gzip_push fuzz target: no flush, so the scanner never asked for a parse, and the
+        // reader refused at the raw cap what parse would have called a bad command.
+        let mut reader = ListReader::new(true);
+        let mut head = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        // One stored block holding `0008junk`, then empty ones that decode to nothing.
+        head.extend_from_slice(&[0, 8, 0, !8, 0xff]);
+        head.extend_from_slice(b"0008junk");
+        assert!(reader.frame(Bytes::from(head)).is_none());
+        let blocks = Bytes::from([0u8, 0, 0, 0xff, 0xff].repeat(13_107));
+        let answer = loop {
+            if let Some(answer) = reader.frame(blocks.clone()) {
+                break answer;
+            }
+        };
+        assert!(reader.raw_len() > MAX_RAW_BYTES, "answered at the raw cap, by giving up");
+        let list = answer.map_err(|u| u.error).expect("an answer, not a refusal");
+        assert_eq!(
+            list.parsed,
+            Err(PushError::BadCommand { offset: 0, line: "junk".into(), why: "expected `<old id> <new id> <ref>`" })
+        );
     }
 
     #[test]
