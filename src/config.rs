@@ -166,6 +166,60 @@ impl Default for ServerConfig {
     }
 }
 
+/// The `[git]` table of `sluice.toml`.
+///
+/// ```toml
+/// [git]
+/// listen = "127.0.0.1:3129"
+/// upstream = "https://github.com"
+/// api_upstream = "https://api.github.com"
+/// token_env = "SLUICE_GITHUB_TOKEN"      # the default token; token_file wins when both are set
+/// # token_file = "/etc/sluice/github-token"
+/// [git.tokens]                            # per owner or repository; OWNER/REPO wins over OWNER
+/// "acme" = { file = "/etc/sluice/acme-token" }
+/// "acme/widgets" = { env = "WIDGETS_TOKEN" }
+/// ```
+/// Token values never appear in the config itself, only where to read them from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitSettings {
+    pub listen: SocketAddr,
+    pub upstream: String,
+    /// The GitHub REST API the `/api/` routes forward to.
+    pub api_upstream: String,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub tokens: BTreeMap<String, TokenSource>,
+    /// Client connections served at once; more are answered `503` and closed.
+    pub max_connections: usize,
+    /// How long a client may pause while sending a request body (a push's command list, or any upload
+    /// streaming upstream) before the request fails.
+    pub body_timeout: Seconds,
+}
+
+impl Default for GitSettings {
+    fn default() -> Self {
+        GitSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3129)),
+            upstream: "https://github.com".into(),
+            api_upstream: "https://api.github.com".into(),
+            token_env: Some("SLUICE_GITHUB_TOKEN".into()),
+            token_file: None,
+            tokens: BTreeMap::new(),
+            max_connections: 1024,
+            body_timeout: Seconds(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Where one real token is read from: `{ file = "/path" }` or `{ env = "VAR" }`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum TokenSource {
+    File(PathBuf),
+    Env(String),
+}
+
 /// Everything `sluice serve` reads; `Config::default()` is the out-of-the-box local mode.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -176,7 +230,7 @@ pub struct Config {
     pub resolver: ResolverConfig,
     /// Per-session limits for policies that set none.
     pub limits: crate::limit::LimitDefaults,
-    pub git: crate::git::GitSettings,
+    pub git: GitSettings,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub server: ServerConfig,
@@ -278,5 +332,21 @@ shutdown_grace = "2s"
                 .starts_with("s.toml:2:18: error: invalid duration \"3 weeks\": expected e.g. 30s, 15m, 8h or 7d"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn settings_parse_with_defaults_and_refuse_unknown_keys() {
+        let s: GitSettings = toml::from_str("").unwrap();
+        assert_eq!(s, GitSettings::default());
+        let s: GitSettings = toml::from_str(
+            "upstream = \"http://127.0.0.1:9\"\n[tokens]\n\"acme\" = { file = \"/t\" }\n\"acme/w\" = { env = \"W\" }\n",
+        )
+        .unwrap();
+        assert_eq!(s.tokens["acme"], TokenSource::File("/t".into()));
+        assert_eq!(s.tokens["acme/w"], TokenSource::Env("W".into()));
+        let err = toml::from_str::<GitSettings>("listn = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("unknown field `listn`"), "{err}");
+        let err = toml::from_str::<GitSettings>("[tokens]\nacme = \"ghp_x\"").unwrap_err().to_string();
+        assert!(err.contains("acme"), "{err}");
     }
 }

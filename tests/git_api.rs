@@ -138,6 +138,12 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
             )
         }
         ("GET", "/pulls/1/comments" | "/issues/1/comments") => json_response(StatusCode::OK, json!([])),
+        ("GET", "/issues/2/comments") => {
+            // A success that reflects the credential in its JSON (raw and as base64): sluice scrubs it.
+            let auth = auth.clone().unwrap_or_default();
+            let b64 = STANDARD.encode(format!("x-access-token:{CANARY}"));
+            json_response(StatusCode::OK, json!([{"id": 5, "body": format!("you sent {auth}, or {b64}")}]))
+        }
         ("POST", "/pulls") => {
             let n = s.next_number.fetch_add(1, Ordering::SeqCst) as u64;
             let mut r = json_response(StatusCode::CREATED, pull(&s, n, BRANCH));
@@ -640,6 +646,9 @@ async fn upstream_error_bodies_are_passed_back_scrubbed() {
     let w = World::new("scrub").await;
     let a = w.curl("GET", &w.url("/pulls/2/files"), Some(&w.bearer()), None, &[]).await;
     assert_eq!((a.status, a.json()), (422, json!({"message": "cannot list files, you sent Bearer [redacted]"})));
+    // Successes are streamed with the token scrubbed too.
+    let a = w.curl("GET", &w.url("/issues/2/comments"), Some(&w.bearer()), None, &[]).await;
+    assert_eq!((a.status, a.json()), (200, json!([{"id": 5, "body": "you sent Bearer [redacted], or [redacted]"}])));
 }
 
 // ---------- credentials ----------

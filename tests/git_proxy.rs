@@ -83,6 +83,8 @@ struct World {
     _dir: TempDir,
     base: PathBuf,
     upstream: Arc<UpstreamState>,
+    /// The upstream's address, as sluice names it in messages.
+    up: SocketAddr,
     sluice: SocketAddr,
     keyring: Keyring,
     owner: String,
@@ -122,6 +124,7 @@ impl World {
             _dir: dir,
             base: base.clone(),
             upstream: upstream.clone(),
+            up: "127.0.0.1:0".parse().unwrap(),
             sluice: "127.0.0.1:0".parse().unwrap(),
             keyring: Keyring::new(SigningKey::from_bytes(&[42u8; 32]).unwrap(), None),
             owner,
@@ -155,6 +158,7 @@ impl World {
         world.git_ok(&seed, &["push", "-q", bare.to_str().unwrap(), "main", "main:other"]).await;
 
         let up_addr = spawn_upstream(upstream).await;
+        world.up = up_addr;
         let mut settings =
             GitSettings { upstream: format!("http://{up_addr}"), token_env: None, ..GitSettings::default() };
         tweak(&mut settings);
@@ -333,6 +337,52 @@ async fn shallow_and_partial_clones_pass_through() {
     let dir = w.clone("partial", &["-c", "protocol.version=2", "--filter=blob:none"]).await;
     assert_eq!(w.git_ok(&dir, &["config", "remote.origin.partialclonefilter"]).await.stdout.trim(), "blob:none");
     assert_eq!(std::fs::read_to_string(dir.join("README")).unwrap(), "version 2\n");
+    w.assert_upstream_saw_only_the_real_token();
+}
+
+/// Partial clone over protocol v0. The filter itself works over v0 (`filter blob:none` in the want list,
+/// accepted with `uploadpack.allowFilter`), but the lazy fetch of the blobs checkout needs asks for
+/// objects the v0 advertisement never listed, which upload-pack refuses unless the upstream sets
+/// `uploadpack.allowAnySHA1InWant` (v2 has no such check; GitHub speaks v2). sluice passes both answers
+/// through unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_clone_over_protocol_v0() {
+    let w = World::new("partial0").await;
+    let seed = w.base.join("seed");
+    let head_blob = w.git_ok(&seed, &["rev-parse", "HEAD:README"]).await.stdout.trim().to_owned();
+    let old_blob = w.git_ok(&seed, &["rev-parse", "HEAD~1:README"]).await.stdout.trim().to_owned();
+    let v0 = ["-c", "protocol.version=0"];
+    // Without allowAnySHA1InWant: the filtered clone arrives, its checkout cannot fetch README.
+    let dest = w.base.join("p0-strict");
+    let url = w.url();
+    let args = [&["clone", "-q"][..], &v0, &["--filter=blob:none", &url, dest.to_str().unwrap()]].concat();
+    let out = w.git(&w.base, &args).await;
+    assert!(!out.ok, "{}", out.stderr);
+    stderr_has(&out, &format!("error: Server does not allow request for unadvertised object {head_blob}"));
+    stderr_has(&out, &format!("fatal: could not fetch {head_blob} from promisor remote"));
+    stderr_has(&out, "warning: Clone succeeded, but checkout failed.");
+    assert_eq!(w.git_ok(&dest, &["config", "remote.origin.partialclonefilter"]).await.stdout.trim(), "blob:none");
+    let listed = w.git_ok(&dest, &["rev-list", "--objects", "--missing=print", "--all"]).await.stdout;
+    let mut missing: Vec<&str> = listed.lines().filter_map(|l| l.strip_prefix('?')).collect();
+    missing.sort_unstable();
+    let mut both = vec![head_blob.as_str(), old_blob.as_str()];
+    both.sort_unstable();
+    assert_eq!(missing, both, "no blob came: {listed}");
+
+    // With it (as an upstream serving v0 partial clones must have): clone, checkout, lazy fetch all work.
+    w.git_ok(&w.bare(), &["config", "uploadpack.allowAnySHA1InWant", "true"]).await;
+    let dir = w.clone("p0", &[&v0[..], &["--filter=blob:none"]].concat()).await;
+    assert_eq!(w.git_ok(&dir, &["config", "remote.origin.partialclonefilter"]).await.stdout.trim(), "blob:none");
+    assert_eq!(std::fs::read_to_string(dir.join("README")).unwrap(), "version 2\n");
+    // The first commit's README ("version 1") was never fetched: the clone is partial.
+    let listed = w.git_ok(&dir, &["rev-list", "--objects", "--missing=print", "--all"]).await.stdout;
+    let missing: Vec<&str> = listed.lines().filter_map(|l| l.strip_prefix('?')).collect();
+    assert_eq!(missing, [old_blob.as_str()], "{listed}");
+    // Asking for it fetches it lazily, over v0 again.
+    let shown = w.git_ok(&dir, &[&v0[..], &["show", "HEAD~1:README"]].concat()).await.stdout;
+    assert_eq!(shown, "version 1\n");
+    let listed = w.git_ok(&dir, &["rev-list", "--objects", "--missing=print", "--all"]).await.stdout;
+    assert!(!listed.lines().any(|l| l.starts_with('?')), "{listed}");
     w.assert_upstream_saw_only_the_real_token();
 }
 
@@ -646,6 +696,54 @@ async fn raw_requests_get_exact_answers() {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(w.receive_pack_posts(), 1);
+}
+
+// ---------- upstream errors ----------
+
+/// An upstream error body with the real token (in each of its forms) across the 16 KiB the client is
+/// shown: neither the token nor any 8-byte piece of it reaches the client or the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_across_the_error_cut_is_redacted_whole() {
+    const LIMIT: usize = 16 << 10;
+    let w = World::new("errcut").await;
+    let creds = format!("{SID}:{}", w.token());
+    let get = format!(
+        "GET /{}.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {}\r\n\
+         Connection: close\r\n\r\n",
+        w.repo(),
+        STANDARD.encode(&creds)
+    );
+    let mut cases = 0;
+    for form in canary_forms() {
+        for start in [LIMIT - form.len() - 1, LIMIT - 20, LIMIT - 8, LIMIT - 1, LIMIT, LIMIT + 1] {
+            let mut body = vec![b'x'; start];
+            body.extend_from_slice(form.as_bytes());
+            body.extend_from_slice(b" and the rest of the error");
+            *w.upstream.error_body.lock().unwrap() = Some(body);
+            let (status, _, answer) = raw(w.sluice, get.clone().into_bytes()).await;
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            assert_eq!(status, 502, "{text}");
+            let prefix = format!("sluice: {} answered 500 Internal Server Error for {}: ", w.up, w.repo());
+            assert!(text.starts_with(&prefix), "{text}");
+            let shown = &text[prefix.len()..];
+            for piece in form.as_bytes().windows(8) {
+                assert!(!shown.as_bytes().windows(8).any(|w| w == piece), "start {start}: {shown:?}");
+            }
+            if start <= LIMIT - 10 {
+                assert!(shown.contains("[redacted]"), "start {start}: {}", &shown[shown.len() - 40..]);
+            }
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 30);
+    // The log lines (the reason carries the same text) hold no token either.
+    let lines = log_lines_for(&w.repo());
+    for form in canary_forms() {
+        for piece in form.as_bytes().windows(8) {
+            assert!(!lines.iter().any(|l| l.as_bytes().windows(8).any(|w| w == piece)), "the log has a piece");
+        }
+    }
+    assert_eq!(lines.iter().filter(|l| l.contains("status=502")).count(), 30);
 }
 
 // ---------- the listener under pressure ----------

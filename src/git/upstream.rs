@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
@@ -227,32 +227,15 @@ pub fn bearer_auth(token: &Secret<String>) -> HeaderValue {
 }
 
 /// Removes the token from text that came from upstream: the raw value and its base64 forms (alone
-/// and as `x-access-token:TOKEN`, standard and URL-safe, padded or not).
+/// and as `x-access-token:TOKEN`, standard and URL-safe, padded or not), see [`super::scrub`].
 pub fn scrub(text: &str, token: Option<&Secret<String>>) -> String {
-    let Some(token) = token else { return text.to_owned() };
-    let raw = token.expose();
-    if raw.is_empty() {
-        return text.to_owned();
-    }
-    let mut forms = vec![raw.clone()];
-    for plain in [raw.clone(), format!("x-access-token:{raw}")] {
-        forms.push(STANDARD.encode(&plain));
-        forms.push(URL_SAFE.encode(&plain));
-        forms.push(URL_SAFE_NO_PAD.encode(&plain));
-        forms.push(STANDARD.encode(&plain).trim_end_matches('=').to_owned());
-    }
-    // Longest first, so a base64 form is not half-replaced by a shorter one.
-    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-    let mut out = text.to_owned();
-    for form in forms {
-        out = out.replace(&form, "[redacted]");
-    }
-    out
+    super::scrub::Scrubber::new(token).text(text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     #[test]
     fn parses_upstream_urls() {

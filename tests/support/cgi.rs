@@ -34,6 +34,8 @@ pub struct UpstreamState {
     pub unauthorized: AtomicUsize,
     pub by_path: Mutex<HashMap<String, usize>>,
     pub authorization_seen: AtomicUsize,
+    /// When set, every authorized request is answered `500` with this body instead of by http-backend.
+    pub error_body: Mutex<Option<Vec<u8>>>,
 }
 
 struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
@@ -70,6 +72,11 @@ async fn cgi(
             r.headers_mut().insert("www-authenticate", "Basic realm=\"upstream\"".parse().unwrap());
             return Ok(r);
         }
+    }
+    if let Some(body) = state.error_body.lock().unwrap().clone() {
+        let mut r = Response::new(http_body_util::Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(r);
     }
     let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let mut cmd = tokio::process::Command::new(http_backend());
