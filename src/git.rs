@@ -37,8 +37,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
@@ -49,7 +47,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::audit::{AuditLog, Event, EventKind};
-use crate::credential::{Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
+use crate::credential::{Basic, Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
 use crate::listen::{self, Accepted, Listener, Shutdown};
 use crate::refusal::Refusal;
 use body::{ForwardBody, LoggedBody};
@@ -293,18 +291,11 @@ fn basic_credentials(headers: &HeaderMap) -> Result<(String, Secret<String>), Gi
         )
     };
     let value = headers.get(header::AUTHORIZATION).ok_or_else(missing)?;
-    let value = value.to_str().map_err(|_| malformed())?;
-    let (scheme, encoded) = value.split_once(' ').ok_or_else(malformed)?;
-    if !scheme.eq_ignore_ascii_case("basic") || encoded.len() > 4 * crate::credential::MAX_TOKEN_LEN {
-        return Err(malformed());
-    }
-    let decoded = STANDARD.decode(encoded.trim()).map_err(|_| malformed())?;
-    let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
-    let (user, password) = decoded.split_once(':').ok_or_else(malformed)?;
-    if password.is_empty() {
+    let basic = Basic::parse(value.as_bytes()).map_err(|_| malformed())?;
+    if basic.password.expose().is_empty() {
         return Err(missing());
     }
-    Ok((user.to_owned(), Secret::new(password.to_owned())))
+    Ok((basic.user, basic.password))
 }
 
 /// The headers that frame or encode a request body. Spelled with `_`, a back end that folds `_` into `-`
@@ -395,6 +386,8 @@ impl GitProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
 
     #[test]
     fn basic_credentials_are_read_or_challenged() {

@@ -13,8 +13,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
@@ -25,7 +23,7 @@ use super::body::read_limited;
 use super::scrub::{ScrubbedBody, Scrubber};
 use super::upstream::{self, Upstream, bearer_auth, scrub};
 use super::{BoxError, GitBody, GitError, GitProxy, Record, full};
-use crate::credential::{Secret, valid_session_id};
+use crate::credential::{Basic, Secret, valid_session_id};
 
 mod link;
 mod route;
@@ -146,13 +144,11 @@ fn api_credentials(headers: &HeaderMap) -> Result<(Option<String>, Secret<String
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(malformed());
     }
-    let decoded = STANDARD.decode(rest).map_err(|_| malformed())?;
-    let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
-    let (user, password) = decoded.split_once(':').ok_or_else(malformed)?;
-    if password.is_empty() {
+    let basic = Basic::parse(value.as_bytes()).map_err(|_| malformed())?;
+    if basic.password.expose().is_empty() {
         return Err(missing());
     }
-    Ok((Some(user.to_owned()), Secret::new(password.to_owned())))
+    Ok((Some(basic.user), basic.password))
 }
 
 fn upstream_failure(e: upstream::UpstreamError, token: &Secret<String>) -> GitError {
@@ -419,6 +415,8 @@ impl GitProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
 
     #[test]
     fn credentials_in_three_forms() {
