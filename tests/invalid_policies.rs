@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use sluice::command;
-use sluice::policy::file::{DefaultList, parse_policy};
+use sluice::policy::{DefaultList, parse_policy};
 
 const DIR: &str = "tests/fixtures/invalid";
 
