@@ -12,7 +12,8 @@ use super::matcher::{Lookup, Matcher};
 use super::pattern::{HostPattern, PatternKind};
 use crate::diagnostic::{Diagnostic, Source};
 
-/// Warnings within one list: duplicates, and entries another entry of the list already covers.
+/// Warnings within one list: duplicates, `**` inside a label, and entries another entry of the list
+/// already covers.
 pub(super) fn lint_list(
     src: &Source<'_>,
     list: &str,
@@ -39,6 +40,7 @@ pub(super) fn lint_list(
             ));
             continue;
         }
+        lint_star_star(src, list, &text, span, diags);
         seen.insert(text, r.line);
         if !shadows {
             continue;
@@ -70,6 +72,26 @@ pub(super) fn lint_list(
             ));
         }
     }
+}
+
+/// A warning for `**` inside a label (`api-**.example.com`): it loads and matches exactly like `*`, one
+/// label's characters, but an author who wrote it likely expected more. (A label that is only stars is
+/// refused when the pattern is parsed.)
+fn lint_star_star(src: &Source<'_>, list: &str, text: &str, span: &Range<usize>, diags: &mut Vec<Diagnostic>) {
+    if !text.contains("**") {
+        return;
+    }
+    let mut single = String::with_capacity(text.len());
+    for c in text.chars() {
+        if !(c == '*' && single.ends_with('*')) {
+            single.push(c);
+        }
+    }
+    diags.push(src.warning(
+        span.clone(),
+        format!("{text:?} in {list}: \"**\" inside a label matches exactly like \"*\", within that one label"),
+        Some(format!("write {single:?}; sluice has no \"**\" (a leading \"*.\" matches one or more labels)")),
+    ));
 }
 
 /// Warnings for allow entries that a deny entry cancels, or that the default list already allows.
@@ -128,5 +150,39 @@ pub(super) fn lint_allow_against(
                 Some("include_defaults = true already allows it; remove the entry".into()),
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::{DefaultList, parse_policy};
+
+    /// The warnings of a custom policy whose only list is `allow`, as `validate` prints them.
+    fn warnings(allow: &str) -> Vec<String> {
+        let text = format!("version = 1\nname = \"p\"\nlevel = \"custom\"\nallow = [{allow}]\n");
+        match parse_policy("p.toml", &text, &DefaultList::builtin()) {
+            Ok((_, w)) => w.iter().map(ToString::to_string).collect(),
+            Err(e) => vec![format!("refused: {e}")],
+        }
+    }
+
+    #[test]
+    fn a_star_star_inside_a_label_is_a_warning_with_the_single_star_form() {
+        assert_eq!(
+            warnings(r#""api-**.example.com", "*.s3-***-x**.example.com:8443""#),
+            [
+                r#"p.toml:4:10: warning: "api-**.example.com" in allow: "**" inside a label matches exactly like "*", within that one label
+  |
+4 | allow = ["api-**.example.com", "*.s3-***-x**.example.com:8443"]
+  |          ^^^^^^^^^^^^^^^^^^^^
+  = hint: write "api-*.example.com"; sluice has no "**" (a leading "*." matches one or more labels)"#,
+                r#"p.toml:4:32: warning: "*.s3-***-x**.example.com:8443" in allow: "**" inside a label matches exactly like "*", within that one label
+  |
+4 | allow = ["api-**.example.com", "*.s3-***-x**.example.com:8443"]
+  |                                ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  = hint: write "*.s3-*-x*.example.com:8443"; sluice has no "**" (a leading "*." matches one or more labels)"#,
+            ]
+        );
+        assert_eq!(warnings(r#""api-*.example.com", "*.example.org""#), Vec::<String>::new());
     }
 }
