@@ -7,7 +7,7 @@
 //! CONNECT host:port / GET http://… ─▶ Authority ─▶ Policy::decide ─▶ Decision { verdict, reason, rule }
 //!                                                        │ allow
 //!                                                        ▼
-//!   limit::SessionLimiter ─▶ net::Resolver ─▶ Policy::check_address (every answer) ─▶ dial that address
+//!   limit::Limiter ─▶ net::Resolver ─▶ Policy::check_address (every answer) ─▶ dial that address
 //!                                                        │
 //!                                                        ▼
 //!                                     proxy::tunnel (CONNECT) or proxy::forward (plain HTTP)

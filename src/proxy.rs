@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::config::EgressConfig;
 use crate::credential::{Keyring, Kind, now_unix, valid_session_id};
-use crate::limit::{SessionLimiter, TunnelPermit};
+use crate::limit::{Lease, LimitKey, Limiter};
 use crate::metrics::{Denial, Denials, Metrics};
 use crate::net::{self, Reach, Resolver};
 use crate::policy::{Authority, Decision, Policy, PolicySet};
@@ -50,7 +50,7 @@ pub struct EgressProxy {
     pub tasks: TaskTracker,
     pub metrics: Arc<Metrics>,
     pub denials: Arc<Denials>,
-    pub limiter: Arc<SessionLimiter>,
+    pub limiter: Arc<dyn Limiter>,
     pub audit: AuditLog,
 }
 
@@ -64,7 +64,7 @@ pub struct Session {
     pub policy: Arc<Policy>,
     /// What limits are counted against: the session id, or for anonymous clients their address (so
     /// one local client's flood does not starve another).
-    pub limit_key: Arc<str>,
+    pub limit_key: LimitKey,
 }
 
 /// An upstream connection that passed every check, ready to tunnel or forward over.
@@ -73,7 +73,7 @@ pub(crate) struct Upstream {
     pub stream: TcpStream,
     pub addr: SocketAddr,
     /// Held for the tunnel's life: the session's slot under `max_tunnels`.
-    pub permit: Option<TunnelPermit>,
+    pub permit: Option<Lease>,
 }
 
 /// The session id logged for clients without credentials.
@@ -90,11 +90,7 @@ impl EgressProxy {
             }
             let name = &self.config.policy;
             let policy = policies.get(name).cloned().ok_or_else(|| ProxyError::UnknownPolicy { name: name.clone() })?;
-            return Ok(Session {
-                id: ANONYMOUS.into(),
-                policy,
-                limit_key: format!("{ANONYMOUS}@{}", peer.ip()).into(),
-            });
+            return Ok(Session { id: ANONYMOUS.into(), policy, limit_key: LimitKey::anonymous(peer.ip()) });
         };
         let (session, token) = parse_basic(value.as_bytes()).map_err(ProxyError::Auth)?;
         let keys = self.keys.as_ref().ok_or(ProxyError::Auth(AuthError::NoKey))?;
@@ -103,8 +99,8 @@ impl EgressProxy {
             .map_err(|e| ProxyError::Auth(AuthError::Credential(e)))?;
         let name = claims.policy.unwrap_or_else(|| "trusted".into());
         let policy = policies.get(&name).cloned().ok_or(ProxyError::UnknownPolicy { name })?;
-        let id: Arc<str> = session.into();
-        Ok(Session { id: id.clone(), policy, limit_key: id })
+        let limit_key = LimitKey::session(&session);
+        Ok(Session { id: session.into(), policy, limit_key })
     }
 }
 
@@ -125,9 +121,10 @@ impl EgressProxy {
         }
         self.limiter
             .check_request(&session.limit_key, &policy.limits)
+            .await
             .map_err(|e| ProxyError::RateLimited { retry_after: e.retry_after, limit: e.limit })?;
         let permit = if tunnel {
-            let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits);
+            let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits).await;
             Some(permit.map_err(|e| ProxyError::TooManyTunnels { max: e.max })?)
         } else {
             None

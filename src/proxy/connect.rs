@@ -24,7 +24,7 @@ use super::respond::{self, ProxyBody, ProxyError};
 use super::tunnel::{self, Counters};
 use super::{EgressProxy, Session};
 use crate::audit::{Event, EventKind};
-use crate::limit::TunnelPermit;
+use crate::limit::Lease;
 use crate::policy::Authority;
 
 /// The answer to a CONNECT that opens its tunnel, in the request's HTTP version.
@@ -39,7 +39,7 @@ pub(crate) struct Opened {
     upstream: TcpStream,
     addr: SocketAddr,
     /// The session's slot under `max_tunnels`, held for the tunnel's life.
-    permit: Option<TunnelPermit>,
+    permit: Option<Lease>,
 }
 
 /// Checks a CONNECT target and opens its upstream; the allow decision is logged here.

@@ -151,7 +151,7 @@ struct Finished {
 
 struct Finish {
     proxy: Arc<EgressProxy>,
-    limit_key: Arc<str>,
+    limit_key: crate::limit::LimitKey,
     sent: Arc<AtomicU64>,
     started: Instant,
     event: Option<Event>,
