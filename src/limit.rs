@@ -3,6 +3,7 @@
 //! a shared store (issue 19) implements the same trait so that limits hold across instances.
 
 pub mod memory;
+pub mod quota;
 
 use std::fmt;
 use std::future::Future;
