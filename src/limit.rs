@@ -174,26 +174,62 @@ impl Drop for Lease {
     }
 }
 
-/// Byte counters that a tunnel or request adds to as bytes move (one relaxed atomic add each), and that
-/// its limiter reads: the in-memory limiter hands out its session's own, so its stats are live.
-#[derive(Clone, Debug, Default)]
-pub struct ByteMeter(Arc<ByteCounts>);
+/// Where a tunnel or request reports its bytes as they move: a handle on its store's counters, one
+/// relaxed atomic add per report. The in-memory limiter hands out its session's own counters, so its stats
+/// are live.
+#[derive(Clone, Debug)]
+pub struct ByteMeter(Arc<dyn ByteCounter>);
 
+/// The counters behind a [`ByteMeter`]; each store keeps them its own way (the in-memory limiter inside the
+/// session's entry, so a lease and its meter share one allocation).
+pub trait ByteCounter: Send + Sync + fmt::Debug {
+    fn add_up(&self, n: u64);
+    fn add_down(&self, n: u64);
+    /// Everything added so far, up and down.
+    fn totals(&self) -> (u64, u64);
+}
+
+/// Plain counters: what a meter of its own counts into.
 #[derive(Debug, Default)]
-struct ByteCounts {
+pub struct ByteCounts {
     up: AtomicU64,
     down: AtomicU64,
 }
 
+impl ByteCounter for ByteCounts {
+    fn add_up(&self, n: u64) {
+        self.up.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn add_down(&self, n: u64) {
+        self.down.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+    }
+}
+
+/// A meter of its own, counting from zero.
+impl Default for ByteMeter {
+    fn default() -> Self {
+        ByteMeter(Arc::new(ByteCounts::default()))
+    }
+}
+
 impl ByteMeter {
+    pub fn new(counter: Arc<dyn ByteCounter>) -> ByteMeter {
+        ByteMeter(counter)
+    }
+
     /// Bytes sent towards the destination.
     pub fn add_up(&self, n: u64) {
-        self.0.up.fetch_add(n, Ordering::Relaxed);
+        self.0.add_up(n);
     }
 
     /// Bytes received from the destination.
     pub fn add_down(&self, n: u64) {
-        self.0.down.fetch_add(n, Ordering::Relaxed);
+        self.0.add_down(n);
     }
 
     pub fn add(&self, up: u64, down: u64) {
@@ -203,7 +239,7 @@ impl ByteMeter {
 
     /// Everything added so far, up and down.
     pub fn totals(&self) -> (u64, u64) {
-        (self.0.up.load(Ordering::Relaxed), self.0.down.load(Ordering::Relaxed))
+        self.0.totals()
     }
 }
 

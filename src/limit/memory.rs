@@ -15,7 +15,10 @@ use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 
-use super::{Answer, ByteMeter, Lease, LimitKey, Limiter, RateLimited, SessionStats, TooManyTunnels, TunnelSlot};
+use super::{
+    Answer, ByteCounter, ByteCounts, ByteMeter, Lease, LimitKey, Limiter, RateLimited, SessionStats, TooManyTunnels,
+    TunnelSlot,
+};
 use crate::config::LimitDefaults;
 use crate::policy::Limits;
 
@@ -90,8 +93,30 @@ struct Session {
 struct Shared {
     tunnels: AtomicU32,
     rate_limited: AtomicU64,
-    /// Handed to the session's tunnels and requests, so its byte counts are live.
-    bytes: ByteMeter,
+    /// What the session's tunnels and requests report to through their meters, so its counts are live.
+    bytes: ByteCounts,
+}
+
+impl Shared {
+    /// A meter on this session's counters: the same allocation as its entry, so a lease costs no other.
+    fn meter(self: &Arc<Self>) -> ByteMeter {
+        let counter: Arc<dyn ByteCounter> = self.clone();
+        ByteMeter::new(counter)
+    }
+}
+
+impl ByteCounter for Shared {
+    fn add_up(&self, n: u64) {
+        self.bytes.add_up(n);
+    }
+
+    fn add_down(&self, n: u64) {
+        self.bytes.add_down(n);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        self.bytes.totals()
+    }
 }
 
 /// A session's lease is a place in its tunnel count.
@@ -241,7 +266,7 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
             match opened {
                 Ok(_) => {
                     let slot: Arc<dyn TunnelSlot> = s.shared.clone();
-                    Ok(Lease::new(slot, s.shared.bytes.clone()))
+                    Ok(Lease::new(slot, s.shared.meter()))
                 }
                 Err(_) => Err(TooManyTunnels { max }),
             }
@@ -342,7 +367,7 @@ where
     }
 
     fn meter(&self, session: &LimitKey) -> ByteMeter {
-        self.with_session(self.key(session), |s| s.shared.bytes.clone())
+        self.with_session(self.key(session), |s| s.shared.meter())
     }
 
     fn session_stats(&self, session: &LimitKey) -> Option<SessionStats> {
