@@ -137,34 +137,36 @@ impl<T> fmt::Debug for Answer<'_, T> {
     }
 }
 
-/// A tunnel's place under its session's `max_tunnels`, and the meter it reports its bytes to. Dropping it
-/// gives the place back.
+/// A tunnel's place under its session's `max_tunnels`, and where it reports its bytes. Dropping it gives
+/// the place back.
 #[derive(Debug)]
 pub struct Lease {
     slot: Arc<dyn TunnelSlot>,
-    meter: ByteMeter,
 }
 
-/// What a [`Lease`] gives back when it ends; each store implements it for its own kind of place (a counter
-/// here, a lease with a TTL in a shared store).
-pub trait TunnelSlot: Send + Sync + fmt::Debug {
+/// What a [`Lease`] holds: a place that it gives back when it ends, and the counters its bytes go to. Each
+/// store implements it for its own kind of place (a count in the session's entry here, a lease with a TTL
+/// in a shared store), so opening a tunnel costs one reference, not one per role.
+pub trait TunnelSlot: ByteCounter {
     fn release(&self);
 }
 
 impl Lease {
     /// A lease on `slot`, released when the lease is dropped.
-    pub fn new(slot: Arc<dyn TunnelSlot>, meter: ByteMeter) -> Lease {
-        Lease { slot, meter }
+    pub fn new(slot: Arc<dyn TunnelSlot>) -> Lease {
+        Lease { slot }
     }
 
-    /// Where the tunnel reports its bytes while it runs.
-    pub fn meter(&self) -> &ByteMeter {
-        &self.meter
+    /// Where the tunnel reports its bytes while it runs; take it once, when the tunnel starts.
+    pub fn meter(&self) -> ByteMeter {
+        let counter: Arc<dyn ByteCounter> = self.slot.clone();
+        ByteMeter(counter)
     }
 
-    /// Adds traffic to the meter, e.g. a tunnel's totals when it did not report as it went.
+    /// Adds traffic to the lease's counters, e.g. a tunnel's totals when it did not report as it went.
     pub fn record_bytes(&self, up: u64, down: u64) {
-        self.meter.add(up, down);
+        self.slot.add_up(up);
+        self.slot.add_down(down);
     }
 }
 
@@ -324,29 +326,53 @@ mod tests {
         assert_ne!(LimitKey::session("192.0.2.7"), LimitKey::anonymous([192, 0, 2, 7].into()));
     }
 
+    /// A slot that counts its releases.
     #[derive(Debug, Default)]
-    struct Counted(AtomicU32);
+    struct Counted {
+        released: AtomicU32,
+        bytes: ByteCounts,
+    }
+
+    impl ByteCounter for Counted {
+        fn add_up(&self, n: u64) {
+            self.bytes.add_up(n);
+        }
+
+        fn add_down(&self, n: u64) {
+            self.bytes.add_down(n);
+        }
+
+        fn totals(&self) -> (u64, u64) {
+            self.bytes.totals()
+        }
+    }
 
     impl TunnelSlot for Counted {
         fn release(&self) {
-            self.0.fetch_add(1, Ordering::Relaxed);
+            self.released.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     #[test]
     fn a_lease_releases_once_on_drop_and_meters_as_it_goes() {
         let slot = Arc::new(Counted::default());
-        let meter = ByteMeter::default();
-        let lease = Lease::new(slot.clone(), meter.clone());
-        lease.meter().add_up(3);
-        lease.meter().add_down(40);
+        let lease = Lease::new(slot.clone());
+        let meter = lease.meter();
+        meter.add_up(3);
+        meter.add_down(40);
         lease.record_bytes(1, 2);
-        // The limiter's view is live: no need to wait for the lease to end.
+        // The store's view is live: no need to wait for the lease to end.
+        assert_eq!(slot.totals(), (4, 42));
         assert_eq!(meter.totals(), (4, 42));
-        assert_eq!(slot.0.load(Ordering::Relaxed), 0);
+        assert_eq!(slot.released.load(Ordering::Relaxed), 0);
         drop(lease);
-        assert_eq!(slot.0.load(Ordering::Relaxed), 1);
-        assert_eq!(meter.totals(), (4, 42));
+        assert_eq!(slot.released.load(Ordering::Relaxed), 1);
+        // A meter taken from the lease may outlive it; it never releases the place again.
+        meter.add_up(1);
+        assert_eq!(slot.totals(), (5, 42));
+        drop(meter);
+        assert_eq!(slot.released.load(Ordering::Relaxed), 1);
+        assert_eq!(ByteMeter::default().totals(), (0, 0));
     }
 
     #[tokio::test]

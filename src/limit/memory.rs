@@ -98,7 +98,7 @@ struct Shared {
 }
 
 impl Shared {
-    /// A meter on this session's counters: the same allocation as its entry, so a lease costs no other.
+    /// A meter on this session's counters, in its entry.
     fn meter(self: &Arc<Self>) -> ByteMeter {
         let counter: Arc<dyn ByteCounter> = self.clone();
         ByteMeter::new(counter)
@@ -266,7 +266,7 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
             match opened {
                 Ok(_) => {
                     let slot: Arc<dyn TunnelSlot> = s.shared.clone();
-                    Ok(Lease::new(slot, s.shared.meter()))
+                    Ok(Lease::new(slot))
                 }
                 Err(_) => Err(TooManyTunnels { max }),
             }
@@ -689,7 +689,7 @@ mod tests {
     fn a_tunnels_bytes_count_while_it_runs() {
         let (l, _) = limiter();
         let lease = l.open_tunnel_now(&key("s1"), &none()).map_err(|e| e.to_string());
-        let meter = lease.as_ref().map(|lease| lease.meter().clone()).map_err(Clone::clone);
+        let meter = lease.as_ref().map(Lease::meter).map_err(Clone::clone);
         if let Ok(meter) = &meter {
             meter.add_up(100);
             meter.add_down(5000);
