@@ -4,8 +4,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::policy::file::parse_policy;
-use sluice::policy::{DefaultList, Policy, PolicySet, Target};
+use sluice::policy::{DefaultList, Policy, PolicySet, Target, parse_policy};
 
 /// A generated custom policy of `n` entries: a quarter `*.` wildcards, the rest exact names, some with
 /// their own port. Returns the policy and its entries as written.

@@ -9,8 +9,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::credential::{Claims, KEY_ENV, Keyring, Kind, TOKEN_PREFIX, human_duration, now_unix, valid_session_id};
 use crate::diagnostic::{Diagnostic, Severity};
-use crate::policy::file::{DEFAULTS_FILE_NAME, DefaultList, parse_policy};
 use crate::policy::{Authority, Decision, Policy, PolicySet};
+use crate::policy::{DEFAULTS_FILE_NAME, DefaultList, parse_policy};
 
 /// Exit status: allowed / valid.
 pub const EXIT_OK: u8 = 0;
@@ -115,7 +115,7 @@ pub fn validate(paths: &[PathBuf], out: &mut impl Write) -> u8 {
     let mut files = 0usize;
     for path in paths {
         if path.is_dir() {
-            files += crate::policy::file::toml_files(path).map(|f| f.len()).unwrap_or(0);
+            files += crate::policy::toml_files(path).map(|f| f.len()).unwrap_or(0);
             let (_, d) = PolicySet::check_dir(path);
             diags.extend(d);
         } else {

@@ -123,6 +123,58 @@ impl Default for ResolverConfig {
     }
 }
 
+/// The server's limits for sessions whose policy sets none: the `[limits]` table of the server configuration.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "RawLimitDefaults")]
+pub struct LimitDefaults {
+    /// New CONNECT tunnels plus plain-HTTP requests per second, per session.
+    pub requests_per_second: f64,
+    /// Requests a session may make at once before the rate applies.
+    pub burst: u32,
+    /// Concurrent open tunnels per session.
+    pub max_tunnels: u32,
+}
+
+impl Default for LimitDefaults {
+    fn default() -> Self {
+        LimitDefaults { requests_per_second: 20.0, burst: 40, max_tunnels: 128 }
+    }
+}
+
+/// The table as written; [`LimitDefaults`] is built from it only when every value is usable.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimitDefaults {
+    requests_per_second: f64,
+    burst: u32,
+    max_tunnels: u32,
+}
+
+impl Default for RawLimitDefaults {
+    fn default() -> Self {
+        let d = LimitDefaults::default();
+        RawLimitDefaults { requests_per_second: d.requests_per_second, burst: d.burst, max_tunnels: d.max_tunnels }
+    }
+}
+
+impl TryFrom<RawLimitDefaults> for LimitDefaults {
+    type Error = String;
+
+    fn try_from(raw: RawLimitDefaults) -> Result<Self, String> {
+        let rps = raw.requests_per_second;
+        if !(rps.is_finite() && rps > 0.0) {
+            return Err(format!("requests_per_second must be a positive number, not {rps} (e.g. 20)"));
+        }
+        if raw.burst == 0 {
+            return Err("burst must be at least 1, not 0 (e.g. 40)".into());
+        }
+        if raw.max_tunnels == 0 {
+            return Err("max_tunnels must be at least 1, not 0 (e.g. 128)".into());
+        }
+        Ok(LimitDefaults { requests_per_second: rps, burst: raw.burst, max_tunnels: raw.max_tunnels })
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -229,7 +281,7 @@ pub struct Config {
     pub policies: PoliciesConfig,
     pub resolver: ResolverConfig,
     /// Per-session limits for policies that set none.
-    pub limits: crate::limit::LimitDefaults,
+    pub limits: LimitDefaults,
     pub git: GitSettings,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -348,5 +400,25 @@ shutdown_grace = "2s"
         assert!(err.contains("unknown field `listn`"), "{err}");
         let err = toml::from_str::<GitSettings>("[tokens]\nacme = \"ghp_x\"").unwrap_err().to_string();
         assert!(err.contains("acme"), "{err}");
+    }
+
+    #[test]
+    fn limit_defaults_parse_with_defaults_and_refuse_mistakes() {
+        let parse = |s: &str| toml::from_str::<LimitDefaults>(s).map_err(|e| e.to_string());
+        assert_eq!(parse(""), Ok(LimitDefaults::default()));
+        assert_eq!(
+            parse("requests_per_second = 5.5\nmax_tunnels = 8"),
+            Ok(LimitDefaults { requests_per_second: 5.5, burst: 40, max_tunnels: 8 })
+        );
+        let err = |s: &str| parse(s).err().unwrap_or_default();
+        assert!(err("bursts = 3").contains("unknown field `bursts`"), "{}", err("bursts = 3"));
+        assert!(err("burst = 0").contains("burst must be at least 1, not 0"), "{}", err("burst = 0"));
+        assert!(err("burst = -1").contains("invalid value: integer `-1`"), "{}", err("burst = -1"));
+        assert!(
+            err("requests_per_second = 0.0").contains("requests_per_second must be a positive number, not 0"),
+            "{}",
+            err("requests_per_second = 0.0")
+        );
+        assert!(err("max_tunnels = 0").contains("max_tunnels must be at least 1"), "{}", err("max_tunnels = 0"));
     }
 }

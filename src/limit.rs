@@ -1,87 +1,247 @@
-//! Per-session limits: a request rate over governor's keyed limiters, a cap on open tunnels, and traffic counters.
+//! Per-session limits behind one trait: a request rate, a cap on open tunnels held as leases, and byte
+//! meters that tunnels and requests report to while they move bytes. [`memory`] keeps them in this process;
+//! a shared store (issue 19) implements the same trait so that limits hold across instances.
 
-use std::collections::HashMap;
+pub mod memory;
+pub mod quota;
+
 use std::fmt;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock, Reference};
-use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
-use governor::{Quota, RateLimiter};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use memory::MemoryLimiter;
 
 use crate::policy::Limits;
 
-/// How long a session with no open tunnel and no request is remembered, with its counters, before housekeeping
-/// forgets it.
-pub const SESSION_IDLE: Duration = Duration::from_secs(10 * 60);
+/// The limits of every session, shared by all connections: the proxies hold an `Arc<dyn Limiter>`.
+///
+/// `limits` are the session's policy's; what a policy leaves unset, the implementation takes from the
+/// server's `[limits]`. Answers are [`Answer`]s so that a store across the network can take a round trip,
+/// while the in-memory store answers at once without allocating.
+pub trait Limiter: Send + Sync + fmt::Debug {
+    /// Counts one new CONNECT tunnel or plain-HTTP request of `key` against its rate: `requests_per_second`
+    /// and `burst`.
+    fn check_request(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), RateLimited>>;
 
-/// Distinct quotas (one keyed limiter each) over the server's life. Quotas come from policies, so this is far above
-/// any real deployment; past it a new quota is replaced by the server's default rather than growing memory.
-pub const MAX_QUOTAS: usize = 256;
+    /// Takes one of `key`'s `max_tunnels` places for a tunnel, held until the [`Lease`] is dropped. The
+    /// lease's [`ByteMeter`] is where the tunnel reports its bytes as they move.
+    fn open_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, TooManyTunnels>>;
 
-/// Longest interval between two requests a quota can express. Governor counts in u64 nanoseconds, and a slower
-/// quota would only ever matter to a session that lives for a year.
-const MAX_PERIOD_NANOS: u64 = 365 * 24 * 3600 * 1_000_000_000;
-/// Longest time a full burst may take to replenish, again to keep governor's u64 nanosecond arithmetic in range.
-const MAX_WINDOW_NANOS: u64 = 100 * MAX_PERIOD_NANOS;
+    /// Where a plain-HTTP request of `key` reports its bytes as they move.
+    fn meter(&self, key: &LimitKey) -> ByteMeter;
 
-/// Session maps are sharded so concurrent connections of different sessions rarely touch the same lock.
-const SHARDS: usize = 64;
+    /// What this instance counts for `key`, if it tracks it.
+    fn session_stats(&self, key: &LimitKey) -> Option<SessionStats>;
 
-/// The server's limits for sessions whose policy sets none: the `[limits]` table of the server configuration.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(try_from = "RawLimitDefaults")]
-pub struct LimitDefaults {
-    /// New CONNECT tunnels plus plain-HTTP requests per second, per session.
-    pub requests_per_second: f64,
-    /// Requests a session may make at once before the rate applies.
-    pub burst: u32,
-    /// Concurrent open tunnels per session.
-    pub max_tunnels: u32,
-}
+    /// Forgets what no longer matters (idle sessions, replenished rates); the server calls it periodically.
+    fn housekeeping(&self);
 
-impl Default for LimitDefaults {
-    fn default() -> Self {
-        LimitDefaults { requests_per_second: 20.0, burst: 40, max_tunnels: 128 }
+    /// Adds a finished exchange's bytes to `key`'s counters.
+    fn record_bytes(&self, key: &LimitKey, up: u64, down: u64) {
+        self.meter(key).add(up, down);
     }
 }
 
-/// The table as written; [`LimitDefaults`] is built from it only when every value is usable.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawLimitDefaults {
-    requests_per_second: f64,
-    burst: u32,
-    max_tunnels: u32,
-}
+/// Whose limits a request counts against. Derived from what the client presents, the same way on every
+/// instance, so that a shared store sees one key per session however traffic is spread: `s:<session-id>`
+/// for a credentialed session, `anon:<address>` for an anonymous client (so that one local client's flood
+/// does not starve another).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LimitKey(Arc<str>);
 
-impl Default for RawLimitDefaults {
-    fn default() -> Self {
-        let d = LimitDefaults::default();
-        RawLimitDefaults { requests_per_second: d.requests_per_second, burst: d.burst, max_tunnels: d.max_tunnels }
+impl LimitKey {
+    /// The key of a session with credentials; `id` is the verified session id.
+    pub fn session(id: &str) -> LimitKey {
+        LimitKey(format!("s:{id}").into())
+    }
+
+    /// The key of a client without credentials, by its address. An IPv4 client is the same key whether a
+    /// listener sees it as `192.0.2.7` or, dual-stack, as `::ffff:192.0.2.7`.
+    pub fn anonymous(client: IpAddr) -> LimitKey {
+        LimitKey(format!("anon:{}", client.to_canonical()).into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
-impl TryFrom<RawLimitDefaults> for LimitDefaults {
-    type Error = String;
+impl fmt::Display for LimitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
-    fn try_from(raw: RawLimitDefaults) -> Result<Self, String> {
-        let rps = raw.requests_per_second;
-        if !(rps.is_finite() && rps > 0.0) {
-            return Err(format!("requests_per_second must be a positive number, not {rps} (e.g. 20)"));
+impl fmt::Debug for LimitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LimitKey({:?})", &*self.0)
+    }
+}
+
+/// A limiter's answer: ready at once, or after a round trip to a shared store. Awaiting a ready answer
+/// neither allocates nor yields, so the in-memory limiter costs what a plain function call does.
+#[must_use = "an answer does nothing unless awaited"]
+pub struct Answer<'a, T>(Inner<'a, T>);
+
+enum Inner<'a, T> {
+    Ready(Option<T>),
+    Later(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+impl<'a, T> Answer<'a, T> {
+    pub fn ready(value: T) -> Self {
+        Answer(Inner::Ready(Some(value)))
+    }
+
+    pub fn later(answer: impl Future<Output = T> + Send + 'a) -> Self {
+        Answer(Inner::Later(Box::pin(answer)))
+    }
+
+    /// The answer if it is known without waiting, else the answer itself back (to await).
+    pub fn now(self) -> Result<T, Self> {
+        match self.0 {
+            Inner::Ready(Some(value)) => Ok(value),
+            other => Err(Answer(other)),
         }
-        if raw.burst == 0 {
-            return Err("burst must be at least 1, not 0 (e.g. 40)".into());
+    }
+}
+
+impl<T: Unpin> Future for Answer<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match &mut self.get_mut().0 {
+            Inner::Ready(value) => match value.take() {
+                Some(value) => Poll::Ready(value),
+                // As `std::future::Ready` does: waiting forever instead would hide the bug.
+                None => panic!("a limiter's answer was polled after it was given"),
+            },
+            Inner::Later(answer) => answer.as_mut().poll(cx),
         }
-        if raw.max_tunnels == 0 {
-            return Err("max_tunnels must be at least 1, not 0 (e.g. 128)".into());
-        }
-        Ok(LimitDefaults { requests_per_second: rps, burst: raw.burst, max_tunnels: raw.max_tunnels })
+    }
+}
+
+impl<T> fmt::Debug for Answer<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Inner::Ready(_) => "Answer::Ready",
+            Inner::Later(_) => "Answer::Later",
+        })
+    }
+}
+
+/// A tunnel's place under its session's `max_tunnels`, and where it reports its bytes. Dropping it gives
+/// the place back.
+#[derive(Debug)]
+pub struct Lease {
+    slot: Arc<dyn TunnelSlot>,
+}
+
+/// What a [`Lease`] holds: a place that it gives back when it ends, and the counters its bytes go to. Each
+/// store implements it for its own kind of place (a count in the session's entry here, a lease with a TTL
+/// in a shared store), so opening a tunnel costs one reference, not one per role.
+pub trait TunnelSlot: ByteCounter {
+    fn release(&self);
+}
+
+impl Lease {
+    /// A lease on `slot`, released when the lease is dropped.
+    pub fn new(slot: Arc<dyn TunnelSlot>) -> Lease {
+        Lease { slot }
+    }
+
+    /// Where the tunnel reports its bytes while it runs; take it once, when the tunnel starts.
+    pub fn meter(&self) -> ByteMeter {
+        let counter: Arc<dyn ByteCounter> = self.slot.clone();
+        ByteMeter(counter)
+    }
+
+    /// Adds traffic to the lease's counters, e.g. a tunnel's totals when it did not report as it went.
+    pub fn record_bytes(&self, up: u64, down: u64) {
+        self.slot.add_up(up);
+        self.slot.add_down(down);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.slot.release();
+    }
+}
+
+/// Where a tunnel or request reports its bytes as they move: a handle on its store's counters, one
+/// relaxed atomic add per report. The in-memory limiter hands out its session's own counters, so its stats
+/// are live.
+#[derive(Clone, Debug)]
+pub struct ByteMeter(Arc<dyn ByteCounter>);
+
+/// The counters behind a [`ByteMeter`]; each store keeps them its own way (the in-memory limiter inside the
+/// session's entry, so a lease and its meter share one allocation).
+pub trait ByteCounter: Send + Sync + fmt::Debug {
+    fn add_up(&self, n: u64);
+    fn add_down(&self, n: u64);
+    /// Everything added so far, up and down.
+    fn totals(&self) -> (u64, u64);
+}
+
+/// Plain counters: what a meter of its own counts into.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl ByteCounter for ByteCounts {
+    fn add_up(&self, n: u64) {
+        self.up.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn add_down(&self, n: u64) {
+        self.down.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+    }
+}
+
+/// A meter of its own, counting from zero.
+impl Default for ByteMeter {
+    fn default() -> Self {
+        ByteMeter(Arc::new(ByteCounts::default()))
+    }
+}
+
+impl ByteMeter {
+    pub fn new(counter: Arc<dyn ByteCounter>) -> ByteMeter {
+        ByteMeter(counter)
+    }
+
+    /// Bytes sent towards the destination.
+    pub fn add_up(&self, n: u64) {
+        self.0.add_up(n);
+    }
+
+    /// Bytes received from the destination.
+    pub fn add_down(&self, n: u64) {
+        self.0.add_down(n);
+    }
+
+    pub fn add(&self, up: u64, down: u64) {
+        self.add_up(up);
+        self.add_down(down);
+    }
+
+    /// Everything added so far, up and down.
+    pub fn totals(&self) -> (u64, u64) {
+        self.0.totals()
     }
 }
 
@@ -147,645 +307,98 @@ pub struct SessionStats {
     pub open_tunnels: u32,
 }
 
-/// How many entries the limiter holds: what housekeeping keeps bounded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Tracked {
-    pub sessions: usize,
-    /// Per-session rate states, summed over every quota.
-    pub rate_states: usize,
-    pub quotas: usize,
-}
-
-/// A session's name hashed with the limiter's secret seed: the key of its entry and of its governor rate states.
-/// Two live sessions share limits only if their 64-bit hashes collide, about n²/2⁶⁵ for n sessions (1 in 10⁸ at
-/// a million); in exchange a check hashes the name once, never allocates and never compares strings.
-type SessionKey = u64;
-
-/// Hands a [`SessionKey`] to the maps unchanged: it already is a well-mixed hash.
-#[derive(Clone, Copy, Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed here; fold anything else rather than ignore it.
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type KeyState = BuildHasherDefault<KeyHasher>;
-
-/// One session's entry, inline in its shard's map: what every request touches, in one small bucket.
-#[derive(Debug)]
-struct Session {
-    /// Nanoseconds since the limiter started, at the last request or tunnel.
-    last_seen: AtomicU64,
-    requests: AtomicU64,
-    /// The slot of the quota this session last used: a hint that spares the quota index lock.
-    quota: AtomicU32,
-    /// The rarely touched part, shared with the session's tunnel permits.
-    shared: Arc<Shared>,
-}
-
-/// A session's counters that permits update after the check, wherever they are.
-#[derive(Debug, Default)]
-struct Shared {
-    tunnels: AtomicU32,
-    rate_limited: AtomicU64,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
-}
-
-impl Shared {
-    fn record_bytes(&self, up: u64, down: u64) {
-        self.bytes_up.fetch_add(up, Ordering::Relaxed);
-        self.bytes_down.fetch_add(down, Ordering::Relaxed);
-    }
-}
-
-impl Session {
-    fn new(now: u64) -> Self {
-        Session {
-            last_seen: AtomicU64::new(now),
-            requests: AtomicU64::new(0),
-            quota: AtomicU32::new(DEFAULT_SLOT),
-            shared: Arc::default(),
-        }
-    }
-
-    fn stats(&self) -> SessionStats {
-        SessionStats {
-            requests: self.requests.load(Ordering::Relaxed),
-            rate_limited: self.shared.rate_limited.load(Ordering::Relaxed),
-            bytes_up: self.shared.bytes_up.load(Ordering::Relaxed),
-            bytes_down: self.shared.bytes_down.load(Ordering::Relaxed),
-            open_tunnels: self.shared.tunnels.load(Ordering::Relaxed),
-        }
-    }
-}
-
-type Keyed<C> =
-    RateLimiter<SessionKey, DashMapStateStore<SessionKey, KeyState>, C, NoOpMiddleware<<C as Clock>::Instant>>;
-
-/// One keyed limiter per distinct quota: sessions of different policies have different quotas.
-struct QuotaLimiter<C: Clock> {
-    key: QuotaKey,
-    limiter: Keyed<C>,
-    /// The quota in words, for [`RateLimited::limit`].
-    describe: Box<str>,
-}
-
-/// Identifies a quota as configured; the bits of the rate so that it can be hashed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct QuotaKey {
-    rps_bits: u64,
-    burst: u32,
-}
-
-/// The server's default quota always sits in the first slot, so there is always a quota to fall back to.
-const DEFAULT_SLOT: u32 = 0;
-
-type SessionMap = HashMap<SessionKey, Session, KeyState>;
-
-/// Cache-line aligned so that two shards' locks never share a line.
-#[repr(align(64))]
-#[derive(Default)]
-struct Shard(RwLock<SessionMap>);
-
-/// The limits of every session, shared by all connections.
-///
-/// Generic over governor's clock so that tests drive time with [`governor::clock::FakeRelativeClock`].
-pub struct SessionLimiter<C: Clock = DefaultClock> {
-    defaults: LimitDefaults,
-    clock: C,
-    start: C::Instant,
-    /// Seeded per limiter, so no one can aim session names at a collision.
-    key_hasher: foldhash::quality::RandomState,
-    shards: Box<[Shard]>,
-    /// Quota limiters live in fixed slots that are filled once and never emptied, so a check reaches its
-    /// limiter without a lock; [`MAX_QUOTAS`] bounds them, and housekeeping empties their states.
-    quotas: Box<[OnceLock<QuotaLimiter<C>>]>,
-    /// Which slot holds which quota; locked only when a session meets a quota it did not use last time.
-    quota_index: Mutex<HashMap<QuotaKey, u32, foldhash::fast::RandomState>>,
-}
-
-impl SessionLimiter<DefaultClock> {
-    pub fn new(defaults: LimitDefaults) -> Self {
-        SessionLimiter::with_clock(defaults, DefaultClock::default())
-    }
-}
-
-impl<C: Clock + Clone> SessionLimiter<C> {
-    pub fn with_clock(defaults: LimitDefaults, clock: C) -> Self {
-        let start = clock.now();
-        let limiter = SessionLimiter {
-            defaults,
-            clock,
-            start,
-            key_hasher: foldhash::quality::RandomState::default(),
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            quotas: (0..MAX_QUOTAS).map(|_| OnceLock::new()).collect(),
-            quota_index: Mutex::new(HashMap::default()),
-        };
-        let (rps, burst) = (limiter.defaults.requests_per_second, limiter.defaults.burst);
-        let default = limiter.quota_slot(QuotaKey { rps_bits: rps.to_bits(), burst }, rps, burst);
-        debug_assert_eq!(default, DEFAULT_SLOT);
-        limiter
-    }
-
-    pub fn defaults(&self) -> &LimitDefaults {
-        &self.defaults
-    }
-
-    /// Counts one new CONNECT tunnel or plain-HTTP request of `session` against its quota: the policy's
-    /// `requests_per_second` and `burst`, else the server's.
-    pub fn check_request(&self, session: &str, policy_limits: &Limits) -> Result<(), RateLimited> {
-        let rps = policy_limits.requests_per_second.unwrap_or(self.defaults.requests_per_second);
-        let burst = policy_limits.burst.unwrap_or(self.defaults.burst);
-        let quota_key = QuotaKey { rps_bits: rps.to_bits(), burst };
-        let key = self.key(session);
-        self.with_session(key, |s| {
-            let q = match self.quota(s.quota.load(Ordering::Relaxed)) {
-                Some(q) if q.key == quota_key => q,
-                _ => {
-                    let slot = self.quota_slot(quota_key, rps, burst);
-                    s.quota.store(slot, Ordering::Relaxed);
-                    match self.quota(slot) {
-                        Some(q) => q,
-                        // quota_slot only returns filled slots; allow rather than fail a request on a slip.
-                        None => return Ok(()),
-                    }
-                }
-            };
-            match q.limiter.check_key(&key) {
-                Ok(()) => {
-                    s.requests.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-                Err(not_until) => {
-                    s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    let retry_after = not_until.wait_time_from(self.clock.now());
-                    Err(RateLimited { retry_after, limit: q.describe.to_string() })
-                }
-            }
-        })
-    }
-
-    /// Opens one tunnel for `session` if it has fewer than its `max_tunnels` open; the permit closes it on drop.
-    pub fn open_tunnel(&self, session: &str, policy_limits: &Limits) -> Result<TunnelPermit, TooManyTunnels> {
-        let max = policy_limits.max_tunnels.unwrap_or(self.defaults.max_tunnels);
-        self.with_session(self.key(session), |s| {
-            // Increment only below the cap, so concurrent opens can never overshoot it.
-            let opened =
-                s.shared.tunnels.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
-            match opened {
-                Ok(_) => Ok(TunnelPermit { shared: Arc::clone(&s.shared) }),
-                Err(_) => Err(TooManyTunnels { max }),
-            }
-        })
-    }
-
-    /// Adds traffic to a session's counters.
-    pub fn record_bytes(&self, session: &str, up: u64, down: u64) {
-        self.with_session(self.key(session), |s| s.shared.record_bytes(up, down));
-    }
-
-    /// A session's counters, if it is tracked.
-    pub fn session_stats(&self, session: &str) -> Option<SessionStats> {
-        let key = self.key(session);
-        let shard = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
-        shard.get(&key).map(Session::stats)
-    }
-
-    /// Forgets what no longer matters: rate states that have fully replenished, and sessions idle for
-    /// [`SESSION_IDLE`] with no tunnel open. Rate states are keyed by the session's name, not its entry, so
-    /// forgetting a session never hands it a fresh burst. The server calls this periodically; between calls
-    /// memory grows only with new sessions.
-    pub fn housekeeping(&self) {
-        for q in self.quotas.iter().filter_map(OnceLock::get) {
-            q.limiter.retain_recent();
-            q.limiter.shrink_to_fit();
-        }
-        let now = self.now_nanos();
-        let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap_or(u64::MAX);
-        for shard in self.shards.iter() {
-            // Under the write lock no one can open a tunnel on these sessions, so `tunnels == 0` stays true
-            // until they are removed; an open permit holds its own counters and may still drop afterwards.
-            let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
-            map.retain(|_, s| {
-                let since = now.saturating_sub(s.last_seen.load(Ordering::Relaxed));
-                s.shared.tunnels.load(Ordering::Acquire) > 0 || since < idle
-            });
-            // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
-            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-                map.shrink_to_fit();
-            }
-        }
-    }
-
-    /// How many entries are held.
-    pub fn tracked(&self) -> Tracked {
-        let quotas: Vec<_> = self.quotas.iter().filter_map(OnceLock::get).collect();
-        Tracked {
-            sessions: self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len()).sum(),
-            rate_states: quotas.iter().map(|q| q.limiter.len()).sum(),
-            quotas: quotas.len(),
-        }
-    }
-
-    fn now_nanos(&self) -> u64 {
-        self.clock.now().duration_since(self.start).as_u64()
-    }
-
-    fn key(&self, session: &str) -> SessionKey {
-        self.key_hasher.hash_one(session)
-    }
-
-    fn shard(&self, key: SessionKey) -> &RwLock<SessionMap> {
-        // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
-        &self.shards[(key >> 32) as usize % SHARDS].0
-    }
-
-    /// Runs `f` on the session's entry, created on first sight, under its shard's lock.
-    fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&Session) -> R) -> R {
-        let now = self.now_nanos();
-        let shard = self.shard(key);
-        if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
-            // Concurrent requests race here; any of their times is recent enough for an idle check.
-            s.last_seen.store(now, Ordering::Relaxed);
-            return f(s);
-        }
-        let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
-        let s = map.entry(key).or_insert_with(|| Session::new(now));
-        s.last_seen.store(now, Ordering::Relaxed);
-        f(s)
-    }
-
-    fn quota(&self, slot: u32) -> Option<&QuotaLimiter<C>> {
-        self.quotas.get(slot as usize).and_then(OnceLock::get)
-    }
-
-    /// The slot holding the limiter for `key`, filled on first use; past [`MAX_QUOTAS`], the default quota's.
-    fn quota_slot(&self, key: QuotaKey, rps: f64, burst: u32) -> u32 {
-        let mut index = self.quota_index.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(&slot) = index.get(&key) {
-            return slot;
-        }
-        let slot = index.len();
-        let Some(cell) = self.quotas.get(slot) else {
-            tracing::warn!(
-                max = MAX_QUOTAS,
-                requests_per_second = rps,
-                burst,
-                "too many distinct rate quotas; applying the server's default quota"
-            );
-            return DEFAULT_SLOT;
-        };
-        // The index lock is held, so no one else fills this slot.
-        let _ = cell.set(QuotaLimiter {
-            key,
-            limiter: RateLimiter::dashmap_with_clock_and_hasher(
-                effective_quota(rps, burst),
-                self.clock.clone(),
-                KeyState::default(),
-            ),
-            describe: describe(rps, burst).into(),
-        });
-        let slot = u32::try_from(slot).unwrap_or(DEFAULT_SLOT);
-        index.insert(key, slot);
-        slot
-    }
-}
-
-impl<C: Clock> fmt::Debug for SessionLimiter<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionLimiter").field("defaults", &self.defaults).finish_non_exhaustive()
-    }
-}
-
-/// One open tunnel of a session; dropping it frees the tunnel's place.
-#[derive(Debug)]
-pub struct TunnelPermit {
-    shared: Arc<Shared>,
-}
-
-impl TunnelPermit {
-    /// Adds the tunnel's traffic to its session's counters, without looking the session up again.
-    pub fn record_bytes(&self, up: u64, down: u64) {
-        self.shared.record_bytes(up, down);
-    }
-}
-
-impl Drop for TunnelPermit {
-    fn drop(&mut self) {
-        self.shared.tunnels.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-fn describe(rps: f64, burst: u32) -> String {
-    let unit = if rps == 1.0 { "request" } else { "requests" };
-    format!("{rps} {unit} per second, burst {burst}")
-}
-
-/// The governor quota for `rps` and `burst`, kept within what governor's u64 nanoseconds can count. Policies and
-/// the server config only admit positive rates and bursts; anything else gets the slowest quota (fail closed).
-fn effective_quota(rps: f64, burst: u32) -> Quota {
-    let period = if rps > 0.0 { (1e9 / rps).clamp(1.0, MAX_PERIOD_NANOS as f64) as u64 } else { MAX_PERIOD_NANOS };
-    let burst = burst.clamp(1, u32::try_from(MAX_WINDOW_NANOS / period).unwrap_or(u32::MAX).max(1));
-    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-    // `period` is at least 1ns, so governor accepts it; the fallback only satisfies the type.
-    Quota::with_period(Duration::from_nanos(period)).unwrap_or(Quota::per_second(NonZeroU32::MIN)).allow_burst(burst)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::Barrier;
-
-    use governor::clock::FakeRelativeClock;
+    use std::sync::atomic::AtomicU32;
 
     use super::*;
 
-    fn limiter() -> (SessionLimiter<FakeRelativeClock>, FakeRelativeClock) {
-        let clock = FakeRelativeClock::default();
-        (SessionLimiter::with_clock(LimitDefaults::default(), clock.clone()), clock)
-    }
-
-    fn none() -> Limits {
-        Limits::default()
-    }
-
-    fn refused(retry_ms: u64, limit: &str) -> Result<(), RateLimited> {
-        Err(RateLimited { retry_after: Duration::from_millis(retry_ms), limit: limit.into() })
-    }
-
-    /// Sends `n` requests at the current instant and returns the refusals.
-    fn burst(l: &SessionLimiter<FakeRelativeClock>, session: &str, limits: &Limits, n: usize) -> Vec<RateLimited> {
-        (0..n).filter_map(|_| l.check_request(session, limits).err()).collect()
-    }
-
-    const DEFAULT: &str = "20 requests per second, burst 40";
-
     #[test]
-    fn a_burst_beyond_the_quota_is_refused_exactly() {
-        let (l, _) = limiter();
-        let refusals = burst(&l, "s1", &none(), 50);
-        // 40 pass; 20 rps means the 41st waits one 50ms slot, and the bucket stays empty however often it is asked.
-        let expected = RateLimited { retry_after: Duration::from_millis(50), limit: DEFAULT.into() };
-        assert_eq!(refusals, vec![expected; 10]);
-        let stats = l.session_stats("s1");
-        assert_eq!(stats, Some(SessionStats { requests: 40, rate_limited: 10, ..SessionStats::default() }));
-    }
-
-    #[test]
-    fn retry_after_counts_down_and_the_session_recovers() {
-        let (l, clock) = limiter();
-        assert!(burst(&l, "s1", &none(), 40).is_empty());
-        assert_eq!(l.check_request("s1", &none()), refused(50, DEFAULT));
-        clock.advance(Duration::from_millis(20));
-        assert_eq!(l.check_request("s1", &none()), refused(30, DEFAULT));
-        clock.advance(Duration::from_millis(30));
-        // Exactly one slot has replenished.
-        assert_eq!(l.check_request("s1", &none()), Ok(()));
-        assert_eq!(l.check_request("s1", &none()), refused(50, DEFAULT));
-        // A full burst takes 40 × 50ms to come back.
-        clock.advance(Duration::from_secs(2));
-        assert_eq!(burst(&l, "s1", &none(), 41).len(), 1);
-    }
-
-    #[test]
-    fn another_session_at_the_same_time_is_not_refused() {
-        let (l, _) = limiter();
-        assert_eq!(burst(&l, "s1", &none(), 100).len(), 60);
-        assert_eq!(burst(&l, "s2", &none(), 40), vec![]);
-    }
-
-    #[test]
-    fn different_policies_quotas_are_independent() {
-        let (l, clock) = limiter();
-        let slow = Limits { requests_per_second: Some(1.0), burst: Some(2), max_tunnels: None };
-        let fast = Limits { requests_per_second: Some(1000.0), burst: Some(500), max_tunnels: None };
-        assert_eq!(l.check_request("a", &slow), Ok(()));
-        assert_eq!(l.check_request("a", &slow), Ok(()));
-        assert_eq!(l.check_request("a", &slow), refused(1000, "1 request per second, burst 2"));
-        assert_eq!(burst(&l, "b", &fast, 500), vec![]);
-        assert_eq!(l.check_request("b", &fast), refused(1, "1000 requests per second, burst 500"));
-        assert_eq!(burst(&l, "c", &none(), 40), vec![]);
-        assert_eq!(burst(&l, "d", &slow, 2), vec![]);
-        assert_eq!(l.tracked(), Tracked { sessions: 4, rate_states: 4, quotas: 3 });
-        clock.advance(Duration::from_secs(1));
-        assert_eq!(l.check_request("a", &slow), Ok(()));
-        assert_eq!(l.check_request("a", &slow), refused(1000, "1 request per second, burst 2"));
-    }
-
-    #[test]
-    fn a_policy_may_set_only_some_limits() {
-        let (l, _) = limiter();
-        let burst_only = Limits { requests_per_second: None, burst: Some(3), max_tunnels: None };
+    fn keys_are_the_same_on_every_instance() {
+        assert_eq!(LimitKey::session("sess-42").as_str(), "s:sess-42");
+        assert_eq!(LimitKey::anonymous("192.0.2.7".parse().unwrap()).as_str(), "anon:192.0.2.7");
         assert_eq!(
-            burst(&l, "s1", &burst_only, 4),
-            vec![RateLimited {
-                retry_after: Duration::from_millis(50),
-                limit: "20 requests per second, burst 3".into()
-            }]
+            LimitKey::anonymous("::ffff:192.0.2.7".parse().unwrap()),
+            LimitKey::anonymous([192, 0, 2, 7].into())
         );
+        assert_eq!(LimitKey::anonymous("2001:db8::1".parse().unwrap()).to_string(), "anon:2001:db8::1");
+        // A session id can never be read as an address, nor the reverse.
+        assert_ne!(LimitKey::session("192.0.2.7"), LimitKey::anonymous([192, 0, 2, 7].into()));
+    }
+
+    /// A slot that counts its releases.
+    #[derive(Debug, Default)]
+    struct Counted {
+        released: AtomicU32,
+        bytes: ByteCounts,
+    }
+
+    impl ByteCounter for Counted {
+        fn add_up(&self, n: u64) {
+            self.bytes.add_up(n);
+        }
+
+        fn add_down(&self, n: u64) {
+            self.bytes.add_down(n);
+        }
+
+        fn totals(&self) -> (u64, u64) {
+            self.bytes.totals()
+        }
+    }
+
+    impl TunnelSlot for Counted {
+        fn release(&self) {
+            self.released.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        let at = |ms| RateLimited { retry_after: Duration::from_millis(ms), limit: DEFAULT.into() };
-        assert_eq!(at(50).retry_after_secs(), 1);
-        assert_eq!(at(2000).retry_after_secs(), 2);
-        assert_eq!(at(2001).retry_after_secs(), 3);
-        assert_eq!(
-            at(50).to_string(),
-            "rate limit of 20 requests per second, burst 40 reached; retry in 50ms (a policy raises it with \
-             requests_per_second and burst in [limits])"
-        );
+    fn a_lease_releases_once_on_drop_and_meters_as_it_goes() {
+        let slot = Arc::new(Counted::default());
+        let lease = Lease::new(slot.clone());
+        let meter = lease.meter();
+        meter.add_up(3);
+        meter.add_down(40);
+        lease.record_bytes(1, 2);
+        // The store's view is live: no need to wait for the lease to end.
+        assert_eq!(slot.totals(), (4, 42));
+        assert_eq!(meter.totals(), (4, 42));
+        assert_eq!(slot.released.load(Ordering::Relaxed), 0);
+        drop(lease);
+        assert_eq!(slot.released.load(Ordering::Relaxed), 1);
+        // A meter taken from the lease may outlive it; it never releases the place again.
+        meter.add_up(1);
+        assert_eq!(slot.totals(), (5, 42));
+        drop(meter);
+        assert_eq!(slot.released.load(Ordering::Relaxed), 1);
+        assert_eq!(ByteMeter::default().totals(), (0, 0));
     }
 
-    #[test]
-    fn max_tunnels_holds_and_permits_release_on_drop() {
-        let (l, _) = limiter();
-        let three = Limits { max_tunnels: Some(3), ..Limits::default() };
-        let mut permits: Vec<TunnelPermit> = (0..3).filter_map(|_| l.open_tunnel("s1", &three).ok()).collect();
-        assert_eq!(permits.len(), 3);
-        assert_eq!(l.open_tunnel("s1", &three).err(), Some(TooManyTunnels { max: 3 }));
-        assert_eq!(l.open_tunnel("s2", &three).map(|_| ()).err(), None);
-        assert_eq!(l.session_stats("s1").map(|s| s.open_tunnels), Some(3));
-        permits.pop();
-        assert_eq!(l.session_stats("s1").map(|s| s.open_tunnels), Some(2));
-        assert!(l.open_tunnel("s1", &three).is_ok());
-        drop(permits);
-        assert_eq!(l.session_stats("s1").map(|s| s.open_tunnels), Some(0));
-        assert_eq!(
-            TooManyTunnels { max: 3 }.to_string(),
-            "session already has 3 open tunnels, the most it may have at once; close some, or raise max_tunnels \
-             in the policy's [limits]"
-        );
-    }
-
-    #[test]
-    fn max_tunnels_holds_across_threads() {
-        let (l, _) = limiter();
-        let ten = Limits { max_tunnels: Some(10), ..Limits::default() };
-        let barrier = Barrier::new(4);
-        let (opened, refused): (Vec<usize>, Vec<usize>) = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    scope.spawn(|| {
-                        barrier.wait();
-                        let results: Vec<_> = (0..10).map(|_| l.open_tunnel("s1", &ten)).collect();
-                        // Hold every permit until all threads have tried, so the cap is what stops them.
-                        barrier.wait();
-                        let opened = results.iter().filter(|r| r.is_ok()).count();
-                        (opened, results.len() - opened)
-                    })
-                })
-                .collect();
-            handles.into_iter().filter_map(|h| h.join().ok()).unzip()
+    #[tokio::test]
+    async fn answers_now_or_later() {
+        assert_eq!(Answer::ready(7).now().ok(), Some(7));
+        assert_eq!(Answer::ready(7).await, 7);
+        let later = Answer::later(async {
+            tokio::task::yield_now().await;
+            8
         });
-        assert_eq!(opened.iter().sum::<usize>(), 10);
-        assert_eq!(refused.iter().sum::<usize>(), 30);
-        assert_eq!(l.session_stats("s1").map(|s| s.open_tunnels), Some(0));
-        assert_eq!(l.open_tunnel("s1", &ten).map(|_| ()).err(), None);
+        let later = later.now().err();
+        assert_eq!(later.map(|a| format!("{a:?}")).as_deref(), Some("Answer::Later"));
+        assert_eq!(Answer::later(async { 9 }).await, 9);
     }
 
     #[test]
-    fn housekeeping_forgets_idle_sessions() {
-        let (l, clock) = limiter();
-        for i in 0..1000 {
-            assert_eq!(l.check_request(&format!("s{i}"), &none()), Ok(()));
-        }
-        let permit = l.open_tunnel("busy", &none());
-        assert!(permit.is_ok());
-        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 1000, quotas: 1 });
-        l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 1000, quotas: 1 });
-
-        // Replenished rate states go first; the counters stay for SESSION_IDLE.
-        clock.advance(Duration::from_secs(3));
-        l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 0, quotas: 1 });
-        assert_eq!(l.session_stats("s7").map(|s| s.requests), Some(1));
-
-        clock.advance(SESSION_IDLE);
-        l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 0, quotas: 1 });
-        assert_eq!(l.session_stats("s7"), None);
-
-        // An open tunnel keeps its session; once closed, the session goes like any other.
-        drop(permit);
-        clock.advance(SESSION_IDLE);
-        l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 1 });
-
-        // A forgotten session starts afresh.
-        assert_eq!(burst(&l, "s7", &none(), 40), vec![]);
-    }
-
-    #[test]
-    fn housekeeping_never_resets_a_slow_quota() {
-        let (l, clock) = limiter();
-        // One request per 1000s: a full burst of 5 takes longer than SESSION_IDLE to come back.
-        let slow = Limits { requests_per_second: Some(0.001), burst: Some(5), max_tunnels: None };
-        assert_eq!(burst(&l, "s1", &slow, 6).len(), 1);
-        clock.advance(SESSION_IDLE + Duration::from_secs(1));
-        l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 1, quotas: 2 });
-        // The sixth slot opens at 1000s: a forgotten state would have let this through.
-        assert_eq!(l.check_request("s1", &slow), refused(399_000, "0.001 requests per second, burst 5"));
-        clock.advance(Duration::from_secs(399));
-        assert_eq!(l.check_request("s1", &slow), Ok(()));
-        assert_eq!(l.check_request("s1", &slow), refused(1_000_000, "0.001 requests per second, burst 5"));
-        // Governor forgets a state one slot after it has fully replenished.
-        clock.advance(Duration::from_secs(6000));
-        l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 2 });
-    }
-
-    #[test]
-    fn quotas_are_bounded() {
-        let (l, _) = limiter();
-        // The default quota holds the first slot.
-        for burst in 1..MAX_QUOTAS as u32 {
-            let limits = Limits { requests_per_second: Some(1.0), burst: Some(burst), max_tunnels: None };
-            assert_eq!(l.check_request("s1", &limits), Ok(()));
-        }
-        assert_eq!(l.tracked().quotas, MAX_QUOTAS);
-        let one_more = Limits { requests_per_second: Some(2.0), burst: Some(1), max_tunnels: None };
-        assert_eq!(
-            burst(&l, "s2", &one_more, 41),
-            vec![RateLimited { retry_after: Duration::from_millis(50), limit: DEFAULT.into() }]
-        );
-        assert_eq!(l.tracked().quotas, MAX_QUOTAS);
-    }
-
-    #[test]
-    fn counts_requests_and_bytes() {
-        let (l, _) = limiter();
-        assert_eq!(l.session_stats("s1"), None);
-        assert_eq!(l.check_request("s1", &none()), Ok(()));
-        l.record_bytes("s1", 10, 200);
-        let permit = l.open_tunnel("s1", &none());
-        if let Ok(p) = &permit {
-            p.record_bytes(5, 7);
-        }
-        assert_eq!(
-            l.session_stats("s1"),
-            Some(SessionStats { requests: 1, rate_limited: 0, bytes_up: 15, bytes_down: 207, open_tunnels: 1 })
-        );
-    }
-
-    #[test]
-    fn extreme_quotas_neither_panic_nor_overflow() {
-        let (l, clock) = limiter();
-        for (i, rps) in [1e-300, f64::MIN_POSITIVE, 1e300, f64::INFINITY, f64::NAN, 0.0, -1.0].into_iter().enumerate() {
-            for b in [0, 1, u32::MAX] {
-                let limits = Limits { requests_per_second: Some(rps), burst: Some(b), max_tunnels: Some(0) };
-                let session = format!("s{i}-{b}");
-                let first = l.check_request(&session, &limits);
-                assert_eq!(first, Ok(()), "rps {rps}, burst {b}");
-                assert_eq!(l.open_tunnel(&session, &limits).err(), Some(TooManyTunnels { max: 0 }));
-            }
-        }
-        clock.advance(Duration::from_secs(1));
-        l.housekeeping();
-    }
-
-    #[test]
-    fn limit_defaults_parse_with_defaults_and_refuse_mistakes() {
-        let parse = |s: &str| toml::from_str::<LimitDefaults>(s).map_err(|e| e.to_string());
-        assert_eq!(parse(""), Ok(LimitDefaults::default()));
-        assert_eq!(
-            parse("requests_per_second = 5.5\nmax_tunnels = 8"),
-            Ok(LimitDefaults { requests_per_second: 5.5, burst: 40, max_tunnels: 8 })
-        );
-        let err = |s: &str| parse(s).err().unwrap_or_default();
-        assert!(err("bursts = 3").contains("unknown field `bursts`"), "{}", err("bursts = 3"));
-        assert!(err("burst = 0").contains("burst must be at least 1, not 0"), "{}", err("burst = 0"));
-        assert!(err("burst = -1").contains("invalid value: integer `-1`"), "{}", err("burst = -1"));
-        assert!(
-            err("requests_per_second = 0.0").contains("requests_per_second must be a positive number, not 0"),
-            "{}",
-            err("requests_per_second = 0.0")
-        );
-        assert!(err("max_tunnels = 0").contains("max_tunnels must be at least 1"), "{}", err("max_tunnels = 0"));
-    }
-
-    #[test]
-    fn the_limiter_is_shared_between_tasks() {
-        fn shared<T: Send + Sync>() {}
-        shared::<SessionLimiter>();
-        shared::<SessionLimiter<FakeRelativeClock>>();
-        shared::<TunnelPermit>();
+    fn a_limiter_can_be_shared_as_a_trait_object() {
+        fn shared<T: Send + Sync + ?Sized>() {}
+        shared::<dyn Limiter>();
+        shared::<Lease>();
+        shared::<ByteMeter>();
+        fn send<T: Send>(_: &T) {}
+        let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(crate::config::LimitDefaults::default()));
+        let key = LimitKey::session("s1");
+        let limits = Limits::default();
+        send(&limiter.check_request(&key, &limits));
+        send(&limiter.open_tunnel(&key, &limits));
     }
 }

@@ -1,11 +1,14 @@
 //! Network policy: the four levels, a session's allow and deny lists, and `decide`, which turns a
 //! destination into a [`Decision`] value (never an error).
 
+pub mod defaults;
 pub mod file;
 pub mod guard;
 pub mod host;
+mod lint;
 pub mod matcher;
 pub mod pattern;
+pub mod set;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,10 +18,12 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::Serialize;
 
-pub use file::{DefaultList, PolicySet};
+pub use defaults::{BUILTIN_DEFAULTS, BUILTIN_DEFAULTS_FILE, DEFAULTS_FILE_NAME, DefaultList};
+pub use file::parse_policy;
 pub use guard::BlockedRange;
 pub use host::{Authority, AuthorityError, Host, HostError, Target};
 pub use pattern::{HostPattern, PatternError};
+pub use set::{PolicySet, toml_files};
 
 use matcher::{Lookup, Matcher};
 

@@ -30,7 +30,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::audit::AuditLog;
 use crate::config::EgressConfig;
 use crate::credential::Keyring;
-use crate::limit::SessionLimiter;
+use crate::limit::{LimitKey, Limiter};
 use crate::listen::{self, Accepted, Listener, Shutdown};
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
@@ -52,7 +52,7 @@ pub struct EgressProxy {
     pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
     pub denials: Arc<Denials>,
-    pub limiter: Arc<SessionLimiter>,
+    pub limiter: Arc<dyn Limiter>,
     pub audit: AuditLog,
 }
 
@@ -66,7 +66,7 @@ pub struct Session {
     pub policy: Arc<Policy>,
     /// What limits are counted against: the session id, or for anonymous clients their address (so
     /// one local client's flood does not starve another).
-    pub limit_key: Arc<str>,
+    pub limit_key: LimitKey,
 }
 
 impl Session {

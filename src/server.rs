@@ -13,7 +13,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring};
 use crate::git::GitProxy;
-use crate::limit::SessionLimiter;
+use crate::limit::MemoryLimiter;
 use crate::listen::Shutdown;
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
@@ -76,7 +76,7 @@ impl Server {
             shutdown: Shutdown::default(),
             metrics: Arc::new(Metrics::default()),
             denials: Arc::new(Denials::default()),
-            limiter: Arc::new(SessionLimiter::new(config.limits.clone())),
+            limiter: Arc::new(MemoryLimiter::new(config.limits.clone())),
             audit: audit.clone(),
         });
         egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sluice::policy::file::{BUILTIN_DEFAULTS, BUILTIN_DEFAULTS_FILE, DefaultList};
+use sluice::policy::{BUILTIN_DEFAULTS, BUILTIN_DEFAULTS_FILE, DefaultList};
 use sluice::policy::{Decision, Level, PolicySet, Reason, Rule, RuleList, Target, Verdict};
 
 /// The published list: `## Group` headings, one pattern a line, an optional `(label)` after it.

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use sluice::command;
-use sluice::policy::file::{DefaultList, parse_policy};
+use sluice::policy::{DefaultList, parse_policy};
 
 const DIR: &str = "tests/fixtures/invalid";
 
@@ -246,4 +246,32 @@ fn validate_prints_every_error_of_every_file() {
     assert_eq!(out, expected);
     assert_eq!(errors, 27);
     assert_eq!(status, command::EXIT_DENY);
+}
+
+/// A `**` label is refused at its file:line:col with the pattern to write instead; a `**` inside a label
+/// loads (it matches like `*`) and `validate` warns about it.
+#[test]
+fn star_star_labels_are_refused_and_star_star_inside_a_label_warned() {
+    let text = "version = 1\nname = \"p\"\nlevel = \"custom\"\nallow = [\n  \"api-**.example.com\",\n  \"**.example.com\",\n]\n";
+    let diagnostics = |text: &str| match parse_policy("p.toml", text, &DefaultList::builtin()) {
+        Ok((_, warnings)) => warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        Err(d) => d.0.iter().map(ToString::to_string).collect(),
+    };
+    let warning = r#"p.toml:5:3: warning: "api-**.example.com" in allow: "**" inside a label matches exactly like "*", within that one label
+  |
+5 |   "api-**.example.com",
+  |   ^^^^^^^^^^^^^^^^^^^^
+  = hint: write "api-*.example.com"; sluice has no "**" (a leading "*." matches one or more labels)"#;
+    let error = r#"p.toml:6:3: error: pattern "**.example.com" has a "**" label, which sluice does not have: "*." at the front matches one or more labels, and "*" anywhere else exactly one
+  |
+6 |   "**.example.com",
+  |   ^^^^^^^^^^^^^^^^
+  = hint: write "*.example.com", which never matches "example.com" itself: list that too if it should"#;
+    assert_eq!(diagnostics(text), [warning, error]);
+    assert!(parse_policy("p.toml", text, &DefaultList::builtin()).is_err_and(|d| d.0[1].is_error()));
+
+    // Without the `**` label the policy loads, with the warning.
+    let text = text.replace("  \"**.example.com\",\n", "");
+    assert!(parse_policy("p.toml", &text, &DefaultList::builtin()).is_ok());
+    assert_eq!(diagnostics(&text), [warning]);
 }

@@ -168,6 +168,7 @@ mod tests {
             "gcr.io",
             "*.gcr.io",
             "api-*.example.com",
+            "api-**.example.com",
             "*.api-*.example.com",
             "a.*.example.com",
             "*.b.example.com",

@@ -27,16 +27,41 @@ pub enum PatternKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PatternError {
     Empty,
-    Scheme { written: String, host: String },
-    Path { written: String, host: String },
+    Scheme {
+        written: String,
+        host: String,
+    },
+    Path {
+        written: String,
+        host: String,
+    },
     LoneStar,
     BareWildcardPrefix,
-    PublicSuffix { fixed: String },
-    NotCanonical { written: String, canonical: String },
+    /// A label of two or more stars (`**.example.com`, `a.**.example.com`): sluice has no `**`, and what
+    /// the author meant (any depth? the name itself too?) cannot be guessed. `leading` is set when it
+    /// stands where `*.` would.
+    StarStarLabel {
+        written: String,
+        suggestion: String,
+        leading: bool,
+    },
+    PublicSuffix {
+        fixed: String,
+    },
+    NotCanonical {
+        written: String,
+        canonical: String,
+    },
     Host(HostError),
-    IpLiteral { written: String },
-    NumericName { written: String },
-    Port { written: String },
+    IpLiteral {
+        written: String,
+    },
+    NumericName {
+        written: String,
+    },
+    Port {
+        written: String,
+    },
 }
 
 impl fmt::Display for PatternError {
@@ -51,6 +76,11 @@ impl fmt::Display for PatternError {
             }
             PatternError::LoneStar => f.write_str("pattern \"*\" would allow every host"),
             PatternError::BareWildcardPrefix => f.write_str("pattern \"*.\" has nothing after the wildcard"),
+            PatternError::StarStarLabel { written, .. } => write!(
+                f,
+                "pattern {written:?} has a \"**\" label, which sluice does not have: \"*.\" at the front matches \
+                 one or more labels, and \"*\" anywhere else exactly one"
+            ),
             PatternError::PublicSuffix { fixed } => {
                 write!(f, "pattern is too broad: its fixed part {fixed:?} is a public suffix")
             }
@@ -88,6 +118,13 @@ impl PatternError {
                     .to_string()
             }
             PatternError::NotCanonical { canonical, .. } => format!("write {canonical:?}"),
+            PatternError::StarStarLabel { suggestion, leading: true, .. } => {
+                let bare = suggestion.strip_prefix("*.").unwrap_or(suggestion);
+                format!("write {suggestion:?}, which never matches {bare:?} itself: list that too if it should")
+            }
+            PatternError::StarStarLabel { suggestion, leading: false, .. } => {
+                format!("write {suggestion:?} for exactly one label there, or list each depth you need")
+            }
             PatternError::Host(_) => {
                 "a pattern is a host name, optionally starting with \"*.\" and ending with \":PORT\"".to_string()
             }
@@ -169,6 +206,9 @@ impl HostPattern {
             if any_prefix { PatternKind::Subdomains(host) } else { PatternKind::Exact(host) }
         } else {
             let labels: Vec<String> = fixed_part.split('.').map(str::to_string).collect();
+            if labels.iter().any(|l| is_star_star(l)) {
+                return Err(star_star_label(written, host_part, port));
+            }
             // Every label must be a valid label once its stars are taken out (a star may stand for the
             // whole label).
             let probe: Vec<String> =
@@ -226,6 +266,28 @@ impl HostPattern {
             }
             _ => None,
         }
+    }
+}
+
+/// A label of stars only, more than one of them.
+fn is_star_star(label: &str) -> bool {
+    label.len() > 1 && label.bytes().all(|b| b == b'*')
+}
+
+/// The refusal of a pattern with a `**` label, suggesting the pattern with each such label written `*`
+/// (and a leading run of them as one `*.`). When that suggestion is itself refused (`**.com`), its own
+/// refusal is the answer, so the author is never told to write something that does not load either.
+fn star_star_label(written: &str, host_part: &str, port: Option<u16>) -> PatternError {
+    let mut labels: Vec<&str> = host_part.split('.').map(|l| if is_star_star(l) { "*" } else { l }).collect();
+    let leading = host_part.split('.').take_while(|l| l.bytes().all(|b| b == b'*')).any(is_star_star);
+    while labels.len() > 1 && labels[0] == "*" && labels[1] == "*" {
+        labels.remove(0);
+    }
+    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+    let suggestion = format!("{}{port}", labels.join("."));
+    match HostPattern::parse(&suggestion) {
+        Ok(_) => PatternError::StarStarLabel { written: written.to_string(), suggestion, leading },
+        Err(e) => e,
     }
 }
 
@@ -377,6 +439,42 @@ mod tests {
             "error: invalid host in pattern: empty label (two dots in a row, or a leading dot)"
         );
         assert_eq!(parse(""), "error: empty pattern");
+        let star_star = |p: &str| {
+            let e = HostPattern::parse(p).err();
+            (e.as_ref().map(ToString::to_string), e.and_then(|e| e.hint()))
+        };
+        let message = |p: &str| {
+            Some(format!(
+                "pattern {p:?} has a \"**\" label, which sluice does not have: \"*.\" at the front matches one or \
+                 more labels, and \"*\" anywhere else exactly one"
+            ))
+        };
+        for p in ["**.example.com", "*.**.example.com", "***.*.example.com"] {
+            let hint =
+                "write \"*.example.com\", which never matches \"example.com\" itself: list that too if it should";
+            assert_eq!(star_star(p), (message(p), Some(hint.into())), "{p}");
+        }
+        assert_eq!(
+            star_star("**.example.com:8443"),
+            (
+                message("**.example.com:8443"),
+                Some(
+                    "write \"*.example.com:8443\", which never matches \"example.com:8443\" itself: list that too \
+                     if it should"
+                        .into()
+                )
+            )
+        );
+        assert_eq!(
+            star_star("a.**.example.com"),
+            (
+                message("a.**.example.com"),
+                Some("write \"a.*.example.com\" for exactly one label there, or list each depth you need".into())
+            )
+        );
+        // Where the suggestion would be refused too, that refusal is the answer.
+        assert_eq!(parse("**.com"), "error: pattern is too broad: its fixed part \"com\" is a public suffix");
+        assert_eq!(parse("**"), "error: pattern \"*\" would allow every host");
         assert_eq!(parse("a.example.com:443:"), "error: invalid port \"443:\": expected a number from 1 to 65535");
         assert_eq!(parse("::1"), "error: pattern \"::1\" is an IP address; host patterns never match addresses");
         for p in ["*.0.0.1", "1.2.3.256", "example.0x7f", "api-*.1:443"] {
@@ -406,5 +504,9 @@ mod tests {
         assert!(matches("a.*.example.com", "a.b.example.com"));
         assert!(!matches("a.*.example.com", "a.b.c.example.com"));
         assert!(matches("s3-*-*.example.com", "s3-eu-west.example.com"));
+        // Inside a label, `**` is `*` (validate warns about it).
+        assert!(matches("api-**.example.com", "api-eu.example.com"));
+        assert!(!matches("api-**.example.com", "api-eu.x.example.com"));
+        assert_eq!(parse("api-**.example.com"), "api-**.example.com");
     }
 }

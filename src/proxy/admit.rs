@@ -2,14 +2,13 @@
 //! returns a value; the first that cannot go on returns the [`Refusal`] the front end renders.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use http::HeaderValue;
 use tokio::net::TcpStream;
 
 use super::{ANONYMOUS, EgressProxy, Session};
 use crate::credential::{self, AuthError, Kind, now_unix};
-use crate::limit::TunnelPermit;
+use crate::limit::{Lease, LimitKey};
 use crate::net::{self, NetError, Reach};
 use crate::policy::{Authority, Decision};
 use crate::refusal::Refusal;
@@ -21,7 +20,7 @@ pub(crate) struct Admission {
     /// The checked address that was dialled.
     pub addr: SocketAddr,
     /// Held for a tunnel's life: the session's slot under `max_tunnels`.
-    pub permit: Option<TunnelPermit>,
+    pub permit: Option<Lease>,
 }
 
 impl EgressProxy {
@@ -35,11 +34,7 @@ impl EgressProxy {
             }
             let name = &self.config.policy;
             let policy = policies.get(name).cloned().ok_or_else(|| Refusal::unknown_policy(name))?;
-            return Ok(Session {
-                id: ANONYMOUS.into(),
-                policy,
-                limit_key: format!("{ANONYMOUS}@{}", peer.ip()).into(),
-            });
+            return Ok(Session { id: ANONYMOUS.into(), policy, limit_key: LimitKey::anonymous(peer.ip()) });
         };
         let basic = credential::Basic::parse(value.as_bytes()).map_err(|e| Refusal::proxy_auth(&e))?;
         if !credential::valid_session_id(&basic.user) {
@@ -51,8 +46,8 @@ impl EgressProxy {
             .map_err(|e| Refusal::proxy_auth(&AuthError::Credential(e)))?;
         let name = claims.policy.unwrap_or_else(|| "trusted".into());
         let policy = policies.get(&name).cloned().ok_or_else(|| Refusal::unknown_policy(&name))?;
-        let id: Arc<str> = basic.user.into();
-        Ok(Session { id: id.clone(), policy, limit_key: id })
+        let limit_key = LimitKey::session(&basic.user);
+        Ok(Session { id: basic.user.into(), policy, limit_key })
     }
 
     /// decide → limit → reach for an identified session. `tunnel` also takes a slot under the
@@ -71,9 +66,10 @@ impl EgressProxy {
         let in_policy = |r: Refusal| r.in_policy(&policy.name, policy.level.as_str());
         self.limiter
             .check_request(&session.limit_key, &policy.limits)
+            .await
             .map_err(|e| in_policy(Refusal::rate_limited(e.retry_after, &e.limit)))?;
         let permit = if tunnel {
-            let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits);
+            let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits).await;
             Some(permit.map_err(|e| in_policy(Refusal::too_many_tunnels(e.max)))?)
         } else {
             None

@@ -171,7 +171,7 @@ struct Finished {
 
 struct Finish {
     proxy: Arc<EgressProxy>,
-    limit_key: Arc<str>,
+    limit_key: crate::limit::LimitKey,
     sent: Arc<AtomicU64>,
     status: u16,
     record: Option<Record>,

@@ -1,0 +1,732 @@
+//! The in-memory limiter: one process's sessions, their request rates over governor's keyed limiters (GCRA),
+//! their open tunnels and their byte counters, sharded so that sessions rarely share a lock.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+use serde::Serialize;
+
+use super::{
+    Answer, ByteCounter, ByteCounts, ByteMeter, Lease, LimitKey, Limiter, RateLimited, SessionStats, TooManyTunnels,
+    TunnelSlot,
+};
+use crate::config::LimitDefaults;
+use crate::policy::Limits;
+
+/// How long a session with no open tunnel and no request is remembered, with its counters, before housekeeping
+/// forgets it.
+pub const SESSION_IDLE: Duration = Duration::from_secs(10 * 60);
+
+/// Distinct quotas (one keyed limiter each) over the server's life. Quotas come from policies, so this is far above
+/// any real deployment; past it a new quota is replaced by the server's default rather than growing memory.
+pub const MAX_QUOTAS: usize = 256;
+
+/// Longest interval between two requests a quota can express. Governor counts in u64 nanoseconds, and a slower
+/// quota would only ever matter to a session that lives for a year.
+const MAX_PERIOD_NANOS: u64 = 365 * 24 * 3600 * 1_000_000_000;
+/// Longest time a full burst may take to replenish, again to keep governor's u64 nanosecond arithmetic in range.
+const MAX_WINDOW_NANOS: u64 = 100 * MAX_PERIOD_NANOS;
+
+/// Session maps are sharded so concurrent connections of different sessions rarely touch the same lock.
+const SHARDS: usize = 64;
+
+/// How many entries the limiter holds: what housekeeping keeps bounded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Tracked {
+    pub sessions: usize,
+    /// Per-session rate states, summed over every quota.
+    pub rate_states: usize,
+    pub quotas: usize,
+}
+
+/// A session's [`LimitKey`] hashed with the limiter's secret seed: the key of its entry and of its governor rate states.
+/// Two live sessions share limits only if their 64-bit hashes collide, about n²/2⁶⁵ for n sessions (1 in 10⁸ at
+/// a million); in exchange a check hashes the name once, never allocates and never compares strings.
+type SessionKey = u64;
+
+/// Hands a [`SessionKey`] to the maps unchanged: it already is a well-mixed hash.
+#[derive(Clone, Copy, Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else rather than ignore it.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type KeyState = BuildHasherDefault<KeyHasher>;
+
+/// One session's entry, inline in its shard's map: what every request touches, in one small bucket.
+#[derive(Debug)]
+struct Session {
+    /// Nanoseconds since the limiter started, at the last request or tunnel.
+    last_seen: AtomicU64,
+    requests: AtomicU64,
+    /// The slot of the quota this session last used: a hint that spares the quota index lock.
+    quota: AtomicU32,
+    /// The rarely touched part, shared with the session's leases and meters.
+    shared: Arc<Shared>,
+}
+
+/// A session's counters that its leases and meters update after the check, wherever they are.
+#[derive(Debug, Default)]
+struct Shared {
+    tunnels: AtomicU32,
+    rate_limited: AtomicU64,
+    /// What the session's tunnels and requests report to through their meters, so its counts are live.
+    bytes: ByteCounts,
+}
+
+impl Shared {
+    /// A meter on this session's counters, in its entry.
+    fn meter(self: &Arc<Self>) -> ByteMeter {
+        let counter: Arc<dyn ByteCounter> = self.clone();
+        ByteMeter::new(counter)
+    }
+}
+
+impl ByteCounter for Shared {
+    fn add_up(&self, n: u64) {
+        self.bytes.add_up(n);
+    }
+
+    fn add_down(&self, n: u64) {
+        self.bytes.add_down(n);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        self.bytes.totals()
+    }
+}
+
+/// A session's lease is a place in its tunnel count.
+impl TunnelSlot for Shared {
+    fn release(&self) {
+        self.tunnels.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Session {
+    fn new(now: u64) -> Self {
+        Session {
+            last_seen: AtomicU64::new(now),
+            requests: AtomicU64::new(0),
+            quota: AtomicU32::new(DEFAULT_SLOT),
+            shared: Arc::default(),
+        }
+    }
+
+    fn stats(&self) -> SessionStats {
+        let (bytes_up, bytes_down) = self.shared.bytes.totals();
+        SessionStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            rate_limited: self.shared.rate_limited.load(Ordering::Relaxed),
+            bytes_up,
+            bytes_down,
+            open_tunnels: self.shared.tunnels.load(Ordering::Relaxed),
+        }
+    }
+}
+
+type Keyed<C> =
+    RateLimiter<SessionKey, DashMapStateStore<SessionKey, KeyState>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// One keyed limiter per distinct quota: sessions of different policies have different quotas.
+struct QuotaLimiter<C: Clock> {
+    key: QuotaKey,
+    limiter: Keyed<C>,
+    /// The quota in words, for [`RateLimited::limit`].
+    describe: Box<str>,
+}
+
+/// Identifies a quota as configured; the bits of the rate so that it can be hashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct QuotaKey {
+    rps_bits: u64,
+    burst: u32,
+}
+
+/// The server's default quota always sits in the first slot, so there is always a quota to fall back to.
+const DEFAULT_SLOT: u32 = 0;
+
+type SessionMap = HashMap<SessionKey, Session, KeyState>;
+
+/// Cache-line aligned so that two shards' locks never share a line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Shard(RwLock<SessionMap>);
+
+/// The limits of every session, shared by all connections.
+///
+/// Generic over governor's clock so that tests drive time with [`governor::clock::FakeRelativeClock`].
+pub struct MemoryLimiter<C: Clock = DefaultClock> {
+    defaults: LimitDefaults,
+    clock: C,
+    start: C::Instant,
+    /// Seeded per limiter, so no one can aim session names at a collision.
+    key_hasher: foldhash::quality::RandomState,
+    shards: Box<[Shard]>,
+    /// Quota limiters live in fixed slots that are filled once and never emptied, so a check reaches its
+    /// limiter without a lock; [`MAX_QUOTAS`] bounds them, and housekeeping empties their states.
+    quotas: Box<[OnceLock<QuotaLimiter<C>>]>,
+    /// Which slot holds which quota; locked only when a session meets a quota it did not use last time.
+    quota_index: Mutex<HashMap<QuotaKey, u32, foldhash::fast::RandomState>>,
+}
+
+impl MemoryLimiter<DefaultClock> {
+    pub fn new(defaults: LimitDefaults) -> Self {
+        MemoryLimiter::with_clock(defaults, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> MemoryLimiter<C> {
+    pub fn with_clock(defaults: LimitDefaults, clock: C) -> Self {
+        let start = clock.now();
+        let limiter = MemoryLimiter {
+            defaults,
+            clock,
+            start,
+            key_hasher: foldhash::quality::RandomState::default(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            quotas: (0..MAX_QUOTAS).map(|_| OnceLock::new()).collect(),
+            quota_index: Mutex::new(HashMap::default()),
+        };
+        let (rps, burst) = (limiter.defaults.requests_per_second, limiter.defaults.burst);
+        let default = limiter.quota_slot(QuotaKey { rps_bits: rps.to_bits(), burst }, rps, burst);
+        debug_assert_eq!(default, DEFAULT_SLOT);
+        limiter
+    }
+
+    pub fn defaults(&self) -> &LimitDefaults {
+        &self.defaults
+    }
+
+    /// [`Limiter::check_request`], answered at once: counts one new CONNECT tunnel or plain-HTTP request of
+    /// `session` against its quota, the policy's `requests_per_second` and `burst`, else the server's.
+    pub fn check_now(&self, session: &LimitKey, policy_limits: &Limits) -> Result<(), RateLimited> {
+        let rps = policy_limits.requests_per_second.unwrap_or(self.defaults.requests_per_second);
+        let burst = policy_limits.burst.unwrap_or(self.defaults.burst);
+        let quota_key = QuotaKey { rps_bits: rps.to_bits(), burst };
+        let key = self.key(session);
+        self.with_session(key, |s| {
+            let q = match self.quota(s.quota.load(Ordering::Relaxed)) {
+                Some(q) if q.key == quota_key => q,
+                _ => {
+                    let slot = self.quota_slot(quota_key, rps, burst);
+                    s.quota.store(slot, Ordering::Relaxed);
+                    match self.quota(slot) {
+                        Some(q) => q,
+                        // quota_slot only returns filled slots; allow rather than fail a request on a slip.
+                        None => return Ok(()),
+                    }
+                }
+            };
+            match q.limiter.check_key(&key) {
+                Ok(()) => {
+                    s.requests.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(not_until) => {
+                    s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    let retry_after = not_until.wait_time_from(self.clock.now());
+                    Err(RateLimited { retry_after, limit: q.describe.to_string() })
+                }
+            }
+        })
+    }
+
+    /// [`Limiter::open_tunnel`], answered at once: a lease on one of `session`'s `max_tunnels` places, if it
+    /// has fewer open; the lease gives the place back on drop.
+    pub fn open_tunnel_now(&self, session: &LimitKey, policy_limits: &Limits) -> Result<Lease, TooManyTunnels> {
+        let max = policy_limits.max_tunnels.unwrap_or(self.defaults.max_tunnels);
+        self.with_session(self.key(session), |s| {
+            // Increment only below the cap, so concurrent opens can never overshoot it.
+            let opened =
+                s.shared.tunnels.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+            match opened {
+                Ok(_) => {
+                    let slot: Arc<dyn TunnelSlot> = s.shared.clone();
+                    Ok(Lease::new(slot))
+                }
+                Err(_) => Err(TooManyTunnels { max }),
+            }
+        })
+    }
+
+    /// How many entries are held.
+    pub fn tracked(&self) -> Tracked {
+        let quotas: Vec<_> = self.quotas.iter().filter_map(OnceLock::get).collect();
+        Tracked {
+            sessions: self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len()).sum(),
+            rate_states: quotas.iter().map(|q| q.limiter.len()).sum(),
+            quotas: quotas.len(),
+        }
+    }
+
+    fn now_nanos(&self) -> u64 {
+        self.clock.now().duration_since(self.start).as_u64()
+    }
+
+    fn key(&self, session: &LimitKey) -> SessionKey {
+        self.key_hasher.hash_one(session.as_str())
+    }
+
+    fn shard(&self, key: SessionKey) -> &RwLock<SessionMap> {
+        // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
+        &self.shards[(key >> 32) as usize % SHARDS].0
+    }
+
+    /// Runs `f` on the session's entry, created on first sight, under its shard's lock.
+    fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&Session) -> R) -> R {
+        let now = self.now_nanos();
+        let shard = self.shard(key);
+        if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            // Concurrent requests race here; any of their times is recent enough for an idle check.
+            s.last_seen.store(now, Ordering::Relaxed);
+            return f(s);
+        }
+        let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
+        let s = map.entry(key).or_insert_with(|| Session::new(now));
+        s.last_seen.store(now, Ordering::Relaxed);
+        f(s)
+    }
+
+    fn quota(&self, slot: u32) -> Option<&QuotaLimiter<C>> {
+        self.quotas.get(slot as usize).and_then(OnceLock::get)
+    }
+
+    /// The slot holding the limiter for `key`, filled on first use; past [`MAX_QUOTAS`], the default quota's.
+    fn quota_slot(&self, key: QuotaKey, rps: f64, burst: u32) -> u32 {
+        let mut index = self.quota_index.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&slot) = index.get(&key) {
+            return slot;
+        }
+        let slot = index.len();
+        let Some(cell) = self.quotas.get(slot) else {
+            tracing::warn!(
+                max = MAX_QUOTAS,
+                requests_per_second = rps,
+                burst,
+                "too many distinct rate quotas; applying the server's default quota"
+            );
+            return DEFAULT_SLOT;
+        };
+        // The index lock is held, so no one else fills this slot.
+        let _ = cell.set(QuotaLimiter {
+            key,
+            limiter: RateLimiter::dashmap_with_clock_and_hasher(
+                effective_quota(rps, burst),
+                self.clock.clone(),
+                KeyState::default(),
+            ),
+            describe: describe(rps, burst).into(),
+        });
+        let slot = u32::try_from(slot).unwrap_or(DEFAULT_SLOT);
+        index.insert(key, slot);
+        slot
+    }
+}
+
+impl<C: Clock> fmt::Debug for MemoryLimiter<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLimiter").field("defaults", &self.defaults).finish_non_exhaustive()
+    }
+}
+
+impl<C> Limiter for MemoryLimiter<C>
+where
+    C: Clock + Clone + Send + Sync,
+    C::Instant: Send + Sync,
+{
+    fn check_request(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), RateLimited>> {
+        Answer::ready(self.check_now(session, limits))
+    }
+
+    fn open_tunnel(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, TooManyTunnels>> {
+        Answer::ready(self.open_tunnel_now(session, limits))
+    }
+
+    fn meter(&self, session: &LimitKey) -> ByteMeter {
+        self.with_session(self.key(session), |s| s.shared.meter())
+    }
+
+    fn session_stats(&self, session: &LimitKey) -> Option<SessionStats> {
+        let key = self.key(session);
+        let shard = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        shard.get(&key).map(Session::stats)
+    }
+
+    /// Forgets what no longer matters: rate states that have fully replenished, and sessions idle for
+    /// [`SESSION_IDLE`] with no tunnel open. Rate states are keyed by the session's name, not its entry, so
+    /// forgetting a session never hands it a fresh burst. The server calls this periodically; between calls
+    /// memory grows only with new sessions.
+    fn housekeeping(&self) {
+        for q in self.quotas.iter().filter_map(OnceLock::get) {
+            q.limiter.retain_recent();
+            q.limiter.shrink_to_fit();
+        }
+        let now = self.now_nanos();
+        let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap_or(u64::MAX);
+        for shard in self.shards.iter() {
+            // Under the write lock no one can open a tunnel on these sessions, so `tunnels == 0` stays true
+            // until they are removed; an open lease holds its own counters and may still drop afterwards.
+            let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
+            map.retain(|_, s| {
+                let since = now.saturating_sub(s.last_seen.load(Ordering::Relaxed));
+                s.shared.tunnels.load(Ordering::Acquire) > 0 || since < idle
+            });
+            // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+        }
+    }
+}
+
+fn describe(rps: f64, burst: u32) -> String {
+    let unit = if rps == 1.0 { "request" } else { "requests" };
+    format!("{rps} {unit} per second, burst {burst}")
+}
+
+/// The governor quota for `rps` and `burst`, kept within what governor's u64 nanoseconds can count. Policies and
+/// the server config only admit positive rates and bursts; anything else gets the slowest quota (fail closed).
+fn effective_quota(rps: f64, burst: u32) -> Quota {
+    let period = if rps > 0.0 { (1e9 / rps).clamp(1.0, MAX_PERIOD_NANOS as f64) as u64 } else { MAX_PERIOD_NANOS };
+    let burst = burst.clamp(1, u32::try_from(MAX_WINDOW_NANOS / period).unwrap_or(u32::MAX).max(1));
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    // `period` is at least 1ns, so governor accepts it; the fallback only satisfies the type.
+    Quota::with_period(Duration::from_nanos(period)).unwrap_or(Quota::per_second(NonZeroU32::MIN)).allow_burst(burst)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+
+    fn limiter() -> (MemoryLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        (MemoryLimiter::with_clock(LimitDefaults::default(), clock.clone()), clock)
+    }
+
+    fn key(session: &str) -> LimitKey {
+        LimitKey::session(session)
+    }
+
+    fn none() -> Limits {
+        Limits::default()
+    }
+
+    fn refused(retry_ms: u64, limit: &str) -> Result<(), RateLimited> {
+        Err(RateLimited { retry_after: Duration::from_millis(retry_ms), limit: limit.into() })
+    }
+
+    /// Sends `n` requests at the current instant and returns the refusals.
+    fn burst(l: &MemoryLimiter<FakeRelativeClock>, session: &str, limits: &Limits, n: usize) -> Vec<RateLimited> {
+        (0..n).filter_map(|_| l.check_now(&key(session), limits).err()).collect()
+    }
+
+    const DEFAULT: &str = "20 requests per second, burst 40";
+
+    #[test]
+    fn a_burst_beyond_the_quota_is_refused_exactly() {
+        let (l, _) = limiter();
+        let refusals = burst(&l, "s1", &none(), 50);
+        // 40 pass; 20 rps means the 41st waits one 50ms slot, and the bucket stays empty however often it is asked.
+        let expected = RateLimited { retry_after: Duration::from_millis(50), limit: DEFAULT.into() };
+        assert_eq!(refusals, vec![expected; 10]);
+        let stats = l.session_stats(&key("s1"));
+        assert_eq!(stats, Some(SessionStats { requests: 40, rate_limited: 10, ..SessionStats::default() }));
+    }
+
+    #[test]
+    fn retry_after_counts_down_and_the_session_recovers() {
+        let (l, clock) = limiter();
+        assert!(burst(&l, "s1", &none(), 40).is_empty());
+        assert_eq!(l.check_now(&key("s1"), &none()), refused(50, DEFAULT));
+        clock.advance(Duration::from_millis(20));
+        assert_eq!(l.check_now(&key("s1"), &none()), refused(30, DEFAULT));
+        clock.advance(Duration::from_millis(30));
+        // Exactly one slot has replenished.
+        assert_eq!(l.check_now(&key("s1"), &none()), Ok(()));
+        assert_eq!(l.check_now(&key("s1"), &none()), refused(50, DEFAULT));
+        // A full burst takes 40 × 50ms to come back.
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(burst(&l, "s1", &none(), 41).len(), 1);
+    }
+
+    #[test]
+    fn another_session_at_the_same_time_is_not_refused() {
+        let (l, _) = limiter();
+        assert_eq!(burst(&l, "s1", &none(), 100).len(), 60);
+        assert_eq!(burst(&l, "s2", &none(), 40), vec![]);
+    }
+
+    #[test]
+    fn different_policies_quotas_are_independent() {
+        let (l, clock) = limiter();
+        let slow = Limits { requests_per_second: Some(1.0), burst: Some(2), max_tunnels: None };
+        let fast = Limits { requests_per_second: Some(1000.0), burst: Some(500), max_tunnels: None };
+        assert_eq!(l.check_now(&key("a"), &slow), Ok(()));
+        assert_eq!(l.check_now(&key("a"), &slow), Ok(()));
+        assert_eq!(l.check_now(&key("a"), &slow), refused(1000, "1 request per second, burst 2"));
+        assert_eq!(burst(&l, "b", &fast, 500), vec![]);
+        assert_eq!(l.check_now(&key("b"), &fast), refused(1, "1000 requests per second, burst 500"));
+        assert_eq!(burst(&l, "c", &none(), 40), vec![]);
+        assert_eq!(burst(&l, "d", &slow, 2), vec![]);
+        assert_eq!(l.tracked(), Tracked { sessions: 4, rate_states: 4, quotas: 3 });
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(l.check_now(&key("a"), &slow), Ok(()));
+        assert_eq!(l.check_now(&key("a"), &slow), refused(1000, "1 request per second, burst 2"));
+    }
+
+    #[test]
+    fn a_policy_may_set_only_some_limits() {
+        let (l, _) = limiter();
+        let burst_only = Limits { requests_per_second: None, burst: Some(3), max_tunnels: None };
+        assert_eq!(
+            burst(&l, "s1", &burst_only, 4),
+            vec![RateLimited {
+                retry_after: Duration::from_millis(50),
+                limit: "20 requests per second, burst 3".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let at = |ms| RateLimited { retry_after: Duration::from_millis(ms), limit: DEFAULT.into() };
+        assert_eq!(at(50).retry_after_secs(), 1);
+        assert_eq!(at(2000).retry_after_secs(), 2);
+        assert_eq!(at(2001).retry_after_secs(), 3);
+        assert_eq!(
+            at(50).to_string(),
+            "rate limit of 20 requests per second, burst 40 reached; retry in 50ms (a policy raises it with \
+             requests_per_second and burst in [limits])"
+        );
+    }
+
+    #[test]
+    fn max_tunnels_holds_and_leases_release_on_drop() {
+        let (l, _) = limiter();
+        let three = Limits { max_tunnels: Some(3), ..Limits::default() };
+        let mut leases: Vec<Lease> = (0..3).filter_map(|_| l.open_tunnel_now(&key("s1"), &three).ok()).collect();
+        assert_eq!(leases.len(), 3);
+        assert_eq!(l.open_tunnel_now(&key("s1"), &three).err(), Some(TooManyTunnels { max: 3 }));
+        assert_eq!(l.open_tunnel_now(&key("s2"), &three).map(|_| ()).err(), None);
+        assert_eq!(l.session_stats(&key("s1")).map(|s| s.open_tunnels), Some(3));
+        leases.pop();
+        assert_eq!(l.session_stats(&key("s1")).map(|s| s.open_tunnels), Some(2));
+        assert!(l.open_tunnel_now(&key("s1"), &three).is_ok());
+        drop(leases);
+        assert_eq!(l.session_stats(&key("s1")).map(|s| s.open_tunnels), Some(0));
+        assert_eq!(
+            TooManyTunnels { max: 3 }.to_string(),
+            "session already has 3 open tunnels, the most it may have at once; close some, or raise max_tunnels \
+             in the policy's [limits]"
+        );
+    }
+
+    #[test]
+    fn max_tunnels_holds_across_threads() {
+        let (l, _) = limiter();
+        let ten = Limits { max_tunnels: Some(10), ..Limits::default() };
+        let barrier = Barrier::new(4);
+        let (opened, refused): (Vec<usize>, Vec<usize>) = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let results: Vec<_> = (0..10).map(|_| l.open_tunnel_now(&key("s1"), &ten)).collect();
+                        // Hold every lease until all threads have tried, so the cap is what stops them.
+                        barrier.wait();
+                        let opened = results.iter().filter(|r| r.is_ok()).count();
+                        (opened, results.len() - opened)
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).unzip()
+        });
+        assert_eq!(opened.iter().sum::<usize>(), 10);
+        assert_eq!(refused.iter().sum::<usize>(), 30);
+        assert_eq!(l.session_stats(&key("s1")).map(|s| s.open_tunnels), Some(0));
+        assert_eq!(l.open_tunnel_now(&key("s1"), &ten).map(|_| ()).err(), None);
+    }
+
+    #[test]
+    fn housekeeping_forgets_idle_sessions() {
+        let (l, clock) = limiter();
+        for i in 0..1000 {
+            assert_eq!(l.check_now(&key(&format!("s{i}")), &none()), Ok(()));
+        }
+        let permit = l.open_tunnel_now(&key("busy"), &none());
+        assert!(permit.is_ok());
+        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 1000, quotas: 1 });
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 1000, quotas: 1 });
+
+        // Replenished rate states go first; the counters stay for SESSION_IDLE.
+        clock.advance(Duration::from_secs(3));
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 1001, rate_states: 0, quotas: 1 });
+        assert_eq!(l.session_stats(&key("s7")).map(|s| s.requests), Some(1));
+
+        clock.advance(SESSION_IDLE);
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 0, quotas: 1 });
+        assert_eq!(l.session_stats(&key("s7")), None);
+
+        // An open tunnel keeps its session; once closed, the session goes like any other.
+        drop(permit);
+        clock.advance(SESSION_IDLE);
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 1 });
+
+        // A forgotten session starts afresh.
+        assert_eq!(burst(&l, "s7", &none(), 40), vec![]);
+    }
+
+    #[test]
+    fn housekeeping_never_resets_a_slow_quota() {
+        let (l, clock) = limiter();
+        // One request per 1000s: a full burst of 5 takes longer than SESSION_IDLE to come back.
+        let slow = Limits { requests_per_second: Some(0.001), burst: Some(5), max_tunnels: None };
+        assert_eq!(burst(&l, "s1", &slow, 6).len(), 1);
+        clock.advance(SESSION_IDLE + Duration::from_secs(1));
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 1, quotas: 2 });
+        // The sixth slot opens at 1000s: a forgotten state would have let this through.
+        assert_eq!(l.check_now(&key("s1"), &slow), refused(399_000, "0.001 requests per second, burst 5"));
+        clock.advance(Duration::from_secs(399));
+        assert_eq!(l.check_now(&key("s1"), &slow), Ok(()));
+        assert_eq!(l.check_now(&key("s1"), &slow), refused(1_000_000, "0.001 requests per second, burst 5"));
+        // Governor forgets a state one slot after it has fully replenished.
+        clock.advance(Duration::from_secs(6000));
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 2 });
+    }
+
+    #[test]
+    fn quotas_are_bounded() {
+        let (l, _) = limiter();
+        // The default quota holds the first slot.
+        for burst in 1..MAX_QUOTAS as u32 {
+            let limits = Limits { requests_per_second: Some(1.0), burst: Some(burst), max_tunnels: None };
+            assert_eq!(l.check_now(&key("s1"), &limits), Ok(()));
+        }
+        assert_eq!(l.tracked().quotas, MAX_QUOTAS);
+        let one_more = Limits { requests_per_second: Some(2.0), burst: Some(1), max_tunnels: None };
+        assert_eq!(
+            burst(&l, "s2", &one_more, 41),
+            vec![RateLimited { retry_after: Duration::from_millis(50), limit: DEFAULT.into() }]
+        );
+        assert_eq!(l.tracked().quotas, MAX_QUOTAS);
+    }
+
+    #[test]
+    fn counts_requests_and_bytes() {
+        let (l, _) = limiter();
+        assert_eq!(l.session_stats(&key("s1")), None);
+        assert_eq!(l.check_now(&key("s1"), &none()), Ok(()));
+        l.record_bytes(&key("s1"), 10, 200);
+        let permit = l.open_tunnel_now(&key("s1"), &none());
+        if let Ok(p) = &permit {
+            p.record_bytes(5, 7);
+        }
+        assert_eq!(
+            l.session_stats(&key("s1")),
+            Some(SessionStats { requests: 1, rate_limited: 0, bytes_up: 15, bytes_down: 207, open_tunnels: 1 })
+        );
+    }
+
+    #[test]
+    fn extreme_quotas_neither_panic_nor_overflow() {
+        let (l, clock) = limiter();
+        for (i, rps) in [1e-300, f64::MIN_POSITIVE, 1e300, f64::INFINITY, f64::NAN, 0.0, -1.0].into_iter().enumerate() {
+            for b in [0, 1, u32::MAX] {
+                let limits = Limits { requests_per_second: Some(rps), burst: Some(b), max_tunnels: Some(0) };
+                let session = format!("s{i}-{b}");
+                let first = l.check_now(&key(&session), &limits);
+                assert_eq!(first, Ok(()), "rps {rps}, burst {b}");
+                assert_eq!(l.open_tunnel_now(&key(&session), &limits).err(), Some(TooManyTunnels { max: 0 }));
+            }
+        }
+        clock.advance(Duration::from_secs(1));
+        l.housekeeping();
+    }
+
+    #[test]
+    fn the_limiter_is_shared_between_tasks() {
+        fn shared<T: Send + Sync>() {}
+        shared::<MemoryLimiter>();
+        shared::<MemoryLimiter<FakeRelativeClock>>();
+        shared::<Lease>();
+    }
+
+    #[test]
+    fn a_tunnels_bytes_count_while_it_runs() {
+        let (l, _) = limiter();
+        let lease = l.open_tunnel_now(&key("s1"), &none()).map_err(|e| e.to_string());
+        let meter = lease.as_ref().map(Lease::meter).map_err(Clone::clone);
+        if let Ok(meter) = &meter {
+            meter.add_up(100);
+            meter.add_down(5000);
+        }
+        let live = SessionStats { bytes_up: 100, bytes_down: 5000, open_tunnels: 1, ..SessionStats::default() };
+        assert_eq!(l.session_stats(&key("s1")), Some(live));
+        // A plain-HTTP request of the same session reports to the same counters.
+        l.meter(&key("s1")).add(1, 2);
+        drop(lease);
+        let done = SessionStats { bytes_up: 101, bytes_down: 5002, open_tunnels: 0, ..SessionStats::default() };
+        assert_eq!(l.session_stats(&key("s1")), Some(done));
+        assert_eq!(l.session_stats(&key("s2")), None);
+        // A meter outliving its lease still counts, without opening a place.
+        if let Ok(meter) = &meter {
+            meter.add_up(9);
+        }
+        assert_eq!(l.session_stats(&key("s1")).map(|s| (s.bytes_up, s.open_tunnels)), Some((110, 0)));
+    }
+
+    #[tokio::test]
+    async fn through_the_trait_answers_are_ready_at_once() {
+        let (l, _) = limiter();
+        let limiter: Arc<dyn Limiter> = Arc::new(l);
+        let one = Limits { requests_per_second: Some(1.0), burst: Some(1), max_tunnels: Some(1) };
+        let client = LimitKey::anonymous([127, 0, 0, 1].into());
+        assert_eq!(limiter.check_request(&client, &one).now().ok(), Some(Ok(())));
+        assert_eq!(limiter.check_request(&client, &one).await, refused(1000, "1 request per second, burst 1"));
+        // Another anonymous client has limits of its own.
+        let other = LimitKey::anonymous([127, 0, 0, 2].into());
+        assert_eq!(limiter.check_request(&other, &one).await, Ok(()));
+
+        let lease = limiter.open_tunnel(&client, &one).await;
+        assert_eq!(lease.as_ref().map(|_| ()), Ok(()));
+        assert_eq!(limiter.open_tunnel(&client, &one).await.err(), Some(TooManyTunnels { max: 1 }));
+        drop(lease);
+        assert_eq!(limiter.open_tunnel(&client, &one).await.map(|_| ()), Ok(()));
+        let stats = limiter.session_stats(&client);
+        assert_eq!(stats, Some(SessionStats { requests: 1, rate_limited: 1, ..SessionStats::default() }));
+    }
+}
