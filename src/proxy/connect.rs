@@ -63,7 +63,8 @@ async fn run(proxy: &EgressProxy, admission: Admission, mut record: Record, clie
     record.restart();
     let metrics = &proxy.metrics;
     let idle = proxy.config.idle_timeout.0;
-    let counters = Arc::new(Counters::default());
+    // The session's limiter sees the tunnel's bytes as they move.
+    let counters = Arc::new(Counters::metered(permit.as_ref().map(|lease| lease.meter())));
     metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
     metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
     let stop = proxy.shutdown.hard_stop.cancelled();
@@ -72,9 +73,7 @@ async fn run(proxy: &EgressProxy, admission: Admission, mut record: Record, clie
         ClientSide::Upgraded(upgraded) => tunnel::run(TokioIo::new(upgraded), upstream, idle, counters, stop).await,
     };
     metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
-    if let Some(permit) = permit {
-        permit.record_bytes(stats.bytes_up, stats.bytes_down);
-    }
+    drop(permit);
     if stats.end == tunnel::TunnelEnd::UpstreamError {
         metrics.upstream_resets.fetch_add(1, Ordering::Relaxed);
     }

@@ -12,6 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use crate::limit::ByteMeter;
+
 /// How a tunnel ended, for the closing log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TunnelEnd {
@@ -49,6 +51,15 @@ pub struct Counters {
     pub down: AtomicU64,
     /// Milliseconds since the tunnel started at the last byte either way.
     last_activity_ms: AtomicU64,
+    /// The session's byte meter (its limiter lease's), told of bytes as they move, not at the end.
+    meter: Option<ByteMeter>,
+}
+
+impl Counters {
+    /// Counters that also report every byte to `meter`.
+    pub fn metered(meter: Option<ByteMeter>) -> Counters {
+        Counters { meter, ..Counters::default() }
+    }
 }
 
 /// The buffer of [`run`], and of a [`run_tcp`] direction while bytes are waiting (an idle tunnel holds
@@ -57,15 +68,28 @@ const BUF_SIZE: usize = 64 * 1024;
 
 /// One direction's view of the counters.
 pub(super) struct Meter<'a> {
-    count: &'a AtomicU64,
+    up: bool,
     counters: &'a Counters,
     start: Instant,
 }
 
-impl Meter<'_> {
+impl<'a> Meter<'a> {
+    fn new(up: bool, counters: &'a Counters, start: Instant) -> Meter<'a> {
+        Meter { up, counters, start }
+    }
+
     pub(super) fn record(&self, n: usize) {
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        self.counters.last_activity_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let c = self.counters;
+        let n = n as u64;
+        if self.up {
+            c.up.fetch_add(n, Ordering::Relaxed)
+        } else {
+            c.down.fetch_add(n, Ordering::Relaxed)
+        };
+        if let Some(meter) = &c.meter {
+            if self.up { meter.add_up(n) } else { meter.add_down(n) }
+        }
+        c.last_activity_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -84,8 +108,8 @@ where
     let start = Instant::now();
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let up = Meter { count: &counters.up, counters: &counters, start };
-    let down = Meter { count: &counters.down, counters: &counters, start };
+    let up = Meter::new(true, &counters, start);
+    let down = Meter::new(false, &counters, start);
     let up = async { pump(&mut cr, &mut uw, &up).await.map_err(|side| side.end(true)) };
     let down = async { pump(&mut ur, &mut cw, &down).await.map_err(|side| side.end(false)) };
     supervise(up, down, idle_timeout, &counters, start, stop).await
@@ -104,8 +128,8 @@ pub async fn run_tcp(
     let start = Instant::now();
     let (cr, mut cw) = client.split();
     let (ur, mut uw) = upstream.split();
-    let up = Meter { count: &counters.up, counters: &counters, start };
-    let down = Meter { count: &counters.down, counters: &counters, start };
+    let up = Meter::new(true, &counters, start);
+    let down = Meter::new(false, &counters, start);
     let up = async {
         if !early.is_empty() {
             uw.write_all(early).await.map_err(|_| Side::Write.end(true))?;
@@ -413,8 +437,10 @@ mod tests {
     async fn generic_engine_half_close() {
         let (mut client, proxy_client) = tokio::io::duplex(1024);
         let (proxy_upstream, mut upstream) = tokio::io::duplex(1024);
+        let meter = ByteMeter::default();
+        let seen = meter.clone();
         let task = tokio::spawn(async move {
-            let counters = Arc::new(Counters::default());
+            let counters = Arc::new(Counters::metered(Some(meter)));
             run(proxy_client, proxy_upstream, Duration::from_secs(60), counters, std::future::pending()).await
         });
         client.write_all(b"up").await.unwrap();
@@ -429,5 +455,7 @@ mod tests {
         assert_eq!(got, b"down");
         let stats = task.await.unwrap();
         assert_eq!(stats, TunnelStats { bytes_up: 2, bytes_down: 4, end: TunnelEnd::Closed });
+        // The session's meter was told of every byte, as it moved.
+        assert_eq!(seen.totals(), (2, 4));
     }
 }
