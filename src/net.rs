@@ -162,11 +162,12 @@ pub async fn reach(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::policy::{Level, Policy, PolicySet};
 
-    fn resolver(hosts: &[(&str, &str)]) -> Resolver {
+    /// A resolver with only static answers (no system DNS), for tests here and in `net`'s modules.
+    pub(crate) fn resolver(hosts: &[(&str, &str)]) -> Resolver {
         let mut config = ResolverConfig { system: false, ..ResolverConfig::default() };
         for (h, ip) in hosts {
             config.hosts.entry(h.to_string()).or_default().push(ip.parse().unwrap());

@@ -120,16 +120,8 @@ pub async fn connect_upstream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ResolverConfig;
+    use crate::net::tests::resolver;
     use tokio::net::TcpListener;
-
-    fn resolver(hosts: &[(&str, &str)]) -> Resolver {
-        let mut config = ResolverConfig { system: false, ..ResolverConfig::default() };
-        for (h, ip) in hosts {
-            config.hosts.entry(h.to_string()).or_default().push(ip.parse().unwrap());
-        }
-        Resolver::new(&config).unwrap()
-    }
 
     const T: Duration = Duration::from_secs(10);
 

@@ -20,7 +20,8 @@ pub(crate) struct Record {
     started: Instant,
     client: SocketAddr,
     connect: bool,
-    session: Arc<str>,
+    /// `None` until identity is known: the record then names the anonymous session.
+    session: Option<Arc<str>>,
     host: Option<Authority>,
     upstream: Option<SocketAddr>,
 }
@@ -31,10 +32,14 @@ impl Record {
             started: Instant::now(),
             client,
             connect: method == Method::CONNECT,
-            session: ANONYMOUS.into(),
+            session: None,
             host: None,
             upstream: None,
         }
+    }
+
+    fn session_id(&self) -> &str {
+        self.session.as_deref().unwrap_or(ANONYMOUS)
     }
 
     fn kind(&self) -> &'static str {
@@ -42,7 +47,7 @@ impl Record {
     }
 
     pub fn identified(&mut self, session: &Session) {
-        self.session = session.id.clone();
+        self.session = Some(session.id.clone());
     }
 
     /// The decision line (and metric) for an admitted request, once its upstream is connected.
@@ -86,13 +91,13 @@ impl Record {
             message: refusal.message.clone(),
             hint: refusal.hint.clone(),
         };
-        proxy.denials.record(&self.session, denial);
+        proxy.denials.record(self.session_id(), denial);
         let mut event = Event::new(EventKind::Decision);
         if let Some(authority) = refusal.authority() {
             event.host = Some(authority.target.to_string());
             event.port = Some(authority.port);
         }
-        event.session = Some(self.session.to_string());
+        event.session = Some(self.session_id().to_string());
         event.kind = Some(self.kind());
         event.method = Some(method.to_string());
         event.target = Some(target);
@@ -124,7 +129,7 @@ impl Record {
     /// The fields every line of an admitted request carries.
     fn event(&self, kind: EventKind) -> Event {
         let mut event = Event::new(kind);
-        event.session = Some(self.session.to_string());
+        event.session = Some(self.session_id().to_string());
         event.kind = Some(self.kind());
         if let Some(authority) = &self.host {
             event.host = Some(authority.target.to_string());
