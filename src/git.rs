@@ -8,7 +8,9 @@
 //!                                        refuse ─▶ sluice answers itself (report-status `ng` per ref)
 //! ```
 //! `/api/…` is a repository-scoped slice of the GitHub REST API for pull requests, see [`api`].
-//! Every refusal becomes an HTTP answer in one place, [`respond`]; every request logs one line.
+//! Every failing step returns a [`Refusal`] with a stable code; `respond` renders it in the shape the
+//! client reads (text, a receive-pack result, GitHub JSON) and adds `sluice: `; every request logs one
+//! line whose `reason` is the code and `detail` the sentence.
 //!
 //! Pieces: [`token`] (the real tokens), `body` (request and answer bodies, bounded readers),
 //! [`command_list`] (a push's command list, read incrementally within caps), `receive` (the push flow),
@@ -22,6 +24,7 @@ mod forward;
 pub mod pktline;
 pub mod push;
 mod receive;
+mod respond;
 pub mod route;
 pub mod scrub;
 pub mod token;
@@ -38,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -49,9 +52,11 @@ use tokio::net::TcpListener;
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Basic, Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
 use crate::listen::{self, Accepted, Listener, Shutdown};
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, credential_code};
 use body::{ForwardBody, LoggedBody};
-use receive::no_token_message;
+use receive::no_token;
+pub use respond::{GitError, PushAnswer};
+use respond::{overload_answer, respond};
 use route::{Action, Service};
 use upstream::Upstream;
 
@@ -136,74 +141,6 @@ pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown
     .await;
 }
 
-/// The `503` a connection over `[git] max_connections` gets before it is closed.
-fn overload_answer(max: usize) -> Vec<u8> {
-    let refusal = Refusal::overloaded("git proxy", max);
-    let body = format!("sluice: {}\n", refusal.message);
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nx-sluice-decision: deny; reason={}\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\ndate: {date}\r\n\r\n{body}",
-        refusal.code,
-        body.len()
-    )
-    .into_bytes()
-}
-
-/// Why a request is not forwarded; [`respond`] turns each into its answer.
-#[derive(Debug)]
-pub enum GitError {
-    /// No such route: 404.
-    NotFound(String),
-    /// No usable credentials: 401 with a Basic challenge, so git asks for them.
-    Unauthenticated(String),
-    /// A credential that does not verify or is for another repository, at discovery or fetch: 403 text.
-    Forbidden(String),
-    /// A push sluice answers itself: 200 with a receive-pack result (never a bare 403: git hides its body).
-    PushRefused { body: Vec<u8>, reason: String },
-    /// The client's request is unreadable: 400.
-    BadRequest(String),
-    /// The upstream failed or refused: its status where it is meaningful to the client, else 502/504.
-    Upstream { status: StatusCode, message: String },
-    /// An `/api/` request refused or failed: a JSON body shaped like GitHub's errors, so `gh` prints it.
-    Api { status: StatusCode, message: String },
-}
-
-/// The one mapping from a refusal or failure to an HTTP answer. Returns the verdict for the log line.
-pub fn respond(err: GitError) -> (Response<GitBody>, &'static str, String) {
-    let text = |status: StatusCode, message: &str| {
-        let mut resp = Response::new(full(format!("{message}\n")));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        resp
-    };
-    match err {
-        GitError::NotFound(m) => (text(StatusCode::NOT_FOUND, &m), "deny", m),
-        GitError::Unauthenticated(m) => {
-            let mut resp = text(StatusCode::UNAUTHORIZED, &m);
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"sluice-git\""));
-            (resp, "deny", m)
-        }
-        GitError::Forbidden(m) => (text(StatusCode::FORBIDDEN, &m), "deny", m),
-        GitError::BadRequest(m) => (text(StatusCode::BAD_REQUEST, &m), "deny", m),
-        GitError::PushRefused { body, reason } => {
-            let mut resp = Response::new(full(body));
-            let headers = resp.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-git-receive-pack-result"));
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            (resp, "deny", reason)
-        }
-        GitError::Upstream { status, message } => (text(status, &message), "error", message),
-        GitError::Api { status, message } => {
-            let mut resp = Response::new(full(api::error_body(&message)));
-            *resp.status_mut() = status;
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-            let verdict = if status.is_server_error() { "error" } else { "deny" };
-            (resp, verdict, message)
-        }
-    }
-}
-
 fn full(body: impl Into<Bytes>) -> GitBody {
     Full::new(body.into()).map_err(|never| match never {}).boxed()
 }
@@ -218,6 +155,7 @@ struct Record {
     service: &'static str,
     verdict: &'static str,
     reason: String,
+    detail: Option<String>,
     status: u16,
     refs: usize,
     bytes_up: Arc<AtomicU64>,
@@ -233,6 +171,7 @@ impl Record {
         event.service = Some(self.service);
         event.verdict = Some(self.verdict);
         event.reason = Some(self.reason.clone());
+        event.detail = self.detail.clone();
         event.status = Some(self.status);
         event.client = Some(self.peer.to_string());
         event.bytes_up = Some(self.bytes_up.load(Ordering::Relaxed));
@@ -257,6 +196,7 @@ async fn handle(
         service: "-",
         verdict: "allow",
         reason: "forwarded".into(),
+        detail: None,
         status: 0,
         refs: 0,
         bytes_up: Arc::new(AtomicU64::new(0)),
@@ -264,9 +204,10 @@ async fn handle(
     let resp = match proxy.serve_request(req, &mut record).await {
         Ok(resp) => resp,
         Err(err) => {
-            let (resp, verdict, reason) = respond(err);
-            record.verdict = verdict;
-            record.reason = reason;
+            let (resp, outcome) = respond(err);
+            record.verdict = outcome.verdict;
+            record.reason = outcome.reason;
+            record.detail = outcome.detail;
             resp
         }
     };
@@ -276,18 +217,18 @@ async fn handle(
 }
 
 /// `Authorization: Basic base64(SESSION:CREDENTIAL)`.
-fn basic_credentials(headers: &HeaderMap) -> Result<(String, Secret<String>), GitError> {
+fn basic_credentials(headers: &HeaderMap) -> Result<(String, Secret<String>), Refusal> {
     let missing = || {
-        GitError::Unauthenticated(
-            "sluice: credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL \
-             or a credential helper"
-                .into(),
+        Refusal::git_auth(
+            "auth_missing",
+            "credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL or a \
+             credential helper",
         )
     };
     let malformed = || {
-        GitError::Unauthenticated(
-            "sluice: the Authorization header must be HTTP Basic with user = session id, password = git credential"
-                .into(),
+        Refusal::git_auth(
+            "auth_invalid",
+            "the Authorization header must be HTTP Basic with user = session id, password = git credential",
         )
     };
     let value = headers.get(header::AUTHORIZATION).ok_or_else(missing)?;
@@ -309,8 +250,8 @@ fn check_header_names(headers: &HeaderMap) -> Result<(), String> {
         let folded = name.replace('_', "-");
         if let Some(canonical) = FRAMING_HEADERS.iter().find(|c| c.eq_ignore_ascii_case(&folded)) {
             return Err(format!(
-                "sluice: request header {name:?} is {canonical} spelled with '_', which some servers read as a \
-                 second {canonical}; send {canonical} only"
+                "request header {name:?} is {canonical} spelled with '_', which some servers read as a second \
+                 {canonical}; send {canonical} only"
             ));
         }
     }
@@ -322,14 +263,14 @@ impl GitProxy {
         let path = req.uri().path();
         let api = path == "/api" || path.starts_with("/api/");
         check_header_names(req.headers()).map_err(|message| match api {
-            true => GitError::Api { status: StatusCode::BAD_REQUEST, message },
-            false => GitError::BadRequest(message),
+            true => GitError::Api { status: StatusCode::BAD_REQUEST, message: format!("sluice: {message}") },
+            false => GitError::Text(Refusal::bad_request(message)),
         })?;
         if api {
             return self.serve_api(req, record).await;
         }
         let route =
-            route::parse(req.method(), req.uri().path(), req.uri().query()).map_err(|e| GitError::NotFound(e.0))?;
+            route::parse(req.method(), req.uri().path(), req.uri().query()).map_err(|e| Refusal::no_route(e.0))?;
         record.repo = route.full_name();
         record.service = route.action.service().as_str();
         let (parts, body) = req.into_parts();
@@ -337,19 +278,17 @@ impl GitProxy {
         record.session = if valid_session_id(&session) { session.clone() } else { "(invalid)".into() };
         let claims = match self.authorize(&route.full_name(), &session, &credential) {
             Ok(claims) => claims,
-            Err(message) if route.action == Action::Rpc(Service::ReceivePack) => {
-                return Err(self.refuse_whole_push(&parts.headers, body, &message, record).await);
+            Err(refusal) if route.action == Action::Rpc(Service::ReceivePack) => {
+                return Err(self.refuse_whole_push(&parts.headers, body, refusal, record).await);
             }
-            Err(message) => return Err(GitError::Forbidden(message)),
+            Err(refusal) => return Err(refusal.into()),
         };
         // `authorize` checked both claims are present.
         let repo = claims.repo.unwrap_or_default();
         let branch = claims.branch.unwrap_or_default();
         let token = self.tokens.for_repo(&repo);
         match route.action {
-            Action::Advertise(Service::ReceivePack) if token.is_none() => {
-                Err(GitError::Forbidden(no_token_message(&repo)))
-            }
+            Action::Advertise(Service::ReceivePack) if token.is_none() => Err(no_token(&repo).into()),
             Action::Rpc(Service::ReceivePack) => self.push(&parts, body, &repo, &branch, token, record).await,
             action => {
                 let body = ForwardBody::new(VecDeque::new(), body, record.bytes_up.clone(), self.body_timeout);
@@ -359,25 +298,28 @@ impl GitProxy {
     }
 
     /// Verifies the credential and that it is for `target` (`OWNER/REPO` as the client spelled it; GitHub
-    /// compares names without case); `Err` is the message for the client.
-    fn authorize(&self, target: &str, session: &str, credential: &Secret<String>) -> Result<Claims, String> {
-        let keyring = self.keyring.as_ref().ok_or(
-            "sluice: git credential refused: this proxy has no signing key configured ([auth] key_file or SLUICE_SIGNING_KEY)",
-        )?;
+    /// compares names without case).
+    fn authorize(&self, target: &str, session: &str, credential: &Secret<String>) -> Result<Claims, Refusal> {
+        let refused = |code, why: &str| Refusal::git_credential(code, format!("git credential refused: {why}"));
+        let keyring = self.keyring.as_ref().ok_or_else(|| {
+            refused(
+                "auth_unavailable",
+                "this proxy has no signing key configured ([auth] key_file or SLUICE_SIGNING_KEY)",
+            )
+        })?;
         let claims = keyring
             .verify_for(credential.expose(), Kind::Git, session, now_unix())
-            .map_err(|e| format!("sluice: git credential refused: {e}"))?;
-        let repo = claims.repo.as_deref().ok_or("sluice: git credential refused: it names no repository")?;
+            .map_err(|e| refused(credential_code(&e), &e.to_string()))?;
+        let repo = claims.repo.as_deref().ok_or_else(|| refused("auth_invalid", "it names no repository"))?;
         if !target.eq_ignore_ascii_case(repo) {
-            return Err(format!(
-                "sluice: git credential refused: it is for {repo}, not {target}; ask for a credential for {target}"
+            return Err(refused(
+                "wrong_repository",
+                &format!("it is for {repo}, not {target}; ask for a credential for {target}"),
             ));
         }
-        let branch = claims.branch.as_deref().ok_or("sluice: git credential refused: it names no working branch")?;
+        let branch = claims.branch.as_deref().ok_or_else(|| refused("auth_invalid", "it names no working branch"))?;
         if push::check_ref_name(&format!("refs/heads/{branch}")).is_err() {
-            return Err(format!(
-                "sluice: git credential refused: its working branch {branch:?} is not a valid branch name"
-            ));
+            return Err(refused("auth_invalid", &format!("its working branch {branch:?} is not a valid branch name")));
         }
         Ok(claims)
     }
@@ -388,17 +330,18 @@ mod tests {
     use super::*;
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
+    use http::HeaderValue;
 
     #[test]
     fn basic_credentials_are_read_or_challenged() {
         let mut h = HeaderMap::new();
-        assert!(
-            matches!(basic_credentials(&h), Err(GitError::Unauthenticated(m)) if m.starts_with("sluice: credentials required"))
-        );
+        let refused = basic_credentials(&h).unwrap_err();
+        assert_eq!((refused.status.as_u16(), refused.code), (401, "auth_missing"));
+        assert!(refused.message.starts_with("credentials required"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
-        assert!(
-            matches!(basic_credentials(&h), Err(GitError::Unauthenticated(m)) if m.starts_with("sluice: the Authorization header must be HTTP Basic"))
-        );
+        let refused = basic_credentials(&h).unwrap_err();
+        assert_eq!((refused.status.as_u16(), refused.code), (401, "auth_invalid"));
+        assert!(refused.message.starts_with("the Authorization header must be HTTP Basic"));
         let v = format!("Basic {}", STANDARD.encode("s1:v1.a.b"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_str(&v).unwrap());
         let (user, pass) = basic_credentials(&h).unwrap();

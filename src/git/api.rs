@@ -187,7 +187,9 @@ impl GitProxy {
             },
         };
         record.session = if valid_session_id(&session) { session.clone() } else { "(invalid)".into() };
-        let claims = self.authorize(&route.full_name(), &session, &credential).map_err(Refusal::forbidden)?;
+        let claims = self
+            .authorize(&route.full_name(), &session, &credential)
+            .map_err(|refused| Refusal::forbidden(format!("sluice: {}", refused.message)))?;
         let repo = claims.repo.unwrap_or_default();
         let branch = claims.branch.unwrap_or_default();
         let token = self.tokens.for_repo(&repo).ok_or_else(|| {
