@@ -232,7 +232,7 @@ impl Default for ServerConfig {
 /// "acme/widgets" = { env = "WIDGETS_TOKEN" }
 /// ```
 /// Token values never appear in the config itself, only where to read them from.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GitSettings {
     pub listen: SocketAddr,
@@ -247,6 +247,44 @@ pub struct GitSettings {
     /// How long a client may pause while sending a request body (a push's command list, or any upload
     /// streaming upstream) before the request fails.
     pub body_timeout: Seconds,
+    /// What one session may use of the git listener and `/api`.
+    pub limits: GitLimits,
+}
+
+/// `[git.limits]`: per session, from the git credential's session id; another session is unaffected.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitLimits {
+    /// Smart-HTTP and `/api` requests per second.
+    pub requests_per_second: f64,
+    /// Requests a session may make at once before the rate applies.
+    pub burst: u32,
+    /// Client connections one session may hold open at once (a connection counts for the session of its
+    /// first authenticated request until it closes).
+    pub max_connections: u32,
+}
+
+impl Default for GitLimits {
+    fn default() -> Self {
+        GitLimits { requests_per_second: 10.0, burst: 60, max_connections: 16 }
+    }
+}
+
+impl GitLimits {
+    /// `Err` says which value is unusable and what would do.
+    pub fn check(&self) -> Result<(), String> {
+        let rps = self.requests_per_second;
+        if !(rps.is_finite() && rps > 0.0) {
+            return Err(format!("[git.limits] requests_per_second must be a positive number, not {rps} (e.g. 10)"));
+        }
+        if self.burst == 0 {
+            return Err("[git.limits] burst must be at least 1 (e.g. 60)".into());
+        }
+        if self.max_connections == 0 {
+            return Err("[git.limits] max_connections must be at least 1 (e.g. 16)".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for GitSettings {
@@ -260,6 +298,7 @@ impl Default for GitSettings {
             tokens: BTreeMap::new(),
             max_connections: 1024,
             body_timeout: Seconds(Duration::from_secs(30)),
+            limits: GitLimits::default(),
         }
     }
 }

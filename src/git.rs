@@ -30,14 +30,14 @@ pub mod scrub;
 pub mod token;
 pub mod upstream;
 
-pub use crate::config::{GitSettings, TokenSource};
+pub use crate::config::{GitLimits, GitSettings, TokenSource};
 pub use token::TokenStore;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -51,7 +51,10 @@ use tokio::net::TcpListener;
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Basic, Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
+use crate::limit::{Lease, LimitKey, Limiter, MemoryLimiter};
 use crate::listen::{self, Accepted, Listener, Shutdown};
+use crate::metrics::{Denial, Denials, Metrics};
+use crate::policy::Limits;
 use crate::refusal::{Refusal, credential_code};
 use body::{ForwardBody, LoggedBody};
 use receive::no_token;
@@ -76,6 +79,11 @@ pub struct GitProxy {
     api: api::Api,
     tokens: TokenStore,
     audit: AuditLog,
+    /// Per-session limits, counted under [`LimitKey::git`] in the limiter egress shares.
+    limiter: Arc<dyn Limiter>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    denials: Arc<Denials>,
     max_connections: usize,
     body_timeout: Duration,
     /// The whole command list of a push must arrive within this: twice `body_timeout`.
@@ -88,6 +96,13 @@ impl GitProxy {
         let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
         let api = api::Api::new(Upstream::parse("git.api_upstream", &settings.api_upstream)?);
         let tokens = TokenStore::load(settings)?;
+        settings.limits.check()?;
+        let GitLimits { requests_per_second, burst, max_connections: per_session } = settings.limits;
+        let limits = Limits {
+            requests_per_second: Some(requests_per_second),
+            burst: Some(burst),
+            max_tunnels: Some(per_session),
+        };
         let max_connections = settings.max_connections.max(1);
         let body_timeout = settings.body_timeout.0.max(Duration::from_secs(1));
         let list_deadline = 2 * body_timeout;
@@ -97,6 +112,10 @@ impl GitProxy {
             api,
             tokens,
             audit: AuditLog::disabled(),
+            limiter: Arc::new(MemoryLimiter::new(Default::default())),
+            limits,
+            metrics: Arc::default(),
+            denials: Arc::default(),
             max_connections,
             body_timeout,
             list_deadline,
@@ -108,7 +127,37 @@ impl GitProxy {
         self.audit = audit;
         self
     }
+
+    /// Counts requests in the server's limiter, and decisions in its `/metrics` and `/v1/denials`.
+    pub fn sharing(mut self, limiter: Arc<dyn Limiter>, metrics: Arc<Metrics>, denials: Arc<Denials>) -> GitProxy {
+        self.limiter = limiter;
+        self.metrics = metrics;
+        self.denials = denials;
+        self
+    }
+
+    /// Counts a request against its verified session: the request rate, and the connection (bound to the
+    /// session by its first request, and counted until it closes) against the connection cap.
+    async fn admit(&self, session: &str, record: &Record) -> Result<(), Refusal> {
+        let key = LimitKey::git(session);
+        self.limiter.check_request(&key, &self.limits).await.map_err(|e| {
+            Refusal::rate_limited(e.retry_after, &e.limit)
+                .with_hint("the operator raises it with requests_per_second and burst in [git.limits]")
+        })?;
+        let bound = record.conn.lock().is_ok_and(|b| b.as_ref().is_some_and(|(s, _)| s == session));
+        if !bound {
+            let lease = self.limiter.open_tunnel(&key, &self.limits).await;
+            let lease = lease.map_err(|e| Refusal::too_many_connections(e.max))?;
+            if let Ok(mut b) = record.conn.lock() {
+                *b = Some((session.to_owned(), lease));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The session a client connection counts for, and its lease on the session's connection cap.
+type Bound = Arc<Mutex<Option<(String, Lease)>>>;
 
 /// Serves git-proxy connections until `shutdown` drains them; open requests finish within the grace.
 pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown) {
@@ -120,7 +169,8 @@ pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown
         let draining = draining.clone();
         async move {
             let Accepted { stream, peer, slot: _slot } = accepted;
-            let service = service_fn(move |req| handle(proxy.clone(), peer, req));
+            let conn = Bound::default();
+            let service = service_fn(move |req| handle(proxy.clone(), peer, conn.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -154,11 +204,12 @@ struct Record {
     repo: String,
     service: &'static str,
     verdict: &'static str,
-    reason: String,
+    reason: &'static str,
     detail: Option<String>,
     status: u16,
     refs: usize,
     bytes_up: Arc<AtomicU64>,
+    conn: Bound,
 }
 
 impl Record {
@@ -170,7 +221,7 @@ impl Record {
         event.repo = Some(self.repo.clone());
         event.service = Some(self.service);
         event.verdict = Some(self.verdict);
-        event.reason = Some(self.reason.clone());
+        event.reason = Some(self.reason.to_owned());
         event.detail = self.detail.clone();
         event.status = Some(self.status);
         event.client = Some(self.peer.to_string());
@@ -185,8 +236,10 @@ impl Record {
 async fn handle(
     proxy: Arc<GitProxy>,
     peer: SocketAddr,
+    conn: Bound,
     req: Request<Incoming>,
 ) -> Result<Response<GitBody>, Infallible> {
+    let target = format!("{} {}", req.method(), req.uri().path());
     let mut record = Record {
         start: Instant::now(),
         peer,
@@ -195,25 +248,50 @@ async fn handle(
         repo: "-".into(),
         service: "-",
         verdict: "allow",
-        reason: "forwarded".into(),
+        reason: "forwarded",
         detail: None,
         status: 0,
         refs: 0,
         bytes_up: Arc::new(AtomicU64::new(0)),
+        conn,
     };
     let resp = match proxy.serve_request(req, &mut record).await {
         Ok(resp) => resp,
         Err(err) => {
             let (resp, outcome) = respond(err);
+            proxy.refused(&record, &outcome, target);
             record.verdict = outcome.verdict;
-            record.reason = outcome.reason;
+            record.reason = outcome.code;
             record.detail = outcome.detail;
             resp
         }
     };
+    if record.verdict == "allow" {
+        proxy.metrics.decision("allow", record.reason, "git");
+    }
     record.status = resp.status().as_u16();
     let audit = proxy.audit.clone();
     Ok(resp.map(|inner| LoggedBody { inner, bytes: 0, record, audit }.boxed()))
+}
+
+impl GitProxy {
+    /// A refusal in `/metrics`, and in `/v1/denials` when it names a session.
+    fn refused(&self, record: &Record, outcome: &respond::Outcome, target: String) {
+        self.metrics.decision(outcome.verdict, outcome.code, "git");
+        if outcome.limit {
+            self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        if valid_session_id(&record.session) {
+            let denial = Denial {
+                time: now_unix(),
+                destination: target,
+                reason: outcome.code,
+                message: outcome.detail.clone().unwrap_or_default(),
+                hint: outcome.hint.clone(),
+            };
+            self.denials.record(&record.session, denial);
+        }
+    }
 }
 
 /// `Authorization: Basic base64(SESSION:CREDENTIAL)`.
@@ -283,6 +361,7 @@ impl GitProxy {
             }
             Err(refusal) => return Err(refusal.into()),
         };
+        self.admit(&session, record).await?;
         // `authorize` checked both claims are present.
         let repo = claims.repo.unwrap_or_default();
         let branch = claims.branch.unwrap_or_default();

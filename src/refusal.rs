@@ -256,6 +256,22 @@ impl Refusal {
         Refusal::new(StatusCode::FORBIDDEN, code, Fault::Client, message)
     }
 
+    /// Over the per-session cap on git-listener connections: `429`.
+    pub fn too_many_connections(max: u32) -> Refusal {
+        let mut r = Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            Fault::Client,
+            format!(
+                "session already has {max} open git-proxy {}, the most it may have at once",
+                plural(max, "connection")
+            ),
+        )
+        .with_hint("close idle connections, or the operator raises [git.limits] max_connections");
+        r.retry_after = Some(1);
+        r
+    }
+
     /// The upstream failed or refused: `status` as the client should see it.
     pub fn upstream(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
         Refusal::new(status, code, Fault::Upstream, message)
@@ -273,7 +289,7 @@ impl Refusal {
 
     /// Whether a limit (rather than the policy or the request) refused it.
     pub fn is_limit(&self) -> bool {
-        matches!(self.code, "rate_limited" | "too_many_tunnels")
+        matches!(self.code, "rate_limited" | "too_many_tunnels" | "too_many_connections")
     }
 }
 

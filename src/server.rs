@@ -13,7 +13,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring};
 use crate::git::GitProxy;
-use crate::limit::MemoryLimiter;
+use crate::limit::{Limiter, MemoryLimiter};
 use crate::listen::Shutdown;
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
@@ -54,7 +54,15 @@ impl Server {
         let egress_listener = TcpListener::bind(config.egress.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
-        let git = Arc::new(GitProxy::new(&config.git, keys.clone())?.with_audit(audit.clone()));
+        let metrics = Arc::new(Metrics::default());
+        let denials = Arc::new(Denials::default());
+        let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(config.limits.clone()));
+        let git = GitProxy::new(&config.git, keys.clone())?.with_audit(audit.clone()).sharing(
+            limiter.clone(),
+            metrics.clone(),
+            denials.clone(),
+        );
+        let git = Arc::new(git);
         let git_listener = TcpListener::bind(config.git.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([git] listen): {e}", config.git.listen))?;
@@ -74,9 +82,9 @@ impl Server {
             anonymous: config.auth.anonymous,
             own,
             shutdown: Shutdown::default(),
-            metrics: Arc::new(Metrics::default()),
-            denials: Arc::new(Denials::default()),
-            limiter: Arc::new(MemoryLimiter::new(config.limits.clone())),
+            metrics,
+            denials,
+            limiter,
             audit: audit.clone(),
         });
         egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);

@@ -527,8 +527,8 @@ async fn record_lines_keep_their_fields_and_order() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The git listener: one `git` record per request, written when its answer is finished. (The git
-// listener has no per-session rate limit today, so there is no 429 to record.)
+// The git listener: one `git` record per request, written when its answer is finished; `reason` is the
+// refusal's code and `detail` its sentence.
 
 const REPO: &str = "acme/widgets";
 const Z40: &str = "0000000000000000000000000000000000000000";
@@ -583,7 +583,8 @@ async fn git_records() {
     let key = dir.write("key", KEY);
     let token = dir.write("gh-token", "ghs_records_real_token");
     let config = format!(
-        "[auth]\nkey_file = {:?}\n[git]\nupstream = \"http://{}\"\napi_upstream = \"http://{}\"\ntoken_file = {:?}\n",
+        "[auth]\nkey_file = {:?}\n[git]\nupstream = \"http://{}\"\napi_upstream = \"http://{}\"\ntoken_file = {:?}\n\
+         [git.limits]\nrequests_per_second = 0.01\nburst = 2\n",
         key.display(),
         upstream.addr,
         upstream.addr,
@@ -641,10 +642,8 @@ async fn git_records() {
     let api = format!("GET /api/repos/{REPO}/actions/secrets HTTP/1.1\r\nHost: git\r\n{good}\r\n");
     let (client, status, len) = git_exchange(proxy.git, api.as_bytes()).await;
     assert_eq!(status, "HTTP/1.1 403 Forbidden");
-    let reason = (
-        "sluice: GET \"/api/repos/acme/widgets/actions/secrets\" is not in the pull-request slice sluice forwards; allowed: GET /api/repos/OWNER/REPO, GET …/pulls, GET …/pulls/N, GET …/pulls/N/files, GET …/pulls/N/comments, GET …/issues/N/comments, POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/issues/N/comments",
-        None,
-    );
+    let detail = "GET \"/api/repos/acme/widgets/actions/secrets\" is not in the pull-request slice sluice forwards; allowed: GET /api/repos/OWNER/REPO, GET …/pulls, GET …/pulls/N, GET …/pulls/N/files, GET …/pulls/N/comments, GET …/issues/N/comments, POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/issues/N/comments";
+    let reason = ("api_refused", Some(detail));
     want.push(git_record("-", "GET", "-", "api", "deny", reason, 403, &client, 0, len));
     expect_records(&proxy, &want).await;
 
@@ -654,6 +653,23 @@ async fn git_records() {
     let detail = "no git route for GET \"/nothing\"; expected GET /OWNER/REPO.git/info/refs?service=git-upload-pack|git-receive-pack or POST /OWNER/REPO.git/git-upload-pack|git-receive-pack";
     let reason = ("no_route", Some(detail));
     want.push(git_record("-", "GET", "-", "-", "deny", reason, 404, &client, 0, len));
+    expect_records(&proxy, &want).await;
+    // The session's third verified request is over its burst of 2: 429, counted against it.
+    let (client, status, len) = git_exchange(proxy.git, &discovery(REPO, &good)).await;
+    assert_eq!(status, "HTTP/1.1 429 Too Many Requests");
+    let detail = "session over its rate limit (0.01 requests per second, burst 2); retry in 100s";
+    want.push(git_record(
+        "s-git",
+        "GET",
+        REPO,
+        "git-upload-pack",
+        "deny",
+        ("rate_limited", Some(detail)),
+        429,
+        &client,
+        0,
+        len,
+    ));
     expect_records(&proxy, &want).await;
     no_more_records(&proxy, want.len()).await;
     assert_eq!(upstream.connections(), 1, "only the allowed discovery reached the upstream");

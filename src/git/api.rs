@@ -190,6 +190,7 @@ impl GitProxy {
         let claims = self
             .authorize(&route.full_name(), &session, &credential)
             .map_err(|refused| Refusal::forbidden(format!("sluice: {}", refused.message)))?;
+        self.admit(&session, record).await.map_err(GitError::GitHub)?;
         let repo = claims.repo.unwrap_or_default();
         let branch = claims.branch.unwrap_or_default();
         let token = self.tokens.for_repo(&repo).ok_or_else(|| {

@@ -21,6 +21,8 @@ pub enum GitError {
     Push { refusal: Refusal, answer: PushAnswer },
     /// An `/api/` request refused or failed: a JSON body shaped like GitHub's errors.
     Api { status: StatusCode, message: String },
+    /// An `/api/` request refused by a shared step (a limit): GitHub-shaped JSON with the refusal's headers.
+    GitHub(Refusal),
 }
 
 /// What a refused push's receive-pack result holds.
@@ -50,7 +52,7 @@ impl GitError {
     /// The refusal the answer renders (`None` for `/api/` errors, which carry their own words).
     pub fn refusal(&self) -> Option<&Refusal> {
         match self {
-            GitError::Text(r) | GitError::Push { refusal: r, .. } => Some(r),
+            GitError::Text(r) | GitError::Push { refusal: r, .. } | GitError::GitHub(r) => Some(r),
             GitError::Api { .. } => None,
         }
     }
@@ -59,8 +61,11 @@ impl GitError {
 /// What the request's record says of a refusal: its verdict, stable code, and sentence.
 pub struct Outcome {
     pub verdict: &'static str,
-    pub reason: String,
+    pub code: &'static str,
     pub detail: Option<String>,
+    pub hint: Option<String>,
+    /// Whether a per-session limit refused it.
+    pub limit: bool,
 }
 
 /// The one mapping from a refusal or failure to an HTTP answer, and what the record says of it.
@@ -96,8 +101,18 @@ pub fn respond(err: GitError) -> (Response<GitBody>, Outcome) {
             *resp.status_mut() = status;
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-            let verdict = if status.is_server_error() { "error" } else { "deny" };
-            (resp, Outcome { verdict, reason: message, detail: None })
+            let (verdict, code) =
+                if status.is_server_error() { ("error", "api_error") } else { ("deny", "api_refused") };
+            let detail = Some(message.strip_prefix("sluice: ").unwrap_or(&message).to_owned());
+            (resp, Outcome { verdict, code, detail, hint: None, limit: false })
+        }
+        GitError::GitHub(refusal) => {
+            let mut resp = Response::new(full(api::error_body(&format!("sluice: {}", refusal.message))));
+            *resp.status_mut() = refusal.status;
+            let headers = resp.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+            decorate(headers, &refusal);
+            (resp, outcome(refusal))
         }
     }
 }
@@ -128,7 +143,8 @@ fn outcome(refusal: Refusal) -> Outcome {
         Fault::Upstream | Fault::Internal => "error",
         Fault::Client | Fault::Policy => "deny",
     };
-    Outcome { verdict, reason: refusal.code.to_owned(), detail: Some(refusal.message) }
+    let limit = refusal.is_limit();
+    Outcome { verdict, code: refusal.code, detail: Some(refusal.message), hint: refusal.hint, limit }
 }
 
 /// The `503` a connection over `[git] max_connections` gets before it is closed, as bytes (hyper does not
