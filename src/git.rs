@@ -279,7 +279,7 @@ impl GitProxy {
     fn refused(&self, record: &Record, outcome: &respond::Outcome, target: String) {
         self.metrics.decision(outcome.verdict, outcome.code, "git");
         if outcome.limit {
-            self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            self.metrics.rate_limited.inc();
         }
         if valid_session_id(&record.session) {
             let denial = Denial {

@@ -87,7 +87,7 @@ impl Server {
             limiter,
             audit: audit.clone(),
         });
-        egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);
+        egress.metrics.policy_generation.set(1);
         Ok(Server { egress, egress_listener, git_listener, git, admin_listener, config })
     }
 
