@@ -253,7 +253,7 @@ pub struct GitSettings {
 
 /// `[git.limits]`: per session, from the git credential's session id; another session is unaffected.
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "RawGitLimits")]
 pub struct GitLimits {
     /// Smart-HTTP and `/api` requests per second.
     pub requests_per_second: f64,
@@ -270,20 +270,43 @@ impl Default for GitLimits {
     }
 }
 
-impl GitLimits {
-    /// `Err` says which value is unusable and what would do.
-    pub fn check(&self) -> Result<(), String> {
-        let rps = self.requests_per_second;
+/// The table as written; [`GitLimits`] is built from it only when every value is usable, so a bad value
+/// is reported at its place in the file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGitLimits {
+    requests_per_second: f64,
+    burst: u32,
+    max_connections: u32,
+}
+
+impl Default for RawGitLimits {
+    fn default() -> Self {
+        let d = GitLimits::default();
+        RawGitLimits { requests_per_second: d.requests_per_second, burst: d.burst, max_connections: d.max_connections }
+    }
+}
+
+impl TryFrom<RawGitLimits> for GitLimits {
+    type Error = String;
+
+    fn try_from(raw: RawGitLimits) -> Result<Self, String> {
+        let d = GitLimits::default();
+        let rps = raw.requests_per_second;
         if !(rps.is_finite() && rps > 0.0) {
-            return Err(format!("[git.limits] requests_per_second must be a positive number, not {rps} (e.g. 10)"));
+            return Err(format!(
+                "requests_per_second must be a positive number, not {rps} (e.g. {})",
+                d.requests_per_second
+            ));
         }
-        if self.burst == 0 {
-            return Err("[git.limits] burst must be at least 1 (e.g. 60)".into());
+        for (key, value, example) in
+            [("burst", raw.burst, d.burst), ("max_connections", raw.max_connections, d.max_connections)]
+        {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1, not 0 (e.g. {example})"));
+            }
         }
-        if self.max_connections == 0 {
-            return Err("[git.limits] max_connections must be at least 1 (e.g. 16)".into());
-        }
-        Ok(())
+        Ok(GitLimits { requests_per_second: rps, burst: raw.burst, max_connections: raw.max_connections })
     }
 }
 

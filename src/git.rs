@@ -96,7 +96,6 @@ impl GitProxy {
         let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
         let api = api::Api::new(Upstream::parse("git.api_upstream", &settings.api_upstream)?);
         let tokens = TokenStore::load(settings)?;
-        settings.limits.check()?;
         let GitLimits { requests_per_second, burst, max_connections: per_session } = settings.limits;
         let limits = Limits {
             requests_per_second: Some(requests_per_second),
