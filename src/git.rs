@@ -174,14 +174,7 @@ pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = draining.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
+            let result = listen::until_drained(conn, &draining, |c| c.graceful_shutdown()).await;
             if let Err(e) = result {
                 tracing::debug!(target: "sluice::git", %peer, error = %e, "git connection ended with an error");
             }
