@@ -78,10 +78,20 @@ pub struct GitProxy {
 }
 
 impl GitProxy {
-    /// Validates the settings and reads the real tokens.
+    /// Validates the settings and reads the real tokens; upstream dials use the system resolver.
     pub fn new(settings: &GitSettings, keyring: Option<Keyring>) -> Result<GitProxy, String> {
-        let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
-        let api = api::Api::new(Upstream::parse("git.api_upstream", &settings.api_upstream)?);
+        GitProxy::with_dialer(settings, keyring, upstream::Dialer::system()?)
+    }
+
+    /// As [`GitProxy::new`], with upstream dials through `dialer` (the server's resolver, own
+    /// addresses, metrics and connect timeout).
+    pub fn with_dialer(
+        settings: &GitSettings,
+        keyring: Option<Keyring>,
+        dialer: upstream::Dialer,
+    ) -> Result<GitProxy, String> {
+        let upstream = Upstream::parse("git.upstream", &settings.upstream, &dialer)?;
+        let api = api::Api::new(settings, &dialer)?;
         let tokens = TokenStore::load(settings)?;
         let max_connections = settings.max_connections.max(1);
         let body_timeout = settings.body_timeout.0.max(Duration::from_secs(1));

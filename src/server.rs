@@ -54,7 +54,6 @@ impl Server {
         let egress_listener = TcpListener::bind(config.egress.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
-        let git = Arc::new(GitProxy::new(&config.git, keys.clone())?.with_audit(audit.clone()));
         let git_listener = TcpListener::bind(config.git.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([git] listen): {e}", config.git.listen))?;
@@ -66,6 +65,14 @@ impl Server {
                 .into_iter()
                 .flatten()
                 .collect();
+        let metrics = Arc::new(Metrics::default());
+        let dialer = crate::git::upstream::Dialer {
+            resolver: Arc::new(Resolver::new(&config.resolver)?),
+            own: Arc::from(own.clone()),
+            metrics: metrics.clone(),
+            connect_timeout: config.egress.connect_timeout.0,
+        };
+        let git = Arc::new(GitProxy::with_dialer(&config.git, keys.clone(), dialer)?.with_audit(audit.clone()));
         let egress = Arc::new(EgressProxy {
             config: config.egress.clone(),
             policies: Arc::new(ArcSwap::from_pointee(policies)),
@@ -74,7 +81,7 @@ impl Server {
             anonymous: config.auth.anonymous,
             own,
             shutdown: Shutdown::default(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             denials: Arc::new(Denials::default()),
             limiter: Arc::new(MemoryLimiter::new(config.limits.clone())),
             audit: audit.clone(),

@@ -64,6 +64,8 @@ struct StandIn {
     owner: String,
     calls: Mutex<Vec<Call>>,
     next_number: AtomicUsize,
+    /// TCP connections accepted: sluice's pooled client reuses one for a lookup and the write after it.
+    conns: AtomicUsize,
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -167,10 +169,12 @@ async fn spawn_stand_in(owner: &str) -> Arc<StandIn> {
         owner: owner.to_owned(),
         calls: Mutex::new(Vec::new()),
         next_number: AtomicUsize::new(3),
+        conns: AtomicUsize::new(0),
     });
     let s = state.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            s.conns.fetch_add(1, Ordering::SeqCst);
             let s = s.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| stand_in(req, s.clone()));
@@ -538,6 +542,8 @@ async fn comment_and_edit_on_the_own_pull_request_only() {
             write("POST", "/pulls/1/comments", comment),
         ]
     );
+    // Six upstream requests, one after another: one pooled connection.
+    assert_eq!(w.api.conns.load(Ordering::SeqCst), 1);
     w.clear_calls();
 
     // Pull request #2 comes from another branch: looked up, never written.

@@ -112,8 +112,9 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(upstream: Upstream) -> Api {
-        Api { upstream, repo_ids: Mutex::new(HashMap::new()) }
+    pub fn new(settings: &crate::config::GitSettings, dialer: &upstream::Dialer) -> Result<Api, String> {
+        let upstream = Upstream::parse("git.api_upstream", &settings.api_upstream, dialer)?;
+        Ok(Api { upstream, repo_ids: Mutex::new(HashMap::new()) })
     }
 }
 
