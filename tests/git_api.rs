@@ -457,23 +457,14 @@ async fn create_is_refused_for_another_head_a_cross_repo_base_or_another_reposit
 async fn merges_ref_deletion_graphql_workflows_and_settings_are_refused() {
     let w = World::new("refuse-other").await;
     let repo = w.repo();
-    let allowed = "allowed: GET /api/repos/OWNER/REPO, GET …/pulls, GET …/pulls/N, GET …/pulls/N/files, \
-                   GET …/pulls/N/comments, GET …/issues/N/comments, POST …/pulls, PATCH …/pulls/N, \
-                   POST …/pulls/N/comments, POST …/issues/N/comments";
+    let allowed = sluice::git::api::ALLOWED.as_str();
+    assert!(allowed.starts_with("allowed: reads (GET, HEAD) under /api/repos/OWNER/REPO of the repository; issues"));
     let a = w.curl("PUT", &w.url("/pulls/1/merge"), Some(&w.bearer()), Some("{}"), &[]).await;
     a.refused(
         403,
         &format!(
             "sluice: PUT \"/api/repos/{repo}/pulls/1/merge\": merging pull requests is not allowed through sluice; \
              a person merges; {allowed}"
-        ),
-    );
-    let a = w.curl("DELETE", &w.url("/git/refs/heads/feature"), Some(&w.bearer()), None, &[]).await;
-    a.refused(
-        403,
-        &format!(
-            "sluice: DELETE \"/api/repos/{repo}/git/refs/heads/feature\" is not in the pull-request slice sluice \
-             forwards; {allowed}"
         ),
     );
     let graphql = format!("http://{}/api/graphql", w.sluice);
@@ -485,20 +476,52 @@ async fn merges_ref_deletion_graphql_workflows_and_settings_are_refused() {
              the REST routes; {allowed}"
         ),
     );
-    for (method, rest, body) in [
-        ("POST", "/actions/workflows/ci.yml/dispatches", Some(r#"{"ref":"main"}"#)),
-        ("PATCH", "", Some(r#"{"default_branch":"feature"}"#)),
-        ("DELETE", "", None),
-        ("PUT", "/collaborators/evil", None),
+    for (method, rest, body, why) in [
+        ("DELETE", "/git/refs/heads/feature", None, ": deleting is not allowed through sluice;"),
+        (
+            "POST",
+            "/actions/workflows/ci.yml/dispatches",
+            Some(r#"{"ref":"main"}"#),
+            ": dispatching workflows is not allowed through sluice;",
+        ),
+        ("POST", "/actions/runs/5/rerun", None, ": re-running workflows is not allowed through sluice;"),
+        (
+            "POST",
+            "/issues/1/labels",
+            Some(r#"{"labels":["x"]}"#),
+            ": labels, assignees and milestones are not changed through sluice;",
+        ),
+        (
+            "POST",
+            "/issues/1/assignees",
+            Some(r#"{"assignees":["x"]}"#),
+            ": labels, assignees and milestones are not changed through sluice;",
+        ),
+        ("DELETE", "", None, ": deleting is not allowed through sluice;"),
+        ("PATCH", "", Some(r#"{"default_branch":"feature"}"#), " is not in the API slice sluice forwards;"),
     ] {
         let a = w.curl(method, &w.url(rest), Some(&w.bearer()), body, &[]).await;
-        a.refused(
-            403,
-            &format!(
-                "sluice: {method} \"/api/repos/{repo}{rest}\" is not in the pull-request slice sluice forwards; \
-                 {allowed}"
-            ),
-        );
+        a.refused(403, &format!("sluice: {method} \"/api/repos/{repo}{rest}\"{why} {allowed}"));
+        assert_eq!(a.header("x-sluice-decision").is_some_and(|d| d.starts_with("deny; reason=api_")), true);
+    }
+    // Secrets, keys, hooks and the like are never forwarded, not even for reading.
+    for rest in [
+        "/actions/secrets",
+        "/actions/variables",
+        "/keys",
+        "/hooks",
+        "/invitations",
+        "/environments",
+        "/collaborators/evil",
+    ] {
+        let a = w.curl("GET", &w.url(rest), Some(&w.bearer()), None, &[]).await;
+        assert_eq!(a.status, 403, "{rest}");
+        assert_eq!(a.header("x-sluice-decision"), Some("deny; reason=api_never_forwarded"), "{rest}");
+    }
+    // User, organisation and search routes and other repositories are outside the slice.
+    for path in ["/api/user", "/api/orgs/acme/repos", "/api/search/code?q=x"] {
+        let a = w.curl("GET", &format!("http://{}{path}", w.sluice), Some(&w.bearer()), None, &[]).await;
+        assert_eq!(a.header("x-sluice-decision"), Some("deny; reason=api_outside_repository"), "{path}");
     }
     assert_eq!(w.calls(), vec![], "nothing reached the stand-in");
 }
@@ -666,7 +689,7 @@ async fn missing_expired_forged_and_misbound_credentials_are_refused() {
     let a = w.curl("GET", &w.url("/pulls"), None, None, &[]).await;
     a.refused(
         401,
-        "Requires authentication: send the session's git credential as \"Authorization: Bearer CREDENTIAL\"",
+        "sluice: Requires authentication: send the session's git credential as \"Authorization: Bearer CREDENTIAL\"",
     );
     let now = now_unix();
     let other_key = Keyring::new(SigningKey::from_bytes(&[44u8; 32]).unwrap(), None);
