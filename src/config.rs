@@ -231,6 +231,8 @@ impl Default for ServerConfig {
 /// "acme" = { file = "/etc/sluice/acme-token" }
 /// "acme/widgets" = { env = "WIDGETS_TOKEN" }
 /// ```
+/// and for the `/api/` slice `comment_scope = "own-pull" | "repository"`, `log_hosts = [...]`,
+/// `log_allow_ips = [...]` and `[git.limits] api_writes_per_minute = 30`.
 /// Token values never appear in the config itself, only where to read them from.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -247,8 +249,62 @@ pub struct GitSettings {
     /// How long a client may pause while sending a request body (a push's command list, or any upload
     /// streaming upstream) before the request fails.
     pub body_timeout: Seconds,
-    /// What one session may use of the git listener and `/api`.
+    /// Where the `/api/` slice lets a session comment with `POST …/issues/N/comments`.
+    pub comment_scope: CommentScope,
+    /// The storage hosts a job or run log redirect may be followed to (host patterns, optional `:port`).
+    pub log_hosts: Vec<LogHost>,
+    /// Address ranges the address guard lets log storage dials reach (private ranges included).
+    pub log_allow_ips: Vec<IpRange>,
     pub limits: GitLimits,
+}
+
+/// `[git] comment_scope`: `"own-pull"` (the default) comments only on the session's own pull requests;
+/// `"repository"` also on the repository's issues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommentScope {
+    #[default]
+    OwnPull,
+    Repository,
+}
+
+/// The hosts GitHub documents for Actions logs: a job or run log answers with a redirect to signed
+/// storage on one of these.
+pub const DEFAULT_LOG_HOSTS: [&str; 4] = [
+    "results-receiver.actions.githubusercontent.com",
+    "*.actions.githubusercontent.com",
+    "productionresultssa*.blob.core.windows.net",
+    "pipelines.actions.githubusercontent.com",
+];
+
+/// One `[git] log_hosts` entry: a host pattern as in a policy's `allow`, with an optional `:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogHost(pub crate::policy::HostPattern);
+
+impl<'de> Deserialize<'de> for LogHost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::policy::HostPattern::parse(&text).map(LogHost).map_err(|e| {
+            let hint = e.hint().map(|h| format!("; {h}")).unwrap_or_default();
+            serde::de::Error::custom(format!("invalid log host {text:?}: {e}{hint}"))
+        })
+    }
+}
+
+/// An address or CIDR range (`10.0.0.0/8`, `127.0.0.1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpRange(pub ipnet::IpNet);
+
+impl<'de> Deserialize<'de> for IpRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if let Ok(net) = text.parse::<ipnet::IpNet>() {
+            return Ok(IpRange(net));
+        }
+        text.parse::<IpAddr>().map(|ip| IpRange(ip.into())).map_err(|_| {
+            serde::de::Error::custom(format!("invalid address range {text:?}: expected e.g. 10.0.0.0/8 or 127.0.0.1"))
+        })
+    }
 }
 
 /// `[git.limits]`: per session, from the git credential's session id; another session is unaffected.
@@ -262,11 +318,14 @@ pub struct GitLimits {
     /// Client connections one session may hold open at once (a connection counts for the session of its
     /// first authenticated request until it closes).
     pub max_connections: u32,
+    /// API writes (pull requests, edits, comments, replies) a session may make per minute; more are
+    /// answered `429` with `Retry-After`.
+    pub api_writes_per_minute: u32,
 }
 
 impl Default for GitLimits {
     fn default() -> Self {
-        GitLimits { requests_per_second: 10.0, burst: 60, max_connections: 16 }
+        GitLimits { requests_per_second: 10.0, burst: 60, max_connections: 16, api_writes_per_minute: 30 }
     }
 }
 
@@ -278,12 +337,18 @@ struct RawGitLimits {
     requests_per_second: f64,
     burst: u32,
     max_connections: u32,
+    api_writes_per_minute: u32,
 }
 
 impl Default for RawGitLimits {
     fn default() -> Self {
         let d = GitLimits::default();
-        RawGitLimits { requests_per_second: d.requests_per_second, burst: d.burst, max_connections: d.max_connections }
+        RawGitLimits {
+            requests_per_second: d.requests_per_second,
+            burst: d.burst,
+            max_connections: d.max_connections,
+            api_writes_per_minute: d.api_writes_per_minute,
+        }
     }
 }
 
@@ -306,7 +371,12 @@ impl TryFrom<RawGitLimits> for GitLimits {
                 return Err(format!("{key} must be at least 1, not 0 (e.g. {example})"));
             }
         }
-        Ok(GitLimits { requests_per_second: rps, burst: raw.burst, max_connections: raw.max_connections })
+        Ok(GitLimits {
+            requests_per_second: rps,
+            burst: raw.burst,
+            max_connections: raw.max_connections,
+            api_writes_per_minute: raw.api_writes_per_minute,
+        })
     }
 }
 
@@ -321,6 +391,12 @@ impl Default for GitSettings {
             tokens: BTreeMap::new(),
             max_connections: 1024,
             body_timeout: Seconds(Duration::from_secs(30)),
+            comment_scope: CommentScope::OwnPull,
+            log_hosts: DEFAULT_LOG_HOSTS
+                .iter()
+                .filter_map(|h| crate::policy::HostPattern::parse(h).ok().map(LogHost))
+                .collect(),
+            log_allow_ips: Vec::new(),
             limits: GitLimits::default(),
         }
     }

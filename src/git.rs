@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, Method, Request, Response, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -91,12 +91,22 @@ pub struct GitProxy {
 }
 
 impl GitProxy {
-    /// Validates the settings and reads the real tokens.
+    /// Validates the settings and reads the real tokens; upstream dials use the system resolver.
     pub fn new(settings: &GitSettings, keyring: Option<Keyring>) -> Result<GitProxy, String> {
-        let upstream = Upstream::parse("git.upstream", &settings.upstream)?;
-        let api = api::Api::new(Upstream::parse("git.api_upstream", &settings.api_upstream)?);
+        GitProxy::with_dialer(settings, keyring, upstream::Dialer::system()?)
+    }
+
+    /// As [`GitProxy::new`], with upstream dials through `dialer` (the server's resolver, own
+    /// addresses, metrics and connect timeout).
+    pub fn with_dialer(
+        settings: &GitSettings,
+        keyring: Option<Keyring>,
+        dialer: upstream::Dialer,
+    ) -> Result<GitProxy, String> {
+        let upstream = Upstream::parse("git.upstream", &settings.upstream, &dialer)?;
+        let api = api::Api::new(settings, &dialer)?;
         let tokens = TokenStore::load(settings)?;
-        let GitLimits { requests_per_second, burst, max_connections: per_session } = settings.limits;
+        let GitLimits { requests_per_second, burst, max_connections: per_session, .. } = settings.limits;
         let limits = Limits {
             requests_per_second: Some(requests_per_second),
             burst: Some(burst),
@@ -333,7 +343,7 @@ impl GitProxy {
         let path = req.uri().path();
         let api = path == "/api" || path.starts_with("/api/");
         check_header_names(req.headers()).map_err(|message| match api {
-            true => GitError::Api { status: StatusCode::BAD_REQUEST, message: format!("sluice: {message}") },
+            true => GitError::GitHub(Refusal::bad_request(message)),
             false => GitError::Text(Refusal::bad_request(message)),
         })?;
         if api {

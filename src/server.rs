@@ -54,15 +54,6 @@ impl Server {
         let egress_listener = TcpListener::bind(config.egress.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
-        let metrics = Arc::new(Metrics::default());
-        let denials = Arc::new(Denials::default());
-        let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(config.limits.clone()));
-        let git = GitProxy::new(&config.git, keys.clone())?.with_audit(audit.clone()).sharing(
-            limiter.clone(),
-            metrics.clone(),
-            denials.clone(),
-        );
-        let git = Arc::new(git);
         let git_listener = TcpListener::bind(config.git.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([git] listen): {e}", config.git.listen))?;
@@ -74,6 +65,21 @@ impl Server {
                 .into_iter()
                 .flatten()
                 .collect();
+        let metrics = Arc::new(Metrics::default());
+        let denials = Arc::new(Denials::default());
+        let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(config.limits.clone()));
+        let dialer = crate::git::upstream::Dialer {
+            resolver: Arc::new(Resolver::new(&config.resolver)?),
+            own: Arc::from(own.clone()),
+            metrics: metrics.clone(),
+            connect_timeout: config.egress.connect_timeout.0,
+        };
+        let git = GitProxy::with_dialer(&config.git, keys.clone(), dialer)?.with_audit(audit.clone()).sharing(
+            limiter.clone(),
+            metrics.clone(),
+            denials.clone(),
+        );
+        let git = Arc::new(git);
         let egress = Arc::new(EgressProxy {
             config: config.egress.clone(),
             policies: Arc::new(ArcSwap::from_pointee(policies)),

@@ -19,8 +19,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use sluice::config::{CommentScope, IpRange, LogHost, ResolverConfig};
 use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
+use sluice::git::upstream::Dialer;
 use sluice::git::{GitProxy, GitSettings, TokenSource};
+use sluice::metrics::Metrics;
+use sluice::net::Resolver;
+use sluice::policy::HostPattern;
 use tokio::net::TcpListener;
 
 const CANARY: &str = "ghs_CanaryApiToken0123456789abcdefXYZ";
@@ -58,12 +63,28 @@ struct Call {
     auth: Option<String>,
 }
 
+/// `Accept`, `If-None-Match` and `If-Modified-Since` of one call.
+type Seen = (Option<String>, Option<String>, Option<String>);
+/// A storage request: path, query, `Authorization`.
+type Stored = (String, Option<String>, Option<String>);
+
+/// The headers of a call the tests look at besides the token.
+fn call_header(parts: &http::request::Parts, name: &str) -> Option<String> {
+    parts.headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 struct StandIn {
     /// `http://127.0.0.1:PORT`: plays `https://api.github.com` in the URLs it writes.
     base: String,
     owner: String,
     calls: Mutex<Vec<Call>>,
     next_number: AtomicUsize,
+    /// TCP connections accepted: sluice's pooled client reuses one for a lookup and the write after it.
+    conns: AtomicUsize,
+    /// `Accept`, `If-None-Match`, `If-Modified-Since` of every call, in order.
+    seen: Mutex<Vec<Seen>>,
+    /// Where log redirects point: `http://logs.storage.test:PORT` (the storage stand-in).
+    storage: Mutex<String>,
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -95,6 +116,11 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
         auth: auth.clone(),
     };
     s.calls.lock().unwrap().push(call);
+    s.seen.lock().unwrap().push((
+        call_header(&parts, "accept"),
+        call_header(&parts, "if-none-match"),
+        call_header(&parts, "if-modified-since"),
+    ));
     if auth.as_deref() != Some(&format!("Bearer {CANARY}")) {
         return Ok(json_response(StatusCode::UNAUTHORIZED, json!({"message": "Bad credentials"})));
     }
@@ -127,8 +153,62 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
             h.insert("www-authenticate", "Bearer realm=x".parse().unwrap());
             r
         }
-        ("GET", "/pulls/1") => json_response(StatusCode::OK, pull(&s, 1, BRANCH)),
+        ("GET", "/pulls/1") => {
+            let accept = call_header(&parts, "accept").unwrap_or_default();
+            let etag = "\"pull-1-v1\"";
+            let mut r = if call_header(&parts, "if-none-match").as_deref() == Some(etag)
+                || call_header(&parts, "if-modified-since").as_deref() == Some(LAST_MODIFIED)
+            {
+                // A conditional hit: GitHub answers 304 with no body and does not count it.
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                r
+            } else if accept == "application/vnd.github.diff" {
+                let mut r = Response::new(Full::new(Bytes::from_static(DIFF.as_bytes())));
+                r.headers_mut().insert("content-type", "application/vnd.github.diff; charset=utf-8".parse().unwrap());
+                r
+            } else {
+                json_response(StatusCode::OK, pull(&s, 1, BRANCH))
+            };
+            let h = r.headers_mut();
+            h.insert("etag", etag.parse().unwrap());
+            h.insert("last-modified", LAST_MODIFIED.parse().unwrap());
+            h.insert("x-ratelimit-limit", "5000".parse().unwrap());
+            h.insert("x-ratelimit-remaining", "4321".parse().unwrap());
+            h.insert("x-ratelimit-reset", "1764633600".parse().unwrap());
+            r
+        }
         ("GET", "/pulls/2") => json_response(StatusCode::OK, pull(&s, 2, "other")),
+        // A pull request from a fork whose branch has the working branch's name.
+        ("GET", "/pulls/3") => {
+            let mut doc = pull(&s, 3, BRANCH);
+            doc["head"]["repo"]["full_name"] = json!("evil/widgets");
+            json_response(StatusCode::OK, doc)
+        }
+        ("GET", "/pulls/comments/55") => json_response(
+            StatusCode::OK,
+            json!({"id": 55, "pull_request_url": format!("{}{prefix}/pulls/1", s.base), "body": "nit"}),
+        ),
+        ("GET", "/pulls/comments/66") => json_response(
+            StatusCode::OK,
+            json!({"id": 66, "pull_request_url": format!("{}{prefix}/pulls/2", s.base), "body": "other"}),
+        ),
+        ("GET", "/issues") => json_response(
+            StatusCode::OK,
+            json!([{"number": 9, "title": "Crash on start", "state": "open"}, {"number": 1, "title": "Add widgets", "pull_request": {"url": format!("{}{prefix}/pulls/1", s.base)}}]),
+        ),
+        ("GET" | "HEAD", "/actions/jobs/10/logs" | "/actions/runs/12/logs") => {
+            let name = if rest.contains("jobs") { "job-10.txt" } else { "run-12-big.txt" };
+            let url = format!("{}/{name}?sv=2024&sig={SIGNATURE}&se=2026-12-01", s.storage.lock().unwrap());
+            redirect(&url)
+        }
+        ("GET", "/actions/jobs/11/logs") => {
+            let port = s.storage.lock().unwrap().rsplit(':').next().unwrap_or_default().to_owned();
+            redirect(&format!("http://elsewhere.test:{port}/job-11.txt?sig={SIGNATURE}"))
+        }
+        ("GET", r) if READ_FAMILIES.iter().any(|(path, _)| *path == r) => {
+            json_response(StatusCode::OK, json!({"read": r}))
+        }
         ("GET", "/pulls/1/files") => json_response(StatusCode::OK, json!([{"filename": "README"}])),
         ("GET", "/pulls/2/files") => {
             // An error body that echoes the request's credential: sluice scrubs it.
@@ -151,12 +231,135 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
             r
         }
         ("PATCH", "/pulls/1") => json_response(StatusCode::OK, pull(&s, 1, BRANCH)),
-        ("POST", "/pulls/1/comments" | "/issues/1/comments" | "/pulls/2/comments" | "/issues/2/comments") => {
-            json_response(StatusCode::CREATED, json!({"id": 77, "body": "ok"}))
-        }
+        (
+            "POST",
+            "/pulls/1/comments"
+            | "/issues/1/comments"
+            | "/pulls/2/comments"
+            | "/issues/2/comments"
+            | "/issues/9/comments"
+            | "/pulls/1/comments/55/replies"
+            | "/pulls/1/reviews",
+        ) => json_response(StatusCode::CREATED, json!({"id": 77, "body": "ok"})),
         _ => json_response(StatusCode::NOT_FOUND, json!({"message": "Not Found"})),
     };
     Ok(resp)
+}
+
+fn redirect(url: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::FOUND;
+    r.headers_mut().insert("location", url.parse().unwrap());
+    r
+}
+
+const DIFF: &str = "diff --git a/README b/README\n--- a/README\n+++ b/README\n@@ -1 +1 @@\n-old\n+new\n";
+const LAST_MODIFIED: &str = "Tue, 01 Dec 2026 10:00:00 GMT";
+/// The signature in the storage URLs: it must never reach the sandbox.
+const SIGNATURE: &str = "SignedStorageSig0123456789";
+/// Bytes in the big log: over 64 MiB.
+const BIG_LOG: u64 = 72 << 20;
+
+/// One allowed read per family of SPEC §3.1 (path below `/repos/OWNER/widgets`) and its operation.
+const READ_FAMILIES: [(&str, &str); 24] = [
+    ("/issues/9", "api-get-issue"),
+    ("/issues/9/events", "api-list-issue-events"),
+    ("/issues/9/labels", "api-list-issue-labels"),
+    ("/issues/9/timeline", "api-list-issue-timeline"),
+    ("/pulls/1/commits", "api-list-pull-commits"),
+    ("/pulls/1/reviews", "api-list-pull-reviews"),
+    ("/pulls/1/requested_reviewers", "api-list-requested-reviewers"),
+    ("/commits/abc123", "api-get-commit"),
+    ("/commits/abc123/statuses", "api-list-commit-statuses"),
+    ("/commits/abc123/status", "api-get-combined-status"),
+    ("/commits/abc123/check-runs", "api-list-check-runs"),
+    ("/commits/abc123/check-suites", "api-list-check-suites"),
+    ("/compare/main...feature", "api-compare"),
+    ("/contents/src/lib.rs", "api-get-contents"),
+    ("/readme", "api-get-readme"),
+    ("/git/trees/abc123", "api-get-tree"),
+    ("/git/ref/heads/feature", "api-get-ref"),
+    ("/branches/feature", "api-get-branch"),
+    ("/releases/latest", "api-get-latest-release"),
+    ("/tags", "api-list-tags"),
+    ("/labels", "api-list-labels"),
+    ("/milestones/2", "api-get-milestone"),
+    ("/actions/runs/12/jobs", "api-list-run-jobs"),
+    ("/actions/jobs/10", "api-get-job"),
+];
+
+/// A stand-in for the signed log storage: records every request (path, query, `Authorization`),
+/// serves `job-10.txt` and a `run-12-big.txt` of [`BIG_LOG`] bytes generated as it streams.
+struct Storage {
+    addr: SocketAddr,
+    calls: Mutex<Vec<Stored>>,
+}
+
+const JOB_LOG: &str = "2026-12-01T10:00:00Z ##[group]Run cargo test\n2026-12-01T10:00:09Z test result: FAILED\n";
+
+async fn spawn_storage() -> Arc<Storage> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let storage = Arc::new(Storage { addr: listener.local_addr().unwrap(), calls: Mutex::new(Vec::new()) });
+    let st = storage.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let st = st.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let st = st.clone();
+                    async move {
+                        let auth = req.headers().get("authorization").map(|v| format!("{v:?}"));
+                        let path = req.uri().path().to_owned();
+                        st.calls.lock().unwrap().push((path.clone(), req.uri().query().map(str::to_owned), auth));
+                        let body: http_body_util::combinators::BoxBody<Bytes, Infallible> = match path.as_str() {
+                            "/job-10.txt" => Full::new(Bytes::from_static(JOB_LOG.as_bytes())).boxed(),
+                            "/run-12-big.txt" => big_log().boxed(),
+                            _ => Full::new(Bytes::from_static(b"no such blob")).boxed(),
+                        };
+                        let mut r = Response::new(body);
+                        r.headers_mut().insert("content-type", "text/plain".parse().unwrap());
+                        r.headers_mut().insert("x-ms-request-id", "storage-1".parse().unwrap());
+                        if path == "/run-12-big.txt" {
+                            r.headers_mut().insert("content-length", BIG_LOG.to_string().parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    storage
+}
+
+/// [`BIG_LOG`] bytes in 64 KiB frames, each the same shared buffer (so the storage holds one frame).
+struct BigLog {
+    left: usize,
+    frame: Bytes,
+}
+
+impl hyper::body::Body for BigLog {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.frame.clone()))))
+    }
+}
+
+fn big_log() -> BigLog {
+    const FRAME: usize = 64 << 10;
+    let mut line = vec![b'x'; FRAME - 1];
+    line.push(b'\n');
+    BigLog { left: BIG_LOG as usize / FRAME, frame: Bytes::from(line) }
 }
 
 async fn spawn_stand_in(owner: &str) -> Arc<StandIn> {
@@ -167,10 +370,14 @@ async fn spawn_stand_in(owner: &str) -> Arc<StandIn> {
         owner: owner.to_owned(),
         calls: Mutex::new(Vec::new()),
         next_number: AtomicUsize::new(3),
+        conns: AtomicUsize::new(0),
+        seen: Mutex::new(Vec::new()),
+        storage: Mutex::new(String::new()),
     });
     let s = state.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            s.conns.fetch_add(1, Ordering::SeqCst);
             let s = s.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| stand_in(req, s.clone()));
@@ -195,6 +402,7 @@ impl Drop for TempDir {
 struct World {
     _dir: TempDir,
     api: Arc<StandIn>,
+    storage: Arc<Storage>,
     sluice: SocketAddr,
     keyring: Keyring,
     owner: String,
@@ -232,6 +440,15 @@ impl World {
 
     /// A world whose sluice holds `token` as the real token for the owner (none: no token configured).
     async fn with_token(name: &str, token: Option<&str>) -> World {
+        World::build(name, token, |_| {}).await
+    }
+
+    /// A world with the real token and `tweak` applied to the git settings.
+    async fn with(name: &str, tweak: impl FnOnce(&mut GitSettings)) -> World {
+        World::build(name, Some(CANARY), tweak).await
+    }
+
+    async fn build(name: &str, token: Option<&str>, tweak: impl FnOnce(&mut GitSettings)) -> World {
         audit();
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -253,8 +470,28 @@ impl World {
             std::fs::write(&token_file, format!("{token}\n")).unwrap();
             settings.tokens.insert(owner.clone(), TokenSource::File(token_file));
         }
+        // The log storage: a second loopback server, named as GitHub's storage would be, reachable only
+        // because `log_allow_ips` lifts the address guard for loopback.
+        let storage = spawn_storage().await;
+        let port = storage.addr.port();
+        *api.storage.lock().unwrap() = format!("http://logs.storage.test:{port}");
+        settings.log_hosts = vec![LogHost(HostPattern::parse(&format!("logs.storage.test:{port}")).unwrap())];
+        settings.log_allow_ips = vec![IpRange("127.0.0.1/32".parse().unwrap())];
+        tweak(&mut settings);
+        let mut resolver = ResolverConfig { system: false, ..ResolverConfig::default() };
+        for host in ["logs.storage.test", "elsewhere.test"] {
+            resolver.hosts.insert(host.into(), vec!["127.0.0.1".parse().unwrap()]);
+        }
+        let dialer = Dialer {
+            resolver: Arc::new(Resolver::new(&resolver).unwrap()),
+            own: Arc::from(Vec::new()),
+            metrics: Arc::new(Metrics::default()),
+            connect_timeout: Duration::from_secs(5),
+        };
         let keyring = Keyring::new(SigningKey::from_bytes(&[43u8; 32]).unwrap(), None);
-        let proxy = Arc::new(GitProxy::new(&settings, Some(keyring.clone())).unwrap().with_audit(audit().clone()));
+        let proxy = Arc::new(
+            GitProxy::with_dialer(&settings, Some(keyring.clone()), dialer).unwrap().with_audit(audit().clone()),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let sluice = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -265,7 +502,7 @@ impl World {
             stop.drain(std::time::Duration::from_secs(5)).await;
         });
         tokio::spawn(sluice::git::serve(listener, proxy, shutdown));
-        World { _dir: TempDir(dir), api, sluice, keyring, owner, shutdown: Some(tx) }
+        World { _dir: TempDir(dir), api, storage, sluice, keyring, owner, shutdown: Some(tx) }
     }
 
     fn repo(&self) -> String {
@@ -453,23 +690,14 @@ async fn create_is_refused_for_another_head_a_cross_repo_base_or_another_reposit
 async fn merges_ref_deletion_graphql_workflows_and_settings_are_refused() {
     let w = World::new("refuse-other").await;
     let repo = w.repo();
-    let allowed = "allowed: GET /api/repos/OWNER/REPO, GET …/pulls, GET …/pulls/N, GET …/pulls/N/files, \
-                   GET …/pulls/N/comments, GET …/issues/N/comments, POST …/pulls, PATCH …/pulls/N, \
-                   POST …/pulls/N/comments, POST …/issues/N/comments";
+    let allowed = sluice::git::api::ALLOWED.as_str();
+    assert!(allowed.starts_with("allowed: reads (GET, HEAD) under /api/repos/OWNER/REPO of the repository; issues"));
     let a = w.curl("PUT", &w.url("/pulls/1/merge"), Some(&w.bearer()), Some("{}"), &[]).await;
     a.refused(
         403,
         &format!(
             "sluice: PUT \"/api/repos/{repo}/pulls/1/merge\": merging pull requests is not allowed through sluice; \
              a person merges; {allowed}"
-        ),
-    );
-    let a = w.curl("DELETE", &w.url("/git/refs/heads/feature"), Some(&w.bearer()), None, &[]).await;
-    a.refused(
-        403,
-        &format!(
-            "sluice: DELETE \"/api/repos/{repo}/git/refs/heads/feature\" is not in the pull-request slice sluice \
-             forwards; {allowed}"
         ),
     );
     let graphql = format!("http://{}/api/graphql", w.sluice);
@@ -481,20 +709,53 @@ async fn merges_ref_deletion_graphql_workflows_and_settings_are_refused() {
              the REST routes; {allowed}"
         ),
     );
-    for (method, rest, body) in [
-        ("POST", "/actions/workflows/ci.yml/dispatches", Some(r#"{"ref":"main"}"#)),
-        ("PATCH", "", Some(r#"{"default_branch":"feature"}"#)),
-        ("DELETE", "", None),
-        ("PUT", "/collaborators/evil", None),
+    for (method, rest, body, why) in [
+        ("DELETE", "/git/refs/heads/feature", None, ": deleting is not allowed through sluice;"),
+        (
+            "POST",
+            "/actions/workflows/ci.yml/dispatches",
+            Some(r#"{"ref":"main"}"#),
+            ": dispatching workflows is not allowed through sluice;",
+        ),
+        ("POST", "/actions/runs/5/rerun", None, ": re-running workflows is not allowed through sluice;"),
+        (
+            "POST",
+            "/issues/1/labels",
+            Some(r#"{"labels":["x"]}"#),
+            ": labels, assignees and milestones are not changed through sluice;",
+        ),
+        (
+            "POST",
+            "/issues/1/assignees",
+            Some(r#"{"assignees":["x"]}"#),
+            ": labels, assignees and milestones are not changed through sluice;",
+        ),
+        ("DELETE", "", None, ": deleting is not allowed through sluice;"),
+        ("PATCH", "", Some(r#"{"default_branch":"feature"}"#), " is not in the API slice sluice forwards;"),
     ] {
         let a = w.curl(method, &w.url(rest), Some(&w.bearer()), body, &[]).await;
-        a.refused(
-            403,
-            &format!(
-                "sluice: {method} \"/api/repos/{repo}{rest}\" is not in the pull-request slice sluice forwards; \
-                 {allowed}"
-            ),
-        );
+        a.refused(403, &format!("sluice: {method} \"/api/repos/{repo}{rest}\"{why} {allowed}"));
+        let code = if method == "PATCH" { "api_route_not_allowed" } else { "api_write_not_allowed" };
+        assert_eq!(a.header("x-sluice-decision"), Some(format!("deny; reason={code}").as_str()), "{method} {rest}");
+    }
+    // Secrets, keys, hooks and the like are never forwarded, not even for reading.
+    for rest in [
+        "/actions/secrets",
+        "/actions/variables",
+        "/keys",
+        "/hooks",
+        "/invitations",
+        "/environments",
+        "/collaborators/evil",
+    ] {
+        let a = w.curl("GET", &w.url(rest), Some(&w.bearer()), None, &[]).await;
+        assert_eq!(a.status, 403, "{rest}");
+        assert_eq!(a.header("x-sluice-decision"), Some("deny; reason=api_never_forwarded"), "{rest}");
+    }
+    // User, organisation and search routes and other repositories are outside the slice.
+    for path in ["/api/user", "/api/orgs/acme/repos", "/api/search/code?q=x"] {
+        let a = w.curl("GET", &format!("http://{}{path}", w.sluice), Some(&w.bearer()), None, &[]).await;
+        assert_eq!(a.header("x-sluice-decision"), Some("deny; reason=api_outside_repository"), "{path}");
     }
     assert_eq!(w.calls(), vec![], "nothing reached the stand-in");
 }
@@ -538,6 +799,8 @@ async fn comment_and_edit_on_the_own_pull_request_only() {
             write("POST", "/pulls/1/comments", comment),
         ]
     );
+    // Six upstream requests, one after another: one pooled connection.
+    assert_eq!(w.api.conns.load(Ordering::SeqCst), 1);
     w.clear_calls();
 
     // Pull request #2 comes from another branch: looked up, never written.
@@ -660,7 +923,7 @@ async fn missing_expired_forged_and_misbound_credentials_are_refused() {
     let a = w.curl("GET", &w.url("/pulls"), None, None, &[]).await;
     a.refused(
         401,
-        "Requires authentication: send the session's git credential as \"Authorization: Bearer CREDENTIAL\"",
+        "sluice: Requires authentication: send the session's git credential as \"Authorization: Bearer CREDENTIAL\"",
     );
     let now = now_unix();
     let other_key = Keyring::new(SigningKey::from_bytes(&[44u8; 32]).unwrap(), None);
@@ -734,4 +997,296 @@ async fn an_upstream_refusing_the_real_token_is_the_operators_problem_not_the_sa
     );
     assert_eq!(w.calls().len(), 1);
     assert_eq!(w.calls()[0].auth.as_deref(), Some("Bearer ghs_StaleToken"));
+}
+
+// ---------- the read families, media types, conditional requests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_family_reaches_the_stand_in_at_its_exact_path_with_the_real_token() {
+    let w = World::new("families").await;
+    let repo = w.repo();
+    for (rest, _) in READ_FAMILIES {
+        let a = w.curl("GET", &w.url(rest), Some(&w.bearer()), None, &[]).await;
+        assert_eq!((a.status, a.json()), (200, json!({"read": rest})), "{rest}");
+    }
+    let want: Vec<Call> = READ_FAMILIES
+        .iter()
+        .map(|(rest, _)| Call {
+            method: "GET".into(),
+            path: format!("/repos/{repo}{rest}"),
+            query: None,
+            body: String::new(),
+            auth: real_auth(),
+        })
+        .collect();
+    assert_eq!(w.calls(), want);
+    let lines = log_lines_for(&repo);
+    for (rest, op) in READ_FAMILIES {
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("service={op}")) && l.contains("status=200")),
+            "{rest}: {lines:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diffs_conditional_requests_and_rate_limit_headers_pass_both_ways() {
+    let w = World::new("media").await;
+    let diff = ["-H", "Accept: application/vnd.github.diff"];
+    let a = w.curl("GET", &w.url("/pulls/1"), Some(&w.bearer()), None, &diff).await;
+    assert_eq!((a.status, a.body.as_str()), (200, DIFF));
+    assert_eq!(a.header("content-type"), Some("application/vnd.github.diff; charset=utf-8"));
+    assert_eq!(a.header("etag"), Some("\"pull-1-v1\""));
+    assert_eq!(a.header("last-modified"), Some(LAST_MODIFIED));
+    for (name, value) in
+        [("x-ratelimit-limit", "5000"), ("x-ratelimit-remaining", "4321"), ("x-ratelimit-reset", "1764633600")]
+    {
+        assert_eq!(a.header(name), Some(value), "{name}");
+    }
+    // The ETag and Last-Modified come back as conditions, and the 304 goes back to the client whole.
+    let since = format!("If-Modified-Since: {LAST_MODIFIED}");
+    for condition in ["If-None-Match: \"pull-1-v1\"", since.as_str()] {
+        let a = w.curl("GET", &w.url("/pulls/1"), Some(&w.bearer()), None, &["-H", condition]).await;
+        assert_eq!((a.status, a.body.as_str()), (304, ""), "{condition}");
+        assert_eq!(a.header("etag"), Some("\"pull-1-v1\""));
+        assert_eq!(a.header("x-ratelimit-remaining"), Some("4321"));
+    }
+    let seen = w.api.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            (Some("application/vnd.github.diff".into()), None, None),
+            (Some("*/*".into()), Some("\"pull-1-v1\"".into()), None),
+            (Some("*/*".into()), None, Some(LAST_MODIFIED.into())),
+        ]
+    );
+    assert!(w.calls().iter().all(|c| c.auth == real_auth() && c.path == format!("/repos/{}/pulls/1", w.repo())));
+}
+
+// ---------- job logs ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_log_is_fetched_from_storage_without_a_credential_and_without_showing_the_signed_url() {
+    let w = World::new("logs").await;
+    let repo = w.repo();
+    let a = w.curl("GET", &w.url("/actions/jobs/10/logs"), Some(&w.bearer()), None, &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (200, JOB_LOG));
+    assert_eq!(a.header("content-type"), Some("text/plain"));
+    for (name, value) in &a.headers {
+        assert!(!value.contains(SIGNATURE) && !value.contains("storage.test"), "{name}: {value}");
+    }
+    assert_eq!((a.header("location"), a.header("x-ms-request-id")), (None, None));
+    let stored = w.storage.calls.lock().unwrap().clone();
+    assert_eq!(
+        stored,
+        vec![("/job-10.txt".to_owned(), Some(format!("sv=2024&sig={SIGNATURE}&se=2026-12-01")), None)],
+        "the storage got the signed URL and no Authorization"
+    );
+    assert_eq!(w.calls()[0].path, format!("/repos/{repo}/actions/jobs/10/logs"));
+    assert_eq!(w.calls()[0].auth, real_auth());
+
+    // A redirect to a host outside `log_hosts` is refused, before any dial, naming the host only.
+    let a = w.curl("GET", &w.url("/actions/jobs/11/logs"), Some(&w.bearer()), None, &[]).await;
+    let port = w.storage.addr.port();
+    a.refused(
+        502,
+        &format!(
+            "sluice: {} redirected the log to elsewhere.test:{port}, which is not in [git] log_hosts; the operator \
+             adds the storage host there",
+            w.api.base.trim_start_matches("http://")
+        ),
+    );
+    assert_eq!(w.storage.calls.lock().unwrap().len(), 1, "the storage saw nothing more");
+    assert!(!capture::text().contains(SIGNATURE), "the signed URL reached the log");
+}
+
+/// The process's resident set, from `/proc/self/status`.
+fn vm_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_over_64_mib_streams_with_bounded_memory() {
+    let w = World::new("biglog").await;
+    let before = vm_rss();
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "120", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"])
+        .args(["-H", &w.bearer()])
+        .arg(w.url("/actions/runs/12/logs"))
+        .kill_on_drop(true);
+    for var in ["http_proxy", "https_proxy", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+        cmd.env_remove(var);
+    }
+    let run = tokio::spawn(async move { cmd.output().await });
+    let mut peak = before;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+    while !run.is_finished() {
+        assert!(tokio::time::Instant::now() < deadline, "the log did not finish streaming");
+        peak = peak.max(vm_rss());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = run.await.unwrap().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("200 {BIG_LOG}"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The log is 72 MiB; sluice holds a few frames of it at a time.
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown < 32 << 20,
+        "resident memory grew by {} MiB while streaming a {} MiB log",
+        grown >> 20,
+        BIG_LOG >> 20
+    );
+}
+
+// ---------- writes: replies, reviews, scope, rate ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_reviews_and_their_refused_variants() {
+    let w = World::new("replies").await;
+    let repo = w.repo();
+    let post = |rest: &'static str, body: &'static str| {
+        let w = &w;
+        async move { w.curl("POST", &w.url(rest), Some(&w.bearer()), Some(body), &[]).await }
+    };
+    assert_eq!(post("/pulls/1/comments/55/replies", r#"{"body":"fixed"}"#).await.status, 201);
+    assert_eq!(post("/pulls/1/comments", r#"{"body":"fixed","in_reply_to":55}"#).await.status, 201);
+    assert_eq!(post("/pulls/1/reviews", r#"{"event":"COMMENT","body":"see inline"}"#).await.status, 201);
+    let other_pull = "sluice: review comment 66 belongs to pull request #2, not to #1; replies go only to review \
+                      comments of the session's own pull request";
+    post("/pulls/1/comments/66/replies", r#"{"body":"x"}"#).await.refused(403, other_pull);
+    post("/pulls/1/comments", r#"{"body":"x","in_reply_to":66}"#).await.refused(403, other_pull);
+    post("/pulls/3/comments", r#"{"body":"x"}"#).await.refused(
+        403,
+        &format!(
+            "sluice: pull request #3 has head \"evil/widgets:feature\"; this session may edit and comment only on \
+             pull requests from {repo}:feature"
+        ),
+    );
+    post("/pulls/1/reviews", r#"{"event":"APPROVE"}"#)
+        .await
+        .refused(403, "sluice: approving pull requests is not allowed through sluice; a person approves");
+    let a = w.curl("PATCH", &w.url("/pulls/1"), Some(&w.bearer()), Some(r#"{"head":"other"}"#), &[]).await;
+    a.refused(
+        403,
+        "sluice: field \"head\" may not be changed (a pull request's head stays the working branch); allowed: \
+         title, body, state",
+    );
+    let write = |rest: &str, body: &str| Call {
+        method: "POST".into(),
+        path: format!("/repos/{repo}{rest}"),
+        query: None,
+        body: body.into(),
+        auth: real_auth(),
+    };
+    assert_eq!(
+        w.writes(),
+        vec![
+            write("/pulls/1/comments/55/replies", r#"{"body":"fixed"}"#),
+            write("/pulls/1/comments", r#"{"body":"fixed","in_reply_to":55}"#),
+            write("/pulls/1/reviews", r#"{"event":"COMMENT","body":"see inline"}"#),
+        ],
+        "only the allowed writes went upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_comments_follow_comment_scope() {
+    let own = World::new("scope-own").await;
+    let a = own.curl("POST", &own.url("/issues/9/comments"), Some(&own.bearer()), Some(r#"{"body":"hi"}"#), &[]).await;
+    a.refused(
+        404,
+        &format!(
+            "sluice: {} has no pull request #9 (an issue number is not enough: comments go only to pull requests \
+             from \"feature\")",
+            own.repo()
+        ),
+    );
+    assert_eq!(own.writes(), vec![]);
+    let repo_scope = World::with("scope-repo", |s| s.comment_scope = CommentScope::Repository).await;
+    let w = &repo_scope;
+    let a = w.curl("POST", &w.url("/issues/9/comments"), Some(&w.bearer()), Some(r#"{"body":"hi"}"#), &[]).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let paths: Vec<(String, String)> = w.calls().into_iter().map(|c| (c.method, c.path)).collect();
+    assert_eq!(paths, vec![("POST".to_owned(), format!("/repos/{}/issues/9/comments", w.repo()))]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_over_the_per_minute_rate_get_429_with_retry_after() {
+    let w = World::with("rate", |s| s.limits.api_writes_per_minute = 2).await;
+    for _ in 0..2 {
+        let a = w.curl("POST", &w.url("/pulls/1/comments"), Some(&w.bearer()), Some(r#"{"body":"a"}"#), &[]).await;
+        assert_eq!(a.status, 201);
+    }
+    let a = w.curl("POST", &w.url("/pulls/1/comments"), Some(&w.bearer()), Some(r#"{"body":"a"}"#), &[]).await;
+    let secs: u64 = a.header("retry-after").and_then(|v| v.parse().ok()).expect("Retry-After");
+    assert!((1..=30).contains(&secs), "one write every 30s: {secs}");
+    a.refused(
+        429,
+        &format!(
+            "sluice: session over its API write rate (2 writes per minute, [git.limits] api_writes_per_minute); \
+             retry in {secs}s"
+        ),
+    );
+    assert_eq!(w.writes().len(), 2, "the third write never went upstream");
+    // Reads are not writes.
+    assert_eq!(w.curl("GET", &w.url("/pulls/1"), Some(&w.bearer()), None, &[]).await.status, 200);
+}
+
+// ---------- a real client ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_urllib_lists_issues_reads_a_diff_and_posts_a_comment() {
+    let w = World::new("python").await;
+    let script = r#"
+import json, os, urllib.request
+base, repo, token = os.environ["SLUICE"], os.environ["REPO"], os.environ["TOKEN"]
+def call(method, path, body=None, accept="application/vnd.github+json"):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{base}/repos/{repo}{path}", data=data, method=method,
+        headers={"Authorization": f"Bearer {token}", "Accept": accept, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        return resp.status, resp.read().decode()
+status, issues = call("GET", "/issues?state=open")
+print(status, [i["number"] for i in json.loads(issues)])
+status, diff = call("GET", "/pulls/1", accept="application/vnd.github.diff")
+print(status, diff.splitlines()[0])
+status, comment = call("POST", "/issues/1/comments", {"body": "from python"})
+print(status, json.loads(comment)["id"])
+"#;
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.args(["-c", script])
+        .env("SLUICE", format!("http://{}/api", w.sluice))
+        .env("REPO", w.repo())
+        .env("TOKEN", w.token())
+        .kill_on_drop(true);
+    for var in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"] {
+        cmd.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.expect("python timed out").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_no_canary("python output", &stdout);
+    assert_eq!(
+        (out.status.success(), stdout.as_ref()),
+        (true, "200 [9, 1]\n200 diff --git a/README b/README\n201 77\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let repo = w.repo();
+    let paths: Vec<(String, String, Option<String>)> =
+        w.calls().into_iter().map(|c| (c.method, c.path, c.query)).collect();
+    assert_eq!(
+        paths,
+        vec![
+            ("GET".into(), format!("/repos/{repo}/issues"), Some("state=open".into())),
+            ("GET".into(), format!("/repos/{repo}/pulls/1"), None),
+            ("GET".into(), format!("/repos/{repo}/pulls/1"), None),
+            ("POST".into(), format!("/repos/{repo}/issues/1/comments"), None),
+        ]
+    );
 }

@@ -1,134 +1,148 @@
-//! The pull-request slice of the GitHub REST API under `/api/`: a route table as data, the checks that keep
-//! writes on the session's working branch, and the `Link` rewrite that points pagination back at sluice.
+//! The repository-scoped slice of the GitHub REST API under `/api/` (SPEC §3.1): a route table as data,
+//! the checks that keep writes on the session's own pull request, the job logs sluice fetches itself,
+//! and the `Link` rewrite that points pagination back at sluice.
 //!
 //! ```text
-//! /api/… ─▶ parse (route table) ─▶ credential (Bearer | token | Basic) ─▶ authorize (same as git)
-//!    Read     ─▶ forward
-//!    Create   ─▶ check_create (head = working branch, base = a plain branch) ─▶ forward the same bytes
-//!    OwnPull  ─▶ check the body ─▶ GET …/pulls/N upstream ─▶ check_pull_head ─▶ forward the same bytes
+//! /api/… ─▶ route::parse (the table) ─▶ credential (Bearer | token | Basic) ─▶ authorize (same as git)
+//!    Read    ─▶ forward (Accept, If-None-Match, If-Modified-Since) ─▶ answer
+//!    Log     ─▶ forward ─▶ 302 to log storage ─▶ log::follow (log_hosts, guard, no credential) ─▶ stream
+//!    writes  ─▶ write rate ─▶ rules (the body) ─▶ target (GET the pull request / review comment) ─▶ forward
 //! answer ─▶ allowed headers only, Link/Location rewritten to sluice, bodies scrubbed of the token
+//! every refusal ─▶ respond::render (GitHub-shaped JSON)
 //! ```
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Empty, Full};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use serde_json::Value;
 
 use super::body::read_limited;
-use super::scrub::{ScrubbedBody, Scrubber};
-use super::upstream::{self, Upstream, bearer_auth, scrub};
-use super::{BoxError, GitBody, GitError, GitProxy, Record, full};
+use super::upstream::{self, Dialer, Pool, Upstream, bearer_auth, scrub};
+use super::{GitBody, GitError, GitProxy, Record};
+use crate::config::{CommentScope, GitSettings, LogHost};
 use crate::credential::{Basic, Secret, valid_session_id};
+use crate::limit::{LimitKey, Limiter, MemoryLimiter};
+use crate::refusal::{Fault, Refusal};
 
+mod answer;
 mod link;
+mod log;
+pub mod respond;
 mod route;
 mod rules;
+mod target;
 
 pub use link::{LinkMap, needs_repo_id};
-pub use route::{Access, ApiRoute, Op, parse};
-pub use rules::{check_comment, check_create, check_edit, check_pull_head};
+pub use respond::{DOCUMENTATION_URL, error_body};
+pub use route::{ALLOWED, Access, ApiRoute, parse};
+pub use rules::{check_comment, check_comment_of_pull, check_create, check_edit, check_pull_head, check_review};
 
 /// Longest request body accepted for a write (pull requests and comments are small JSON documents).
 pub const MAX_BODY: usize = 1 << 20;
-/// Longest pull-request document read when checking whose head a pull request has.
-const MAX_LOOKUP: usize = 8 << 20;
-/// Upstream error bodies are passed back, scrubbed, up to this much.
-const MAX_ERROR_BODY: usize = 64 << 10;
 /// How long the upstream may take to answer with its response head.
 const API_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a client may take to send a write's body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Where sluice's refusals point, like GitHub's own errors do.
-pub const DOCUMENTATION_URL: &str = "https://docs.github.com/rest/pulls/pulls";
 
-/// A refusal of an API request: its status and the message the JSON answer carries.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl Refusal {
-    fn forbidden(message: String) -> Refusal {
-        Refusal { status: StatusCode::FORBIDDEN, message }
-    }
-
-    fn bad_request(message: String) -> Refusal {
-        Refusal { status: StatusCode::BAD_REQUEST, message }
-    }
-}
-
-impl From<Refusal> for GitError {
-    fn from(r: Refusal) -> GitError {
-        GitError::Api { status: r.status, message: r.message }
-    }
-}
-
-/// The JSON body of a refusal, shaped like GitHub's own errors so `gh` and scripts print the message.
-pub fn error_body(message: &str) -> String {
-    serde_json::json!({ "message": message, "documentation_url": DOCUMENTATION_URL }).to_string()
-}
-
-/// A `Host` header fit to build a URL from.
-fn client_authority(headers: &HeaderMap) -> Option<&str> {
-    let host = headers.get(header::HOST)?.to_str().ok()?;
-    let ok = !host.is_empty()
-        && host.len() <= 255
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
-    ok.then_some(host)
-}
-
-/// Response headers passed back: the content description, caching, rate limits and GitHub's request id.
-/// `Link` and `Location` are rewritten; anything else (cookies, auth challenges, token scopes) stays behind.
-fn pass_header(name: &str) -> bool {
-    matches!(
-        name,
-        "content-type"
-            | "etag"
-            | "last-modified"
-            | "cache-control"
-            | "vary"
-            | "retry-after"
-            | "x-github-request-id"
-            | "x-github-media-type"
-            | "x-github-api-version-selected"
-    ) || name.starts_with("x-ratelimit-")
-}
-
-/// Request headers forwarded upstream besides the real token.
+/// Request headers forwarded upstream besides the real token: media types, conditional requests.
 const FORWARDED_REQUEST_HEADERS: [&str; 6] =
     ["accept", "content-type", "user-agent", "x-github-api-version", "if-none-match", "if-modified-since"];
 
-/// The state the API routes keep: the upstream and the repository ids learned for `Link` rewriting.
+/// The state the API routes keep: the upstream, the log storage client, the write rate and the
+/// repository ids learned for `Link` rewriting.
 #[derive(Debug)]
 pub struct Api {
     upstream: Upstream,
+    /// Pooled, guarded client for the log storage hosts (`log_allow_ips` lifts the guard).
+    storage: Pool,
+    log_hosts: Vec<LogHost>,
+    comment_scope: CommentScope,
+    /// Writes per minute and session (`[git.limits] api_writes_per_minute`); `None` when it is 0.
+    writes: Option<(MemoryLimiter, u32)>,
+    checks: AtomicU64,
     repo_ids: Mutex<HashMap<String, u64>>,
 }
 
 impl Api {
-    pub fn new(upstream: Upstream) -> Api {
-        Api { upstream, repo_ids: Mutex::new(HashMap::new()) }
+    pub fn new(settings: &GitSettings, dialer: &Dialer) -> Result<Api, String> {
+        let upstream = Upstream::parse("git.api_upstream", &settings.api_upstream, dialer)?;
+        let storage = Pool::new(dialer, Some(settings.log_allow_ips.iter().map(|r| r.0).collect()));
+        let per_minute = settings.limits.api_writes_per_minute;
+        // A rate of N a minute with a burst of N: a session may write N times at once, then one more
+        // every 60/N seconds. Its own limiter, so writes and egress requests do not share a budget.
+        let writes = (per_minute > 0).then(|| {
+            let rate = crate::config::LimitDefaults {
+                requests_per_second: f64::from(per_minute) / 60.0,
+                burst: per_minute,
+                max_tunnels: 1,
+            };
+            (MemoryLimiter::new(rate), per_minute)
+        });
+        Ok(Api {
+            upstream,
+            storage,
+            log_hosts: settings.log_hosts.clone(),
+            comment_scope: settings.comment_scope,
+            writes,
+            checks: AtomicU64::new(0),
+            repo_ids: Mutex::new(HashMap::new()),
+        })
     }
+
+    /// Counts one write of `session` against `[git.limits] api_writes_per_minute`.
+    async fn check_write_rate(&self, session: &str) -> Result<(), Refusal> {
+        let Some((limiter, per_minute)) = &self.writes else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "api_writes_disabled",
+                Fault::Policy,
+                "API writes are disabled on this proxy ([git.limits] api_writes_per_minute = 0)",
+            ));
+        };
+        // Idle sessions' rate state is dropped now and then, so memory stays bounded.
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
+            limiter.housekeeping();
+        }
+        let key = LimitKey::session(session);
+        limiter.check_request(&key, &crate::policy::Limits::default()).await.map_err(|limited| {
+            let secs = limited.retry_after_secs();
+            let mut r = Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "api_write_rate",
+                Fault::Client,
+                format!(
+                    "session over its API write rate ({per_minute} writes per minute, [git.limits] \
+                     api_writes_per_minute); retry in {secs}s"
+                ),
+            );
+            r.retry_after = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+            r
+        })
+    }
+}
+
+fn unauthenticated(code: &'static str, message: &str) -> Refusal {
+    Refusal::new(StatusCode::UNAUTHORIZED, code, Fault::Client, message)
 }
 
 /// `Bearer CREDENTIAL`, `token CREDENTIAL` (session id from the credential's claims) or Basic SESSION:CREDENTIAL.
 fn api_credentials(headers: &HeaderMap) -> Result<(Option<String>, Secret<String>), Refusal> {
-    let unauthenticated = |m: &str| Refusal { status: StatusCode::UNAUTHORIZED, message: m.to_owned() };
     let missing = || {
         unauthenticated(
+            "api_auth_missing",
             "Requires authentication: send the session's git credential as \"Authorization: Bearer CREDENTIAL\"",
         )
     };
     let malformed = || {
         unauthenticated(
-            "sluice: the Authorization header must be \"Bearer CREDENTIAL\", \"token CREDENTIAL\" or HTTP Basic \
-             with user = session id, password = git credential",
+            "api_auth_malformed",
+            "the Authorization header must be \"Bearer CREDENTIAL\", \"token CREDENTIAL\" or HTTP Basic with \
+             user = session id, password = git credential",
         )
     };
     let value = headers.get(header::AUTHORIZATION).ok_or_else(missing)?;
@@ -151,30 +165,102 @@ fn api_credentials(headers: &HeaderMap) -> Result<(Option<String>, Secret<String
     Ok((Some(basic.user), basic.password))
 }
 
-fn upstream_failure(e: upstream::UpstreamError, token: &Secret<String>) -> GitError {
-    let status = match e {
-        upstream::UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    GitError::Api { status, message: format!("sluice: {}", scrub(&e.to_string(), Some(token))) }
+/// An upstream exchange that failed: `504` for a timeout, else `502`, the token scrubbed from the words.
+fn upstream_failure(e: upstream::UpstreamError, token: &Secret<String>) -> Refusal {
+    let timeout = matches!(e, upstream::UpstreamError::Timeout(_));
+    Refusal::unreachable(e.code(), timeout, scrub(&e.to_string(), Some(token)))
+}
+
+fn api_timeout(what: String) -> Refusal {
+    Refusal::unreachable("upstream_timeout", true, format!("{what} took longer than {}s", API_TIMEOUT.as_secs()))
+}
+
+/// The request headers forwarded upstream: media types and conditional requests, a default
+/// `User-Agent` and `Accept`.
+fn forwarded_headers(client: &HeaderMap, write: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for name in FORWARDED_REQUEST_HEADERS {
+        for value in client.get_all(name) {
+            headers.append(name, value.clone());
+        }
+    }
+    headers.entry(header::USER_AGENT).or_insert(HeaderValue::from_static("sluice"));
+    headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("application/vnd.github+json"));
+    if write {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    } else {
+        headers.remove(header::CONTENT_TYPE);
+    }
+    headers
+}
+
+/// Who the request is from and what it may do, once the credential verified.
+struct Caller<'a> {
+    session: String,
+    repo: String,
+    branch: String,
+    token: &'a Secret<String>,
 }
 
 impl GitProxy {
-    /// Serves one `/api/…` request; the caller logs it and turns an `Err` into its answer.
+    /// Serves one `/api/…` request. A refusal is answered here, in GitHub's JSON, and logged by the caller.
     pub(super) async fn serve_api(
         &self,
         req: Request<Incoming>,
         record: &mut Record,
     ) -> Result<Response<GitBody>, GitError> {
+        self.api_request(req, record).await.map_err(GitError::GitHub)
+    }
+
+    async fn api_request(&self, req: Request<Incoming>, record: &mut Record) -> Result<Response<GitBody>, Refusal> {
         record.service = "api";
         let parsed = parse(req.method(), req.uri().path(), req.uri().query());
         if let Ok(route) = &parsed {
-            record.service = route.op.as_str();
+            record.service = route.op;
             record.repo = route.full_name();
         }
         let (parts, body) = req.into_parts();
         let (session, credential) = api_credentials(&parts.headers)?;
         let route = parsed?;
+        let caller = self.api_caller(&route, session, &credential, record)?;
+        self.admit(&caller.session, record).await?;
+        let write = route.access.is_write();
+        let body = if write {
+            self.api.check_write_rate(&caller.session).await?;
+            let bytes = read_write_body(&parts.headers, body).await?;
+            self.check_write(&route, &bytes, &parts.headers, &caller).await?;
+            record.bytes_up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            bytes
+        } else {
+            Bytes::new()
+        };
+        let headers = forwarded_headers(&parts.headers, write);
+        let path = route.upstream_path();
+        let sent = self.api.upstream.send(
+            parts.method.clone(),
+            &path,
+            headers,
+            Some(bearer_auth(caller.token)),
+            Full::new(body),
+        );
+        let resp = tokio::time::timeout(API_TIMEOUT, sent)
+            .await
+            .map_err(|_| api_timeout(format!("{} answering {}", self.api.upstream.authority(), route.op)))?
+            .map_err(|e| upstream_failure(e, caller.token))?;
+        if route.access == Access::Log && resp.status().is_redirection() {
+            return self.follow_log(resp, &parts.method, &parts.headers).await;
+        }
+        self.answer(resp, &parts.headers, &caller.repo, caller.token).await
+    }
+
+    /// Verifies the credential for the route's repository and finds the real token.
+    fn api_caller<'a>(
+        &'a self,
+        route: &ApiRoute,
+        session: Option<String>,
+        credential: &Secret<String>,
+        record: &mut Record,
+    ) -> Result<Caller<'a>, Refusal> {
         // Bearer and token forms carry no session id beside the credential: it comes from the claims,
         // which are only read once the signature verifies.
         let session = match session {
@@ -187,232 +273,45 @@ impl GitProxy {
             },
         };
         record.session = if valid_session_id(&session) { session.clone() } else { "(invalid)".into() };
-        let claims = self
-            .authorize(&route.full_name(), &session, &credential)
-            .map_err(|refused| Refusal::forbidden(format!("sluice: {}", refused.message)))?;
-        self.admit(&session, record).await.map_err(GitError::GitHub)?;
+        let claims = self.authorize(&route.full_name(), &session, credential)?;
         let repo = claims.repo.unwrap_or_default();
         let branch = claims.branch.unwrap_or_default();
         let token = self.tokens.for_repo(&repo).ok_or_else(|| {
-            Refusal::forbidden(format!(
-                "sluice: no upstream credential is configured for {repo}, so API requests are refused; \
-                 the operator sets token_env, token_file or [git.tokens]"
-            ))
+            Refusal::new(
+                StatusCode::FORBIDDEN,
+                "api_no_upstream_token",
+                Fault::Internal,
+                format!(
+                    "no upstream credential is configured for {repo}, so API requests are refused; the operator \
+                     sets token_env, token_file or [git.tokens]"
+                ),
+            )
         })?;
-        let body = match route.op.access() {
-            Access::Read => Bytes::new(),
-            access => {
-                let too_long = || Refusal {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
-                    message: format!("sluice: the request body is longer than {MAX_BODY} bytes"),
-                };
-                let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
-                if declared.and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n > MAX_BODY as u64) {
-                    return Err(too_long().into());
-                }
-                let bytes = read_limited(body, MAX_BODY, BODY_TIMEOUT).await.map_err(|long| {
-                    if long { too_long() } else { Refusal::bad_request("sluice: cannot read the request body".into()) }
-                })?;
-                match (access, route.op) {
-                    (Access::Create, _) => check_create(&bytes, &route.owner, &route.repo, &branch)?,
-                    (_, Op::EditPull) => check_edit(&bytes)?,
-                    _ => check_comment(&bytes)?,
-                }
-                record.bytes_up.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                bytes
-            }
-        };
-        if route.op.access() == Access::OwnPull {
-            self.check_own_pull(&parts.headers, &route, &repo, &branch, token).await?;
-        }
-        let mut headers = HeaderMap::new();
-        for name in FORWARDED_REQUEST_HEADERS {
-            for value in parts.headers.get_all(name) {
-                headers.append(name, value.clone());
-            }
-        }
-        headers.entry(header::USER_AGENT).or_insert(HeaderValue::from_static("sluice"));
-        headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("application/vnd.github+json"));
-        if route.op.access() != Access::Read {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        }
-        let path = route.upstream_path();
-        let sent =
-            self.api.upstream.send(parts.method.clone(), &path, headers, Some(bearer_auth(token)), Full::new(body));
-        let resp = tokio::time::timeout(API_TIMEOUT, sent)
-            .await
-            .map_err(|_| GitError::Api {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                message: format!(
-                    "sluice: {} did not answer within {}s",
-                    self.api.upstream.authority(),
-                    API_TIMEOUT.as_secs()
-                ),
-            })?
-            .map_err(|e| upstream_failure(e, token))?;
-        self.answer(resp, &parts.headers, &repo, token).await
+        Ok(Caller { session, repo, branch, token })
     }
+}
 
-    /// Looks the pull request up upstream and checks its head is the working branch of this repository.
-    async fn check_own_pull(
-        &self,
-        client: &HeaderMap,
-        route: &ApiRoute,
-        repo: &str,
-        branch: &str,
-        token: &Secret<String>,
-    ) -> Result<(), GitError> {
-        let number = route.number.unwrap_or_default();
-        let mut headers = HeaderMap::new();
-        let agent = client.get(header::USER_AGENT).cloned().unwrap_or(HeaderValue::from_static("sluice"));
-        headers.insert(header::USER_AGENT, agent);
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/vnd.github+json"));
-        let path = route.lookup_path();
-        let sent = self.api.upstream.send(Method::GET, &path, headers, Some(bearer_auth(token)), Empty::<Bytes>::new());
-        let resp = tokio::time::timeout(API_TIMEOUT, sent)
-            .await
-            .map_err(|_| GitError::Api {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                message: format!(
-                    "sluice: looking up pull request #{number} took longer than {}s",
-                    API_TIMEOUT.as_secs()
-                ),
-            })?
-            .map_err(|e| upstream_failure(e, token))?;
-        match resp.status() {
-            s if s.is_success() => {}
-            StatusCode::NOT_FOUND => {
-                return Err(GitError::Api {
-                    status: StatusCode::NOT_FOUND,
-                    message: format!(
-                        "sluice: {repo} has no pull request #{number} (an issue number is not enough: \
-                         comments go only to pull requests from {branch:?})"
-                    ),
-                });
-            }
-            s => {
-                return Err(GitError::Api {
-                    status: StatusCode::BAD_GATEWAY,
-                    message: format!(
-                        "sluice: {} answered {s} when sluice looked up pull request #{number} of {repo}",
-                        self.api.upstream.authority()
-                    ),
-                });
-            }
-        }
-        let doc = read_limited(resp.into_body(), MAX_LOOKUP, API_TIMEOUT).await.map_err(|_| GitError::Api {
-            status: StatusCode::BAD_GATEWAY,
-            message: format!("sluice: cannot read pull request #{number} of {repo} from the upstream"),
-        })?;
-        check_pull_head(&doc, repo, number, branch)?;
-        Ok(())
+/// A write's body, read whole within [`MAX_BODY`] and [`BODY_TIMEOUT`].
+async fn read_write_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
+    let too_long = || {
+        Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "api_body_too_large",
+            Fault::Client,
+            format!("the request body is longer than {MAX_BODY} bytes"),
+        )
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+    if declared.and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_long());
     }
-
-    /// The upstream's answer with only the allowed headers, `Link` and `Location` pointed back at sluice,
-    /// and error bodies scrubbed of the real token.
-    async fn answer(
-        &self,
-        resp: Response<Incoming>,
-        client: &HeaderMap,
-        repo: &str,
-        token: &Secret<String>,
-    ) -> Result<Response<GitBody>, GitError> {
-        let status = resp.status();
-        let host = self.api.upstream.authority();
-        if status == StatusCode::UNAUTHORIZED {
-            return Err(GitError::Api {
-                status: StatusCode::BAD_GATEWAY,
-                message: format!(
-                    "sluice: {host} refused sluice's upstream credential for {repo} ({status}); the operator should \
-                     check the token configured for it"
-                ),
-            });
-        }
-        let upstream_base = self.api.upstream.base_url();
-        let client_base = client_authority(client).map(|h| format!("http://{h}/api"));
-        let repo_id = match resp.headers().get(header::LINK).and_then(|v| v.to_str().ok()) {
-            Some(link) if needs_repo_id(link, &upstream_base) => self.repo_id(repo, token).await,
-            _ => None,
-        };
-        let (up, up_body) = resp.into_parts();
-        let mut out_headers = HeaderMap::new();
-        for (name, value) in &up.headers {
-            if pass_header(name.as_str()) {
-                out_headers.append(name.clone(), value.clone());
-            }
-        }
-        if let Some(client_base) = &client_base {
-            let map = LinkMap { upstream: &upstream_base, client: client_base, repo, repo_id };
-            let link: Vec<String> = up
-                .headers
-                .get_all(header::LINK)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .filter_map(|v| map.link(v))
-                .collect();
-            if !link.is_empty()
-                && let Ok(v) = HeaderValue::from_str(&link.join(", "))
-            {
-                out_headers.insert(header::LINK, v);
-            }
-            if let Some(loc) = up.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()).and_then(|v| map.url(v))
-                && let Ok(v) = HeaderValue::from_str(&loc)
-            {
-                out_headers.insert(header::LOCATION, v);
-            }
-        }
-        // Sluice never asks for an encoded body; one that comes anyway passes only when it is a success,
-        // unscrubbed (it cannot be searched). A plain success is streamed with the token scrubbed: GitHub
-        // never echoes it, so this costs a lookup per byte and changes nothing, unless something upstream
-        // reflects the credential.
-        let encoding = up.headers.get(header::CONTENT_ENCODING).filter(|v| v.as_bytes() != b"identity");
-        let body = if status.is_success() || status == StatusCode::NOT_MODIFIED {
-            match encoding {
-                Some(v) => {
-                    out_headers.insert(header::CONTENT_ENCODING, v.clone());
-                    up_body.map_err(BoxError::from).boxed()
-                }
-                None => ScrubbedBody::new(up_body, Scrubber::new(Some(token))).map_err(BoxError::from).boxed(),
-            }
-        } else if encoding.is_some() {
-            // An encoded error body cannot be searched for the token: say so instead of passing it.
-            out_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-            full(error_body(&format!("sluice: {host} answered {status} with an encoded body, which sluice withholds")))
+    read_limited(body, MAX_BODY, BODY_TIMEOUT).await.map_err(|long| {
+        if long {
+            too_long()
         } else {
-            let text = match read_limited(up_body, MAX_ERROR_BODY, Duration::from_secs(5)).await {
-                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                Err(_) => error_body(&format!("sluice: {host} answered {status} with an unreadable body")),
-            };
-            full(scrub(&text, Some(token)))
-        };
-        let mut out = Response::new(body);
-        *out.status_mut() = status;
-        *out.headers_mut() = out_headers;
-        Ok(out)
-    }
-
-    /// The repository's numeric id upstream (for `/repositories/ID/…` links), looked up once and cached.
-    async fn repo_id(&self, repo: &str, token: &Secret<String>) -> Option<u64> {
-        let key = repo.to_ascii_lowercase();
-        if let Some(id) = self.api.repo_ids.lock().ok().and_then(|m| m.get(&key).copied()) {
-            return Some(id);
+            Refusal::new(StatusCode::BAD_REQUEST, "api_body_unreadable", Fault::Client, "cannot read the request body")
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(header::USER_AGENT, HeaderValue::from_static("sluice"));
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/vnd.github+json"));
-        let path = format!("repos/{repo}");
-        let sent = self.api.upstream.send(Method::GET, &path, headers, Some(bearer_auth(token)), Empty::<Bytes>::new());
-        let resp = tokio::time::timeout(API_TIMEOUT, sent).await.ok()?.ok()?;
-        if !resp.status().is_success() {
-            return None;
-        }
-        let doc = read_limited(resp.into_body(), MAX_LOOKUP, API_TIMEOUT).await.ok()?;
-        let id = serde_json::from_slice::<Value>(&doc).ok()?.get("id")?.as_u64()?;
-        if let Ok(mut m) = self.api.repo_ids.lock() {
-            m.insert(key, id);
-        }
-        Some(id)
-    }
+    })
 }
 
 #[cfg(test)]
@@ -431,7 +330,8 @@ mod tests {
         assert_eq!(with("Bearer v1.a.b"), Ok((None, "v1.a.b".to_owned())));
         assert_eq!(with("token v1.a.b"), Ok((None, "v1.a.b".to_owned())));
         assert_eq!(with(&format!("Basic {}", STANDARD.encode("s1:v1.a.b"))), Ok((Some("s1".into()), "v1.a.b".into())));
-        assert_eq!(with("Digest x").unwrap_err().status, StatusCode::UNAUTHORIZED);
+        let digest = with("Digest x").unwrap_err();
+        assert_eq!((digest.status, digest.code), (StatusCode::UNAUTHORIZED, "api_auth_malformed"));
         assert_eq!(
             api_credentials(&HeaderMap::new()).unwrap_err().message,
             "Requires authentication: send the session's git credential as \"Authorization: Bearer CREDENTIAL\""
@@ -439,12 +339,23 @@ mod tests {
     }
 
     #[test]
-    fn only_harmless_headers_pass_back() {
-        for name in ["content-type", "etag", "x-ratelimit-remaining", "x-github-request-id"] {
-            assert!(pass_header(name), "{name}");
+    fn media_types_and_conditionals_go_upstream_and_nothing_else() {
+        let mut client = HeaderMap::new();
+        client.insert(header::ACCEPT, HeaderValue::from_static("application/vnd.github.diff"));
+        client.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"abc\""));
+        client.insert(header::IF_MODIFIED_SINCE, HeaderValue::from_static("Tue, 01 Dec 2026 00:00:00 GMT"));
+        client.insert(header::COOKIE, HeaderValue::from_static("a=b"));
+        client.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sandbox"));
+        client.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let h = forwarded_headers(&client, false);
+        assert_eq!(h[header::ACCEPT], "application/vnd.github.diff");
+        assert_eq!(h[header::IF_NONE_MATCH], "\"abc\"");
+        assert!(h.contains_key(header::IF_MODIFIED_SINCE));
+        assert_eq!(h[header::USER_AGENT], "sluice");
+        for gone in [header::COOKIE, header::AUTHORIZATION, header::CONTENT_TYPE] {
+            assert!(!h.contains_key(&gone), "{gone}");
         }
-        for name in ["set-cookie", "authorization", "www-authenticate", "x-oauth-scopes", "x-accepted-oauth-scopes"] {
-            assert!(!pass_header(name), "{name}");
-        }
+        assert_eq!(forwarded_headers(&client, true)[header::CONTENT_TYPE], "application/json");
+        assert_eq!(forwarded_headers(&HeaderMap::new(), false)[header::ACCEPT], "application/vnd.github+json");
     }
 }

@@ -6,7 +6,7 @@
 //!   prints a fatal pkt-line `ERR` or side-band message, and a report-status `ng` line per ref);
 //! - GitHub-shaped JSON for `/api/`, so `gh` and other tools print it.
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, header};
 
 use super::push::{self, PushRequest};
 use super::{GitBody, api, full};
@@ -19,9 +19,7 @@ pub enum GitError {
     Text(Refusal),
     /// Answered as a receive-pack result.
     Push { refusal: Refusal, answer: PushAnswer },
-    /// An `/api/` request refused or failed: a JSON body shaped like GitHub's errors.
-    Api { status: StatusCode, message: String },
-    /// An `/api/` request refused by a shared step (a limit): GitHub-shaped JSON with the refusal's headers.
+    /// An `/api/` request refused or failed: GitHub-shaped JSON (`api::respond`).
     GitHub(Refusal),
 }
 
@@ -49,11 +47,10 @@ impl GitError {
         GitError::Push { refusal, answer: PushAnswer::Fatal { side_band } }
     }
 
-    /// The refusal the answer renders (`None` for `/api/` errors, which carry their own words).
-    pub fn refusal(&self) -> Option<&Refusal> {
+    /// The refusal the answer renders.
+    pub fn refusal(&self) -> &Refusal {
         match self {
-            GitError::Text(r) | GitError::Push { refusal: r, .. } | GitError::GitHub(r) => Some(r),
-            GitError::Api { .. } => None,
+            GitError::Text(r) | GitError::Push { refusal: r, .. } | GitError::GitHub(r) => r,
         }
     }
 }
@@ -96,24 +93,7 @@ pub fn respond(err: GitError) -> (Response<GitBody>, Outcome) {
             }
             (resp, outcome)
         }
-        GitError::Api { status, message } => {
-            let mut resp = Response::new(full(api::error_body(&message)));
-            *resp.status_mut() = status;
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-            let (verdict, code) =
-                if status.is_server_error() { ("error", "api_error") } else { ("deny", "api_refused") };
-            let detail = Some(message.strip_prefix("sluice: ").unwrap_or(&message).to_owned());
-            (resp, Outcome { verdict, code, detail, hint: None, limit: false })
-        }
-        GitError::GitHub(refusal) => {
-            let mut resp = Response::new(full(api::error_body(&format!("sluice: {}", refusal.message))));
-            *resp.status_mut() = refusal.status;
-            let headers = resp.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-            decorate(headers, &refusal);
-            (resp, outcome(refusal))
-        }
+        GitError::GitHub(refusal) => (api::respond::render(&refusal), outcome(refusal)),
     }
 }
 
