@@ -209,3 +209,39 @@ async fn a_bulk_download_does_not_starve_the_sessions_small_exchanges() {
     // Three seconds at 2 MiB/s (plus the initial credit): the rate held while the echo ran.
     assert!((4 * MIB..=8 * MIB).contains(&moved), "the bulk tunnel moved {moved} bytes in 3 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_download_shares_the_sessions_rate_with_its_tunnels() {
+    let port = source(10 * MIB).await;
+    let plain = Upstream::plain("plain").await;
+    let ports = [port, plain.port()];
+    let mut text = policy("slow", &ports, "download_bytes_per_second = \"4MiB\"");
+    text = text.replace("\"echo.test\"]", "\"echo.test\", \"plain.test\"]");
+    let dir = TempDir::new("shaping-http");
+    let key = dir.write("key", KEY);
+    let config = format!(
+        "[egress]\npolicy = \"none\"\n[auth]\nanonymous = false\nkey_file = {:?}\n[resolver]\nhosts = {{ \"source.test\" = [\"127.0.0.1\"], \"plain.test\" = [\"127.0.0.1\"] }}\n",
+        key.display()
+    );
+    let proxy = Proxy::start_in(dir, &config, &[("slow.toml", &text)]).await;
+    let auth = auth_for("mixed", "slow");
+    let get = async {
+        let p = plain.port();
+        let mut c = RawClient::connect(proxy.addr).await;
+        let request = format!(
+            "GET http://plain.test:{p}/bytes/{} HTTP/1.1\r\nHost: plain.test:{p}\r\nProxy-Authorization: {auth}\r\n\r\n",
+            10 * MIB
+        );
+        let start = Instant::now();
+        c.send(request.as_bytes()).await;
+        let r = within(TRANSFER, "the forwarded download", c.response_bytes()).await.expect("a response");
+        assert!(r.starts_with(b"HTTP/1.1 200 OK\r\n"), "{:?}", String::from_utf8_lossy(&r[..r.len().min(200)]));
+        let head = r.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
+        assert_eq!(r.len() - head, 10 * MIB);
+        start.elapsed()
+    };
+    // 10 MiB through a tunnel and 10 MiB forwarded, at once, share 4 MiB/s: 5 s each.
+    let (tunnelled, forwarded) = tokio::join!(download(&proxy, port, auth.clone(), 10 * MIB), get);
+    assert_band("the tunnelled 10 MiB", tunnelled);
+    assert_band("the forwarded 10 MiB", forwarded);
+}

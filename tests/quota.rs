@@ -168,3 +168,48 @@ async fn spending_the_upload_quota_closes_the_sessions_tunnels_and_refuses_its_n
     let up: u64 = closed.iter().filter_map(|v| v["bytes_up"].as_u64()).sum();
     assert_eq!(up, MIB as u64, "the session's tunnels moved exactly its quota up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_upload_that_spends_the_quota_is_refused_and_so_is_the_next_request() {
+    let plain = Upstream::plain("plain").await;
+    let p = plain.port();
+    let policy = format!(
+        "version = 1\nname = \"metered\"\nlevel = \"custom\"\nallow = [\"plain.test:{p}\"]\nallow_ips = [\"127.0.0.0/8\"]\n[limits]\nupload_quota = \"1MiB/hour\"\n"
+    );
+    let dir = TempDir::new("quota-http");
+    let key = dir.write("key", KEY);
+    let config = format!(
+        "[egress]\npolicy = \"none\"\n[auth]\nanonymous = false\nkey_file = {:?}\n[resolver]\nhosts = {{ \"plain.test\" = [\"127.0.0.1\"] }}\n",
+        key.display()
+    );
+    let proxy = Proxy::start_in(dir, &config, &[("metered.toml", &policy)]).await;
+    let auth = auth_for("poster", "metered");
+    let post = |len: usize| {
+        format!(
+            "POST http://plain.test:{p}/sha256 HTTP/1.1\r\nHost: plain.test:{p}\r\nProxy-Authorization: {auth}\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+
+    // Half the quota goes through whole.
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(post(MIB / 2).as_bytes()).await;
+    c.send(&vec![7u8; MIB / 2]).await;
+    let r = c.response().await.expect("a response");
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    assert!(r.body.ends_with(&format!(" bytes={}\n", MIB / 2)), "{}", r.body);
+
+    // A MiB more runs out half-way: the exchange is answered 429 quota_exceeded.
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(post(MIB).as_bytes()).await;
+    let _ = within(STEP, "the upload", c.stream.write_all(&vec![7u8; MIB])).await;
+    let r = c.response().await.expect("a response");
+    assert_eq!(r.status_line, "HTTP/1.1 429 Too Many Requests", "{}", r.body);
+    assert!(r.body.contains("upload quota of 1MiB/hour is spent"), "{}", r.body);
+
+    // And the next request is refused before it is forwarded.
+    let connections = plain.connections();
+    let r = raw_exchange(proxy.addr, post(0).as_bytes()).await;
+    assert_eq!(r.status_line, "HTTP/1.1 429 Too Many Requests");
+    assert_eq!(r.header("x-sluice-decision"), Some("deny; reason=quota_exceeded; policy=metered"));
+    assert_eq!(plain.connections(), connections);
+}
