@@ -111,6 +111,7 @@ impl GitProxy {
             requests_per_second: Some(requests_per_second),
             burst: Some(burst),
             max_tunnels: Some(per_session),
+            ..Limits::default()
         };
         let max_connections = settings.max_connections.max(1);
         let body_timeout = settings.body_timeout.0.max(Duration::from_secs(1));
@@ -282,6 +283,7 @@ impl GitProxy {
         self.metrics.decision(outcome.verdict, outcome.code, "git");
         if outcome.limit {
             self.metrics.rate_limited.inc();
+            self.metrics.limit_refused(outcome.code);
         }
         if valid_session_id(&record.session) {
             let denial = Denial {

@@ -44,6 +44,15 @@ struct DecisionLabels {
     level: &'static str,
 }
 
+/// The labels of `sluice_limit_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+/// The per-session limits a refusal can name, as their refusal codes.
+const LIMITS: [&str; 4] = ["rate_limited", "too_many_tunnels", "too_many_connections", "quota_exceeded"];
+
 /// Every number the admin listener exposes. Cloned handles share their values (each metric is an
 /// `Arc` inside), so the fields are registered once and updated in place.
 pub struct Metrics {
@@ -61,6 +70,12 @@ pub struct Metrics {
     pub policy_reload_errors: Counter,
     /// Filled in from the log writer's own counter when rendering.
     pub dropped_log_lines: Counter,
+    /// Refusals by the per-session limit that made them.
+    limit_refusals: Family<LimitLabels, Counter>,
+    /// Seconds tunnels waited for their session's bandwidth (shaping), summed.
+    shaping_wait: Counter<f64, AtomicU64>,
+    /// Open tunnels ended because their session's quota was spent.
+    pub quota_closed_tunnels: Counter,
 }
 
 impl Default for Metrics {
@@ -79,7 +94,14 @@ impl Default for Metrics {
             policy_generation: Gauge::default(),
             policy_reload_errors: Counter::default(),
             dropped_log_lines: Counter::default(),
+            limit_refusals: Family::default(),
+            shaping_wait: Counter::default(),
+            quota_closed_tunnels: Counter::default(),
         };
+        // Every limit is listed from the start, at 0.
+        for limit in LIMITS {
+            let _ = m.limit_refusals.get_or_create(&LimitLabels { limit });
+        }
         let r = &mut m.registry;
         // Counter names are registered without `_total`: the encoder adds it.
         r.register("sluice_decisions", "Requests decided, by verdict, reason and level.", m.decisions.clone());
@@ -105,6 +127,21 @@ impl Default for Metrics {
             "Pipes opened to splice(2) bulk tunnel traffic (Linux; 0: every byte was copied).",
             SPLICE_PIPES.clone(),
         );
+        r.register(
+            "sluice_limit_refusals",
+            "Requests refused by a per-session limit, by limit.",
+            m.limit_refusals.clone(),
+        );
+        r.register(
+            "sluice_shaping_wait_seconds",
+            "Time tunnels waited for their session's bandwidth limit.",
+            m.shaping_wait.clone(),
+        );
+        r.register(
+            "sluice_quota_closed_tunnels",
+            "Open tunnels closed because their session's byte quota was spent.",
+            m.quota_closed_tunnels.clone(),
+        );
         r.register("sluice_dns_seconds", "DNS lookup latency.", m.dns_latency.0.clone());
         r.register("sluice_upstream_connect_seconds", "Upstream TCP connect latency.", m.connect_latency.0.clone());
         m
@@ -114,6 +151,20 @@ impl Default for Metrics {
 impl Metrics {
     pub fn decision(&self, verdict: &'static str, reason: &'static str, level: &'static str) {
         self.decisions.get_or_create(&DecisionLabels { verdict, reason, level }).inc();
+    }
+
+    /// Counts a refusal by a per-session limit, by its code (one of [`LIMITS`]; others are not limits).
+    pub fn limit_refused(&self, code: &str) {
+        if let Some(&limit) = LIMITS.iter().find(|l| **l == code) {
+            self.limit_refusals.get_or_create(&LimitLabels { limit }).inc();
+        }
+    }
+
+    /// Adds a tunnel's time spent waiting for shaping grants.
+    pub fn shaped(&self, waited: Duration) {
+        if !waited.is_zero() {
+            self.shaping_wait.inc_by(waited.as_secs_f64());
+        }
     }
 
     /// Sets the dropped-lines counter to the log writer's own count.

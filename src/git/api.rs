@@ -80,6 +80,7 @@ impl Api {
                 requests_per_second: f64::from(per_minute) / 60.0,
                 burst: per_minute,
                 max_tunnels: 1,
+                ..Default::default()
             };
             (MemoryLimiter::new(rate), per_minute)
         });

@@ -68,6 +68,10 @@ impl EgressProxy {
             .check_request(&session.limit_key, &policy.limits)
             .await
             .map_err(|e| in_policy(Refusal::rate_limited(e.retry_after, &e.limit)))?;
+        self.limiter
+            .check_quota(&session.limit_key, &policy.limits)
+            .await
+            .map_err(|e| in_policy(e.refusal(now_unix())))?;
         let permit = if tunnel {
             let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits).await;
             Some(permit.map_err(|e| in_policy(Refusal::too_many_tunnels(e.max)))?)
