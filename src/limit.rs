@@ -1,9 +1,10 @@
 //! Per-session limits behind one trait: a request rate, a cap on open tunnels held as leases, and byte
 //! meters that tunnels and requests report to while they move bytes. [`memory`] keeps them in this process;
-//! a shared store (issue 19) implements the same trait so that limits hold across instances.
+//! [`redis`] keeps them in a Redis server shared by every instance, so that limits hold across instances.
 
 pub mod memory;
 pub mod quota;
+pub mod redis;
 
 use std::fmt;
 use std::future::Future;
@@ -28,11 +29,11 @@ use crate::policy::Limits;
 pub trait Limiter: Send + Sync + fmt::Debug {
     /// Counts one new CONNECT tunnel or plain-HTTP request of `key` against its rate: `requests_per_second`
     /// and `burst`.
-    fn check_request(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), RateLimited>>;
+    fn check_request(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), Limited<RateLimited>>>;
 
     /// Takes one of `key`'s `max_tunnels` places for a tunnel, held until the [`Lease`] is dropped. The
     /// lease's [`ByteMeter`] is where the tunnel reports its bytes as they move.
-    fn open_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, TooManyTunnels>>;
+    fn open_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, Limited<TooManyTunnels>>>;
 
     /// Where a plain-HTTP request of `key` reports its bytes as they move.
     fn meter(&self, key: &LimitKey) -> ByteMeter;
@@ -243,6 +244,14 @@ impl ByteMeter {
     pub fn totals(&self) -> (u64, u64) {
         self.0.totals()
     }
+}
+
+/// Why a limiter said no: the session is over the limit `E`, or the shared store that keeps its count
+/// cannot be asked and the server is configured to refuse meanwhile (`[limits.store] on_error = "refuse"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Limited<E> {
+    Over(E),
+    StoreUnavailable,
 }
 
 /// A request refused because its session is over its rate: answer `429` with `Retry-After`.

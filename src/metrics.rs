@@ -59,6 +59,11 @@ pub struct Metrics {
     pub connect_latency: Histogram,
     pub policy_generation: AtomicU64,
     pub policy_reload_errors: AtomicU64,
+    /// Calls to the limit store that failed or missed their deadline (probes of a store already down excluded).
+    pub limit_store_errors: AtomicU64,
+    /// 1 while the limit store answers (always, for the in-memory store), 0 while limits are per instance
+    /// or refused.
+    pub limit_store_up: AtomicU64,
     /// Filled in from the log writer's own counter when rendering.
     pub dropped_log_lines: AtomicU64,
 }
@@ -83,7 +88,7 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, &AtomicU64); 10] = [
+        let gauges: [(&str, &str, &str, &AtomicU64); 12] = [
             ("sluice_open_tunnels", "gauge", "Tunnels open now.", &self.open_tunnels),
             ("sluice_tunnels_total", "counter", "Tunnels opened.", &self.tunnels_total),
             ("sluice_bytes_up_total", "counter", "Bytes from clients to upstreams.", &self.bytes_up),
@@ -101,6 +106,18 @@ impl Metrics {
                 "counter",
                 "Policy reloads refused as invalid.",
                 &self.policy_reload_errors,
+            ),
+            (
+                "sluice_limit_store_errors_total",
+                "counter",
+                "Calls to the limit store that failed or missed their deadline.",
+                &self.limit_store_errors,
+            ),
+            (
+                "sluice_limit_store_up",
+                "gauge",
+                "1 while the limit store answers, 0 while limits are per instance or refused.",
+                &self.limit_store_up,
             ),
             (
                 "sluice_log_dropped_lines_total",

@@ -213,6 +213,20 @@ impl Refusal {
         r
     }
 
+    /// The shared store that keeps the session's limits cannot be asked, and the server is configured to
+    /// refuse rather than count locally meanwhile (`[limits.store] on_error = "refuse"`): `503`.
+    pub fn limit_store_unavailable() -> Refusal {
+        let mut r = Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_store_unavailable",
+            Fault::Internal,
+            "the store that keeps this session's limits is unreachable, so the request cannot be counted",
+        )
+        .with_hint("retry shortly; an operator sees the store's state on /healthz and sluice_limit_store_up");
+        r.retry_after = Some(1);
+        r
+    }
+
     /// DNS or the upstream failed: `504` for a timeout, else `502`.
     pub fn unreachable(code: &'static str, timeout: bool, message: impl Into<String>) -> Refusal {
         let status = if timeout { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };

@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::audit::AuditLog;
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, StoreKind};
 use crate::credential::{KEY_ENV, Keyring};
 use crate::git::GitProxy;
-use crate::limit::MemoryLimiter;
+use crate::limit::redis::RedisLimiter;
+use crate::limit::{Limiter, MemoryLimiter};
 use crate::listen::Shutdown;
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
@@ -27,6 +28,8 @@ pub struct Server {
     git_listener: TcpListener,
     git: Arc<GitProxy>,
     admin_listener: TcpListener,
+    /// The shared limit store, when `[limits.store] kind = "redis"`.
+    store: Option<Arc<RedisLimiter>>,
     config: Config,
 }
 
@@ -66,6 +69,17 @@ impl Server {
                 .into_iter()
                 .flatten()
                 .collect();
+        let metrics = Arc::new(Metrics::default());
+        let (limiter, store): (Arc<dyn Limiter>, _) = match config.limits.store.kind {
+            StoreKind::Memory => {
+                metrics.limit_store_up.store(1, std::sync::atomic::Ordering::Relaxed);
+                (Arc::new(MemoryLimiter::new(config.limits.clone())), None)
+            }
+            StoreKind::Redis => {
+                let store = Arc::new(RedisLimiter::start(config.limits.clone(), metrics.clone()).await?);
+                (store.clone(), Some(store))
+            }
+        };
         let egress = Arc::new(EgressProxy {
             config: config.egress.clone(),
             policies: Arc::new(ArcSwap::from_pointee(policies)),
@@ -74,13 +88,13 @@ impl Server {
             anonymous: config.auth.anonymous,
             own,
             shutdown: Shutdown::default(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             denials: Arc::new(Denials::default()),
-            limiter: Arc::new(MemoryLimiter::new(config.limits.clone())),
+            limiter,
             audit: audit.clone(),
         });
         egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Server { egress, egress_listener, git_listener, git, admin_listener, config })
+        Ok(Server { egress, egress_listener, git_listener, git, admin_listener, store, config })
     }
 
     pub fn egress_addr(&self) -> Option<SocketAddr> {
@@ -109,6 +123,7 @@ impl Server {
                 let audit = egress.audit.clone();
                 move || audit.dropped()
             }),
+            store: self.store.clone(),
         });
         // The admin listener stays up while the proxies drain, so health checks see the drain.
         let admin_shutdown = Shutdown::default();
