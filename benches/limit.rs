@@ -13,7 +13,8 @@ const SESSIONS: usize = 100_000;
 fn check_request(c: &mut Criterion) {
     let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(LimitDefaults::default()));
     // Generous enough that every check passes: this times the common path, not the refusal's message.
-    let limits = Limits { requests_per_second: Some(1_000_000.0), burst: Some(1000), max_tunnels: None };
+    let limits =
+        Limits { requests_per_second: Some(1_000_000.0), burst: Some(1000), max_tunnels: None, ..Limits::default() };
     let keys: Vec<LimitKey> = (0..SESSIONS)
         .map(|i| LimitKey::session(&format!("sess-{i:08x}-{:016x}", i.wrapping_mul(0x9e37_79b9))))
         .collect();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::diagnostic::{Diagnostics, Source, from_toml_error};
+use crate::policy::quota::{ByteQuota, ByteSize, MIN_BYTES_PER_SECOND};
 
 /// A duration written as `30s`, `15m`, `8h`, `7d`, or a number of seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,13 +134,28 @@ pub struct LimitDefaults {
     pub burst: u32,
     /// Concurrent open tunnels per session.
     pub max_tunnels: u32,
+    /// Shaping per session, each direction: none by default (unlimited sessions keep the zero-copy path).
+    pub upload_bytes_per_second: Option<ByteSize>,
+    pub download_bytes_per_second: Option<ByteSize>,
+    /// Bytes per session per fixed window, each direction: none by default.
+    pub upload_quota: Option<ByteQuota>,
+    pub download_quota: Option<ByteQuota>,
     /// Where the counts live: `[limits.store]`.
     pub store: StoreConfig,
 }
 
 impl Default for LimitDefaults {
     fn default() -> Self {
-        LimitDefaults { requests_per_second: 20.0, burst: 40, max_tunnels: 128, store: StoreConfig::default() }
+        LimitDefaults {
+            requests_per_second: 20.0,
+            burst: 40,
+            max_tunnels: 128,
+            upload_bytes_per_second: None,
+            download_bytes_per_second: None,
+            upload_quota: None,
+            download_quota: None,
+            store: StoreConfig::default(),
+        }
     }
 }
 
@@ -150,6 +166,10 @@ struct RawLimitDefaults {
     requests_per_second: f64,
     burst: u32,
     max_tunnels: u32,
+    upload_bytes_per_second: Option<ByteSize>,
+    download_bytes_per_second: Option<ByteSize>,
+    upload_quota: Option<ByteQuota>,
+    download_quota: Option<ByteQuota>,
     store: StoreConfig,
 }
 
@@ -160,6 +180,10 @@ impl Default for RawLimitDefaults {
             requests_per_second: d.requests_per_second,
             burst: d.burst,
             max_tunnels: d.max_tunnels,
+            upload_bytes_per_second: None,
+            download_bytes_per_second: None,
+            upload_quota: None,
+            download_quota: None,
             store: d.store,
         }
     }
@@ -179,7 +203,28 @@ impl TryFrom<RawLimitDefaults> for LimitDefaults {
         if raw.max_tunnels == 0 {
             return Err("max_tunnels must be at least 1, not 0 (e.g. 128)".into());
         }
-        Ok(LimitDefaults { requests_per_second: rps, burst: raw.burst, max_tunnels: raw.max_tunnels, store: raw.store })
+        for (key, rate) in [
+            ("upload_bytes_per_second", raw.upload_bytes_per_second),
+            ("download_bytes_per_second", raw.download_bytes_per_second),
+        ] {
+            if let Some(rate) = rate
+                && rate < MIN_BYTES_PER_SECOND
+            {
+                return Err(format!(
+                    "{key} must be at least {MIN_BYTES_PER_SECOND} (slower stalls every tunnel), not {rate} (e.g. \"10MiB\")"
+                ));
+            }
+        }
+        Ok(LimitDefaults {
+            requests_per_second: rps,
+            burst: raw.burst,
+            max_tunnels: raw.max_tunnels,
+            upload_bytes_per_second: raw.upload_bytes_per_second,
+            download_bytes_per_second: raw.download_bytes_per_second,
+            upload_quota: raw.upload_quota,
+            download_quota: raw.download_quota,
+            store: raw.store,
+        })
     }
 }
 
@@ -572,6 +617,20 @@ shutdown_grace = "2s"
             parse("requests_per_second = 5.5\nmax_tunnels = 8"),
             Ok(LimitDefaults { requests_per_second: 5.5, burst: 40, max_tunnels: 8, ..LimitDefaults::default() })
         );
+        let bytes = parse(
+            "upload_bytes_per_second = \"10MiB\"\ndownload_bytes_per_second = \"100MiB\"\nupload_quota = \
+             \"2GiB/hour\"\ndownload_quota = \"50GiB/day\"",
+        );
+        assert_eq!(
+            bytes,
+            Ok(LimitDefaults {
+                upload_bytes_per_second: Some(ByteSize::bytes(10 << 20)),
+                download_bytes_per_second: Some(ByteSize::bytes(100 << 20)),
+                upload_quota: ByteQuota::parse("2GiB/hour").ok(),
+                download_quota: ByteQuota::parse("50GiB/day").ok(),
+                ..LimitDefaults::default()
+            })
+        );
         let err = |s: &str| parse(s).err().unwrap_or_default();
         assert!(err("bursts = 3").contains("unknown field `bursts`"), "{}", err("bursts = 3"));
         assert!(err("burst = 0").contains("burst must be at least 1, not 0"), "{}", err("burst = 0"));
@@ -582,6 +641,23 @@ shutdown_grace = "2s"
             err("requests_per_second = 0.0")
         );
         assert!(err("max_tunnels = 0").contains("max_tunnels must be at least 1"), "{}", err("max_tunnels = 0"));
+        for (written, expected) in [
+            (
+                "upload_quota = \"2GiB\"",
+                "invalid quota \"2GiB\": expected SIZE/PERIOD (e.g. \"2GiB/hour\"; periods are second, minute, hour \
+                 and day)",
+            ),
+            (
+                "download_bytes_per_second = \"10Mb\"",
+                "invalid size \"10Mb\": unknown unit \"Mb\" (did you mean \"MB\"?",
+            ),
+            (
+                "upload_bytes_per_second = \"512B\"",
+                "upload_bytes_per_second must be at least 1KiB (slower stalls every tunnel), not 512B",
+            ),
+        ] {
+            assert!(err(written).contains(expected), "{written}: {}", err(written));
+        }
     }
 
     #[test]

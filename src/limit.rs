@@ -1,10 +1,14 @@
 //! Per-session limits behind one trait: a request rate, a cap on open tunnels held as leases, and byte
-//! meters that tunnels and requests report to while they move bytes. [`memory`] keeps them in this process;
-//! [`redis`] keeps them in a Redis server shared by every instance, so that limits hold across instances.
+//! meters that tunnels and requests report to while they move bytes. A session with a bandwidth limit or a
+//! byte quota also gets a [`ByteBudget`] on its meters: transfers ask it for a [`Grant`] before they move.
+//! [`memory`] keeps them in this process; [`redis`] keeps them in a Redis server shared by every instance, so
+//! that limits hold across instances.
 
+pub mod budget;
 pub mod memory;
-pub mod quota;
 pub mod redis;
+/// Byte sizes and quotas are pure values that policies parse; they live with the policy.
+pub use crate::policy::quota;
 
 use std::fmt;
 use std::future::Future;
@@ -17,9 +21,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use budget::{Budget, ByteLimits, Flow};
 pub use memory::MemoryLimiter;
 
 use crate::policy::Limits;
+use crate::policy::quota::ByteQuota;
 
 /// The limits of every session, shared by all connections: the proxies hold an `Arc<dyn Limiter>`.
 ///
@@ -35,8 +41,14 @@ pub trait Limiter: Send + Sync + fmt::Debug {
     /// lease's [`ByteMeter`] is where the tunnel reports its bytes as they move.
     fn open_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, Limited<TooManyTunnels>>>;
 
-    /// Where a plain-HTTP request of `key` reports its bytes as they move.
-    fn meter(&self, key: &LimitKey) -> ByteMeter;
+    /// Whether `key` may start a new tunnel or request under its byte quotas (`upload_quota`,
+    /// `download_quota`): refused while either is spent in its current window. Sessions without a quota
+    /// are answered at once, without touching the store.
+    fn check_quota(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), QuotaExceeded>>;
+
+    /// Where a plain-HTTP request of `key` reports its bytes as they move; with the session's
+    /// [`ByteBudget`] when its `limits` shape or quota bytes.
+    fn meter(&self, key: &LimitKey, limits: &Limits) -> ByteMeter;
 
     /// What this instance counts for `key`, if it tracks it.
     fn session_stats(&self, key: &LimitKey) -> Option<SessionStats>;
@@ -44,9 +56,9 @@ pub trait Limiter: Send + Sync + fmt::Debug {
     /// Forgets what no longer matters (idle sessions, replenished rates); the server calls it periodically.
     fn housekeeping(&self);
 
-    /// Adds a finished exchange's bytes to `key`'s counters.
-    fn record_bytes(&self, key: &LimitKey, up: u64, down: u64) {
-        self.meter(key).add(up, down);
+    /// Adds a finished exchange's bytes to `key`'s counters, and charges them to its quotas.
+    fn record_bytes(&self, key: &LimitKey, limits: &Limits, up: u64, down: u64) {
+        self.meter(key, limits).settle(up, down);
     }
 }
 
@@ -143,6 +155,7 @@ impl<T> fmt::Debug for Answer<'_, T> {
 #[derive(Debug)]
 pub struct Lease {
     slot: Arc<dyn TunnelSlot>,
+    budget: Option<Arc<dyn ByteBudget>>,
 }
 
 /// What a [`Lease`] holds: a place that it gives back when it ends, and the counters its bytes go to. Each
@@ -155,13 +168,18 @@ pub trait TunnelSlot: ByteCounter {
 impl Lease {
     /// A lease on `slot`, released when the lease is dropped.
     pub fn new(slot: Arc<dyn TunnelSlot>) -> Lease {
-        Lease { slot }
+        Lease { slot, budget: None }
+    }
+
+    /// A lease whose tunnel asks `budget` before it moves bytes (its session shapes or quotas them).
+    pub fn with_budget(slot: Arc<dyn TunnelSlot>, budget: Option<Arc<dyn ByteBudget>>) -> Lease {
+        Lease { slot, budget }
     }
 
     /// Where the tunnel reports its bytes while it runs; take it once, when the tunnel starts.
     pub fn meter(&self) -> ByteMeter {
         let counter: Arc<dyn ByteCounter> = self.slot.clone();
-        ByteMeter(counter)
+        ByteMeter { counter, budget: self.budget.clone() }
     }
 
     /// Adds traffic to the lease's counters, e.g. a tunnel's totals when it did not report as it went.
@@ -179,9 +197,64 @@ impl Drop for Lease {
 
 /// Where a tunnel or request reports its bytes as they move: a handle on its store's counters, one
 /// relaxed atomic add per report. The in-memory limiter hands out its session's own counters, so its stats
-/// are live.
+/// are live. A session whose bytes are shaped or quota'd also has a [`ByteBudget`]; without one a transfer
+/// never asks for grants, so unlimited sessions keep the plain (and zero-copy) path.
 #[derive(Clone, Debug)]
-pub struct ByteMeter(Arc<dyn ByteCounter>);
+pub struct ByteMeter {
+    counter: Arc<dyn ByteCounter>,
+    budget: Option<Arc<dyn ByteBudget>>,
+}
+
+/// Which way bytes move: `Up` towards the destination (uploads), `Down` back to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+impl Direction {
+    /// The word policy keys and messages use: `upload`, `download`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Up => "upload",
+            Direction::Down => "download",
+        }
+    }
+}
+
+/// What a [`ByteBudget`] lets one transfer move next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// Move at most `bytes`, once `wait` has passed (the session's shaping: zero while it has bandwidth to
+    /// spare). Bytes granted and then not moved go back with [`ByteBudget::unused`].
+    Bytes { bytes: u64, wait: Duration },
+    /// A quota of the session is spent for its window: the transfer ends (`end = quota_exceeded`).
+    Spent(QuotaExceeded),
+}
+
+/// A session's byte limits in force: shaping per direction (a token bucket shared by all its tunnels and
+/// requests) and quotas per direction (fixed windows). Each store keeps quota counters its own way (in this
+/// process; in a shared store with the window's TTL); [`Budget`] is the in-memory one and its buckets are
+/// what any store may shape with.
+///
+/// The contract, for every implementation:
+/// - [`grant`](ByteBudget::grant) is asked before every transfer (each read, each splice) with what the
+///   transfer would move; the transfer moves at most the granted bytes, after the wait. A grant takes its
+///   bytes from the direction's quota at once, so concurrent transfers never overshoot it together; grants
+///   are at most one fair share (a chunk of the rate), so one bulk transfer cannot starve the session's
+///   others, and they are served in the order asked.
+/// - [`unused`](ByteBudget::unused) gives back what a grant allowed and the transfer did not move.
+/// - [`charge`](ByteBudget::charge) counts bytes that moved without a grant (a plain-HTTP exchange, settled
+///   when it ends) against the quota; it never waits and may take the quota past its size.
+/// - [`spent`](ByteBudget::spent) names a quota spent in its current window; open tunnels poll it so that
+///   one tunnel spending the quota closes the session's others too.
+pub trait ByteBudget: Send + Sync + fmt::Debug {
+    fn grant(&self, dir: Direction, want: u64) -> Answer<'_, Grant>;
+    fn unused(&self, dir: Direction, n: u64);
+    fn charge(&self, dir: Direction, n: u64);
+    fn spent(&self) -> Option<QuotaExceeded>;
+}
 
 /// The counters behind a [`ByteMeter`]; each store keeps them its own way (the in-memory limiter inside the
 /// session's entry, so a lease and its meter share one allocation).
@@ -216,23 +289,29 @@ impl ByteCounter for ByteCounts {
 /// A meter of its own, counting from zero.
 impl Default for ByteMeter {
     fn default() -> Self {
-        ByteMeter(Arc::new(ByteCounts::default()))
+        ByteMeter::new(Arc::new(ByteCounts::default()))
     }
 }
 
 impl ByteMeter {
+    /// A meter that only counts.
     pub fn new(counter: Arc<dyn ByteCounter>) -> ByteMeter {
-        ByteMeter(counter)
+        ByteMeter { counter, budget: None }
+    }
+
+    /// A meter that counts, and whose transfers ask `budget` first when there is one.
+    pub fn with_budget(counter: Arc<dyn ByteCounter>, budget: Option<Arc<dyn ByteBudget>>) -> ByteMeter {
+        ByteMeter { counter, budget }
     }
 
     /// Bytes sent towards the destination.
     pub fn add_up(&self, n: u64) {
-        self.0.add_up(n);
+        self.counter.add_up(n);
     }
 
     /// Bytes received from the destination.
     pub fn add_down(&self, n: u64) {
-        self.0.add_down(n);
+        self.counter.add_down(n);
     }
 
     pub fn add(&self, up: u64, down: u64) {
@@ -240,9 +319,23 @@ impl ByteMeter {
         self.add_down(down);
     }
 
+    /// Adds an exchange's bytes that moved without grants, and charges them to the session's quotas.
+    pub fn settle(&self, up: u64, down: u64) {
+        self.add(up, down);
+        if let Some(budget) = &self.budget {
+            budget.charge(Direction::Up, up);
+            budget.charge(Direction::Down, down);
+        }
+    }
+
     /// Everything added so far, up and down.
     pub fn totals(&self) -> (u64, u64) {
-        self.0.totals()
+        self.counter.totals()
+    }
+
+    /// The session's budget, when its bytes are shaped or quota'd: then transfers ask it before moving.
+    pub fn budget(&self) -> Option<&Arc<dyn ByteBudget>> {
+        self.budget.as_ref()
     }
 }
 
@@ -304,6 +397,47 @@ impl fmt::Display for TooManyTunnels {
 
 impl std::error::Error for TooManyTunnels {}
 
+/// A request or transfer refused because a byte quota of its session is spent for the current window:
+/// answer `429 quota_exceeded` with `Retry-After` = the window's end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaExceeded {
+    pub direction: Direction,
+    pub quota: ByteQuota,
+    /// Bytes counted in the window (at least the quota's size).
+    pub used: u64,
+    /// Unix time (seconds) at which the window ends and the quota is whole again.
+    pub resets_at: u64,
+}
+
+impl QuotaExceeded {
+    /// Whole seconds from `now` (Unix seconds) until the quota resets; at least 1.
+    pub fn retry_after_secs(&self, now: u64) -> u64 {
+        self.resets_at.saturating_sub(now).max(1)
+    }
+}
+
+impl QuotaExceeded {
+    /// The `429 quota_exceeded` answer, at Unix time `now`.
+    pub fn refusal(&self, now: u64) -> crate::refusal::Refusal {
+        crate::refusal::Refusal::quota_exceeded(self.direction.as_str(), self.quota, self.used, self.resets_at, now)
+    }
+}
+
+impl fmt::Display for QuotaExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} quota of {} spent ({} used); it resets at unix time {}",
+            self.direction.as_str(),
+            self.quota,
+            quota::ByteSize::bytes(self.used),
+            self.resets_at
+        )
+    }
+}
+
+impl std::error::Error for QuotaExceeded {}
+
 /// A session's counters, for the decision log and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SessionStats {
@@ -314,6 +448,11 @@ pub struct SessionStats {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub open_tunnels: u32,
+    /// How long shaping has made the session's transfers wait, in total.
+    pub shaping_wait_ms: u64,
+    /// Bytes counted against each quota in its current window, when the session has one.
+    pub upload_quota_used: Option<u64>,
+    pub download_quota_used: Option<u64>,
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod host;
 mod lint;
 pub mod matcher;
 pub mod pattern;
+pub mod quota;
 pub mod set;
 
 use std::collections::BTreeMap;
@@ -66,6 +67,13 @@ pub struct Limits {
     pub requests_per_second: Option<f64>,
     pub burst: Option<u32>,
     pub max_tunnels: Option<u32>,
+    /// Shaping: bytes per second towards destinations, shared by all the session's tunnels and requests.
+    pub upload_bytes_per_second: Option<quota::ByteSize>,
+    /// Shaping: bytes per second from destinations.
+    pub download_bytes_per_second: Option<quota::ByteSize>,
+    /// Bytes towards destinations per fixed window (`2GiB/hour`).
+    pub upload_quota: Option<quota::ByteQuota>,
+    pub download_quota: Option<quota::ByteQuota>,
 }
 
 /// Which list a rule came from.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::credential::{AuthError, CredentialError};
+use crate::policy::quota::{ByteQuota, ByteSize};
 use crate::policy::{Authority, Decision};
 
 /// Who is at fault: picks the log level (clients err all the time; sluice and upstreams should not).
@@ -227,6 +228,26 @@ impl Refusal {
         r
     }
 
+    /// A byte quota of the session is spent for its window: `429` with `Retry-After` = the window's end
+    /// (`now` is Unix seconds). The body names the quota, what was used and when it resets.
+    pub fn quota_exceeded(direction: &'static str, quota: ByteQuota, used: u64, resets_at: u64, now: u64) -> Refusal {
+        let secs = resets_at.saturating_sub(now).max(1);
+        let resets = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(resets_at));
+        let mut r = Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            Fault::Client,
+            format!(
+                "session's {direction} quota of {quota} is spent: {} used in this window; it resets at {resets} \
+                 (in {secs}s)",
+                ByteSize::bytes(used),
+            ),
+        )
+        .with_hint(format!("wait for the window to end, or raise {direction}_quota in the policy's [limits]"));
+        r.retry_after = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+        r
+    }
+
     /// DNS or the upstream failed: `504` for a timeout, else `502`.
     pub fn unreachable(code: &'static str, timeout: bool, message: impl Into<String>) -> Refusal {
         let status = if timeout { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
@@ -266,7 +287,7 @@ impl Refusal {
 
     /// Whether a limit (rather than the policy or the request) refused it.
     pub fn is_limit(&self) -> bool {
-        matches!(self.code, "rate_limited" | "too_many_tunnels")
+        matches!(self.code, "rate_limited" | "too_many_tunnels" | "quota_exceeded")
     }
 }
 

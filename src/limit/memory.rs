@@ -1,5 +1,6 @@
 //! The in-memory limiter: one process's sessions, their request rates over governor's keyed limiters (GCRA),
-//! their open tunnels and their byte counters, sharded so that sessions rarely share a lock.
+//! their open tunnels, their byte counters and (for sessions that have byte limits) their byte budgets,
+//! sharded so that sessions rarely share a lock.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -15,9 +16,10 @@ use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 
+use super::budget::{Budget, ByteLimits, TimeSource};
 use super::{
-    Answer, ByteCounter, ByteCounts, ByteMeter, Lease, LimitKey, Limited, Limiter, RateLimited, SessionStats,
-    TooManyTunnels, TunnelSlot,
+    Answer, ByteBudget, ByteCounter, ByteCounts, ByteMeter, Lease, LimitKey, Limited, Limiter, QuotaExceeded,
+    RateLimited, SessionStats, TooManyTunnels, TunnelSlot,
 };
 use crate::config::LimitDefaults;
 use crate::policy::Limits;
@@ -95,13 +97,37 @@ struct Shared {
     rate_limited: AtomicU64,
     /// What the session's tunnels and requests report to through their meters, so its counts are live.
     bytes: ByteCounts,
+    /// The session's shaping and quotas, made when it first moves bytes under byte limits; replaced (keeping
+    /// what its quotas counted) when its policy's limits change. Sessions without byte limits never lock it.
+    budget: Mutex<Option<Arc<Budget>>>,
 }
 
 impl Shared {
-    /// A meter on this session's counters, in its entry.
-    fn meter(self: &Arc<Self>) -> ByteMeter {
+    /// A meter on this session's counters, in its entry, with `budget` when it has one.
+    fn meter(self: &Arc<Self>, budget: Option<Arc<Budget>>) -> ByteMeter {
         let counter: Arc<dyn ByteCounter> = self.clone();
-        ByteMeter::new(counter)
+        ByteMeter::with_budget(counter, budget.map(|b| b as Arc<dyn ByteBudget>))
+    }
+
+    /// The session's budget under `limits`: the one it has if the limits are the same, else a new one that
+    /// keeps what the old one counted.
+    fn budget(&self, limits: &ByteLimits, time: &Arc<dyn TimeSource>) -> Arc<Budget> {
+        let mut slot = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*slot {
+            Some(b) if b.limits() == limits => b.clone(),
+            old => {
+                let new = Arc::new(match old {
+                    Some(old) => Budget::replacing(*limits, old),
+                    None => Budget::new(*limits, time.clone()),
+                });
+                *slot = Some(new.clone());
+                new
+            }
+        }
+    }
+
+    fn current_budget(&self) -> Option<Arc<Budget>> {
+        self.budget.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -138,13 +164,25 @@ impl Session {
 
     fn stats(&self) -> SessionStats {
         let (bytes_up, bytes_down) = self.shared.bytes.totals();
+        let budget = self.shared.current_budget();
         SessionStats {
             requests: self.requests.load(Ordering::Relaxed),
             rate_limited: self.shared.rate_limited.load(Ordering::Relaxed),
             bytes_up,
             bytes_down,
             open_tunnels: self.shared.tunnels.load(Ordering::Relaxed),
+            shaping_wait_ms: budget.as_ref().map_or(0, |b| b.waited().as_millis() as u64),
+            upload_quota_used: budget.as_ref().and_then(|b| b.used(super::Direction::Up)),
+            download_quota_used: budget.as_ref().and_then(|b| b.used(super::Direction::Down)),
         }
+    }
+
+    /// Whether forgetting the session would hand it a fresh quota: it has counted bytes in a window that
+    /// has not ended.
+    fn holds_quota(&self) -> bool {
+        self.shared.current_budget().is_some_and(|b| {
+            [super::Direction::Up, super::Direction::Down].into_iter().any(|d| b.used(d).is_some_and(|u| u > 0))
+        })
     }
 }
 
@@ -191,6 +229,36 @@ pub struct MemoryLimiter<C: Clock = DefaultClock> {
     quotas: Box<[OnceLock<QuotaLimiter<C>>]>,
     /// Which slot holds which quota; locked only when a session meets a quota it did not use last time.
     quota_index: Mutex<HashMap<QuotaKey, u32, foldhash::fast::RandomState>>,
+    /// The clock byte budgets shape and count windows by: the same clock as the rates.
+    time: Arc<dyn TimeSource>,
+}
+
+/// Governor's clock as a budget's [`TimeSource`]: Unix seconds are the wall clock at start plus the clock's
+/// elapsed time, so a fake clock moves windows too.
+struct GovernorTime<C: Clock> {
+    clock: C,
+    start: C::Instant,
+    start_unix_nanos: u64,
+}
+
+impl<C: Clock> fmt::Debug for GovernorTime<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GovernorTime").field("start_unix_nanos", &self.start_unix_nanos).finish_non_exhaustive()
+    }
+}
+
+impl<C> TimeSource for GovernorTime<C>
+where
+    C: Clock + Send + Sync,
+    C::Instant: Send + Sync,
+{
+    fn nanos(&self) -> u64 {
+        self.clock.now().duration_since(self.start).as_u64()
+    }
+
+    fn unix(&self) -> u64 {
+        self.start_unix_nanos.saturating_add(self.nanos()) / 1_000_000_000
+    }
 }
 
 impl MemoryLimiter<DefaultClock> {
@@ -199,10 +267,23 @@ impl MemoryLimiter<DefaultClock> {
     }
 }
 
-impl<C: Clock + Clone> MemoryLimiter<C> {
+impl<C> MemoryLimiter<C>
+where
+    C: Clock + Clone + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
     pub fn with_clock(defaults: LimitDefaults, clock: C) -> Self {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        MemoryLimiter::with_clock_at(defaults, clock, u64::try_from(unix.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    /// A limiter whose `clock` reads as Unix time `start_unix_nanos` now: tests put quota windows where
+    /// they want them.
+    pub fn with_clock_at(defaults: LimitDefaults, clock: C, start_unix_nanos: u64) -> Self {
         let start = clock.now();
+        let time: Arc<dyn TimeSource> = Arc::new(GovernorTime { clock: clock.clone(), start, start_unix_nanos });
         let limiter = MemoryLimiter {
+            time,
             defaults,
             clock,
             start,
@@ -259,6 +340,7 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
     /// has fewer open; the lease gives the place back on drop.
     pub fn open_tunnel_now(&self, session: &LimitKey, policy_limits: &Limits) -> Result<Lease, TooManyTunnels> {
         let max = policy_limits.max_tunnels.unwrap_or(self.defaults.max_tunnels);
+        let bytes = ByteLimits::resolve(policy_limits, &self.defaults);
         self.with_session(self.key(session), |s| {
             // Increment only below the cap, so concurrent opens can never overshoot it.
             let opened =
@@ -266,11 +348,30 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
             match opened {
                 Ok(_) => {
                     let slot: Arc<dyn TunnelSlot> = s.shared.clone();
-                    Ok(Lease::new(slot))
+                    let budget =
+                        (!bytes.is_unlimited()).then(|| s.shared.budget(&bytes, &self.time) as Arc<dyn ByteBudget>);
+                    Ok(Lease::with_budget(slot, budget))
                 }
                 Err(_) => Err(TooManyTunnels { max }),
             }
         })
+    }
+
+    /// [`Limiter::check_quota`], answered at once: refused while a quota of `session` is spent.
+    pub fn check_quota_now(&self, session: &LimitKey, policy_limits: &Limits) -> Result<(), QuotaExceeded> {
+        let bytes = ByteLimits::resolve(policy_limits, &self.defaults);
+        if !bytes.has_quota() {
+            return Ok(());
+        }
+        match self.with_session(self.key(session), |s| s.shared.budget(&bytes, &self.time).spent()) {
+            Some(spent) => Err(spent),
+            None => Ok(()),
+        }
+    }
+
+    /// The Unix time (seconds) on this limiter's clock: what quota windows are counted in.
+    pub fn unix_now(&self) -> u64 {
+        self.time.unix()
     }
 
     /// How many entries are held.
@@ -355,7 +456,7 @@ impl<C: Clock> fmt::Debug for MemoryLimiter<C> {
 
 impl<C> Limiter for MemoryLimiter<C>
 where
-    C: Clock + Clone + Send + Sync,
+    C: Clock + Clone + Send + Sync + 'static,
     C::Instant: Send + Sync,
 {
     fn check_request(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), Limited<RateLimited>>> {
@@ -366,8 +467,16 @@ where
         Answer::ready(self.open_tunnel_now(session, limits).map_err(Limited::Over))
     }
 
-    fn meter(&self, session: &LimitKey) -> ByteMeter {
-        self.with_session(self.key(session), |s| s.shared.meter())
+    fn check_quota(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), QuotaExceeded>> {
+        Answer::ready(self.check_quota_now(session, limits))
+    }
+
+    fn meter(&self, session: &LimitKey, limits: &Limits) -> ByteMeter {
+        let bytes = ByteLimits::resolve(limits, &self.defaults);
+        self.with_session(self.key(session), |s| {
+            let budget = (!bytes.is_unlimited()).then(|| s.shared.budget(&bytes, &self.time));
+            s.shared.meter(budget)
+        })
     }
 
     fn session_stats(&self, session: &LimitKey) -> Option<SessionStats> {
@@ -393,7 +502,7 @@ where
             let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
             map.retain(|_, s| {
                 let since = now.saturating_sub(s.last_seen.load(Ordering::Relaxed));
-                s.shared.tunnels.load(Ordering::Acquire) > 0 || since < idle
+                s.shared.tunnels.load(Ordering::Acquire) > 0 || since < idle || s.holds_quota()
             });
             // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
@@ -487,8 +596,9 @@ mod tests {
     #[test]
     fn different_policies_quotas_are_independent() {
         let (l, clock) = limiter();
-        let slow = Limits { requests_per_second: Some(1.0), burst: Some(2), max_tunnels: None };
-        let fast = Limits { requests_per_second: Some(1000.0), burst: Some(500), max_tunnels: None };
+        let slow = Limits { requests_per_second: Some(1.0), burst: Some(2), max_tunnels: None, ..Limits::default() };
+        let fast =
+            Limits { requests_per_second: Some(1000.0), burst: Some(500), max_tunnels: None, ..Limits::default() };
         assert_eq!(l.check_now(&key("a"), &slow), Ok(()));
         assert_eq!(l.check_now(&key("a"), &slow), Ok(()));
         assert_eq!(l.check_now(&key("a"), &slow), refused(1000, "1 request per second, burst 2"));
@@ -505,7 +615,7 @@ mod tests {
     #[test]
     fn a_policy_may_set_only_some_limits() {
         let (l, _) = limiter();
-        let burst_only = Limits { requests_per_second: None, burst: Some(3), max_tunnels: None };
+        let burst_only = Limits { requests_per_second: None, burst: Some(3), max_tunnels: None, ..Limits::default() };
         assert_eq!(
             burst(&l, "s1", &burst_only, 4),
             vec![RateLimited {
@@ -612,7 +722,7 @@ mod tests {
     fn housekeeping_never_resets_a_slow_quota() {
         let (l, clock) = limiter();
         // One request per 1000s: a full burst of 5 takes longer than SESSION_IDLE to come back.
-        let slow = Limits { requests_per_second: Some(0.001), burst: Some(5), max_tunnels: None };
+        let slow = Limits { requests_per_second: Some(0.001), burst: Some(5), max_tunnels: None, ..Limits::default() };
         assert_eq!(burst(&l, "s1", &slow, 6).len(), 1);
         clock.advance(SESSION_IDLE + Duration::from_secs(1));
         l.housekeeping();
@@ -633,11 +743,13 @@ mod tests {
         let (l, _) = limiter();
         // The default quota holds the first slot.
         for burst in 1..MAX_QUOTAS as u32 {
-            let limits = Limits { requests_per_second: Some(1.0), burst: Some(burst), max_tunnels: None };
+            let limits =
+                Limits { requests_per_second: Some(1.0), burst: Some(burst), max_tunnels: None, ..Limits::default() };
             assert_eq!(l.check_now(&key("s1"), &limits), Ok(()));
         }
         assert_eq!(l.tracked().quotas, MAX_QUOTAS);
-        let one_more = Limits { requests_per_second: Some(2.0), burst: Some(1), max_tunnels: None };
+        let one_more =
+            Limits { requests_per_second: Some(2.0), burst: Some(1), max_tunnels: None, ..Limits::default() };
         assert_eq!(
             burst(&l, "s2", &one_more, 41),
             vec![RateLimited { retry_after: Duration::from_millis(50), limit: DEFAULT.into() }]
@@ -650,14 +762,20 @@ mod tests {
         let (l, _) = limiter();
         assert_eq!(l.session_stats(&key("s1")), None);
         assert_eq!(l.check_now(&key("s1"), &none()), Ok(()));
-        l.record_bytes(&key("s1"), 10, 200);
+        l.record_bytes(&key("s1"), &none(), 10, 200);
         let permit = l.open_tunnel_now(&key("s1"), &none());
         if let Ok(p) = &permit {
             p.record_bytes(5, 7);
         }
         assert_eq!(
             l.session_stats(&key("s1")),
-            Some(SessionStats { requests: 1, rate_limited: 0, bytes_up: 15, bytes_down: 207, open_tunnels: 1 })
+            Some(SessionStats {
+                requests: 1,
+                bytes_up: 15,
+                bytes_down: 207,
+                open_tunnels: 1,
+                ..SessionStats::default()
+            })
         );
     }
 
@@ -666,7 +784,12 @@ mod tests {
         let (l, clock) = limiter();
         for (i, rps) in [1e-300, f64::MIN_POSITIVE, 1e300, f64::INFINITY, f64::NAN, 0.0, -1.0].into_iter().enumerate() {
             for b in [0, 1, u32::MAX] {
-                let limits = Limits { requests_per_second: Some(rps), burst: Some(b), max_tunnels: Some(0) };
+                let limits = Limits {
+                    requests_per_second: Some(rps),
+                    burst: Some(b),
+                    max_tunnels: Some(0),
+                    ..Limits::default()
+                };
                 let session = format!("s{i}-{b}");
                 let first = l.check_now(&key(&session), &limits);
                 assert_eq!(first, Ok(()), "rps {rps}, burst {b}");
@@ -697,7 +820,7 @@ mod tests {
         let live = SessionStats { bytes_up: 100, bytes_down: 5000, open_tunnels: 1, ..SessionStats::default() };
         assert_eq!(l.session_stats(&key("s1")), Some(live));
         // A plain-HTTP request of the same session reports to the same counters.
-        l.meter(&key("s1")).add(1, 2);
+        l.meter(&key("s1"), &none()).add(1, 2);
         drop(lease);
         let done = SessionStats { bytes_up: 101, bytes_down: 5002, open_tunnels: 0, ..SessionStats::default() };
         assert_eq!(l.session_stats(&key("s1")), Some(done));
@@ -709,11 +832,46 @@ mod tests {
         assert_eq!(l.session_stats(&key("s1")).map(|s| (s.bytes_up, s.open_tunnels)), Some((110, 0)));
     }
 
+    #[test]
+    fn a_spent_quota_refuses_until_its_window_ends_and_outlives_idleness() {
+        let clock = FakeRelativeClock::default();
+        // 10:00:00 UTC on 2023-11-15; the hourly window ends at 11:00:00.
+        let ten = 1_700_006_400 + 10 * 3600;
+        let l = MemoryLimiter::with_clock_at(LimitDefaults::default(), clock.clone(), ten * 1_000_000_000);
+        let quota = crate::policy::quota::ByteQuota::parse("1MiB/hour").unwrap();
+        let limits = Limits { upload_quota: Some(quota), ..Limits::default() };
+        assert_eq!(l.check_quota_now(&key("s1"), &limits), Ok(()));
+        let lease = l.open_tunnel_now(&key("s1"), &limits).map_err(|e| e.to_string());
+        let budget = lease.as_ref().ok().and_then(|l| l.meter().budget().cloned());
+        let Some(budget) = budget else { panic!("a session with a quota has a budget: {lease:?}") };
+        assert_eq!(
+            budget.grant(super::super::Direction::Up, 2 << 20).now().ok(),
+            Some(super::super::Grant::Bytes { bytes: 1 << 20, wait: Duration::ZERO })
+        );
+        let spent =
+            QuotaExceeded { direction: super::super::Direction::Up, quota, used: 1 << 20, resets_at: ten + 3600 };
+        assert_eq!(l.check_quota_now(&key("s1"), &limits), Err(spent.clone()));
+        // Another session, and the same session's downloads, are untouched.
+        assert_eq!(l.check_quota_now(&key("s2"), &limits), Ok(()));
+        assert_eq!(l.session_stats(&key("s1")).and_then(|s| s.upload_quota_used), Some(1 << 20));
+        drop(lease);
+        // Idle past SESSION_IDLE: forgetting the session would hand it a fresh quota, so it stays.
+        clock.advance(SESSION_IDLE + Duration::from_secs(1));
+        l.housekeeping();
+        assert_eq!(l.check_quota_now(&key("s1"), &limits), Err(spent));
+        // The next window starts whole.
+        clock.advance(Duration::from_secs(3600) - SESSION_IDLE - Duration::from_secs(1));
+        assert_eq!(l.check_quota_now(&key("s1"), &limits), Ok(()));
+        // Sessions without byte limits get no budget: their tunnels keep the plain path.
+        let plain = l.open_tunnel_now(&key("s3"), &none()).map(|lease| lease.meter().budget().is_none());
+        assert_eq!(plain.ok(), Some(true));
+    }
+
     #[tokio::test]
     async fn through_the_trait_answers_are_ready_at_once() {
         let (l, _) = limiter();
         let limiter: Arc<dyn Limiter> = Arc::new(l);
-        let one = Limits { requests_per_second: Some(1.0), burst: Some(1), max_tunnels: Some(1) };
+        let one = Limits { requests_per_second: Some(1.0), burst: Some(1), max_tunnels: Some(1), ..Limits::default() };
         let client = LimitKey::anonymous([127, 0, 0, 1].into());
         assert_eq!(limiter.check_request(&client, &one).now().ok(), Some(Ok(())));
         assert_eq!(

@@ -30,8 +30,8 @@ use tokio::sync::mpsc;
 
 use super::memory::describe;
 use super::{
-    Answer, ByteCounter, ByteMeter, Lease, LimitKey, Limited, Limiter, MemoryLimiter, RateLimited, SessionStats,
-    TooManyTunnels, TunnelSlot,
+    Answer, ByteCounter, ByteMeter, Lease, LimitKey, Limited, Limiter, MemoryLimiter, QuotaExceeded, RateLimited,
+    SessionStats, TooManyTunnels, TunnelSlot,
 };
 use crate::config::{LimitDefaults, OnStoreError, redact_url};
 use crate::metrics::Metrics;
@@ -370,6 +370,14 @@ impl fmt::Debug for SharedSlot {
     }
 }
 
+impl SharedSlot {
+    /// The lease on this slot, with the session's byte budget when its limits shape or quota bytes.
+    fn lease(self) -> Lease {
+        let budget = self.meter.budget().cloned();
+        Lease::with_budget(Arc::new(self), budget)
+    }
+}
+
 impl ByteCounter for SharedSlot {
     fn add_up(&self, n: u64) {
         self.meter.add_up(n);
@@ -432,7 +440,7 @@ impl Limiter for RedisLimiter {
                 OnStoreError::Refuse => Err(Limited::StoreUnavailable),
             });
         }
-        let key = key.clone();
+        let (key, limits) = (key.clone(), *limits);
         Answer::later(async move {
             let id = store.next_lease.fetch_add(1, Ordering::Relaxed);
             // Registered before the store sees it, so a refresh racing the open cannot miss it.
@@ -440,13 +448,13 @@ impl Limiter for RedisLimiter {
             let opened = store.open_shared(&key, id, max).await;
             let slot = SharedSlot {
                 store: Arc::downgrade(&self.store),
-                meter: store.local.meter(&key),
+                meter: store.local.meter(&key, &limits),
                 key,
                 id,
                 local: Mutex::new(Some(local)),
             };
             match opened {
-                Ok(true) => Ok(Lease::new(Arc::new(slot))),
+                Ok(true) => Ok(slot.lease()),
                 Ok(false) => {
                     store.leases.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
                     Err(Limited::Over(TooManyTunnels { max }))
@@ -456,7 +464,7 @@ impl Limiter for RedisLimiter {
                     // The store may have added the member before the deadline: the refresher keeps it
                     // while the tunnel lives, and release removes it, as for any lease.
                     match store.on_error {
-                        OnStoreError::Local => Ok(Lease::new(Arc::new(slot))),
+                        OnStoreError::Local => Ok(slot.lease()),
                         OnStoreError::Refuse => {
                             slot.release();
                             Err(Limited::StoreUnavailable)
@@ -467,8 +475,12 @@ impl Limiter for RedisLimiter {
         })
     }
 
-    fn meter(&self, key: &LimitKey) -> ByteMeter {
-        self.store.local.meter(key)
+    fn check_quota(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), QuotaExceeded>> {
+        Answer::ready(self.store.local.check_quota_now(key, limits))
+    }
+
+    fn meter(&self, key: &LimitKey, limits: &Limits) -> ByteMeter {
+        self.store.local.meter(key, limits)
     }
 
     /// This instance's counts: its bytes and its open tunnels (the store holds the shared ones).

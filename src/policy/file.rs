@@ -14,6 +14,7 @@ use super::defaults::DefaultList;
 use super::lint::{lint_allow_against, lint_list};
 use super::matcher::Matcher;
 use super::pattern::HostPattern;
+use super::quota::{ByteQuota, ByteSize, MIN_BYTES_PER_SECOND};
 use super::{DEFAULT_PORTS, Level, Limits, Policy, Rule, RuleList};
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, closest, from_toml_error};
 
@@ -42,6 +43,10 @@ struct RawLimits {
     requests_per_second: Option<Spanned<f64>>,
     burst: Option<Spanned<i64>>,
     max_tunnels: Option<Spanned<i64>>,
+    upload_bytes_per_second: Option<Spanned<String>>,
+    download_bytes_per_second: Option<Spanned<String>>,
+    upload_quota: Option<Spanned<String>>,
+    download_quota: Option<Spanned<String>>,
 }
 
 /// Parses and validates one policy file. `file` is the name used in messages and rules.
@@ -348,6 +353,34 @@ fn parse_limits(src: &Source<'_>, raw: Option<&RawLimits>, diags: &mut Vec<Diagn
     };
     limits.burst = count(&raw.burst, "burst");
     limits.max_tunnels = count(&raw.max_tunnels, "max_tunnels");
+    let mut rate = |field: &Option<Spanned<String>>, key: &str| -> Option<ByteSize> {
+        let f = field.as_ref()?;
+        match ByteSize::parse(f.get_ref()) {
+            Ok(rate) if rate >= MIN_BYTES_PER_SECOND => Some(rate),
+            Ok(rate) => {
+                diags.push(src.error(
+                    f.span(),
+                    format!("{key} must be at least {MIN_BYTES_PER_SECOND} per second, not {rate}"),
+                    Some(format!("a slower rate stalls every tunnel; e.g. {key} = \"10MiB\"")),
+                ));
+                None
+            }
+            Err(e) => {
+                diags.push(src.error(f.span(), format!("{key}: {e}"), Some(e.hint())));
+                None
+            }
+        }
+    };
+    limits.upload_bytes_per_second = rate(&raw.upload_bytes_per_second, "upload_bytes_per_second");
+    limits.download_bytes_per_second = rate(&raw.download_bytes_per_second, "download_bytes_per_second");
+    let mut quota = |field: &Option<Spanned<String>>, key: &str| -> Option<ByteQuota> {
+        let f = field.as_ref()?;
+        ByteQuota::parse(f.get_ref())
+            .map_err(|e| diags.push(src.error(f.span(), format!("{key}: {e}"), Some(e.hint()))))
+            .ok()
+    };
+    limits.upload_quota = quota(&raw.upload_quota, "upload_quota");
+    limits.download_quota = quota(&raw.download_quota, "download_quota");
     limits
 }
 

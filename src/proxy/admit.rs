@@ -68,6 +68,10 @@ impl EgressProxy {
             Limited::Over(e) => in_policy(Refusal::rate_limited(e.retry_after, &e.limit)),
             Limited::StoreUnavailable => in_policy(Refusal::limit_store_unavailable()),
         })?;
+        self.limiter
+            .check_quota(&session.limit_key, &policy.limits)
+            .await
+            .map_err(|e| in_policy(e.refusal(now_unix())))?;
         let permit = if tunnel {
             let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits).await;
             Some(permit.map_err(|e| match e {

@@ -47,6 +47,7 @@ pub(crate) async fn handle(
             let finish = Finish {
                 proxy: proxy.clone(),
                 limit_key: session.limit_key.clone(),
+                limits: session.policy.limits,
                 sent,
                 status: parts.status.as_u16(),
                 record: Some(record),
@@ -172,6 +173,8 @@ struct Finished {
 struct Finish {
     proxy: Arc<EgressProxy>,
     limit_key: crate::limit::LimitKey,
+    /// The session's policy limits: its quotas are charged with the exchange's bytes.
+    limits: crate::policy::Limits,
     sent: Arc<AtomicU64>,
     status: u16,
     record: Option<Record>,
@@ -181,7 +184,7 @@ impl Finish {
     fn done(&mut self, received: u64, end: &'static str) {
         let Some(record) = self.record.take() else { return };
         let sent = self.sent.load(Ordering::Relaxed);
-        self.proxy.limiter.record_bytes(&self.limit_key, sent, received);
+        self.proxy.limiter.record_bytes(&self.limit_key, &self.limits, sent, received);
         record.closed(&self.proxy, sent, received, end, Some(self.status));
     }
 }

@@ -1,5 +1,6 @@
 //! Byte sizes and byte quotas as policy authors write them (`10MiB`, `2GiB/hour`), and the fixed windows a
-//! quota is counted in. Parsed and tested here; policies do not read them yet.
+//! quota is counted in. Pure values (policies and the server config parse them; [`crate::limit`] counts in
+//! them), so they sit with the policy, below the limiter.
 
 use std::fmt;
 use std::ops::Range;
@@ -21,6 +22,10 @@ const UNITS: [(&str, u64); 9] = [
 
 const UNITS_HINT: &str =
     "units are B, KiB, MiB, GiB, TiB (powers of 1024) and KB, MB, GB, TB (powers of 1000), e.g. \"10MiB\"";
+
+/// The slowest shaping rate a policy or the server may set: below it a tunnel's grants would be smaller than
+/// a TLS record and every exchange would stall.
+pub const MIN_BYTES_PER_SECOND: ByteSize = ByteSize::bytes(1024);
 
 /// A number of bytes, written with its unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -188,6 +193,33 @@ impl fmt::Display for ByteSize {
             .copied()
             .unwrap_or(("B", 1));
         write!(f, "{}{unit}", self.0 / multiplier)
+    }
+}
+
+/// Written as authors write it, so a policy's limits serialise to what parses back.
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ByteSize::parse(&text).map_err(|e| serde::de::Error::custom(format!("{e} ({})", e.hint())))
+    }
+}
+
+impl serde::Serialize for ByteQuota {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteQuota {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ByteQuota::parse(&text).map_err(|e| serde::de::Error::custom(format!("{e} ({})", e.hint())))
     }
 }
 
