@@ -126,6 +126,57 @@ fn echo_upstream() -> u16 {
     port
 }
 
+/// A loopback HTTP server: reads each request's head and `Content-Length` body, answers `200 ok`, closes.
+fn sink_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if s.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len: u64 = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let _ = std::io::copy(&mut (&mut s).take(len), &mut std::io::sink());
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            });
+        }
+    });
+    port
+}
+
+/// A plain-HTTP `POST` of `len` bytes through `proxy`: the response's status and head.
+fn upload(proxy: SocketAddr, auth: &str, port: u16, len: usize) -> (u16, String) {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST http://echo.test:{port}/up HTTP/1.1\r\nHost: echo.test:{port}\r\nProxy-Authorization: {auth}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    // A refused request may be answered before its body is read; the answer is what counts.
+    let _ = s.write_all(&vec![b'u'; len]);
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text).to_string();
+    let head = text.split("\r\n\r\n").next().unwrap_or_default().to_string();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head)
+}
+
 fn auth(sid: &str, policy: &str) -> String {
     use base64::Engine;
     use sluice::credential::{Claims, Keyring, Kind, SigningKey, now_unix};
@@ -148,18 +199,21 @@ fn auth(sid: &str, policy: &str) -> String {
 struct Workspace {
     dir: tempfile::TempDir,
     echo: u16,
+    /// A plain-HTTP server that reads each request's body and answers `200`.
+    sink: u16,
 }
 
 impl Workspace {
     fn new() -> Workspace {
         let echo = echo_upstream();
+        let sink = sink_upstream();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("key"), KEY).unwrap();
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).unwrap();
         let policy = |name: &str, limits: &str| {
             format!(
-                "version = 1\nname = \"{name}\"\nlevel = \"custom\"\nallow = [\"echo.test\"]\nports = [{echo}]\nallow_ips = [\"127.0.0.0/8\"]\n[limits]\n{limits}\n"
+                "version = 1\nname = \"{name}\"\nlevel = \"custom\"\nallow = [\"echo.test\"]\nports = [{echo}, {sink}]\nallow_ips = [\"127.0.0.0/8\"]\n[limits]\n{limits}\n"
             )
         };
         std::fs::write(
@@ -172,7 +226,12 @@ impl Workspace {
             policy("two", "requests_per_second = 1000\nburst = 1000\nmax_tunnels = 2"),
         )
         .unwrap();
-        Workspace { dir, echo }
+        std::fs::write(
+            policies.join("quota.toml"),
+            policy("quota", "requests_per_second = 1000\nburst = 1000\nupload_quota = \"100KiB/hour\""),
+        )
+        .unwrap();
+        Workspace { dir, echo, sink }
     }
 
     /// A `sluice serve` process in its own directory, with `store` as its `[limits.store]` table.
@@ -209,8 +268,14 @@ shutdown_grace = "1s"
     }
 }
 
+/// The store table of every test instance: a one-second lease TTL, and a deadline well above the default 20 ms
+/// because these tests share two loaded cores with everything else; a missed deadline would (rightly) fall
+/// back to per-instance limits and turn an exact count into a per-instance one.
 fn redis_store(redis: &Redis, on_error: &str) -> String {
-    format!("kind = \"redis\"\nurl = {:?}\non_error = \"{on_error}\"\nlease_ttl = \"1s\"\n", redis.url())
+    format!(
+        "kind = \"redis\"\nurl = {:?}\non_error = \"{on_error}\"\nlease_ttl = \"1s\"\ntimeout = \"500ms\"\n",
+        redis.url()
+    )
 }
 
 /// An answer to a CONNECT: its status, its head, and the connection (a tunnel when the status is 200).
@@ -443,6 +508,9 @@ fn through_haproxy_limits_hold_whether_sessions_stick_or_spread() {
     assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
     assert_eq!(count(&statuses, 429), 3, "{statuses:?}");
     assert!(tunnels(&a) > on_a && tunnels(&b) > on_b, "both instances served the spread session");
+    for instance in [&a, &b] {
+        assert_eq!(metric(instance.admin, "sluice_limit_store_errors_total"), Some(0), "the store answered every call");
+    }
     let two = auth("spread-tunnels", "two");
     let mut open: Vec<Reply> = (0..2).map(|_| connect(spread.egress, &two, ws.echo)).collect();
     assert_eq!(open.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 200]);
@@ -536,14 +604,14 @@ fn redis_going_away_degrades_to_local_limits_and_shared_limits_resume() {
     let statuses = alternate(&both, &s, ws.echo, 8);
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429], "{statuses:?}");
 
-    // A store that hangs rather than refuses: requests still get answers within the deadline (20 ms per
-    // call), not when the store comes back.
+    // A store that hangs rather than refuses: requests still get answers within the deadline (500 ms here),
+    // not when the store comes back.
     redis.signal("STOP");
     let started = Instant::now();
     let r = connect(a.egress, &auth("patient", "burst5"), ws.echo);
     let took = started.elapsed();
     assert_eq!(r.status, 200, "{}", r.head);
-    assert!(took < Duration::from_secs(1), "a request waited {took:?} on a stopped store");
+    assert!(took < Duration::from_secs(3), "a request waited {took:?} on a stopped store");
     until_health(a.admin, (200, "degraded: "), Duration::from_secs(1));
     redis.signal("CONT");
     until_health(a.admin, (200, "ok\n"), Duration::from_secs(5));
@@ -580,4 +648,42 @@ fn with_refuse_a_missing_store_is_a_503_and_a_failed_health_check() {
     redis.restart();
     until_health(a.admin, (200, "ok\n"), Duration::from_secs(5));
     assert_eq!(connect(a.egress, &s, ws.echo).status, 200);
+}
+
+#[test]
+fn an_upload_quota_spent_through_one_instance_is_refused_on_the_other() {
+    if !have("redis-server", "--version") {
+        return;
+    }
+    let redis = Redis::start();
+    let ws = Workspace::new();
+    let a = ws.instance("a", &redis_store(&redis, "local"));
+    let b = ws.instance("b", &redis_store(&redis, "local"));
+    let s = auth("uploader", "quota");
+    // 60 KiB through each instance: neither alone has spent the 100 KiB, together they have.
+    assert_eq!(upload(a.egress, &s, ws.sink, 60 * 1024).0, 200);
+    assert_eq!(upload(b.egress, &s, ws.sink, 60 * 1024).0, 200);
+    // B's bytes reach the store within one flush (200 ms); A reads the store before admitting.
+    let start = Instant::now();
+    let head = loop {
+        let (status, head) = upload(a.egress, &s, ws.sink, 1);
+        if status == 429 {
+            break head;
+        }
+        assert_eq!(status, 200, "{head}");
+        assert!(start.elapsed() < Duration::from_secs(3), "A never saw the quota spent through B");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(head.contains("x-sluice-decision: deny; reason=quota_exceeded; policy=quota"), "{head}");
+    let (status, head) = upload(b.egress, &s, ws.sink, 1);
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("reason=quota_exceeded"), "{head}");
+    // Another session's quota is untouched.
+    assert_eq!(upload(b.egress, &auth("other-uploader", "quota"), ws.sink, 1024).0, 200);
+    // And a session only ever seen by B is refused on A the first time A sees it.
+    let fresh = auth("fresh-uploader", "quota");
+    assert_eq!(upload(b.egress, &fresh, ws.sink, 120 * 1024).0, 200);
+    std::thread::sleep(Duration::from_millis(600));
+    let (status, head) = upload(a.egress, &fresh, ws.sink, 1);
+    assert_eq!(status, 429, "{head}");
 }

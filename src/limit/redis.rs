@@ -8,6 +8,8 @@
 //!   by their expiry. Opening drops expired members, counts the rest, and adds one below `max_tunnels`.
 //!   Each instance refreshes the leases it holds every third of `lease_ttl`, so the tunnels of an instance
 //!   that died stop counting within one `lease_ttl`; a closed tunnel's member is removed at once.
+//! - **Byte quotas** are counters per session, direction and window that expire with their window,
+//!   incremented in batches as bytes move; [`quota`] states the staleness bound.
 //! - **Scripts** are sent by hash (`EVALSHA`); a server that does not know one (`NOSCRIPT`, e.g. after a
 //!   restart) gets it loaded once and the call retried.
 //! - **Deadline**: every call the egress path waits on is cut at `[limits.store] timeout`. A failed or late
@@ -17,6 +19,8 @@
 //!
 //! Keys carry the session in a hash tag (`{KEY}`) so that one session's keys would share a slot, but the
 //! refresh script touches many sessions at once: the store is one Redis server (or a primary), not a Cluster.
+
+mod quota;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,10 +32,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
 use tokio::sync::mpsc;
 
+use self::quota::{FLUSH_EVERY, MeterCounter, Quotas, SessionQuota, SharedBudget};
+use super::budget::{ByteLimits, TimeSource, WallClock};
 use super::memory::describe;
 use super::{
-    Answer, ByteCounter, ByteMeter, Lease, LimitKey, Limited, Limiter, MemoryLimiter, QuotaExceeded, RateLimited,
-    SessionStats, TooManyTunnels, TunnelSlot,
+    Answer, ByteBudget, ByteCounter, ByteMeter, Lease, LimitKey, Limited, Limiter, MemoryLimiter, QuotaExceeded,
+    RateLimited, SessionStats, TooManyTunnels, TunnelSlot,
 };
 use crate::config::{LimitDefaults, OnStoreError, redact_url};
 use crate::metrics::Metrics;
@@ -136,6 +142,9 @@ struct Store {
     check: Script,
     open: Script,
     refresh: Script,
+    /// This instance's sessions with byte quotas, flushed to the store every [`FLUSH_EVERY`].
+    quotas: Quotas,
+    time: Arc<dyn TimeSource>,
 }
 
 impl RedisLimiter {
@@ -175,6 +184,8 @@ impl RedisLimiter {
             check: Script::new(CHECK),
             open: Script::new(OPEN),
             refresh: Script::new(REFRESH),
+            quotas: Quotas::default(),
+            time: Arc::new(WallClock::default()),
         });
         store.metrics.limit_store_up.store(1, Ordering::Relaxed);
         match store.probe().await {
@@ -340,6 +351,52 @@ impl Store {
         self.within(BACKGROUND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await
     }
 
+    /// Moves the sessions' pending quota bytes into the store in one pipeline, and reads back what every
+    /// instance has counted. Bytes whose flush failed go with the next one.
+    async fn flush_quotas(&self, sessions: &[Arc<SessionQuota>], deadline: Duration) -> Result<(), StoreError> {
+        let now = self.time.unix();
+        let flushes: Vec<(&Arc<SessionQuota>, quota::Flush)> =
+            sessions.iter().flat_map(|s| s.take_pending(now).into_iter().map(move |f| (s, f))).collect();
+        if flushes.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (_, f) in &flushes {
+            pipe.cmd("INCRBY").arg(&f.key).arg(f.add).cmd("EXPIRE").arg(&f.key).arg(f.ttl).ignore();
+        }
+        let mut conn = self.conn.clone();
+        match self.within(deadline, pipe.query_async::<Vec<i64>>(&mut conn)).await {
+            Ok(totals) => {
+                for ((session, f), total) in flushes.iter().zip(totals) {
+                    session.stored(f, total);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for (session, f) in &flushes {
+                    session.unflushed(f);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `key`'s meter under `limits`: this instance's counters, and a budget whose quotas are counted in the
+    /// store when the session has quotas.
+    fn meter_for(&self, key: &LimitKey, limits: &Limits) -> ByteMeter {
+        let local = self.local.meter(key, limits);
+        let bytes = ByteLimits::resolve(limits, self.local.defaults());
+        if !bytes.has_quota() {
+            return local;
+        }
+        let budget: Arc<dyn ByteBudget> = Arc::new(SharedBudget {
+            local: local.budget().cloned(),
+            quota: self.quotas.session(key, &bytes),
+            time: self.time.clone(),
+        });
+        ByteMeter::with_budget(Arc::new(MeterCounter(local)), Some(budget))
+    }
+
     /// What a check gets while the store is down.
     fn check_fallback(&self, key: &LimitKey, limits: &Limits) -> Result<(), Limited<RateLimited>> {
         match self.on_error {
@@ -448,7 +505,7 @@ impl Limiter for RedisLimiter {
             let opened = store.open_shared(&key, id, max).await;
             let slot = SharedSlot {
                 store: Arc::downgrade(&self.store),
-                meter: store.local.meter(&key, &limits),
+                meter: store.meter_for(&key, &limits),
                 key,
                 id,
                 local: Mutex::new(Some(local)),
@@ -475,12 +532,34 @@ impl Limiter for RedisLimiter {
         })
     }
 
+    /// Reads the store (and hands it this instance's pending bytes) before admitting a session with
+    /// quotas, so that a quota spent through another instance is refused here too.
     fn check_quota(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), QuotaExceeded>> {
-        Answer::ready(self.store.local.check_quota_now(key, limits))
+        let store = &*self.store;
+        let bytes = ByteLimits::resolve(limits, store.local.defaults());
+        if !bytes.has_quota() {
+            return Answer::ready(Ok(()));
+        }
+        let session = store.quotas.session(key, &bytes);
+        let decide =
+            move |session: &SessionQuota, key: &LimitKey, limits: &Limits| match session.spent(store.time.unix()) {
+                Some(spent) => Err(spent),
+                None => store.local.check_quota_now(key, limits),
+            };
+        if !store.up.load(Ordering::Acquire) {
+            return Answer::ready(decide(&session, key, limits));
+        }
+        let (key, limits) = (key.clone(), *limits);
+        Answer::later(async move {
+            if let Err(e) = store.flush_quotas(std::slice::from_ref(&session), store.timeout).await {
+                store.mark_down(&e);
+            }
+            decide(&session, &key, &limits)
+        })
     }
 
     fn meter(&self, key: &LimitKey, limits: &Limits) -> ByteMeter {
-        self.store.local.meter(key, limits)
+        self.store.meter_for(key, limits)
     }
 
     /// This instance's counts: its bytes and its open tunnels (the store holds the shared ones).
@@ -490,6 +569,7 @@ impl Limiter for RedisLimiter {
 
     fn housekeeping(&self) {
         self.store.local.housekeeping();
+        self.store.quotas.forget_idle();
     }
 }
 
@@ -498,6 +578,8 @@ async fn background(store: Weak<Store>, mut releases: mpsc::UnboundedReceiver<(L
     let Some(ttl) = store.upgrade().map(|s| s.lease_ttl) else { return };
     let mut refresh = tokio::time::interval(ttl / 3);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe = tokio::time::interval(PROBE_EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -522,6 +604,14 @@ async fn background(store: Weak<Store>, mut releases: mpsc::UnboundedReceiver<(L
                 let Some(store) = store.upgrade() else { return };
                 if store.up.load(Ordering::Acquire)
                     && let Err(e) = store.refresh_leases().await
+                {
+                    store.mark_down(&e);
+                }
+            }
+            _ = flush.tick() => {
+                let Some(store) = store.upgrade() else { return };
+                if store.up.load(Ordering::Acquire)
+                    && let Err(e) = store.flush_quotas(&store.quotas.all(), BACKGROUND_TIMEOUT).await
                 {
                     store.mark_down(&e);
                 }
