@@ -687,3 +687,71 @@ fn an_upload_quota_spent_through_one_instance_is_refused_on_the_other() {
     let (status, head) = upload(a.egress, &fresh, ws.sink, 1);
     assert_eq!(status, 429, "{head}");
 }
+
+/// `redis-cli` against the test server: its reply as text.
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &redis.port.to_string()]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// One `cmdstat_NAME:calls=N,...` count from `INFO commandstats`.
+fn calls(redis: &Redis, command: &str) -> u64 {
+    redis_cli(redis, &["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_run_the_loaded_script_by_hash_and_reload_it_after_a_flush() {
+    use sluice::config::{LimitDefaults, OnStoreError, StoreConfig, StoreKind};
+    use sluice::limit::redis::RedisLimiter;
+    use sluice::limit::{LimitKey, Limited, Limiter, RateLimited};
+    use sluice::policy::Limits;
+    if !have("redis-server", "--version") || !have("redis-cli", "--version") {
+        return;
+    }
+    let redis = Redis::start();
+    let store = StoreConfig {
+        kind: StoreKind::Redis,
+        url: Some(redis.url()),
+        on_error: OnStoreError::Local,
+        timeout: Duration::from_millis(500),
+        lease_ttl: Duration::from_secs(1),
+    };
+    let metrics = std::sync::Arc::new(sluice::metrics::Metrics::default());
+    let limiter =
+        RedisLimiter::start(LimitDefaults { store, ..LimitDefaults::default() }, metrics.clone()).await.unwrap();
+    let limits = Limits { requests_per_second: Some(1.0), burst: Some(2), ..Limits::default() };
+    let key = LimitKey::session("by-hash");
+    assert_eq!(limiter.check_request(&key, &limits).await, Ok(()));
+    assert_eq!(limiter.check_request(&key, &limits).await, Ok(()));
+    // GCRA in the store: the third of a burst of two waits one emission interval, less the time since.
+    match limiter.check_request(&key, &limits).await {
+        Err(Limited::Over(RateLimited { retry_after, limit })) => {
+            assert_eq!(limit, "1 request per second, burst 2");
+            assert!(
+                retry_after > Duration::from_millis(500) && retry_after <= Duration::from_secs(1),
+                "{retry_after:?}"
+            );
+        }
+        other => panic!("expected a rate refusal, got {other:?}"),
+    }
+    // The key expires once the burst has replenished: an idle session costs the store nothing.
+    let ttl: i64 = redis_cli(&redis, &["PTTL", "sluice:{s:by-hash}:rate"]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 2000, "PTTL {ttl}");
+    // Every call so far was an EVALSHA; the script text went over once, when the server first lacked it.
+    assert_eq!(calls(&redis, "eval"), 0);
+    assert_eq!(calls(&redis, "evalsha"), 4, "{}", redis_cli(&redis, &["INFO", "commandstats"]));
+    assert_eq!(calls(&redis, "script|load"), 1);
+
+    // A server that forgot its scripts (a restart, SCRIPT FLUSH) answers NOSCRIPT once, then knows it again.
+    assert_eq!(redis_cli(&redis, &["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(limiter.check_request(&LimitKey::session("after-flush"), &limits).await, Ok(()));
+    assert_eq!(calls(&redis, "script|load"), 2);
+    assert_eq!(calls(&redis, "eval"), 0);
+    assert!(limiter.is_up());
+    assert_eq!(metrics.limit_store_errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
