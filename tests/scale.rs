@@ -755,3 +755,32 @@ async fn checks_run_the_loaded_script_by_hash_and_reload_it_after_a_flush() {
     assert!(limiter.is_up());
     assert_eq!(metrics.limit_store_errors.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+/// The `sluice.toml` embedded in `deploy/kubernetes.yaml` (a `|` block indented four spaces).
+fn embedded(manifest: &str, name: &str) -> String {
+    let start = manifest.find(&format!("  {name}: |\n")).unwrap_or_else(|| panic!("{name} is in the manifest"));
+    let rest = &manifest[start..];
+    rest.lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_shipped_manifest_carries_a_valid_configuration_and_policy() {
+    use sluice::config::{Config, OnStoreError, StoreKind};
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes.yaml")).unwrap();
+    let config = Config::parse("kubernetes.yaml sluice.toml", &embedded(&manifest, "sluice.toml")).unwrap();
+    assert_eq!(config.limits.store.kind, StoreKind::Redis);
+    assert_eq!(config.limits.store.on_error, OnStoreError::Local);
+    assert_eq!(config.limits.store.timeout, Duration::from_millis(20));
+    assert_eq!(config.admin.listen.port(), 3130);
+    assert!(manifest.contains("httpGet: { path: /healthz, port: admin }"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("acme-dev.toml"), embedded(&manifest, "acme-dev.toml")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).arg("validate").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
