@@ -24,6 +24,8 @@ pub struct Admin {
     pub dropped_lines: Box<dyn Fn() -> u64 + Send + Sync>,
     /// The shared limit store, when there is one: `/healthz` reports its state.
     pub store: Option<Arc<RedisLimiter>>,
+    /// Cancelled when the proxies start draining: `/healthz` then fails, so balancers move new traffic away.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// Most admin connections served at once (scrapers and health checks); more get a `503`.
@@ -62,6 +64,9 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match req.uri().path() {
+        "/healthz" if admin.draining.is_cancelled() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down, open tunnels are finishing\n")
+        }
         "/healthz" => match admin.store.as_ref().map(|s| s.health()) {
             None | Some(StoreHealth::Up) => text(StatusCode::OK, "ok\n"),
             // Still serving, with per-instance limits: a balancer should keep sending traffic here.

@@ -124,6 +124,7 @@ impl Server {
                 move || audit.dropped()
             }),
             store: self.store.clone(),
+            draining: egress.shutdown.draining.clone(),
         });
         // The admin listener stays up while the proxies drain, so health checks see the drain.
         let admin_shutdown = Shutdown::default();

@@ -784,3 +784,15 @@ fn the_shipped_manifest_carries_a_valid_configuration_and_policy() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice")).arg("validate").arg(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_draining_instance_fails_its_health_check_while_its_tunnels_finish() {
+    let ws = Workspace::new();
+    let a = ws.instance("a", "kind = \"memory\"");
+    assert_eq!(admin_get(a.admin, "/healthz"), (200, "ok\n".into()));
+    let mut open = connect(a.egress, &auth("draining", "two"), ws.echo);
+    assert_eq!(open.status, 200);
+    a.signal("TERM");
+    until_health(a.admin, (503, "draining: shutting down"), Duration::from_secs(1));
+    assert!(open.echoes(), "the open tunnel still carries bytes while the instance drains");
+}
