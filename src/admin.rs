@@ -12,6 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::limit::redis::{RedisLimiter, StoreHealth};
 use crate::listen::{self, Accepted, Listener, Shutdown};
 use crate::metrics::{Denials, Metrics};
 
@@ -21,6 +22,10 @@ pub struct Admin {
     pub denials: Arc<Denials>,
     /// Reads the log writer's dropped-line count when `/metrics` is scraped.
     pub dropped_lines: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// The shared limit store, when there is one: `/healthz` reports its state.
+    pub store: Option<Arc<RedisLimiter>>,
+    /// Cancelled when the proxies start draining: `/healthz` then fails, so balancers move new traffic away.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// Most admin connections served at once (scrapers and health checks); more get a `503`.
@@ -59,7 +64,20 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/healthz" if admin.draining.is_cancelled() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down, open tunnels are finishing\n")
+        }
+        "/healthz" => match admin.store.as_ref().map(|s| s.health()) {
+            None | Some(StoreHealth::Up) => text(StatusCode::OK, "ok\n"),
+            // Still serving, with per-instance limits: a balancer should keep sending traffic here.
+            Some(StoreHealth::Degraded { reason }) => {
+                text(StatusCode::OK, &format!("degraded: {reason}; limits are per instance meanwhile\n"))
+            }
+            Some(StoreHealth::Down { reason }) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("unavailable: {reason}; requests that need it are refused\n"),
+            ),
+        },
         "/metrics" => {
             admin.metrics.set_dropped_log_lines((admin.dropped_lines)());
             let mut r = text(StatusCode::OK, &admin.metrics.render());

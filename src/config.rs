@@ -140,6 +140,8 @@ pub struct LimitDefaults {
     /// Bytes per session per fixed window, each direction: none by default.
     pub upload_quota: Option<ByteQuota>,
     pub download_quota: Option<ByteQuota>,
+    /// Where the counts live: `[limits.store]`.
+    pub store: StoreConfig,
 }
 
 impl Default for LimitDefaults {
@@ -152,6 +154,7 @@ impl Default for LimitDefaults {
             download_bytes_per_second: None,
             upload_quota: None,
             download_quota: None,
+            store: StoreConfig::default(),
         }
     }
 }
@@ -169,6 +172,7 @@ struct RawLimitDefaults {
     download_bytes_per_second: Option<ByteSize>,
     upload_quota: Option<ByteQuota>,
     download_quota: Option<ByteQuota>,
+    store: StoreConfig,
 }
 
 impl Default for RawLimitDefaults {
@@ -182,6 +186,7 @@ impl Default for RawLimitDefaults {
             download_bytes_per_second: None,
             upload_quota: None,
             download_quota: None,
+            store: d.store,
         }
     }
 }
@@ -220,7 +225,162 @@ impl TryFrom<RawLimitDefaults> for LimitDefaults {
             download_bytes_per_second: raw.download_bytes_per_second,
             upload_quota: raw.upload_quota,
             download_quota: raw.download_quota,
+            store: raw.store,
         })
+    }
+}
+
+/// A duration with a unit, down to milliseconds: `20ms`, `2s`, `1m`. A bare number is refused, since
+/// elsewhere in this file it means seconds and here that would be a thousandfold mistake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Millis(pub Duration);
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => {
+                Err(serde::de::Error::custom(format!("duration {n} has no unit: write e.g. \"{n}ms\" or \"{n}s\"")))
+            }
+            Raw::Text(t) => parse_millis(&t).map(Millis).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `20ms`, `2s`, `1m`.
+pub fn parse_millis(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {text:?}: expected e.g. 20ms, 2s or 1m");
+    let i = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (digits, unit) = text.split_at(i);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        _ => None,
+    };
+    ms.map(Duration::from_millis).ok_or_else(bad)
+}
+
+/// Which store holds the limits' counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// This process only: limits are per instance.
+    #[default]
+    Memory,
+    /// A Redis server shared by every instance: limits hold however traffic is spread.
+    Redis,
+}
+
+/// What a request that needs the shared store gets while the store is unreachable or slow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Per-instance limits meanwhile (logged, counted); the store is retried in the background.
+    #[default]
+    Local,
+    /// `503 limit_store_unavailable`.
+    Refuse,
+}
+
+/// `[limits.store]`: where per-session counts live.
+///
+/// ```toml
+/// [limits.store]
+/// kind = "redis"                  # default "memory"
+/// url = "redis://127.0.0.1:6379/0"
+/// on_error = "local"              # or "refuse"
+/// timeout = "20ms"                # the most any check waits on the store
+/// lease_ttl = "30s"               # a crashed instance's tunnels stop counting after this
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawStoreConfig")]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `redis://[user:password@]host:port/db` or `redis+unix:///path`; required for `kind = "redis"`.
+    pub url: Option<String>,
+    pub on_error: OnStoreError,
+    /// The deadline of every call to the store, so that the egress path never waits longer.
+    pub timeout: Duration,
+    /// How long an open tunnel's lease lasts unless its instance refreshes it (every third of it).
+    pub lease_ttl: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Memory,
+            url: None,
+            on_error: OnStoreError::Local,
+            timeout: Duration::from_millis(20),
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStoreConfig {
+    #[serde(default)]
+    kind: StoreKind,
+    url: Option<String>,
+    #[serde(default)]
+    on_error: OnStoreError,
+    timeout: Option<Millis>,
+    lease_ttl: Option<Millis>,
+}
+
+impl TryFrom<RawStoreConfig> for StoreConfig {
+    type Error = String;
+
+    fn try_from(raw: RawStoreConfig) -> Result<Self, String> {
+        let d = StoreConfig::default();
+        let timeout = raw.timeout.map_or(d.timeout, |m| m.0);
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&timeout) {
+            return Err(format!("timeout must be between 1ms and 10s, not {timeout:?} (default 20ms)"));
+        }
+        let lease_ttl = raw.lease_ttl.map_or(d.lease_ttl, |m| m.0);
+        if !(Duration::from_millis(500)..=Duration::from_secs(3600)).contains(&lease_ttl) {
+            return Err(format!("lease_ttl must be between 500ms and 1h, not {lease_ttl:?} (default 30s)"));
+        }
+        match (raw.kind, &raw.url) {
+            (StoreKind::Redis, None) => {
+                return Err("kind = \"redis\" needs a url, e.g. url = \"redis://127.0.0.1:6379/0\"".into());
+            }
+            (StoreKind::Memory, Some(url)) => {
+                return Err(format!("url {url:?} is only read with kind = \"redis\" (the default kind is \"memory\")"));
+            }
+            (StoreKind::Redis, Some(url)) => {
+                if let Err(e) = redis::Client::open(url.as_str()) {
+                    return Err(format!(
+                        "invalid url {:?}: {e} (expected redis://host:port/db or redis+unix:///path)",
+                        redact_url(url)
+                    ));
+                }
+            }
+            (StoreKind::Memory, None) => {}
+        }
+        Ok(StoreConfig { kind: raw.kind, url: raw.url, on_error: raw.on_error, timeout, lease_ttl })
+    }
+}
+
+/// `url` without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -638,5 +798,55 @@ shutdown_grace = "2s"
         ] {
             assert!(err(written).contains(expected), "{written}: {}", err(written));
         }
+    }
+
+    #[test]
+    fn the_store_defaults_to_memory_and_redis_needs_a_url() {
+        let parse = |s: &str| toml::from_str::<LimitDefaults>(s).map(|l| l.store).map_err(|e| e.to_string());
+        assert_eq!(parse(""), Ok(StoreConfig::default()));
+        assert_eq!(parse("[store]\nkind = \"memory\""), Ok(StoreConfig::default()));
+        let redis = parse(
+            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\non_error = \"refuse\"\ntimeout = \"5ms\"\nlease_ttl = \"2s\"",
+        );
+        assert_eq!(
+            redis,
+            Ok(StoreConfig {
+                kind: StoreKind::Redis,
+                url: Some("redis://127.0.0.1:6379/0".into()),
+                on_error: OnStoreError::Refuse,
+                timeout: Duration::from_millis(5),
+                lease_ttl: Duration::from_secs(2),
+            })
+        );
+        let err = |s: &str| parse(s).err().unwrap_or_default();
+        let e = err("[store]\nkind = \"redis\"");
+        assert!(e.contains("kind = \"redis\" needs a url, e.g. url = \"redis://127.0.0.1:6379/0\""), "{e}");
+        let e = err("[store]\nkind = \"redis\"\nurl = \"http://user:hunter2@x/\"");
+        assert!(e.contains("invalid url \"http://user:***@x/\""), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("[store]\nkind = \"redis\"\nurl = \"redis://x\"\ntimeout = 20");
+        assert!(e.contains("duration 20 has no unit: write e.g. \"20ms\""), "{e}");
+        let e = err("[store]\nkind = \"redis\"\nurl = \"redis://x\"\ntimeout = \"20 ms\"");
+        assert!(e.contains("invalid duration \"20 ms\": expected e.g. 20ms, 2s or 1m"), "{e}");
+        let e = err("[store]\nkind = \"redis\"\nurl = \"redis://x\"\ntimeout = \"0ms\"");
+        assert!(e.contains("timeout must be between 1ms and 10s, not 0ns"), "{e}");
+        let e = err("[store]\nkind = \"redis\"\nurl = \"redis://x\"\nlease_ttl = \"100ms\"");
+        assert!(e.contains("lease_ttl must be between 500ms and 1h"), "{e}");
+        let e = err("[store]\nkind = \"rediss\"");
+        assert!(e.contains("unknown variant `rediss`"), "{e}");
+        let e = err("[store]\nurl = \"redis://x\"");
+        assert!(e.contains("only read with kind = \"redis\""), "{e}");
+        let e = err("[store]\nkind = \"redis\"\nurl = \"redis://x\"\nttl = \"1s\"");
+        assert!(e.contains("unknown field `ttl`"), "{e}");
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+    }
+
+    #[test]
+    fn a_store_mistake_points_into_the_file() {
+        let e = Config::parse("s.toml", "[limits]\nburst = 3\n[limits.store]\nkind = \"redis\"\n").unwrap_err();
+        let e = e.to_string();
+        assert!(e.starts_with("s.toml:"), "{e}");
+        assert!(e.contains("needs a url"), "{e}");
     }
 }

@@ -51,7 +51,7 @@ use tokio::net::TcpListener;
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Basic, Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
-use crate::limit::{Lease, LimitKey, Limiter, MemoryLimiter};
+use crate::limit::{Lease, LimitKey, Limited, Limiter, MemoryLimiter};
 use crate::listen::{self, Accepted, Listener, Shutdown};
 use crate::metrics::{Denial, Denials, Metrics};
 use crate::policy::Limits;
@@ -150,14 +150,18 @@ impl GitProxy {
     /// session by its first request, and counted until it closes) against the connection cap.
     async fn admit(&self, session: &str, record: &Record) -> Result<(), Refusal> {
         let key = LimitKey::git(session);
-        self.limiter.check_request(&key, &self.limits).await.map_err(|e| {
-            Refusal::rate_limited(e.retry_after, &e.limit)
-                .with_hint("the operator raises it with requests_per_second and burst in [git.limits]")
+        self.limiter.check_request(&key, &self.limits).await.map_err(|limited| match limited {
+            Limited::Over(e) => Refusal::rate_limited(e.retry_after, &e.limit)
+                .with_hint("the operator raises it with requests_per_second and burst in [git.limits]"),
+            Limited::StoreUnavailable => Refusal::limit_store_unavailable(),
         })?;
         let bound = record.conn.lock().is_ok_and(|b| b.as_ref().is_some_and(|(s, _)| s == session));
         if !bound {
             let lease = self.limiter.open_tunnel(&key, &self.limits).await;
-            let lease = lease.map_err(|e| Refusal::too_many_connections(e.max))?;
+            let lease = lease.map_err(|limited| match limited {
+                Limited::Over(e) => Refusal::too_many_connections(e.max),
+                Limited::StoreUnavailable => Refusal::limit_store_unavailable(),
+            })?;
             if let Ok(mut b) = record.conn.lock() {
                 *b = Some((session.to_owned(), lease));
             }

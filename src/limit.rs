@@ -1,11 +1,12 @@
 //! Per-session limits behind one trait: a request rate, a cap on open tunnels held as leases, and byte
 //! meters that tunnels and requests report to while they move bytes. A session with a bandwidth limit or a
 //! byte quota also gets a [`ByteBudget`] on its meters: transfers ask it for a [`Grant`] before they move.
-//! [`memory`] keeps them in this process; a shared store (issue 19) implements the same trait so that limits
-//! hold across instances.
+//! [`memory`] keeps them in this process; [`redis`] keeps them in a Redis server shared by every instance, so
+//! that limits hold across instances.
 
 pub mod budget;
 pub mod memory;
+pub mod redis;
 /// Byte sizes and quotas are pure values that policies parse; they live with the policy.
 pub use crate::policy::quota;
 
@@ -34,11 +35,11 @@ use crate::policy::quota::ByteQuota;
 pub trait Limiter: Send + Sync + fmt::Debug {
     /// Counts one new CONNECT tunnel or plain-HTTP request of `key` against its rate: `requests_per_second`
     /// and `burst`.
-    fn check_request(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), RateLimited>>;
+    fn check_request(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), Limited<RateLimited>>>;
 
     /// Takes one of `key`'s `max_tunnels` places for a tunnel, held until the [`Lease`] is dropped. The
     /// lease's [`ByteMeter`] is where the tunnel reports its bytes as they move.
-    fn open_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, TooManyTunnels>>;
+    fn open_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, Limited<TooManyTunnels>>>;
 
     /// Whether `key` may start a new tunnel or request under its byte quotas (`upload_quota`,
     /// `download_quota`): refused while either is spent in its current window. Sessions without a quota
@@ -341,6 +342,14 @@ impl ByteMeter {
     pub fn budget(&self) -> Option<&Arc<dyn ByteBudget>> {
         self.budget.as_ref()
     }
+}
+
+/// Why a limiter said no: the session is over the limit `E`, or the shared store that keeps its count
+/// cannot be asked and the server is configured to refuse meanwhile (`[limits.store] on_error = "refuse"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Limited<E> {
+    Over(E),
+    StoreUnavailable,
 }
 
 /// A request refused because its session is over its rate: answer `429` with `Retry-After`.

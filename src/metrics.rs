@@ -68,6 +68,11 @@ pub struct Metrics {
     pub connect_latency: Histogram,
     pub policy_generation: Gauge<u64, AtomicU64>,
     pub policy_reload_errors: Counter,
+    /// Calls to the limit store that failed or missed their deadline (probes of a store already down excluded).
+    pub limit_store_errors: Counter,
+    /// 1 while the limit store answers (always, for the in-memory store), 0 while limits are per instance
+    /// or refused.
+    pub limit_store_up: Gauge<u64, AtomicU64>,
     /// Filled in from the log writer's own counter when rendering.
     pub dropped_log_lines: Counter,
     /// Refusals by the per-session limit that made them.
@@ -93,6 +98,8 @@ impl Default for Metrics {
             connect_latency: Histogram::default(),
             policy_generation: Gauge::default(),
             policy_reload_errors: Counter::default(),
+            limit_store_errors: Counter::default(),
+            limit_store_up: Gauge::default(),
             dropped_log_lines: Counter::default(),
             limit_refusals: Family::default(),
             shaping_wait: Counter::default(),
@@ -117,6 +124,16 @@ impl Default for Metrics {
             m.policy_generation.clone(),
         );
         r.register("sluice_policy_reload_errors", "Policy reloads refused as invalid.", m.policy_reload_errors.clone());
+        r.register(
+            "sluice_limit_store_errors",
+            "Calls to the limit store that failed or missed their deadline.",
+            m.limit_store_errors.clone(),
+        );
+        r.register(
+            "sluice_limit_store_up",
+            "1 while the limit store answers, 0 while limits are per instance or refused.",
+            m.limit_store_up.clone(),
+        );
         r.register(
             "sluice_log_dropped_lines",
             "Log lines dropped because the writer fell behind.",

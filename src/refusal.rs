@@ -212,6 +212,20 @@ impl Refusal {
         r
     }
 
+    /// The shared store that keeps the session's limits cannot be asked, and the server is configured to
+    /// refuse rather than count locally meanwhile (`[limits.store] on_error = "refuse"`): `503`.
+    pub fn limit_store_unavailable() -> Refusal {
+        let mut r = Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_store_unavailable",
+            Fault::Internal,
+            "the store that keeps this session's limits is unreachable, so the request cannot be counted",
+        )
+        .with_hint("retry shortly; an operator sees the store's state on /healthz and sluice_limit_store_up");
+        r.retry_after = Some(1);
+        r
+    }
+
     /// A byte quota of the session is spent for its window: `429` with `Retry-After` = the window's end
     /// (`now` is Unix seconds). The body names the quota, what was used and when it resets.
     pub fn quota_exceeded(direction: &'static str, quota: ByteQuota, used: u64, resets_at: u64, now: u64) -> Refusal {

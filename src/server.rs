@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::audit::AuditLog;
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, StoreKind};
 use crate::credential::{KEY_ENV, Keyring};
 use crate::git::GitProxy;
+use crate::limit::redis::RedisLimiter;
 use crate::limit::{Limiter, MemoryLimiter};
 use crate::listen::Shutdown;
 use crate::metrics::{Denials, Metrics};
@@ -27,6 +28,8 @@ pub struct Server {
     git_listener: TcpListener,
     git: Arc<GitProxy>,
     admin_listener: TcpListener,
+    /// The shared limit store, when `[limits.store] kind = "redis"`.
+    store: Option<Arc<RedisLimiter>>,
     config: Config,
 }
 
@@ -67,7 +70,16 @@ impl Server {
                 .collect();
         let metrics = Arc::new(Metrics::default());
         let denials = Arc::new(Denials::default());
-        let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(config.limits.clone()));
+        let (limiter, store): (Arc<dyn Limiter>, _) = match config.limits.store.kind {
+            StoreKind::Memory => {
+                metrics.limit_store_up.set(1);
+                (Arc::new(MemoryLimiter::new(config.limits.clone())), None)
+            }
+            StoreKind::Redis => {
+                let store = Arc::new(RedisLimiter::start(config.limits.clone(), metrics.clone()).await?);
+                (store.clone(), Some(store))
+            }
+        };
         let dialer = crate::git::upstream::Dialer {
             resolver: Arc::new(Resolver::new(&config.resolver)?),
             own: Arc::from(own.clone()),
@@ -94,7 +106,7 @@ impl Server {
             audit: audit.clone(),
         });
         egress.metrics.policy_generation.set(1);
-        Ok(Server { egress, egress_listener, git_listener, git, admin_listener, config })
+        Ok(Server { egress, egress_listener, git_listener, git, admin_listener, store, config })
     }
 
     pub fn egress_addr(&self) -> Option<SocketAddr> {
@@ -123,6 +135,8 @@ impl Server {
                 let audit = egress.audit.clone();
                 move || audit.dropped()
             }),
+            store: self.store.clone(),
+            draining: egress.shutdown.draining.clone(),
         });
         // The admin listener stays up while the proxies drain, so health checks see the drain.
         let admin_shutdown = Shutdown::default();

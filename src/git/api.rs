@@ -111,6 +111,10 @@ impl Api {
         }
         let key = LimitKey::session(session);
         limiter.check_request(&key, &crate::policy::Limits::default()).await.map_err(|limited| {
+            let limited = match limited {
+                crate::limit::Limited::Over(limited) => limited,
+                crate::limit::Limited::StoreUnavailable => return Refusal::limit_store_unavailable(),
+            };
             let secs = limited.retry_after_secs();
             let mut r = Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,

@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use super::budget::{Budget, ByteLimits, TimeSource};
 use super::{
-    Answer, ByteBudget, ByteCounter, ByteCounts, ByteMeter, Lease, LimitKey, Limiter, QuotaExceeded, RateLimited,
-    SessionStats, TooManyTunnels, TunnelSlot,
+    Answer, ByteBudget, ByteCounter, ByteCounts, ByteMeter, Lease, LimitKey, Limited, Limiter, QuotaExceeded,
+    RateLimited, SessionStats, TooManyTunnels, TunnelSlot,
 };
 use crate::config::LimitDefaults;
 use crate::policy::Limits;
@@ -459,12 +459,12 @@ where
     C: Clock + Clone + Send + Sync + 'static,
     C::Instant: Send + Sync,
 {
-    fn check_request(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), RateLimited>> {
-        Answer::ready(self.check_now(session, limits))
+    fn check_request(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), Limited<RateLimited>>> {
+        Answer::ready(self.check_now(session, limits).map_err(Limited::Over))
     }
 
-    fn open_tunnel(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, TooManyTunnels>> {
-        Answer::ready(self.open_tunnel_now(session, limits))
+    fn open_tunnel(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, Limited<TooManyTunnels>>> {
+        Answer::ready(self.open_tunnel_now(session, limits).map_err(Limited::Over))
     }
 
     fn check_quota(&self, session: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), QuotaExceeded>> {
@@ -512,7 +512,7 @@ where
     }
 }
 
-fn describe(rps: f64, burst: u32) -> String {
+pub(super) fn describe(rps: f64, burst: u32) -> String {
     let unit = if rps == 1.0 { "request" } else { "requests" };
     format!("{rps} {unit} per second, burst {burst}")
 }
@@ -874,14 +874,17 @@ mod tests {
         let one = Limits { requests_per_second: Some(1.0), burst: Some(1), max_tunnels: Some(1), ..Limits::default() };
         let client = LimitKey::anonymous([127, 0, 0, 1].into());
         assert_eq!(limiter.check_request(&client, &one).now().ok(), Some(Ok(())));
-        assert_eq!(limiter.check_request(&client, &one).await, refused(1000, "1 request per second, burst 1"));
+        assert_eq!(
+            limiter.check_request(&client, &one).await,
+            refused(1000, "1 request per second, burst 1").map_err(Limited::Over)
+        );
         // Another anonymous client has limits of its own.
         let other = LimitKey::anonymous([127, 0, 0, 2].into());
         assert_eq!(limiter.check_request(&other, &one).await, Ok(()));
 
         let lease = limiter.open_tunnel(&client, &one).await;
         assert_eq!(lease.as_ref().map(|_| ()), Ok(()));
-        assert_eq!(limiter.open_tunnel(&client, &one).await.err(), Some(TooManyTunnels { max: 1 }));
+        assert_eq!(limiter.open_tunnel(&client, &one).await.err(), Some(Limited::Over(TooManyTunnels { max: 1 })));
         drop(lease);
         assert_eq!(limiter.open_tunnel(&client, &one).await.map(|_| ()), Ok(()));
         let stats = limiter.session_stats(&client);
