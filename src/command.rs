@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::credential::{Claims, KEY_ENV, Keyring, Kind, TOKEN_PREFIX, human_duration, now_unix, valid_session_id};
 use crate::diagnostic::{Diagnostic, Severity};
-use crate::policy::{Authority, Decision, Policy, PolicySet};
+use crate::policy::{Authority, Decision, Policy, PolicySet, Verdict};
 use crate::policy::{DEFAULTS_FILE_NAME, DefaultList, parse_policy};
 
 /// Exit status: allowed / valid.
@@ -50,10 +50,11 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
         }
     };
     let decision = policy.decide(&authority.target, authority.port);
+    let would_deny = !decision.is_allowed() && policy.mode.serves(&decision.reason);
     let printed = if args.json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "destination": authority.to_string(),
-            "verdict": decision.verdict,
+            "verdict": if would_deny { Verdict::Allow } else { decision.verdict },
             "reason": decision.reason.to_string(),
             "reason_code": decision.reason.code(),
             "rule": decision.rule,
@@ -61,14 +62,23 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
             "level": decision.level,
             "hint": decision.hint(&authority.target, authority.port),
         });
+        if would_deny {
+            value["would_deny"] = serde_json::json!(decision.reason.code());
+            value["mode"] = serde_json::json!(policy.mode);
+        }
         writeln!(out, "{value}")
+    } else if would_deny {
+        // Report mode serves it: the line says so first, then what an enforcing policy would decide.
+        let line = check_line(&authority, &decision);
+        let rest = line.strip_prefix("deny ").unwrap_or(&line);
+        writeln!(out, "allow (report: would deny) {rest}")
     } else {
         writeln!(out, "{}", check_line(&authority, &decision))
     };
     if printed.is_err() {
         return EXIT_USAGE;
     }
-    if decision.is_allowed() { EXIT_OK } else { EXIT_DENY }
+    if decision.is_allowed() || would_deny { EXIT_OK } else { EXIT_DENY }
 }
 
 /// `allow|deny HOST:PORT policy=NAME level=LEVEL rule="PATTERN" (FILE:LINE, group "GROUP") reason="…"`

@@ -49,6 +49,8 @@ impl Histogram {
 pub struct Metrics {
     /// (verdict, reason, level) → count.
     decisions: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
+    /// Report mode: (reason, level) → requests served that the policy would have refused.
+    would_deny: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pub open_tunnels: AtomicU64,
     pub tunnels_total: AtomicU64,
     pub bytes_up: AtomicU64,
@@ -70,6 +72,12 @@ impl Metrics {
         }
     }
 
+    pub fn would_deny(&self, reason: &'static str, level: &'static str) {
+        if let Ok(mut map) = self.would_deny.lock() {
+            *map.entry((reason, level)).or_insert(0) += 1;
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(out, "# HELP sluice_decisions_total Requests decided, by verdict, reason and level.");
@@ -81,6 +89,16 @@ impl Metrics {
                     "sluice_decisions_total{{verdict=\"{verdict}\",reason=\"{reason}\",level=\"{}\"}} {n}",
                     escape(level)
                 );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_would_deny_total Requests served in report mode that the policy would refuse, by reason and level."
+        );
+        let _ = writeln!(out, "# TYPE sluice_would_deny_total counter");
+        if let Ok(map) = self.would_deny.lock() {
+            for ((reason, level), n) in map.iter() {
+                let _ = writeln!(out, "sluice_would_deny_total{{reason=\"{reason}\",level=\"{}\"}} {n}", escape(level));
             }
         }
         let gauges: [(&str, &str, &str, &AtomicU64); 10] = [
@@ -137,6 +155,9 @@ pub struct Denial {
     pub reason: &'static str,
     pub message: String,
     pub hint: Option<String>,
+    /// Served in report mode: the policy would have refused it. Left out when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub would_deny: bool,
 }
 
 /// The most recent refusals of each session, bounded in both sessions and entries.
@@ -193,7 +214,14 @@ mod tests {
     use super::*;
 
     fn denial(dest: &str) -> Denial {
-        Denial { time: 0, destination: dest.into(), reason: "not_allowlisted", message: String::new(), hint: None }
+        Denial {
+            time: 0,
+            destination: dest.into(),
+            reason: "not_allowlisted",
+            message: String::new(),
+            hint: None,
+            would_deny: false,
+        }
     }
 
     #[test]
@@ -215,8 +243,10 @@ mod tests {
         m.decision("allow", "default_allowlisted", "trusted");
         m.decision("deny", "not_allowlisted", "trusted");
         m.decision("deny", "not_allowlisted", "trusted");
+        m.would_deny("denylisted", "custom");
         m.connect_latency.observe(Duration::from_millis(3));
         let text = m.render();
+        assert!(text.contains("sluice_would_deny_total{reason=\"denylisted\",level=\"custom\"} 1\n"));
         assert!(
             text.contains("sluice_decisions_total{verdict=\"deny\",reason=\"not_allowlisted\",level=\"trusted\"} 2\n")
         );

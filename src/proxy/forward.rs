@@ -39,11 +39,16 @@ pub(crate) async fn handle(
         Ok(a) => a,
         Err(refusal) => return Err((refusal, record)),
     };
-    record.admitted(proxy, req.method(), &authority, &admission.decision, admission.addr);
+    let would_deny = admission.would_deny.clone();
+    record.admitted(proxy, req.method(), &authority, &admission.decision, would_deny.as_ref(), admission.addr);
     match exchange(req, &authority, admission, proxy).await {
         Ok((response, sent)) => {
             record.restart();
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            if let Some(w) = &would_deny {
+                // The upstream's own header of that name is replaced: the client reads sluice's.
+                parts.headers.insert("x-sluice-decision", w.header());
+            }
             let finish = Finish {
                 proxy: proxy.clone(),
                 limit_key: session.limit_key.clone(),
