@@ -4,6 +4,8 @@
 //! [`Event`]'s fields are the log's field names, in this one place. Nothing secret is ever put in an
 //! event: sessions are ids, destinations are host:port, and URLs have their credentials removed.
 
+pub mod reader;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,4 +1,5 @@
-//! The subcommands other than `serve` (`check`, `validate`, `token`): what they print and the exit status.
+//! The subcommands other than `serve` (`check`, `validate`, `token`; `suggest` and `replay` live in
+//! their own modules): what they print and the exit status.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
             return EXIT_USAGE;
         }
     };
-    let policy = match resolve_policy(&set, args.policy.as_deref().unwrap_or("trusted")) {
+    let policy = match resolve_policy(&set, args.policy.as_deref().unwrap_or("trusted"), "check") {
         Ok(p) => p,
         Err(msg) => {
             let _ = writeln!(err, "{msg}");
@@ -96,7 +97,7 @@ pub fn check_line(authority: &Authority, decision: &Decision) -> String {
     )
 }
 
-fn load_set(dir: Option<&Path>) -> Result<PolicySet, String> {
+pub(crate) fn load_set(dir: Option<&Path>) -> Result<PolicySet, String> {
     let result = match dir {
         Some(d) => PolicySet::load_dir(d),
         None => PolicySet::load_dir_or_builtin(Path::new("policies")),
@@ -104,15 +105,16 @@ fn load_set(dir: Option<&Path>) -> Result<PolicySet, String> {
     result.map_err(|d| format!("{d}\nsluice: the policy directory has errors; fix them or run `sluice validate`"))
 }
 
-/// A policy by name, or a policy file (a path that exists, or one ending in `.toml`).
-fn resolve_policy(set: &PolicySet, which: &str) -> Result<Arc<Policy>, String> {
+/// A policy by name, or a policy file (a path that exists, or one ending in `.toml`). `command`
+/// names the subcommand in messages.
+pub(crate) fn resolve_policy(set: &PolicySet, which: &str, command: &str) -> Result<Arc<Policy>, String> {
     if which.ends_with(".toml") || Path::new(which).is_file() {
-        let text = std::fs::read_to_string(which).map_err(|e| format!("sluice check: cannot read {which}: {e}"))?;
+        let text = std::fs::read_to_string(which).map_err(|e| format!("sluice {command}: cannot read {which}: {e}"))?;
         return parse_policy(which, &text, set.defaults()).map(|(p, _)| Arc::new(p)).map_err(|d| d.to_string());
     }
     set.get(which).cloned().ok_or_else(|| {
         let known: Vec<&str> = set.names().collect();
-        format!("sluice check: unknown policy {which:?}; known policies: {}", known.join(", "))
+        format!("sluice {command}: unknown policy {which:?}; known policies: {}", known.join(", "))
     })
 }
 

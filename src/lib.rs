@@ -39,4 +39,6 @@ pub mod policy;
 pub mod proxy;
 pub mod refusal;
 pub mod reload;
+pub mod replay;
 pub mod server;
+pub mod suggest;
