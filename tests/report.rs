@@ -211,3 +211,30 @@ async fn report_mode_keeps_the_limits() {
     assert_eq!(tunnel.stdout, "429", "{tunnel:?}");
     assert_eq!(lab.up.connections(), 1);
 }
+
+/// A CONNECT after a plain request on one connection goes through hyper: its `200` says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_header_on_the_hyper_connect_path() {
+    let lab = lab().await;
+    let p = lab.up.port();
+    let now = now_unix();
+    let a = basic("s-hyper", &egress_token(KEY, "s-hyper", "rep", now, now + 600));
+    let mut c = RawClient::connect(lab.proxy.addr).await;
+    let get =
+        format!("GET http://denied.test:{p}/g HTTP/1.1\r\nHost: denied.test:{p}\r\nProxy-Authorization: {a}\r\n\r\n");
+    c.send(get.as_bytes()).await;
+    let r = c.response().await.expect("an answer");
+    assert_eq!((r.status_line.as_str(), r.body.as_str()), ("HTTP/1.1 200 OK", "hello from up /g\n"));
+    assert_eq!(r.header("x-sluice-decision"), Some("allow; would_deny=not_allowlisted; policy=rep"));
+    let connect =
+        format!("CONNECT blocked.test:{p} HTTP/1.1\r\nHost: blocked.test:{p}\r\nProxy-Authorization: {a}\r\n\r\n");
+    c.send(connect.as_bytes()).await;
+    let r = c.response().await.expect("an answer");
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(r.header("x-sluice-decision"), Some("allow; would_deny=denylisted; policy=rep"));
+    // The tunnel is open: an HTTP exchange through it reaches the upstream.
+    c.send(format!("GET /t HTTP/1.1\r\nHost: blocked.test:{p}\r\n\r\n").as_bytes()).await;
+    let r = c.response().await.expect("the upstream's answer");
+    assert_eq!((r.status_line.as_str(), r.body.as_str()), ("HTTP/1.1 200 OK", "hello from up /t\n"));
+    assert_eq!(r.header("x-sluice-decision"), None, "inside the tunnel the upstream answers");
+}
