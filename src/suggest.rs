@@ -128,6 +128,9 @@ pub struct Suggestion {
     pub not_liftable: Vec<Listed>,
     /// The policy's explicit `ports`, repeated so that entries without `:PORT` mean the same.
     pub ports: Option<Vec<u16>>,
+    /// The records' policy already used the default list (level trusted, or include_defaults): the
+    /// snippet keeps it, so that pasting `level = "custom"` does not drop it.
+    pub keeps_defaults: bool,
     pub records: u64,
     pub refused: u64,
     pub malformed: u64,
@@ -145,6 +148,8 @@ pub struct Suggester {
     guarded: HashMap<(String, u16), (Seen, String)>,
     records: u64,
     refused: u64,
+    /// Some record was decided at level trusted, which uses the default list.
+    trusted_records: bool,
 }
 
 impl Suggester {
@@ -163,6 +168,7 @@ impl Suggester {
             guarded: HashMap::new(),
             records: 0,
             refused: 0,
+            trusted_records: false,
         }
     }
 
@@ -177,6 +183,7 @@ impl Suggester {
             return;
         }
         self.records += 1;
+        self.trusted_records |= r.level.as_deref() == Some("trusted");
         let (Some(code), Some(host), Some(port)) = (r.refusal_code(), r.host.as_deref(), r.port) else { return };
         let Ok(target) = Target::parse(host) else { return };
         let time = r.time.as_deref().unwrap_or("");
@@ -208,6 +215,8 @@ impl Suggester {
     pub fn finish(self) -> Suggestion {
         let mut out = Suggestion { records: self.records, refused: self.refused, ..Suggestion::default() };
         out.ports = self.policy.as_ref().filter(|p| p.ports_explicit).map(|p| p.ports.clone());
+        out.keeps_defaults = self.trusted_records
+            || self.policy.as_ref().is_some_and(|p| p.level == Level::Trusted || p.include_defaults);
         // A name the guard refused (its answer held a blocked address) stays refused whatever the
         // policy says: it is never suggested, on any port.
         let guarded_names: BTreeSet<&str> = self.guarded.keys().map(|(h, _)| h.as_str()).collect();
@@ -328,6 +337,8 @@ impl Suggestion {
                     "include_defaults = true # the default list has {}\n",
                     count(self.defaults.len(), "destination")
                 ));
+            } else if self.keeps_defaults {
+                out.push_str("include_defaults = true # the policy already uses the default list\n");
             }
             if let Some(ports) = &self.ports {
                 let list: Vec<String> = ports.iter().map(u16::to_string).collect();
@@ -438,4 +449,57 @@ pub fn run(args: &SuggestArgs, out: &mut impl Write, err: &mut impl Write) -> u8
         return EXIT_USAGE;
     }
     EXIT_OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::DefaultList;
+
+    fn refused(host: &str, port: u16, level: &str) -> DecisionRecord {
+        DecisionRecord {
+            time: Some("2026-12-01T10:00:00.000Z".into()),
+            event: Some("decision".into()),
+            session: Some("s".into()),
+            host: Some(host.into()),
+            port: Some(port),
+            verdict: Some("deny".into()),
+            reason: Some("not_allowlisted".into()),
+            policy: Some("p".into()),
+            level: Some(level.into()),
+            ..DecisionRecord::default()
+        }
+    }
+
+    fn suggest(records: &[DecisionRecord]) -> Suggestion {
+        let mut s = Suggester::new(None, None, DefaultList::builtin());
+        records.iter().for_each(|r| s.add(r));
+        s.finish()
+    }
+
+    fn entries(s: &Suggestion) -> Vec<&str> {
+        s.allow.iter().map(|e| e.entry.as_str()).collect()
+    }
+
+    #[test]
+    fn three_names_below_a_registrable_domain_collapse_two_do_not_and_the_apex_stays() {
+        let two = suggest(&[refused("a.example.com", 443, "custom"), refused("b.example.com", 443, "custom")]);
+        assert_eq!(entries(&two), ["a.example.com", "b.example.com"]);
+        let three = suggest(&[
+            refused("example.com", 443, "custom"),
+            refused("a.example.com", 443, "custom"),
+            refused("b.x.example.com", 443, "custom"),
+            refused("c.example.com", 443, "custom"),
+            refused("c.example.com", 8080, "custom"),
+        ]);
+        assert_eq!(entries(&three), ["*.example.com", "c.example.com:8080", "example.com"]);
+        assert!(!three.keeps_defaults);
+    }
+
+    #[test]
+    fn a_trusted_policys_records_keep_the_default_list() {
+        let s = suggest(&[refused("a.example.com", 443, "trusted")]);
+        assert!(s.keeps_defaults);
+        assert!(s.toml("log").contains("\ninclude_defaults = true # the policy already uses the default list\n"));
+    }
 }

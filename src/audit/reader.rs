@@ -29,6 +29,7 @@ pub struct DecisionRecord {
     pub reason: Option<String>,
     pub rule: Option<String>,
     pub policy: Option<String>,
+    pub level: Option<String>,
     pub upstream: Option<String>,
 }
 
