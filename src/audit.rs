@@ -4,6 +4,8 @@
 //! [`Event`]'s fields are the log's field names, in this one place. Nothing secret is ever put in an
 //! event: sessions are ids, destinations are host:port, and URLs have their credentials removed.
 
+pub mod reader;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +53,10 @@ pub struct Event {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub verdict: Option<&'static str>,
+    /// In report mode, the code an enforcing policy would have refused an allowed request with. Left
+    /// out of every other line, so enforce-mode lines are unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_deny: Option<&'static str>,
     pub reason: Option<String>,
     pub detail: Option<String>,
     pub rule: Option<String>,

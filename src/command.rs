@@ -1,4 +1,5 @@
-//! The subcommands other than `serve` (`check`, `validate`, `token`): what they print and the exit status.
+//! The subcommands other than `serve` (`check`, `validate`, `token`; `suggest` and `replay` live in
+//! their own modules): what they print and the exit status.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::credential::{Claims, KEY_ENV, Keyring, Kind, TOKEN_PREFIX, human_duration, now_unix, valid_session_id};
 use crate::diagnostic::{Diagnostic, Severity};
-use crate::policy::{Authority, Decision, Policy, PolicySet};
+use crate::policy::{Authority, Decision, Policy, PolicySet, Verdict};
 use crate::policy::{DEFAULTS_FILE_NAME, DefaultList, parse_policy};
 
 /// Exit status: allowed / valid.
@@ -35,7 +36,7 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
             return EXIT_USAGE;
         }
     };
-    let policy = match resolve_policy(&set, args.policy.as_deref().unwrap_or("trusted")) {
+    let policy = match resolve_policy(&set, args.policy.as_deref().unwrap_or("trusted"), "check") {
         Ok(p) => p,
         Err(msg) => {
             let _ = writeln!(err, "{msg}");
@@ -50,10 +51,11 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
         }
     };
     let decision = policy.decide(&authority.target, authority.port);
+    let would_deny = !decision.is_allowed() && policy.mode.serves(&decision.reason);
     let printed = if args.json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "destination": authority.to_string(),
-            "verdict": decision.verdict,
+            "verdict": if would_deny { Verdict::Allow } else { decision.verdict },
             "reason": decision.reason.to_string(),
             "reason_code": decision.reason.code(),
             "rule": decision.rule,
@@ -61,14 +63,23 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
             "level": decision.level,
             "hint": decision.hint(&authority.target, authority.port),
         });
+        if would_deny {
+            value["would_deny"] = serde_json::json!(decision.reason.code());
+            value["mode"] = serde_json::json!(policy.mode);
+        }
         writeln!(out, "{value}")
+    } else if would_deny {
+        // Report mode serves it: the line says so first, then what an enforcing policy would decide.
+        let line = check_line(&authority, &decision);
+        let rest = line.strip_prefix("deny ").unwrap_or(&line);
+        writeln!(out, "allow (report: would deny) {rest}")
     } else {
         writeln!(out, "{}", check_line(&authority, &decision))
     };
     if printed.is_err() {
         return EXIT_USAGE;
     }
-    if decision.is_allowed() { EXIT_OK } else { EXIT_DENY }
+    if decision.is_allowed() || would_deny { EXIT_OK } else { EXIT_DENY }
 }
 
 /// `allow|deny HOST:PORT policy=NAME level=LEVEL rule="PATTERN" (FILE:LINE, group "GROUP") reason="…"`
@@ -86,7 +97,7 @@ pub fn check_line(authority: &Authority, decision: &Decision) -> String {
     )
 }
 
-fn load_set(dir: Option<&Path>) -> Result<PolicySet, String> {
+pub(crate) fn load_set(dir: Option<&Path>) -> Result<PolicySet, String> {
     let result = match dir {
         Some(d) => PolicySet::load_dir(d),
         None => PolicySet::load_dir_or_builtin(Path::new("policies")),
@@ -94,15 +105,16 @@ fn load_set(dir: Option<&Path>) -> Result<PolicySet, String> {
     result.map_err(|d| format!("{d}\nsluice: the policy directory has errors; fix them or run `sluice validate`"))
 }
 
-/// A policy by name, or a policy file (a path that exists, or one ending in `.toml`).
-fn resolve_policy(set: &PolicySet, which: &str) -> Result<Arc<Policy>, String> {
+/// A policy by name, or a policy file (a path that exists, or one ending in `.toml`). `command`
+/// names the subcommand in messages.
+pub(crate) fn resolve_policy(set: &PolicySet, which: &str, command: &str) -> Result<Arc<Policy>, String> {
     if which.ends_with(".toml") || Path::new(which).is_file() {
-        let text = std::fs::read_to_string(which).map_err(|e| format!("sluice check: cannot read {which}: {e}"))?;
+        let text = std::fs::read_to_string(which).map_err(|e| format!("sluice {command}: cannot read {which}: {e}"))?;
         return parse_policy(which, &text, set.defaults()).map(|(p, _)| Arc::new(p)).map_err(|d| d.to_string());
     }
     set.get(which).cloned().ok_or_else(|| {
         let known: Vec<&str> = set.names().collect();
-        format!("sluice check: unknown policy {which:?}; known policies: {}", known.join(", "))
+        format!("sluice {command}: unknown policy {which:?}; known policies: {}", known.join(", "))
     })
 }
 

@@ -296,6 +296,7 @@ impl GitProxy {
                 reason: outcome.code,
                 message: outcome.detail.clone().unwrap_or_default(),
                 hint: outcome.hint.clone(),
+                would_deny: false,
             };
             self.denials.record(&record.session, denial);
         }

@@ -14,13 +14,15 @@
 //! Egress serves CONNECT tunnels ([`proxy::connect`]) and plain HTTP ([`proxy::forward`]); its
 //! renderer is [`proxy::respond`] (text or JSON). The git proxy ([`git`]) swaps scoped credentials for
 //! the real token and restricts pushes to one branch. Every request writes one decision record
-//! ([`audit`]), and its closing line when a tunnel or response ends.
+//! ([`audit`]), and its closing line when a tunnel or response ends. A policy in report mode turns its
+//! own deny into a would-deny at the decide step and the request goes on (never a guard refusal).
 //!
 //! Layers (a module uses only those below it):
 //! - L0, pure: [`policy`], [`credential`], [`refusal`], [`diagnostic`], `git::{pktline, push, route}`.
 //! - L1, I/O: [`listen`], [`net`], [`limit`], [`audit`], [`metrics`], [`reload`].
 //! - L2, front ends: [`proxy`], [`git`], [`admin`] (proxy and git never use each other).
-//! - L3, wiring: [`config`], [`server`], [`command`], and the binary.
+//! - L3, wiring: [`config`], [`server`], [`command`], the policy-authoring tools [`suggest`] and
+//!   [`replay`] (they read decision logs back through `audit::reader`), and the binary.
 
 #![deny(unsafe_code)]
 
@@ -39,4 +41,6 @@ pub mod policy;
 pub mod proxy;
 pub mod refusal;
 pub mod reload;
+pub mod replay;
 pub mod server;
+pub mod suggest;

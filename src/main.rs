@@ -44,6 +44,40 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Print the policy entries that would admit what a decision log shows refused (or would-denied).
+    Suggest {
+        /// The decision log (JSON lines as sluice writes them; `-` for stdin; gzip'd files too).
+        #[arg(long)]
+        log: PathBuf,
+        /// Only this session's records.
+        #[arg(long)]
+        session: Option<String>,
+        /// Only this policy's records (name or file); its `ports` decide which entries need :PORT.
+        #[arg(long)]
+        policy: Option<String>,
+        /// Policy directory (default: ./policies when it exists, else the built-in policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Print the suggestion as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-decide every recorded request against a candidate policy and print what would change;
+    /// exit 1 when anything would become denied.
+    Replay {
+        /// The decision log (JSON lines; `-` for stdin; gzip'd files too).
+        #[arg(long)]
+        log: PathBuf,
+        /// The candidate policy: a file, or a name in the policy directory.
+        #[arg(long)]
+        policy: String,
+        /// Policy directory the candidate is read against (its defaults.toml).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Lint policy files: errors as file:line:col with a snippet and a hint, then warnings.
     Validate {
         /// Files or directories (default: policies/).
@@ -109,6 +143,14 @@ fn main() -> ExitCode {
             command::check(&args, &mut out, &mut std::io::stderr().lock())
         }
         Command::Validate { paths } => command::validate(&paths, &mut out),
+        Command::Suggest { log, session, policy, policies, json } => {
+            let args = sluice::suggest::SuggestArgs { log, session, policy, policies, json };
+            sluice::suggest::run(&args, &mut out, &mut std::io::stderr().lock())
+        }
+        Command::Replay { log, policy, policies, json } => {
+            let args = sluice::replay::ReplayArgs { log, policy, policies, json };
+            sluice::replay::run(&args, &mut out, &mut std::io::stderr().lock())
+        }
         Command::Token { command: TokenCommand::Mint { kind, session, policy, repo, branch, ttl, key_file } } => {
             let kind = match kind {
                 KindArg::Egress => Kind::Egress,

@@ -44,6 +44,13 @@ struct DecisionLabels {
     level: &'static str,
 }
 
+/// The labels of `sluice_would_deny_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WouldDenyLabels {
+    reason: &'static str,
+    level: &'static str,
+}
+
 /// The labels of `sluice_limit_refusals_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
@@ -58,6 +65,8 @@ const LIMITS: [&str; 4] = ["rate_limited", "too_many_tunnels", "too_many_connect
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    /// Report mode: requests served that the policy would have refused, by reason and level.
+    would_deny: Family<WouldDenyLabels, Counter>,
     pub open_tunnels: Gauge<u64, AtomicU64>,
     pub tunnels_total: Counter,
     pub bytes_up: Counter,
@@ -88,6 +97,7 @@ impl Default for Metrics {
         let mut m = Metrics {
             registry: Registry::default(),
             decisions: Family::default(),
+            would_deny: Family::default(),
             open_tunnels: Gauge::default(),
             tunnels_total: Counter::default(),
             bytes_up: Counter::default(),
@@ -112,6 +122,11 @@ impl Default for Metrics {
         let r = &mut m.registry;
         // Counter names are registered without `_total`: the encoder adds it.
         r.register("sluice_decisions", "Requests decided, by verdict, reason and level.", m.decisions.clone());
+        r.register(
+            "sluice_would_deny",
+            "Requests served in report mode that the policy would refuse, by reason and level.",
+            m.would_deny.clone(),
+        );
         r.register("sluice_open_tunnels", "Tunnels open now.", m.open_tunnels.clone());
         r.register("sluice_tunnels", "Tunnels opened.", m.tunnels_total.clone());
         r.register("sluice_bytes_up", "Bytes from clients to upstreams.", m.bytes_up.clone());
@@ -177,6 +192,11 @@ impl Metrics {
         }
     }
 
+    /// Counts a request report mode served that the policy would have refused.
+    pub fn would_deny(&self, reason: &'static str, level: &'static str) {
+        self.would_deny.get_or_create(&WouldDenyLabels { reason, level }).inc();
+    }
+
     /// Adds a tunnel's time spent waiting for shaping grants.
     pub fn shaped(&self, waited: Duration) {
         if !waited.is_zero() {
@@ -218,6 +238,9 @@ pub struct Denial {
     pub reason: &'static str,
     pub message: String,
     pub hint: Option<String>,
+    /// Served in report mode: the policy would have refused it. Left out when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub would_deny: bool,
 }
 
 /// The most recent refusals of each session, bounded in both sessions and entries.
@@ -274,7 +297,14 @@ mod tests {
     use super::*;
 
     fn denial(dest: &str) -> Denial {
-        Denial { time: 0, destination: dest.into(), reason: "not_allowlisted", message: String::new(), hint: None }
+        Denial {
+            time: 0,
+            destination: dest.into(),
+            reason: "not_allowlisted",
+            message: String::new(),
+            hint: None,
+            would_deny: false,
+        }
     }
 
     #[test]
@@ -296,8 +326,10 @@ mod tests {
         m.decision("allow", "default_allowlisted", "trusted");
         m.decision("deny", "not_allowlisted", "trusted");
         m.decision("deny", "not_allowlisted", "trusted");
+        m.would_deny("denylisted", "custom");
         m.connect_latency.observe(Duration::from_millis(3));
         let text = m.render();
+        assert!(text.contains("sluice_would_deny_total{reason=\"denylisted\",level=\"custom\"} 1\n"));
         assert!(
             text.contains("sluice_decisions_total{verdict=\"deny\",reason=\"not_allowlisted\",level=\"trusted\"} 2\n")
         );

@@ -61,6 +61,37 @@ impl fmt::Display for Level {
     }
 }
 
+/// Whether a policy's own denies are enforced, or served and reported (`mode = "report"`), to learn
+/// what a policy would break before it is enforced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Report,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Enforce, Mode::Report];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    /// Whether a request refused for `reason` is served in this mode (and recorded as `would_deny`):
+    /// only in report mode, and only when the policy's own rules refused it.
+    pub fn serves(self, reason: &Reason) -> bool {
+        self == Mode::Report && reason.policy_can_lift()
+    }
+}
+
 /// Per-session limits a policy may set; unset ones fall back to the server's defaults.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Limits {
@@ -175,6 +206,20 @@ impl Reason {
             Reason::InvalidPort => "invalid_port",
         }
     }
+
+    /// Whether a policy's own entries made this deny, so that a policy could lift it (and report mode
+    /// serves it). The address guard's refusals (blocked addresses and names, the proxy's own
+    /// addresses) and port 0 are never lifted by any policy.
+    pub fn policy_can_lift(&self) -> bool {
+        matches!(
+            self,
+            Reason::LevelNone
+                | Reason::Denylisted
+                | Reason::NotAllowlisted
+                | Reason::PortNotAllowed { .. }
+                | Reason::IpNotAllowed { .. }
+        )
+    }
 }
 
 impl fmt::Display for Reason {
@@ -255,6 +300,8 @@ pub(crate) type RuleMatcher = Matcher<Arc<Rule>>;
 pub struct Policy {
     pub name: Arc<str>,
     pub level: Level,
+    /// `report`: the policy's own denies are served and recorded as `would_deny`.
+    pub mode: Mode,
     /// Where it was defined: a file path, or `built-in`.
     pub source: Arc<str>,
     /// The rule decisions made by the level itself point at: `level = …` in `source`.
@@ -281,6 +328,7 @@ impl Policy {
         Policy {
             name: level.as_str().into(),
             level,
+            mode: Mode::Enforce,
             level_rule: Policy::level_rule(level, source.clone(), 0),
             source,
             include_defaults: level == Level::Trusted,

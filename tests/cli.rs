@@ -336,7 +336,7 @@ fn validate_exits_1_on_errors() {
     assert_eq!((run.code, run.stderr.as_str()), (DENY, ""));
 
     let run = sluice(repo(), &["validate", "tests/fixtures/invalid"]);
-    assert!(run.stdout.ends_with("\n\nchecked 17 files: 27 errors, 0 warnings\n"), "{}", run.stdout);
+    assert!(run.stdout.ends_with("\n\nchecked 18 files: 28 errors, 0 warnings\n"), "{}", run.stdout);
     assert_eq!(run.code, DENY);
 }
 

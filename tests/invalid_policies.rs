@@ -174,7 +174,7 @@ tests/fixtures/invalid/unicode.toml:3:28: error: pattern "*.münchen.example:844
     ),
     (
         "unknown-key.toml",
-        r#"tests/fixtures/invalid/unknown-key.toml:3:1: error: unknown field `alow`, expected one of `version`, `name`, `description`, `level`, `include_defaults`, `allow`, `deny`, `ports`, `allow_ips`, `limits`
+        r#"tests/fixtures/invalid/unknown-key.toml:3:1: error: unknown field `alow`, expected one of `version`, `name`, `description`, `level`, `mode`, `include_defaults`, `allow`, `deny`, `ports`, `allow_ips`, `limits`
   |
 3 | alow = ["api.example.com"]
   | ^^^^
@@ -195,6 +195,14 @@ tests/fixtures/invalid/unicode.toml:3:28: error: pattern "*.münchen.example:844
 4 | burts = 40
   | ^^^^^
   = hint: did you mean `burst`?"#,
+    ),
+    (
+        "unknown-mode.toml",
+        r#"tests/fixtures/invalid/unknown-mode.toml:3:8: error: unknown mode "reprot"
+  |
+3 | mode = "reprot"
+  |        ^^^^^^^^
+  = hint: did you mean "report"? modes are "enforce" (the default) and "report""#,
     ),
     (
         "uppercase.toml",
@@ -244,7 +252,7 @@ fn validate_prints_every_error_of_every_file() {
     let mut expected: String = EXPECTED.iter().map(|(_, e)| format!("{e}\n\n")).collect();
     expected.push_str(&format!("checked {} files: {errors} errors, 0 warnings\n", EXPECTED.len()));
     assert_eq!(out, expected);
-    assert_eq!(errors, 27);
+    assert_eq!(errors, 28);
     assert_eq!(status, command::EXIT_DENY);
 }
 

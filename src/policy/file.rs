@@ -15,7 +15,7 @@ use super::lint::{lint_allow_against, lint_list};
 use super::matcher::Matcher;
 use super::pattern::HostPattern;
 use super::quota::{ByteQuota, ByteSize, MIN_BYTES_PER_SECOND};
-use super::{DEFAULT_PORTS, Level, Limits, Policy, Rule, RuleList};
+use super::{DEFAULT_PORTS, Level, Limits, Mode, Policy, Rule, RuleList};
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, closest, from_toml_error};
 
 #[derive(Deserialize)]
@@ -26,6 +26,7 @@ struct RawPolicy {
     #[allow(dead_code)]
     description: Option<String>,
     level: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
     include_defaults: Option<Spanned<bool>>,
     #[serde(default)]
     allow: Vec<Spanned<String>>,
@@ -107,6 +108,18 @@ pub fn parse_policy(
             ));
             Level::None
         }
+    };
+
+    let mode = match &raw.mode {
+        None => Mode::Enforce,
+        Some(m) => Mode::parse(m.get_ref()).unwrap_or_else(|| {
+            let hint = match closest(m.get_ref(), Mode::ALL.iter().map(|m| m.as_str())) {
+                Some(s) => format!("did you mean \"{s}\"? modes are \"enforce\" (the default) and \"report\""),
+                None => "modes are \"enforce\" (the default) and \"report\" (serve what the policy would deny, and record it)".to_string(),
+            };
+            diags.push(src.error(m.span(), format!("unknown mode {:?}", m.get_ref()), Some(hint)));
+            Mode::Enforce
+        }),
     };
 
     let include_defaults = raw.include_defaults.as_ref().is_some_and(|b| *b.get_ref());
@@ -209,6 +222,7 @@ pub fn parse_policy(
     let policy = Policy {
         name,
         level,
+        mode,
         source,
         level_rule,
         include_defaults,
@@ -388,6 +402,29 @@ fn parse_limits(src: &Source<'_>, raw: Option<&RawLimits>, diags: &mut Vec<Diagn
 mod tests {
     use super::*;
     use crate::policy::{Target, Verdict};
+
+    #[test]
+    fn mode_is_enforce_unless_report_and_nothing_else() {
+        let text = |mode: &str| format!("version = 1\nname = \"p\"\nlevel = \"custom\"\n{mode}");
+        let mode = |t: &str| parse_policy("p.toml", &text(t), &DefaultList::builtin()).map(|(p, _)| p.mode);
+        assert_eq!(mode("").ok(), Some(Mode::Enforce));
+        assert_eq!(mode("mode = \"enforce\"\n").ok(), Some(Mode::Enforce));
+        assert_eq!(mode("mode = \"report\"\n").ok(), Some(Mode::Report));
+        let err = mode("mode = \"Report\"\n").expect_err("an unknown mode");
+        let d = &err.0[0];
+        assert_eq!((d.line, d.col, d.message.as_str()), (4, 8, "unknown mode \"Report\""));
+        assert_eq!(
+            d.hint.as_deref(),
+            Some("did you mean \"report\"? modes are \"enforce\" (the default) and \"report\"")
+        );
+        let err = mode("mode = \"audit\"\n").expect_err("an unknown mode");
+        assert_eq!(
+            err.0[0].hint.as_deref(),
+            Some(
+                "modes are \"enforce\" (the default) and \"report\" (serve what the policy would deny, and record it)"
+            )
+        );
+    }
 
     #[test]
     fn an_ipv4_mapped_allow_ips_range_covers_the_ipv4_addresses() {

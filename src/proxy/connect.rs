@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::admit::Admission;
+use super::admit::{Admission, WouldDeny};
 use super::head::{HeadGuard, NextHead};
 use super::record::Record;
 use super::respond::{self, ProxyBody};
@@ -26,9 +26,22 @@ use super::{ConnectionSlot, EgressProxy, Session};
 use crate::policy::Authority;
 use crate::refusal::Refusal;
 
-/// The answer to a CONNECT that opens its tunnel, in the request's HTTP version.
-fn established(version: http::Version) -> &'static [u8] {
-    if version == http::Version::HTTP_10 { b"HTTP/1.0 200 OK\r\n\r\n" } else { b"HTTP/1.1 200 OK\r\n\r\n" }
+/// The answer to a CONNECT that opens its tunnel, in the request's HTTP version; in report mode it
+/// says what an enforcing policy would have done.
+fn established(version: http::Version, would_deny: Option<&WouldDeny>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.extend_from_slice(if version == http::Version::HTTP_10 {
+        b"HTTP/1.0 200 OK\r\n"
+    } else {
+        b"HTTP/1.1 200 OK\r\n"
+    });
+    if let Some(w) = would_deny {
+        out.extend_from_slice(b"x-sluice-decision: ");
+        out.extend_from_slice(w.header().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// The authority a CONNECT names.
@@ -45,7 +58,8 @@ async fn open(
 ) -> Result<(Authority, Admission), Refusal> {
     let authority = authority(target)?;
     let admission = proxy.admit(session, &authority, true).await?;
-    record.admitted(proxy, &Method::CONNECT, &authority, &admission.decision, admission.addr);
+    let would_deny = admission.would_deny.as_ref();
+    record.admitted(proxy, &Method::CONNECT, &authority, &admission.decision, would_deny, admission.addr);
     Ok((authority, admission))
 }
 
@@ -139,7 +153,9 @@ pub(crate) async fn serve_first(
         };
         match opened {
             Ok((_, admission)) => {
-                if let Err(e) = guard.get_mut().write_all(established(request.version)).await {
+                if let Err(e) =
+                    guard.get_mut().write_all(&established(request.version, admission.would_deny.as_ref())).await
+                {
                     tracing::debug!(client = %peer, error = %e, "client left before its tunnel opened");
                     return First::Done;
                 }
@@ -247,6 +263,7 @@ pub(crate) async fn handle(
     // The upgrade completes after the 200 below is written; bytes the client pipelined after its
     // CONNECT head come out of the upgraded stream first.
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let decision_header = admission.would_deny.as_ref().map(WouldDeny::header);
     let proxy = proxy.clone();
     let session_id = session.id.clone();
     proxy.shutdown.clone().spawn(async move {
@@ -274,5 +291,8 @@ pub(crate) async fn handle(
     });
     let mut response = Response::new(respond::empty());
     *response.status_mut() = StatusCode::OK;
+    if let Some(v) = decision_header {
+        response.headers_mut().insert("x-sluice-decision", v);
+    }
     Ok(response)
 }

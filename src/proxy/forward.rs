@@ -41,14 +41,19 @@ pub(crate) async fn handle(
         Ok(a) => a,
         Err(refusal) => return Err((refusal, record)),
     };
-    record.admitted(proxy, req.method(), &authority, &admission.decision, admission.addr);
+    let would_deny = admission.would_deny.clone();
+    record.admitted(proxy, req.method(), &authority, &admission.decision, would_deny.as_ref(), admission.addr);
     // The session's meter; with its budget when its bytes are shaped or quota'd, which both bodies then ask.
     let meter = proxy.limiter.meter(&session.limit_key, &session.policy.limits);
     let budget = meter.budget().cloned();
     match exchange(req, &authority, admission, proxy, budget.clone()).await {
         Ok((response, sent)) => {
             record.restart();
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            if let Some(w) = &would_deny {
+                // The upstream's own header of that name is replaced: the client reads sluice's.
+                parts.headers.insert("x-sluice-decision", w.header());
+            }
             let finish =
                 Finish { proxy: proxy.clone(), meter, sent, status: parts.status.as_u16(), record: Some(record) };
             let body = Finished { inner: Shaped::new(body, budget, Direction::Down), received: 0, finish };

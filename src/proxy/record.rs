@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use http::Method;
 
+use super::admit::WouldDeny;
 use super::{ANONYMOUS, EgressProxy, Session};
 use crate::audit::{Event, EventKind};
 use crate::credential::now_unix;
@@ -49,23 +50,42 @@ impl Record {
         self.session = Some(session.id.clone());
     }
 
-    /// The decision line (and metric) for an admitted request, once its upstream is connected.
+    /// The decision line (and metric) for an admitted request, once its upstream is connected. In
+    /// report mode a request the policy would refuse is recorded as allowed with `would_deny`, its
+    /// reason, sentence and rule, counted, and listed in `/v1/denials` (marked).
     pub fn admitted(
         &mut self,
         proxy: &EgressProxy,
         method: &Method,
         authority: &Authority,
         decision: &Decision,
+        would_deny: Option<&WouldDeny>,
         upstream: SocketAddr,
     ) {
-        proxy.metrics.decision("allow", decision.reason.code(), decision.level.as_str());
+        let reason = would_deny.map_or(decision.reason.code(), |w| w.code);
+        proxy.metrics.decision("allow", reason, decision.level.as_str());
         self.host = Some(authority.clone());
         self.upstream = Some(upstream);
         let mut event = self.event(EventKind::Decision);
         event.method = Some(method.to_string());
         event.verdict = Some("allow");
-        event.reason = Some(decision.reason.code().to_string());
+        event.reason = Some(reason.to_string());
         event.rule = decision.rule.as_ref().map(|r| r.summary());
+        if let Some(w) = would_deny {
+            proxy.metrics.would_deny(w.code, w.level);
+            let denial = Denial {
+                time: now_unix(),
+                destination: authority.to_string(),
+                reason: w.code,
+                message: w.message.clone(),
+                hint: w.hint.clone(),
+                would_deny: true,
+            };
+            proxy.denials.record(self.session_id(), denial);
+            event.would_deny = Some(w.code);
+            event.detail = Some(w.message.clone());
+            event.rule = w.rule.clone();
+        }
         event.policy = Some(decision.policy.to_string());
         event.level = Some(decision.level.as_str());
         event.client = Some(self.client.to_string());
@@ -90,6 +110,7 @@ impl Record {
             reason: refusal.code,
             message: refusal.message.clone(),
             hint: refusal.hint.clone(),
+            would_deny: false,
         };
         proxy.denials.record(self.session_id(), denial);
         let mut event = Event::new(EventKind::Decision);
@@ -122,6 +143,7 @@ impl Record {
             reason: refusal.code,
             message: refusal.message.clone(),
             hint: refusal.hint.clone(),
+            would_deny: false,
         };
         proxy.denials.record(self.session_id(), denial);
     }
