@@ -206,7 +206,7 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
             let port = s.storage.lock().unwrap().rsplit(':').next().unwrap_or_default().to_owned();
             redirect(&format!("http://elsewhere.test:{port}/job-11.txt?sig={SIGNATURE}"))
         }
-        ("GET", r) if READ_FAMILIES.iter().any(|(path, _)| *path == r) => {
+        ("GET" | "HEAD", r) if READ_FAMILIES.iter().any(|(path, _)| *path == r) => {
             json_response(StatusCode::OK, json!({"read": r}))
         }
         ("GET", "/pulls/1/files") => json_response(StatusCode::OK, json!([{"filename": "README"}])),
@@ -1020,6 +1020,12 @@ async fn every_read_family_reaches_the_stand_in_at_its_exact_path_with_the_real_
         })
         .collect();
     assert_eq!(w.calls(), want);
+    w.clear_calls();
+    // HEAD is a read too.
+    let a = w.curl("HEAD", &w.url("/issues/9"), Some(&w.bearer()), None, &["-I"]).await;
+    assert_eq!((a.status, a.header("content-type")), (200, Some("application/json; charset=utf-8")));
+    let heads: Vec<(String, String)> = w.calls().into_iter().map(|c| (c.method, c.path)).collect();
+    assert_eq!(heads, vec![("HEAD".to_owned(), format!("/repos/{repo}/issues/9"))]);
     let lines = log_lines_for(&repo);
     for (rest, op) in READ_FAMILIES {
         assert!(
@@ -1289,4 +1295,22 @@ print(status, json.loads(comment)["id"])
             ("POST".into(), format!("/repos/{repo}/issues/1/comments"), None),
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_log_allow_ips_the_address_guard_keeps_log_dials_off_loopback() {
+    let w = World::with("log-guard", |s| s.log_allow_ips.clear()).await;
+    let a = w.curl("GET", &w.url("/actions/jobs/10/logs"), Some(&w.bearer()), None, &[]).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert_eq!(a.header("x-sluice-decision"), Some("deny; reason=upstream_blocked_address"));
+    let port = w.storage.addr.port();
+    let message = a.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        message.starts_with(&format!(
+            "sluice: cannot reach logs.storage.test:{port}: upstream \"logs.storage.test\" resolves to 127.0.0.1"
+        )),
+        "{message}"
+    );
+    assert!(!message.contains(SIGNATURE), "{message}");
+    assert_eq!(w.storage.calls.lock().unwrap().len(), 0, "refused before any dial");
 }

@@ -253,7 +253,15 @@ impl GitProxy {
             .await
             .map_err(|_| api_timeout(format!("{} answering {}", self.api.upstream.authority(), route.op)))?
             .map_err(|e| upstream_failure(e, caller.token))?;
-        if route.access == Access::Log && resp.status().is_redirection() {
+        let redirect = matches!(
+            resp.status(),
+            StatusCode::MOVED_PERMANENTLY
+                | StatusCode::FOUND
+                | StatusCode::SEE_OTHER
+                | StatusCode::TEMPORARY_REDIRECT
+                | StatusCode::PERMANENT_REDIRECT
+        );
+        if route.access == Access::Log && redirect {
             return self.follow_log(resp, &parts.method, &parts.headers).await;
         }
         self.answer(resp, &parts.headers, &caller.repo, caller.token).await
