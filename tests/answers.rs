@@ -782,17 +782,17 @@ async fn git_refusals() {
     .await;
     let want = golden(
         "HTTP/1.1 403 Forbidden",
-        &[json],
+        &[json, "x-sluice-decision: deny; reason=api_never_forwarded"],
         true,
-        "{\"message\":\"sluice: GET \\\"/api/repos/acme/widgets/actions/secrets\\\" is not in the pull-request slice sluice forwards; allowed: GET /api/repos/OWNER/REPO, GET …/pulls, GET …/pulls/N, GET …/pulls/N/files, GET …/pulls/N/comments, GET …/issues/N/comments, POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/issues/N/comments\",\"documentation_url\":\"https://docs.github.com/rest/pulls/pulls\"}",
+        "{\"message\":\"sluice: GET \\\"/api/repos/acme/widgets/actions/secrets\\\": a repository's secrets are never forwarded, not even for reading (secrets, variables, keys, hooks, invitations, environments, collaborators and deployments stay with the operator); allowed: reads (GET, HEAD) under /api/repos/OWNER/REPO of the repository; issues with their comments, events, labels and timeline; pull requests with their files, commits, reviews, review comments and requested reviewers; commits with their statuses, check runs and check suites; compare; contents and readme; git trees, blobs, refs, commits and tags; branches; releases and tags; labels and milestones; Actions workflows, runs, jobs and logs; writes POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/pulls/N/comments/ID/replies, POST …/pulls/N/reviews, POST …/issues/N/comments\",\"documentation_url\":\"https://docs.github.com/rest/pulls/pulls\"}",
     );
     assert_eq!(got, want, "/api route refused");
     let got = git_ask(&proxy, format!("GET /api/repos/{REPO}/pulls HTTP/1.1\r\nHost: git\r\n\r\n").as_bytes()).await;
     let want = golden(
         "HTTP/1.1 401 Unauthorized",
-        &[json],
+        &[json, "x-sluice-decision: deny; reason=api_auth_missing"],
         true,
-        "{\"message\":\"Requires authentication: send the session's git credential as \\\"Authorization: Bearer CREDENTIAL\\\"\",\"documentation_url\":\"https://docs.github.com/rest/pulls/pulls\"}",
+        "{\"message\":\"sluice: Requires authentication: send the session's git credential as \\\"Authorization: Bearer CREDENTIAL\\\"\",\"documentation_url\":\"https://docs.github.com/rest/pulls/pulls\"}",
     );
     assert_eq!(got, want, "/api without credentials");
 
