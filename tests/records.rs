@@ -636,7 +636,7 @@ async fn git_records() {
     let api = format!("GET /api/repos/{REPO}/actions/secrets HTTP/1.1\r\nHost: git\r\n{good}\r\n");
     let (client, status, len) = git_exchange(proxy.git, api.as_bytes()).await;
     assert_eq!(status, "HTTP/1.1 403 Forbidden");
-    let reason = "sluice: GET \"/api/repos/acme/widgets/actions/secrets\" is not in the pull-request slice sluice forwards; allowed: GET /api/repos/OWNER/REPO, GET …/pulls, GET …/pulls/N, GET …/pulls/N/files, GET …/pulls/N/comments, GET …/issues/N/comments, POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/issues/N/comments";
+    let reason = "sluice: GET \"/api/repos/acme/widgets/actions/secrets\": a repository's secrets are never forwarded, not even for reading (secrets, variables, keys, hooks, invitations, environments, collaborators and deployments stay with the operator); allowed: reads (GET, HEAD) under /api/repos/OWNER/REPO of the repository; issues with their comments, events, labels and timeline; pull requests with their files, commits, reviews, review comments and requested reviewers; commits with their statuses, check runs and check suites; compare; contents and readme; git trees, blobs, refs, commits and tags; branches; releases and tags; labels and milestones; Actions workflows, runs, jobs and logs; writes POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/pulls/N/comments/ID/replies, POST …/pulls/N/reviews, POST …/issues/N/comments";
     want.push(git_record("-", "GET", "-", "api", "deny", reason, 403, &client, 0, len));
     expect_records(&proxy, &want).await;
 

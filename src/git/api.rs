@@ -213,7 +213,9 @@ impl GitProxy {
             Ok(resp) => Ok(resp),
             Err(refusal) => {
                 record.verdict = if refusal.status.is_server_error() { "error" } else { "deny" };
-                record.reason = format!("{}: {}", refusal.code, refusal.message);
+                // A git record carries the sentence as the client read it, as the smart-HTTP side's do;
+                // the stable code travels in the answer's X-Sluice-Decision.
+                record.reason = respond::message(&refusal);
                 Ok(respond::render(&refusal))
             }
         }
