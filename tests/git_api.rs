@@ -250,6 +250,7 @@ fn redirect(url: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::FOUND;
     r.headers_mut().insert("location", url.parse().unwrap());
+    r.headers_mut().insert("x-ratelimit-remaining", "4998".parse().unwrap());
     r
 }
 
@@ -1082,6 +1083,7 @@ async fn a_job_log_is_fetched_from_storage_without_a_credential_and_without_show
         assert!(!value.contains(SIGNATURE) && !value.contains("storage.test"), "{name}: {value}");
     }
     assert_eq!((a.header("location"), a.header("x-ms-request-id")), (None, None));
+    assert_eq!(a.header("x-ratelimit-remaining"), Some("4998"), "GitHub's rate limit comes back with the log");
     let stored = w.storage.calls.lock().unwrap().clone();
     assert_eq!(
         stored,

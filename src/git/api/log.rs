@@ -87,6 +87,13 @@ impl GitProxy {
         let api_host = self.api.upstream.authority();
         let status = resp.status();
         let location = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // GitHub's rate-limit headers on the redirect go back with the log, so tools can back off.
+        let limits: Vec<_> = resp
+            .headers()
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("x-ratelimit-"))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         drop(resp);
         let location = location
             .ok_or_else(|| refused_redirect(format!("{api_host} answered {status} for a log without a Location")))?;
@@ -152,6 +159,7 @@ impl GitProxy {
                 out.headers_mut().insert(name, v.clone());
             }
         }
+        out.headers_mut().extend(limits);
         Ok(out)
     }
 }
