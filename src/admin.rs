@@ -1,4 +1,4 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz`, and `/v1/denials?session=ID`.
+//! The admin listener: `/metrics` (OpenMetrics text), `/healthz`, and `/v1/denials?session=ID`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -61,11 +61,11 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/metrics" => {
-            admin.metrics.dropped_log_lines.store((admin.dropped_lines)(), std::sync::atomic::Ordering::Relaxed);
+            admin.metrics.set_dropped_log_lines((admin.dropped_lines)());
             let mut r = text(StatusCode::OK, &admin.metrics.render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
             );
             r
         }

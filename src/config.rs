@@ -234,7 +234,7 @@ impl Default for ServerConfig {
 /// and for the `/api/` slice `comment_scope = "own-pull" | "repository"`, `log_hosts = [...]`,
 /// `log_allow_ips = [...]` and `[git.limits] api_writes_per_minute = 30`.
 /// Token values never appear in the config itself, only where to read them from.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GitSettings {
     pub listen: SocketAddr,
@@ -307,10 +307,17 @@ impl<'de> Deserialize<'de> for IpRange {
     }
 }
 
-/// `[git.limits]`: per-session limits of the `/api/` slice.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// `[git.limits]`: per session, from the git credential's session id; another session is unaffected.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "RawGitLimits")]
 pub struct GitLimits {
+    /// Smart-HTTP and `/api` requests per second.
+    pub requests_per_second: f64,
+    /// Requests a session may make at once before the rate applies.
+    pub burst: u32,
+    /// Client connections one session may hold open at once (a connection counts for the session of its
+    /// first authenticated request until it closes).
+    pub max_connections: u32,
     /// API writes (pull requests, edits, comments, replies) a session may make per minute; more are
     /// answered `429` with `Retry-After`.
     pub api_writes_per_minute: u32,
@@ -318,7 +325,58 @@ pub struct GitLimits {
 
 impl Default for GitLimits {
     fn default() -> Self {
-        GitLimits { api_writes_per_minute: 30 }
+        GitLimits { requests_per_second: 10.0, burst: 60, max_connections: 16, api_writes_per_minute: 30 }
+    }
+}
+
+/// The table as written; [`GitLimits`] is built from it only when every value is usable, so a bad value
+/// is reported at its place in the file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGitLimits {
+    requests_per_second: f64,
+    burst: u32,
+    max_connections: u32,
+    api_writes_per_minute: u32,
+}
+
+impl Default for RawGitLimits {
+    fn default() -> Self {
+        let d = GitLimits::default();
+        RawGitLimits {
+            requests_per_second: d.requests_per_second,
+            burst: d.burst,
+            max_connections: d.max_connections,
+            api_writes_per_minute: d.api_writes_per_minute,
+        }
+    }
+}
+
+impl TryFrom<RawGitLimits> for GitLimits {
+    type Error = String;
+
+    fn try_from(raw: RawGitLimits) -> Result<Self, String> {
+        let d = GitLimits::default();
+        let rps = raw.requests_per_second;
+        if !(rps.is_finite() && rps > 0.0) {
+            return Err(format!(
+                "requests_per_second must be a positive number, not {rps} (e.g. {})",
+                d.requests_per_second
+            ));
+        }
+        for (key, value, example) in
+            [("burst", raw.burst, d.burst), ("max_connections", raw.max_connections, d.max_connections)]
+        {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1, not 0 (e.g. {example})"));
+            }
+        }
+        Ok(GitLimits {
+            requests_per_second: rps,
+            burst: raw.burst,
+            max_connections: raw.max_connections,
+            api_writes_per_minute: raw.api_writes_per_minute,
+        })
     }
 }
 
@@ -516,7 +574,10 @@ shutdown_grace = "2s"
         );
         let e = err("[git.limits]\napi_writes = 3\n");
         assert!(
-            e.starts_with("s.toml:2:1: error: unknown field `api_writes`, expected `api_writes_per_minute`"),
+            e.starts_with(
+                "s.toml:2:1: error: unknown field `api_writes`, expected one of `requests_per_second`, `burst`, \
+                 `max_connections`, `api_writes_per_minute`"
+            ),
             "{e}"
         );
     }

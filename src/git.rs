@@ -8,7 +8,9 @@
 //!                                        refuse ─▶ sluice answers itself (report-status `ng` per ref)
 //! ```
 //! `/api/…` is a repository-scoped slice of the GitHub REST API for pull requests, see [`api`].
-//! Every refusal becomes an HTTP answer in one place, [`respond`]; every request logs one line.
+//! Every failing step returns a [`Refusal`] with a stable code; `respond` renders it in the shape the
+//! client reads (text, a receive-pack result, GitHub JSON) and adds `sluice: `; every request logs one
+//! line whose `reason` is the code and `detail` the sentence.
 //!
 //! Pieces: [`token`] (the real tokens), `body` (request and answer bodies, bounded readers),
 //! [`command_list`] (a push's command list, read incrementally within caps), `receive` (the push flow),
@@ -22,23 +24,24 @@ mod forward;
 pub mod pktline;
 pub mod push;
 mod receive;
+mod respond;
 pub mod route;
 pub mod scrub;
 pub mod token;
 pub mod upstream;
 
-pub use crate::config::{GitSettings, TokenSource};
+pub use crate::config::{GitLimits, GitSettings, TokenSource};
 pub use token::TokenStore;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, Method, Request, Response, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -48,10 +51,15 @@ use tokio::net::TcpListener;
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::credential::{Basic, Claims, Keyring, Kind, Secret, now_unix, valid_session_id};
+use crate::limit::{Lease, LimitKey, Limiter, MemoryLimiter};
 use crate::listen::{self, Accepted, Listener, Shutdown};
-use crate::refusal::Refusal;
+use crate::metrics::{Denial, Denials, Metrics};
+use crate::policy::Limits;
+use crate::refusal::{Refusal, credential_code};
 use body::{ForwardBody, LoggedBody};
-use receive::no_token_message;
+use receive::no_token;
+pub use respond::{GitError, PushAnswer};
+use respond::{overload_answer, respond};
 use route::{Action, Service};
 use upstream::Upstream;
 
@@ -71,6 +79,11 @@ pub struct GitProxy {
     api: api::Api,
     tokens: TokenStore,
     audit: AuditLog,
+    /// Per-session limits, counted under [`LimitKey::git`] in the limiter egress shares.
+    limiter: Arc<dyn Limiter>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    denials: Arc<Denials>,
     max_connections: usize,
     body_timeout: Duration,
     /// The whole command list of a push must arrive within this: twice `body_timeout`.
@@ -93,6 +106,12 @@ impl GitProxy {
         let upstream = Upstream::parse("git.upstream", &settings.upstream, &dialer)?;
         let api = api::Api::new(settings, &dialer)?;
         let tokens = TokenStore::load(settings)?;
+        let GitLimits { requests_per_second, burst, max_connections: per_session, .. } = settings.limits;
+        let limits = Limits {
+            requests_per_second: Some(requests_per_second),
+            burst: Some(burst),
+            max_tunnels: Some(per_session),
+        };
         let max_connections = settings.max_connections.max(1);
         let body_timeout = settings.body_timeout.0.max(Duration::from_secs(1));
         let list_deadline = 2 * body_timeout;
@@ -102,6 +121,10 @@ impl GitProxy {
             api,
             tokens,
             audit: AuditLog::disabled(),
+            limiter: Arc::new(MemoryLimiter::new(Default::default())),
+            limits,
+            metrics: Arc::default(),
+            denials: Arc::default(),
             max_connections,
             body_timeout,
             list_deadline,
@@ -113,7 +136,37 @@ impl GitProxy {
         self.audit = audit;
         self
     }
+
+    /// Counts requests in the server's limiter, and decisions in its `/metrics` and `/v1/denials`.
+    pub fn sharing(mut self, limiter: Arc<dyn Limiter>, metrics: Arc<Metrics>, denials: Arc<Denials>) -> GitProxy {
+        self.limiter = limiter;
+        self.metrics = metrics;
+        self.denials = denials;
+        self
+    }
+
+    /// Counts a request against its verified session: the request rate, and the connection (bound to the
+    /// session by its first request, and counted until it closes) against the connection cap.
+    async fn admit(&self, session: &str, record: &Record) -> Result<(), Refusal> {
+        let key = LimitKey::git(session);
+        self.limiter.check_request(&key, &self.limits).await.map_err(|e| {
+            Refusal::rate_limited(e.retry_after, &e.limit)
+                .with_hint("the operator raises it with requests_per_second and burst in [git.limits]")
+        })?;
+        let bound = record.conn.lock().is_ok_and(|b| b.as_ref().is_some_and(|(s, _)| s == session));
+        if !bound {
+            let lease = self.limiter.open_tunnel(&key, &self.limits).await;
+            let lease = lease.map_err(|e| Refusal::too_many_connections(e.max))?;
+            if let Ok(mut b) = record.conn.lock() {
+                *b = Some((session.to_owned(), lease));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The session a client connection counts for, and its lease on the session's connection cap.
+type Bound = Arc<Mutex<Option<(String, Lease)>>>;
 
 /// Serves git-proxy connections until `shutdown` drains them; open requests finish within the grace.
 pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown) {
@@ -125,93 +178,19 @@ pub async fn serve(socket: TcpListener, proxy: Arc<GitProxy>, shutdown: Shutdown
         let draining = draining.clone();
         async move {
             let Accepted { stream, peer, slot: _slot } = accepted;
-            let service = service_fn(move |req| handle(proxy.clone(), peer, req));
+            let conn = Bound::default();
+            let service = service_fn(move |req| handle(proxy.clone(), peer, conn.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = draining.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
+            let result = listen::until_drained(conn, &draining, |c| c.graceful_shutdown()).await;
             if let Err(e) = result {
                 tracing::debug!(target: "sluice::git", %peer, error = %e, "git connection ended with an error");
             }
         }
     })
     .await;
-}
-
-/// The `503` a connection over `[git] max_connections` gets before it is closed.
-fn overload_answer(max: usize) -> Vec<u8> {
-    let refusal = Refusal::overloaded("git proxy", max);
-    let body = format!("sluice: {}\n", refusal.message);
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nx-sluice-decision: deny; reason={}\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\ndate: {date}\r\n\r\n{body}",
-        refusal.code,
-        body.len()
-    )
-    .into_bytes()
-}
-
-/// Why a request is not forwarded; [`respond`] turns each into its answer.
-#[derive(Debug)]
-pub enum GitError {
-    /// No such route: 404.
-    NotFound(String),
-    /// No usable credentials: 401 with a Basic challenge, so git asks for them.
-    Unauthenticated(String),
-    /// A credential that does not verify or is for another repository, at discovery or fetch: 403 text.
-    Forbidden(String),
-    /// A push sluice answers itself: 200 with a receive-pack result (never a bare 403: git hides its body).
-    PushRefused { body: Vec<u8>, reason: String },
-    /// The client's request is unreadable: 400.
-    BadRequest(String),
-    /// The upstream failed or refused: its status where it is meaningful to the client, else 502/504.
-    Upstream { status: StatusCode, message: String },
-    /// An `/api/` request refused or failed: a JSON body shaped like GitHub's errors, so `gh` prints it.
-    Api { status: StatusCode, message: String },
-}
-
-/// The one mapping from a refusal or failure to an HTTP answer. Returns the verdict for the log line.
-pub fn respond(err: GitError) -> (Response<GitBody>, &'static str, String) {
-    let text = |status: StatusCode, message: &str| {
-        let mut resp = Response::new(full(format!("{message}\n")));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        resp
-    };
-    match err {
-        GitError::NotFound(m) => (text(StatusCode::NOT_FOUND, &m), "deny", m),
-        GitError::Unauthenticated(m) => {
-            let mut resp = text(StatusCode::UNAUTHORIZED, &m);
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"sluice-git\""));
-            (resp, "deny", m)
-        }
-        GitError::Forbidden(m) => (text(StatusCode::FORBIDDEN, &m), "deny", m),
-        GitError::BadRequest(m) => (text(StatusCode::BAD_REQUEST, &m), "deny", m),
-        GitError::PushRefused { body, reason } => {
-            let mut resp = Response::new(full(body));
-            let headers = resp.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-git-receive-pack-result"));
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            (resp, "deny", reason)
-        }
-        GitError::Upstream { status, message } => (text(status, &message), "error", message),
-        GitError::Api { status, message } => {
-            let mut resp = Response::new(full(api::error_body(&message)));
-            *resp.status_mut() = status;
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-            let verdict = if status.is_server_error() { "error" } else { "deny" };
-            (resp, verdict, message)
-        }
-    }
 }
 
 fn full(body: impl Into<Bytes>) -> GitBody {
@@ -227,10 +206,12 @@ struct Record {
     repo: String,
     service: &'static str,
     verdict: &'static str,
-    reason: String,
+    reason: &'static str,
+    detail: Option<String>,
     status: u16,
     refs: usize,
     bytes_up: Arc<AtomicU64>,
+    conn: Bound,
 }
 
 impl Record {
@@ -242,7 +223,8 @@ impl Record {
         event.repo = Some(self.repo.clone());
         event.service = Some(self.service);
         event.verdict = Some(self.verdict);
-        event.reason = Some(self.reason.clone());
+        event.reason = Some(self.reason.to_owned());
+        event.detail = self.detail.clone();
         event.status = Some(self.status);
         event.client = Some(self.peer.to_string());
         event.bytes_up = Some(self.bytes_up.load(Ordering::Relaxed));
@@ -256,8 +238,10 @@ impl Record {
 async fn handle(
     proxy: Arc<GitProxy>,
     peer: SocketAddr,
+    conn: Bound,
     req: Request<Incoming>,
 ) -> Result<Response<GitBody>, Infallible> {
+    let target = format!("{} {}", req.method(), req.uri().path());
     let mut record = Record {
         start: Instant::now(),
         peer,
@@ -266,38 +250,65 @@ async fn handle(
         repo: "-".into(),
         service: "-",
         verdict: "allow",
-        reason: "forwarded".into(),
+        reason: "forwarded",
+        detail: None,
         status: 0,
         refs: 0,
         bytes_up: Arc::new(AtomicU64::new(0)),
+        conn,
     };
     let resp = match proxy.serve_request(req, &mut record).await {
         Ok(resp) => resp,
         Err(err) => {
-            let (resp, verdict, reason) = respond(err);
-            record.verdict = verdict;
-            record.reason = reason;
+            let (resp, outcome) = respond(err);
+            proxy.refused(&record, &outcome, target);
+            record.verdict = outcome.verdict;
+            record.reason = outcome.code;
+            record.detail = outcome.detail;
             resp
         }
     };
+    if record.verdict == "allow" {
+        proxy.metrics.decision("allow", record.reason, "git");
+    }
     record.status = resp.status().as_u16();
     let audit = proxy.audit.clone();
     Ok(resp.map(|inner| LoggedBody { inner, bytes: 0, record, audit }.boxed()))
 }
 
+impl GitProxy {
+    /// A refusal in `/metrics`, and in `/v1/denials` when it names a session.
+    fn refused(&self, record: &Record, outcome: &respond::Outcome, target: String) {
+        self.metrics.decision(outcome.verdict, outcome.code, "git");
+        if outcome.limit {
+            self.metrics.rate_limited.inc();
+        }
+        if valid_session_id(&record.session) {
+            let denial = Denial {
+                time: now_unix(),
+                destination: target,
+                reason: outcome.code,
+                message: outcome.detail.clone().unwrap_or_default(),
+                hint: outcome.hint.clone(),
+            };
+            self.denials.record(&record.session, denial);
+        }
+    }
+}
+
 /// `Authorization: Basic base64(SESSION:CREDENTIAL)`.
-fn basic_credentials(headers: &HeaderMap) -> Result<(String, Secret<String>), GitError> {
+fn basic_credentials(headers: &HeaderMap) -> Result<(String, Secret<String>), Refusal> {
     let missing = || {
-        GitError::Unauthenticated(
-            "sluice: credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL \
-             or a credential helper"
-                .into(),
+        Refusal::git_auth(
+            "auth_missing",
+            "credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL or a \
+             credential helper",
         )
     };
     let malformed = || {
-        GitError::Unauthenticated(
-            "sluice: the Authorization header must be HTTP Basic with user = session id, password = git credential"
-                .into(),
+        Refusal::git_auth(
+            "auth_invalid",
+            "the Authorization header must be HTTP Basic with user = session id, password = git credential",
         )
     };
     let value = headers.get(header::AUTHORIZATION).ok_or_else(missing)?;
@@ -319,8 +330,8 @@ fn check_header_names(headers: &HeaderMap) -> Result<(), String> {
         let folded = name.replace('_', "-");
         if let Some(canonical) = FRAMING_HEADERS.iter().find(|c| c.eq_ignore_ascii_case(&folded)) {
             return Err(format!(
-                "sluice: request header {name:?} is {canonical} spelled with '_', which some servers read as a \
-                 second {canonical}; send {canonical} only"
+                "request header {name:?} is {canonical} spelled with '_', which some servers read as a second \
+                 {canonical}; send {canonical} only"
             ));
         }
     }
@@ -332,14 +343,14 @@ impl GitProxy {
         let path = req.uri().path();
         let api = path == "/api" || path.starts_with("/api/");
         check_header_names(req.headers()).map_err(|message| match api {
-            true => GitError::Api { status: StatusCode::BAD_REQUEST, message },
-            false => GitError::BadRequest(message),
+            true => GitError::GitHub(Refusal::bad_request(message)),
+            false => GitError::Text(Refusal::bad_request(message)),
         })?;
         if api {
             return self.serve_api(req, record).await;
         }
         let route =
-            route::parse(req.method(), req.uri().path(), req.uri().query()).map_err(|e| GitError::NotFound(e.0))?;
+            route::parse(req.method(), req.uri().path(), req.uri().query()).map_err(|e| Refusal::no_route(e.0))?;
         record.repo = route.full_name();
         record.service = route.action.service().as_str();
         let (parts, body) = req.into_parts();
@@ -347,19 +358,18 @@ impl GitProxy {
         record.session = if valid_session_id(&session) { session.clone() } else { "(invalid)".into() };
         let claims = match self.authorize(&route.full_name(), &session, &credential) {
             Ok(claims) => claims,
-            Err(message) if route.action == Action::Rpc(Service::ReceivePack) => {
-                return Err(self.refuse_whole_push(&parts.headers, body, &message, record).await);
+            Err(refusal) if route.action == Action::Rpc(Service::ReceivePack) => {
+                return Err(self.refuse_whole_push(&parts.headers, body, refusal, record).await);
             }
-            Err(message) => return Err(GitError::Forbidden(message)),
+            Err(refusal) => return Err(refusal.into()),
         };
+        self.admit(&session, record).await?;
         // `authorize` checked both claims are present.
         let repo = claims.repo.unwrap_or_default();
         let branch = claims.branch.unwrap_or_default();
         let token = self.tokens.for_repo(&repo);
         match route.action {
-            Action::Advertise(Service::ReceivePack) if token.is_none() => {
-                Err(GitError::Forbidden(no_token_message(&repo)))
-            }
+            Action::Advertise(Service::ReceivePack) if token.is_none() => Err(no_token(&repo).into()),
             Action::Rpc(Service::ReceivePack) => self.push(&parts, body, &repo, &branch, token, record).await,
             action => {
                 let body = ForwardBody::new(VecDeque::new(), body, record.bytes_up.clone(), self.body_timeout);
@@ -369,25 +379,28 @@ impl GitProxy {
     }
 
     /// Verifies the credential and that it is for `target` (`OWNER/REPO` as the client spelled it; GitHub
-    /// compares names without case); `Err` is the message for the client.
-    fn authorize(&self, target: &str, session: &str, credential: &Secret<String>) -> Result<Claims, String> {
-        let keyring = self.keyring.as_ref().ok_or(
-            "sluice: git credential refused: this proxy has no signing key configured ([auth] key_file or SLUICE_SIGNING_KEY)",
-        )?;
+    /// compares names without case).
+    fn authorize(&self, target: &str, session: &str, credential: &Secret<String>) -> Result<Claims, Refusal> {
+        let refused = |code, why: &str| Refusal::git_credential(code, format!("git credential refused: {why}"));
+        let keyring = self.keyring.as_ref().ok_or_else(|| {
+            refused(
+                "auth_unavailable",
+                "this proxy has no signing key configured ([auth] key_file or SLUICE_SIGNING_KEY)",
+            )
+        })?;
         let claims = keyring
             .verify_for(credential.expose(), Kind::Git, session, now_unix())
-            .map_err(|e| format!("sluice: git credential refused: {e}"))?;
-        let repo = claims.repo.as_deref().ok_or("sluice: git credential refused: it names no repository")?;
+            .map_err(|e| refused(credential_code(&e), &e.to_string()))?;
+        let repo = claims.repo.as_deref().ok_or_else(|| refused("auth_invalid", "it names no repository"))?;
         if !target.eq_ignore_ascii_case(repo) {
-            return Err(format!(
-                "sluice: git credential refused: it is for {repo}, not {target}; ask for a credential for {target}"
+            return Err(refused(
+                "wrong_repository",
+                &format!("it is for {repo}, not {target}; ask for a credential for {target}"),
             ));
         }
-        let branch = claims.branch.as_deref().ok_or("sluice: git credential refused: it names no working branch")?;
+        let branch = claims.branch.as_deref().ok_or_else(|| refused("auth_invalid", "it names no working branch"))?;
         if push::check_ref_name(&format!("refs/heads/{branch}")).is_err() {
-            return Err(format!(
-                "sluice: git credential refused: its working branch {branch:?} is not a valid branch name"
-            ));
+            return Err(refused("auth_invalid", &format!("its working branch {branch:?} is not a valid branch name")));
         }
         Ok(claims)
     }
@@ -398,17 +411,18 @@ mod tests {
     use super::*;
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
+    use http::HeaderValue;
 
     #[test]
     fn basic_credentials_are_read_or_challenged() {
         let mut h = HeaderMap::new();
-        assert!(
-            matches!(basic_credentials(&h), Err(GitError::Unauthenticated(m)) if m.starts_with("sluice: credentials required"))
-        );
+        let refused = basic_credentials(&h).unwrap_err();
+        assert_eq!((refused.status.as_u16(), refused.code), (401, "auth_missing"));
+        assert!(refused.message.starts_with("credentials required"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
-        assert!(
-            matches!(basic_credentials(&h), Err(GitError::Unauthenticated(m)) if m.starts_with("sluice: the Authorization header must be HTTP Basic"))
-        );
+        let refused = basic_credentials(&h).unwrap_err();
+        assert_eq!((refused.status.as_u16(), refused.code), (401, "auth_invalid"));
+        assert!(refused.message.starts_with("the Authorization header must be HTTP Basic"));
         let v = format!("Basic {}", STANDARD.encode("s1:v1.a.b"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_str(&v).unwrap());
         let (user, pass) = basic_credentials(&h).unwrap();

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +75,24 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_
 
 /// Accepts until `shutdown` drains, handing each connection under the cap to `serve` in a task of its
 /// own (tracked, and dropped at the hard stop).
+/// Runs a connection to its end; when `draining` fires first, asks it to finish gracefully (`graceful`:
+/// hyper's `graceful_shutdown`, which its connection types each have but share no trait for) and waits
+/// for that. The hard stop after the grace is [`Shutdown::spawn`]'s.
+pub async fn until_drained<C: Future>(
+    conn: C,
+    draining: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = draining.cancelled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
 pub async fn serve<F, Fut>(listener: Listener, shutdown: Shutdown, serve: F)
 where
     F: Fn(Accepted) -> Fut,

@@ -1,132 +1,145 @@
-//! Counters and histograms for `/metrics` (Prometheus text), and the recent refusals of each session.
+//! Counters and histograms for `/metrics`, through the Prometheus project's own client
+//! (`prometheus-client`: typed families with label sets, OpenMetrics text), and the recent refusals of
+//! each session.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Pipes that bulk tunnel directions have spliced through (Linux): process-wide, like the pipes
 /// themselves, so every listener's `/metrics` shows the same count. Stays 0 where splice never runs.
-pub static SPLICE_PIPES: AtomicU64 = AtomicU64::new(0);
+pub static SPLICE_PIPES: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// Latency buckets, in seconds, for DNS and upstream connects.
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
-#[derive(Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// A latency histogram in seconds, observed as a [`Duration`].
+#[derive(Clone)]
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram(prometheus_client::metrics::histogram::Histogram::new(BUCKETS))
+    }
 }
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", self.buckets[i].load(Ordering::Relaxed));
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        self.0.observe(d.as_secs_f64());
     }
 }
 
-/// Every number the admin listener exposes.
-#[derive(Default)]
+/// The labels of `sluice_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    verdict: &'static str,
+    reason: &'static str,
+    level: &'static str,
+}
+
+/// Every number the admin listener exposes. Cloned handles share their values (each metric is an
+/// `Arc` inside), so the fields are registered once and updated in place.
 pub struct Metrics {
-    /// (verdict, reason, level) → count.
-    decisions: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
-    pub open_tunnels: AtomicU64,
-    pub tunnels_total: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
-    pub rate_limited: AtomicU64,
-    pub upstream_resets: AtomicU64,
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    pub open_tunnels: Gauge<u64, AtomicU64>,
+    pub tunnels_total: Counter,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
+    pub rate_limited: Counter,
+    pub upstream_resets: Counter,
     pub dns_latency: Histogram,
     pub connect_latency: Histogram,
-    pub policy_generation: AtomicU64,
-    pub policy_reload_errors: AtomicU64,
+    pub policy_generation: Gauge<u64, AtomicU64>,
+    pub policy_reload_errors: Counter,
     /// Filled in from the log writer's own counter when rendering.
-    pub dropped_log_lines: AtomicU64,
+    pub dropped_log_lines: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            decisions: Family::default(),
+            open_tunnels: Gauge::default(),
+            tunnels_total: Counter::default(),
+            bytes_up: Counter::default(),
+            bytes_down: Counter::default(),
+            rate_limited: Counter::default(),
+            upstream_resets: Counter::default(),
+            dns_latency: Histogram::default(),
+            connect_latency: Histogram::default(),
+            policy_generation: Gauge::default(),
+            policy_reload_errors: Counter::default(),
+            dropped_log_lines: Counter::default(),
+        };
+        let r = &mut m.registry;
+        // Counter names are registered without `_total`: the encoder adds it.
+        r.register("sluice_decisions", "Requests decided, by verdict, reason and level.", m.decisions.clone());
+        r.register("sluice_open_tunnels", "Tunnels open now.", m.open_tunnels.clone());
+        r.register("sluice_tunnels", "Tunnels opened.", m.tunnels_total.clone());
+        r.register("sluice_bytes_up", "Bytes from clients to upstreams.", m.bytes_up.clone());
+        r.register("sluice_bytes_down", "Bytes from upstreams to clients.", m.bytes_down.clone());
+        r.register("sluice_rate_limited", "Requests refused by a per-session limit.", m.rate_limited.clone());
+        r.register("sluice_upstream_resets", "Tunnels ended by an upstream error.", m.upstream_resets.clone());
+        r.register(
+            "sluice_policy_generation",
+            "Policy sets loaded (1 at start, +1 per reload).",
+            m.policy_generation.clone(),
+        );
+        r.register("sluice_policy_reload_errors", "Policy reloads refused as invalid.", m.policy_reload_errors.clone());
+        r.register(
+            "sluice_log_dropped_lines",
+            "Log lines dropped because the writer fell behind.",
+            m.dropped_log_lines.clone(),
+        );
+        r.register(
+            "sluice_splice_pipes",
+            "Pipes opened to splice(2) bulk tunnel traffic (Linux; 0: every byte was copied).",
+            SPLICE_PIPES.clone(),
+        );
+        r.register("sluice_dns_seconds", "DNS lookup latency.", m.dns_latency.0.clone());
+        r.register("sluice_upstream_connect_seconds", "Upstream TCP connect latency.", m.connect_latency.0.clone());
+        m
+    }
 }
 
 impl Metrics {
     pub fn decision(&self, verdict: &'static str, reason: &'static str, level: &'static str) {
-        if let Ok(mut map) = self.decisions.lock() {
-            *map.entry((verdict, reason, level)).or_insert(0) += 1;
-        }
+        self.decisions.get_or_create(&DecisionLabels { verdict, reason, level }).inc();
     }
 
+    /// Sets the dropped-lines counter to the log writer's own count.
+    pub fn set_dropped_log_lines(&self, n: u64) {
+        self.dropped_log_lines.inner().store(n, Ordering::Relaxed);
+    }
+
+    /// The OpenMetrics text exposition (`application/openmetrics-text`, which Prometheus reads).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let _ = writeln!(out, "# HELP sluice_decisions_total Requests decided, by verdict, reason and level.");
-        let _ = writeln!(out, "# TYPE sluice_decisions_total counter");
-        if let Ok(map) = self.decisions.lock() {
-            for ((verdict, reason, level), n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "sluice_decisions_total{{verdict=\"{verdict}\",reason=\"{reason}\",level=\"{}\"}} {n}",
-                    escape(level)
-                );
-            }
-        }
-        let gauges: [(&str, &str, &str, &AtomicU64); 10] = [
-            ("sluice_open_tunnels", "gauge", "Tunnels open now.", &self.open_tunnels),
-            ("sluice_tunnels_total", "counter", "Tunnels opened.", &self.tunnels_total),
-            ("sluice_bytes_up_total", "counter", "Bytes from clients to upstreams.", &self.bytes_up),
-            ("sluice_bytes_down_total", "counter", "Bytes from upstreams to clients.", &self.bytes_down),
-            ("sluice_rate_limited_total", "counter", "Requests refused by a per-session limit.", &self.rate_limited),
-            ("sluice_upstream_resets_total", "counter", "Tunnels ended by an upstream error.", &self.upstream_resets),
-            (
-                "sluice_policy_generation",
-                "gauge",
-                "Policy sets loaded (1 at start, +1 per reload).",
-                &self.policy_generation,
-            ),
-            (
-                "sluice_policy_reload_errors_total",
-                "counter",
-                "Policy reloads refused as invalid.",
-                &self.policy_reload_errors,
-            ),
-            (
-                "sluice_log_dropped_lines_total",
-                "counter",
-                "Log lines dropped because the writer fell behind.",
-                &self.dropped_log_lines,
-            ),
-            (
-                "sluice_splice_pipes_total",
-                "counter",
-                "Pipes opened to splice(2) bulk tunnel traffic (Linux; 0: every byte was copied).",
-                &SPLICE_PIPES,
-            ),
-        ];
-        for (name, kind, help, value) in gauges {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
-        }
-        self.dns_latency.render(&mut out, "sluice_dns_seconds", "DNS lookup latency.");
-        self.connect_latency.render(&mut out, "sluice_upstream_connect_seconds", "Upstream TCP connect latency.");
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Denials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Denials").field("per_session", &self.per_session).field("sessions", &self.sessions).finish()
+    }
 }
 
 /// One refusal, as `/v1/denials` reports it.

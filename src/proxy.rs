@@ -117,14 +117,7 @@ async fn serve_connection(accepted: Accepted, proxy: Arc<EgressProxy>) {
     let p = proxy.clone();
     let service = service_fn(move |req| handle(req, p.clone(), peer, slot.clone()));
     let conn = builder.serve_connection(TokioIo::new(*guard), service).with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = draining.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result = listen::until_drained(conn, &draining, |c| c.graceful_shutdown()).await;
     // A head the guard refused was answered by the guard, after hyper's answers: record it here.
     let refusal = refused.lock().ok().and_then(|mut r| r.take());
     if let Some(refusal) = refusal {

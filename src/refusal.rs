@@ -141,9 +141,7 @@ impl Refusal {
     pub fn proxy_auth(why: &AuthError) -> Refusal {
         let code = match why {
             AuthError::Missing => "auth_missing",
-            AuthError::Credential(CredentialError::Expired { .. }) => "auth_expired",
-            AuthError::Credential(CredentialError::BadSignature) => "auth_bad_signature",
-            AuthError::Credential(CredentialError::SessionMismatch) => "auth_session_mismatch",
+            AuthError::Credential(e) => credential_code(e),
             _ => "auth_invalid",
         };
         let hint = match why {
@@ -240,6 +238,45 @@ impl Refusal {
         r
     }
 
+    /// The git listener has no route for the request: `404`.
+    pub fn no_route(message: impl Into<String>) -> Refusal {
+        Refusal::new(StatusCode::NOT_FOUND, "no_route", Fault::Client, message)
+    }
+
+    /// Credentials missing or unreadable at the git listener: `401` with the `sluice-git` challenge, so
+    /// git asks its credential helper.
+    pub fn git_auth(code: &'static str, message: impl Into<String>) -> Refusal {
+        let mut r = Refusal::new(StatusCode::UNAUTHORIZED, code, Fault::Client, message);
+        r.challenge = Some(Challenge::Origin);
+        r
+    }
+
+    /// A git credential that does not verify, or is for another repository or no branch: `403`.
+    pub fn git_credential(code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal::new(StatusCode::FORBIDDEN, code, Fault::Client, message)
+    }
+
+    /// Over the per-session cap on git-listener connections: `429`.
+    pub fn too_many_connections(max: u32) -> Refusal {
+        let mut r = Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            Fault::Client,
+            format!(
+                "session already has {max} open git-proxy {}, the most it may have at once",
+                plural(max, "connection")
+            ),
+        )
+        .with_hint("close idle connections, or the operator raises [git.limits] max_connections");
+        r.retry_after = Some(1);
+        r
+    }
+
+    /// The upstream failed or refused: `status` as the client should see it.
+    pub fn upstream(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal::new(status, code, Fault::Upstream, message)
+    }
+
     /// The rule behind a policy refusal, as `PATTERN (FILE:LINE)` for log lines.
     pub fn rule_summary(&self) -> Option<String> {
         self.denied.as_ref().and_then(|d| d.decision.rule.as_ref().map(|r| r.summary()))
@@ -252,7 +289,17 @@ impl Refusal {
 
     /// Whether a limit (rather than the policy or the request) refused it.
     pub fn is_limit(&self) -> bool {
-        matches!(self.code, "rate_limited" | "too_many_tunnels")
+        matches!(self.code, "rate_limited" | "too_many_tunnels" | "too_many_connections")
+    }
+}
+
+/// The stable code of a credential that does not verify, the same at every listener.
+pub fn credential_code(e: &CredentialError) -> &'static str {
+    match e {
+        CredentialError::Expired { .. } => "auth_expired",
+        CredentialError::BadSignature => "auth_bad_signature",
+        CredentialError::SessionMismatch => "auth_session_mismatch",
+        _ => "auth_invalid",
     }
 }
 

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,13 +21,13 @@ pub fn reload(dir: &Path, policies: &ArcSwap<PolicySet>, metrics: &Metrics) -> b
                 tracing::warn!(target: "sluice::policy", "{w}");
             }
             let names: Vec<&str> = set.names().collect();
-            let generation = metrics.policy_generation.fetch_add(1, Ordering::Relaxed) + 1;
+            let generation = metrics.policy_generation.inc() + 1;
             tracing::info!(target: "sluice::policy", generation, policies = %names.join(","), "policies reloaded");
             policies.store(Arc::new(set));
             true
         }
         Err(errors) => {
-            metrics.policy_reload_errors.fetch_add(1, Ordering::Relaxed);
+            metrics.policy_reload_errors.inc();
             tracing::error!(target: "sluice::policy", errors = %errors, "policy reload refused; the last good policies stay in force");
             false
         }

@@ -13,7 +13,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, LogFormat};
 use crate::credential::{KEY_ENV, Keyring};
 use crate::git::GitProxy;
-use crate::limit::MemoryLimiter;
+use crate::limit::{Limiter, MemoryLimiter};
 use crate::listen::Shutdown;
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
@@ -66,13 +66,20 @@ impl Server {
                 .flatten()
                 .collect();
         let metrics = Arc::new(Metrics::default());
+        let denials = Arc::new(Denials::default());
+        let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(config.limits.clone()));
         let dialer = crate::git::upstream::Dialer {
             resolver: Arc::new(Resolver::new(&config.resolver)?),
             own: Arc::from(own.clone()),
             metrics: metrics.clone(),
             connect_timeout: config.egress.connect_timeout.0,
         };
-        let git = Arc::new(GitProxy::with_dialer(&config.git, keys.clone(), dialer)?.with_audit(audit.clone()));
+        let git = GitProxy::with_dialer(&config.git, keys.clone(), dialer)?.with_audit(audit.clone()).sharing(
+            limiter.clone(),
+            metrics.clone(),
+            denials.clone(),
+        );
+        let git = Arc::new(git);
         let egress = Arc::new(EgressProxy {
             config: config.egress.clone(),
             policies: Arc::new(ArcSwap::from_pointee(policies)),
@@ -82,11 +89,11 @@ impl Server {
             own,
             shutdown: Shutdown::default(),
             metrics,
-            denials: Arc::new(Denials::default()),
-            limiter: Arc::new(MemoryLimiter::new(config.limits.clone())),
+            denials,
+            limiter,
             audit: audit.clone(),
         });
-        egress.metrics.policy_generation.store(1, std::sync::atomic::Ordering::Relaxed);
+        egress.metrics.policy_generation.set(1);
         Ok(Server { egress, egress_listener, git_listener, git, admin_listener, config })
     }
 

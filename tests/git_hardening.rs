@@ -250,7 +250,9 @@ async fn a_gzip_bomb_is_refused_after_the_raw_cap() {
     w.assert_nothing_went_upstream();
     let lines = w.log_lines();
     assert!(
-        lines.iter().any(|l| l.contains("verdict=deny") && l.contains(&format!("reason=\"{RAW_CAP_MESSAGE}\""))),
+        lines.iter().any(|l| l.contains("verdict=deny")
+            && l.contains("reason=push_list_too_large ")
+            && l.contains(&format!("detail={:?}", RAW_CAP_MESSAGE.strip_prefix("sluice: ").unwrap()))),
         "{lines:#?}"
     );
 }

@@ -445,7 +445,8 @@ async fn push_to_main_is_rejected_with_the_reason() {
     let lines = log_lines_for(&w.repo());
     assert!(
         lines.iter().any(|l| l.contains("verdict=deny")
-            && l.contains("reason=\"refs/heads/main: push restricted to refs/heads/feature\"")),
+            && l.contains("reason=branch_not_allowed ")
+            && l.contains("detail=\"refs/heads/main: push restricted to refs/heads/feature\"")),
         "{lines:#?}"
     );
 }

@@ -527,8 +527,8 @@ async fn record_lines_keep_their_fields_and_order() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The git listener: one `git` record per request, written when its answer is finished. (The git
-// listener has no per-session rate limit today, so there is no 429 to record.)
+// The git listener: one `git` record per request, written when its answer is finished; `reason` is the
+// refusal's code and `detail` its sentence.
 
 const REPO: &str = "acme/widgets";
 const Z40: &str = "0000000000000000000000000000000000000000";
@@ -547,17 +547,21 @@ fn git_record(
     repo: &str,
     service: &str,
     verdict: &str,
-    reason: &str,
+    (reason, detail): (&str, Option<&str>),
     status: u16,
     client: &str,
     refs: u64,
     bytes_down: u64,
 ) -> Value {
-    json!({
+    let mut record = json!({
         "time": TIME, "event": "git", "session": session, "kind": "git", "method": method,
         "verdict": verdict, "reason": reason, "client": client, "status": status, "repo": repo,
         "service": service, "refs": refs, "bytes_up": 0, "bytes_down": bytes_down, "duration_ms": MS,
-    })
+    });
+    if let Some(detail) = detail {
+        record["detail"] = json!(detail);
+    }
+    record
 }
 
 /// Sends `request` on a fresh git-listener connection; returns the client address and the answer's
@@ -579,7 +583,8 @@ async fn git_records() {
     let key = dir.write("key", KEY);
     let token = dir.write("gh-token", "ghs_records_real_token");
     let config = format!(
-        "[auth]\nkey_file = {:?}\n[git]\nupstream = \"http://{}\"\napi_upstream = \"http://{}\"\ntoken_file = {:?}\n",
+        "[auth]\nkey_file = {:?}\n[git]\nupstream = \"http://{}\"\napi_upstream = \"http://{}\"\ntoken_file = {:?}\n\
+         [git.limits]\nrequests_per_second = 0.01\nburst = 2\n",
         key.display(),
         upstream.addr,
         upstream.addr,
@@ -598,21 +603,22 @@ async fn git_records() {
         (status.as_str(), len),
         ("HTTP/1.1 200 OK", "hello from github /acme/widgets.git/info/refs\n".len() as u64)
     );
-    want.push(git_record("s-git", "GET", REPO, "git-upload-pack", "allow", "forwarded", 200, &client, 0, len));
+    want.push(git_record("s-git", "GET", REPO, "git-upload-pack", "allow", ("forwarded", None), 200, &client, 0, len));
     expect_records(&proxy, &want).await;
 
     // No credential: 401, the session unknown.
     let (client, status, len) = git_exchange(proxy.git, &discovery(REPO, "")).await;
     assert_eq!(status, "HTTP/1.1 401 Unauthorized");
-    let reason = "sluice: credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL or a credential helper";
+    let detail = "credentials required: use http://SESSION:CREDENTIAL@HOST/OWNER/REPO.git as the remote URL or a credential helper";
+    let reason = ("auth_missing", Some(detail));
     want.push(git_record("-", "GET", REPO, "git-upload-pack", "deny", reason, 401, &client, 0, len));
     expect_records(&proxy, &want).await;
 
     // A credential for another repository: 403.
     let (client, status, len) = git_exchange(proxy.git, &discovery("acme/other", &good)).await;
     assert_eq!(status, "HTTP/1.1 403 Forbidden");
-    let reason =
-        "sluice: git credential refused: it is for acme/widgets, not acme/other; ask for a credential for acme/other";
+    let detail = "git credential refused: it is for acme/widgets, not acme/other; ask for a credential for acme/other";
+    let reason = ("wrong_repository", Some(detail));
     want.push(git_record("s-git", "GET", "acme/other", "git-upload-pack", "deny", reason, 403, &client, 0, len));
     expect_records(&proxy, &want).await;
 
@@ -628,7 +634,7 @@ async fn git_records() {
     push.extend_from_slice(&body);
     let (client, status, len) = git_exchange(proxy.git, &push).await;
     assert_eq!(status, "HTTP/1.1 200 OK");
-    let reason = "refs/heads/main: push restricted to refs/heads/feature";
+    let reason = ("branch_not_allowed", Some("refs/heads/main: push restricted to refs/heads/feature"));
     want.push(git_record("s-git", "POST", REPO, "git-receive-pack", "deny", reason, 200, &client, 1, len));
     expect_records(&proxy, &want).await;
 
@@ -636,15 +642,34 @@ async fn git_records() {
     let api = format!("GET /api/repos/{REPO}/actions/secrets HTTP/1.1\r\nHost: git\r\n{good}\r\n");
     let (client, status, len) = git_exchange(proxy.git, api.as_bytes()).await;
     assert_eq!(status, "HTTP/1.1 403 Forbidden");
-    let reason = "sluice: GET \"/api/repos/acme/widgets/actions/secrets\": a repository's secrets are never forwarded, not even for reading (secrets, variables, keys, hooks, invitations, environments, collaborators and deployments stay with the operator); allowed: reads (GET, HEAD) under /api/repos/OWNER/REPO of the repository; issues with their comments, events, labels and timeline; pull requests with their files, commits, reviews, review comments and requested reviewers; commits with their statuses, check runs and check suites; compare; contents and readme; git trees, blobs, refs, commits and tags; branches; releases and tags; labels and milestones; Actions workflows, runs, jobs and logs; writes POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/pulls/N/comments/ID/replies, POST …/pulls/N/reviews, POST …/issues/N/comments";
+    let detail = "GET \"/api/repos/acme/widgets/actions/secrets\": a repository's secrets are never forwarded, not even for reading (secrets, variables, keys, hooks, invitations, environments, collaborators and deployments stay with the operator); allowed: reads (GET, HEAD) under /api/repos/OWNER/REPO of the repository; issues with their comments, events, labels and timeline; pull requests with their files, commits, reviews, review comments and requested reviewers; commits with their statuses, check runs and check suites; compare; contents and readme; git trees, blobs, refs, commits and tags; branches; releases and tags; labels and milestones; Actions workflows, runs, jobs and logs; writes POST …/pulls, PATCH …/pulls/N, POST …/pulls/N/comments, POST …/pulls/N/comments/ID/replies, POST …/pulls/N/reviews, POST …/issues/N/comments";
+    let reason = ("api_never_forwarded", Some(detail));
     want.push(git_record("-", "GET", "-", "api", "deny", reason, 403, &client, 0, len));
     expect_records(&proxy, &want).await;
 
     // No such route: 404.
     let (client, status, len) = git_exchange(proxy.git, b"GET /nothing HTTP/1.1\r\nHost: git\r\n\r\n").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
-    let reason = "sluice: no git route for GET \"/nothing\"; expected GET /OWNER/REPO.git/info/refs?service=git-upload-pack|git-receive-pack or POST /OWNER/REPO.git/git-upload-pack|git-receive-pack";
+    let detail = "no git route for GET \"/nothing\"; expected GET /OWNER/REPO.git/info/refs?service=git-upload-pack|git-receive-pack or POST /OWNER/REPO.git/git-upload-pack|git-receive-pack";
+    let reason = ("no_route", Some(detail));
     want.push(git_record("-", "GET", "-", "-", "deny", reason, 404, &client, 0, len));
+    expect_records(&proxy, &want).await;
+    // The session's third verified request is over its burst of 2: 429, counted against it.
+    let (client, status, len) = git_exchange(proxy.git, &discovery(REPO, &good)).await;
+    assert_eq!(status, "HTTP/1.1 429 Too Many Requests");
+    let detail = "session over its rate limit (0.01 requests per second, burst 2); retry in 100s";
+    want.push(git_record(
+        "s-git",
+        "GET",
+        REPO,
+        "git-upload-pack",
+        "deny",
+        ("rate_limited", Some(detail)),
+        429,
+        &client,
+        0,
+        len,
+    ));
     expect_records(&proxy, &want).await;
     no_more_records(&proxy, want.len()).await;
     assert_eq!(upstream.connections(), 1, "only the allowed discovery reached the upstream");

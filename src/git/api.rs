@@ -203,22 +203,14 @@ struct Caller<'a> {
 }
 
 impl GitProxy {
-    /// Serves one `/api/…` request. A refusal is answered here, in GitHub's JSON, and logged by the caller.
+    /// Serves one `/api/…` request; a refusal goes back to the caller, which logs it and renders it as
+    /// GitHub JSON through [`respond::render`].
     pub(super) async fn serve_api(
         &self,
         req: Request<Incoming>,
         record: &mut Record,
     ) -> Result<Response<GitBody>, GitError> {
-        match self.api_request(req, record).await {
-            Ok(resp) => Ok(resp),
-            Err(refusal) => {
-                record.verdict = if refusal.status.is_server_error() { "error" } else { "deny" };
-                // A git record carries the sentence as the client read it, as the smart-HTTP side's do;
-                // the stable code travels in the answer's X-Sluice-Decision.
-                record.reason = respond::message(&refusal);
-                Ok(respond::render(&refusal))
-            }
-        }
+        self.api_request(req, record).await.map_err(GitError::GitHub)
     }
 
     async fn api_request(&self, req: Request<Incoming>, record: &mut Record) -> Result<Response<GitBody>, Refusal> {
@@ -232,6 +224,7 @@ impl GitProxy {
         let (session, credential) = api_credentials(&parts.headers)?;
         let route = parsed?;
         let caller = self.api_caller(&route, session, &credential, record)?;
+        self.admit(&caller.session, record).await?;
         let write = route.access.is_write();
         let body = if write {
             self.api.check_write_rate(&caller.session).await?;
@@ -289,10 +282,7 @@ impl GitProxy {
             },
         };
         record.session = if valid_session_id(&session) { session.clone() } else { "(invalid)".into() };
-        let claims = self.authorize(&route.full_name(), &session, credential).map_err(|m| {
-            let m = m.strip_prefix("sluice: ").unwrap_or(&m).to_owned();
-            Refusal::new(StatusCode::FORBIDDEN, "api_credential_refused", Fault::Client, m)
-        })?;
+        let claims = self.authorize(&route.full_name(), &session, credential)?;
         let repo = claims.repo.unwrap_or_default();
         let branch = claims.branch.unwrap_or_default();
         let token = self.tokens.for_repo(&repo).ok_or_else(|| {

@@ -50,23 +50,35 @@ pub enum ListError {
 }
 
 impl ListError {
+    /// The stable code for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ListError::Stalled { .. } => "push_stalled",
+            ListError::Deadline { .. } => "push_too_slow",
+            ListError::RawCap { .. } => "push_list_too_large",
+            ListError::Gzip(_) => "bad_gzip",
+            ListError::Body(_) => "bad_body",
+        }
+    }
+
+    /// The sentence for the client and the log (the renderer adds `sluice: `).
     pub fn message(&self) -> String {
         match self {
             ListError::Stalled { secs } => {
-                format!("sluice: the push sent no data for {secs}s while sluice read its command list")
+                format!("the push sent no data for {secs}s while sluice read its command list")
             }
             ListError::Deadline { secs } => format!(
-                "sluice: the push's command list did not arrive within {secs}s (twice [git] body_timeout); \
+                "the push's command list did not arrive within {secs}s (twice [git] body_timeout); \
                  send it without pauses"
             ),
             ListError::RawCap { decoded } => format!(
-                "sluice: the push body's first {} KiB did not complete its command list ({decoded} bytes \
+                "the push body's first {} KiB did not complete its command list ({decoded} bytes \
                  decoded); a command list is at most {} KiB, gzip-encoded or not",
                 MAX_RAW_BYTES / 1024,
                 MAX_COMMAND_BYTES / 1024
             ),
-            ListError::Gzip(e) => format!("sluice: the push body is not valid gzip: {e}"),
-            ListError::Body(e) => format!("sluice: cannot read the push body: {e}"),
+            ListError::Gzip(e) => format!("the push body is not valid gzip: {e}"),
+            ListError::Body(e) => format!("cannot read the push body: {e}"),
         }
     }
 }
@@ -476,12 +488,12 @@ mod tests {
     fn errors_say_what_was_expected() {
         assert_eq!(
             ListError::RawCap { decoded: 0 }.message(),
-            "sluice: the push body's first 2048 KiB did not complete its command list (0 bytes decoded); a \
+            "the push body's first 2048 KiB did not complete its command list (0 bytes decoded); a \
              command list is at most 1024 KiB, gzip-encoded or not"
         );
         assert_eq!(
             ListError::Deadline { secs: 60 }.message(),
-            "sluice: the push's command list did not arrive within 60s (twice [git] body_timeout); send it \
+            "the push's command list did not arrive within 60s (twice [git] body_timeout); send it \
              without pauses"
         );
     }

@@ -12,6 +12,7 @@ use super::route::Action;
 use super::upstream::{self, FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, GIT_PROTOCOL};
 use super::{BoxError, GitBody, GitError, GitProxy, scrub};
 use crate::credential::Secret;
+use crate::refusal::Refusal;
 
 /// How long discovery may wait for the upstream's response head.
 const ADVERTISE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,24 +44,21 @@ impl GitProxy {
         let path = format!("{repo}.git/{}", action.upstream_suffix());
         let sent = self.upstream.send(method, &path, headers, token.map(upstream::basic_auth), body);
         let result = match action {
-            Action::Advertise(_) => {
-                tokio::time::timeout(ADVERTISE_TIMEOUT, sent).await.map_err(|_| GitError::Upstream {
-                    status: StatusCode::GATEWAY_TIMEOUT,
-                    message: format!(
-                        "sluice: {} did not answer within {}s",
-                        self.upstream.authority(),
-                        ADVERTISE_TIMEOUT.as_secs()
-                    ),
-                })?
-            }
+            Action::Advertise(_) => tokio::time::timeout(ADVERTISE_TIMEOUT, sent).await.map_err(|_| {
+                Refusal::upstream(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!("{} did not answer within {}s", self.upstream.authority(), ADVERTISE_TIMEOUT.as_secs()),
+                )
+            })?,
             Action::Rpc(_) => sent.await,
         };
         let resp = result.map_err(|e| {
-            let status = match e {
-                upstream::UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                _ => StatusCode::BAD_GATEWAY,
+            let (status, code) = match e {
+                upstream::UpstreamError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+                _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             };
-            GitError::Upstream { status, message: format!("sluice: {}", upstream::scrub(&e.to_string(), token)) }
+            Refusal::upstream(status, code, upstream::scrub(&e.to_string(), token))
         })?;
         let status = resp.status();
         if status.is_success() {
@@ -75,28 +73,33 @@ impl GitProxy {
             return Ok(out);
         }
         let host = self.upstream.authority();
-        let message = match status.as_u16() {
-            300..=399 => {
-                format!("sluice: {host} answered {status} (a redirect) for {repo}; sluice does not follow redirects")
-            }
-            401 | 403 if token.is_none() => format!(
-                "sluice: {host} answered {status} for {repo} and no upstream credential is configured for it; \
-                 only public repositories can be read"
+        let (code, message) = match status.as_u16() {
+            300..=399 => (
+                "upstream_redirect",
+                format!("{host} answered {status} (a redirect) for {repo}; sluice does not follow redirects"),
             ),
-            401 | 403 => format!(
-                "sluice: {host} refused sluice's upstream credential for {repo} ({status}); the operator should check \
-                 the token configured for it"
+            401 | 403 if token.is_none() => (
+                "upstream_needs_token",
+                format!(
+                    "{host} answered {status} for {repo} and no upstream credential is configured for it; only \
+                     public repositories can be read"
+                ),
             ),
-            _ => {
-                let text = upstream_error_text(resp, token).await;
-                format!("sluice: {host} answered {status} for {repo}: {text}")
-            }
+            401 | 403 => (
+                "upstream_refused_token",
+                format!(
+                    "{host} refused sluice's upstream credential for {repo} ({status}); the operator should check \
+                     the token configured for it"
+                ),
+            ),
+            404 => (
+                "upstream_not_found",
+                format!("{host} answered {status} for {repo}: {}", error_text(resp, token).await),
+            ),
+            _ => ("upstream_error", format!("{host} answered {status} for {repo}: {}", error_text(resp, token).await)),
         };
-        let status = match status.as_u16() {
-            404 => StatusCode::NOT_FOUND,
-            _ => StatusCode::BAD_GATEWAY,
-        };
-        Err(GitError::Upstream { status, message })
+        let status = if status == StatusCode::NOT_FOUND { StatusCode::NOT_FOUND } else { StatusCode::BAD_GATEWAY };
+        Err(Refusal::upstream(status, code, message).into())
     }
 }
 
@@ -104,7 +107,7 @@ impl GitProxy {
 /// scrubbed. The token is removed before the text is cut, from a read that goes one longest token form
 /// past the limit, so a token straddling the cut is whole when it is replaced; a fragment the cut leaves
 /// is redacted too. An encoded body is withheld: it cannot be searched.
-async fn upstream_error_text(resp: Response<Incoming>, token: Option<&Secret<String>>) -> String {
+async fn error_text(resp: Response<Incoming>, token: Option<&Secret<String>>) -> String {
     if resp.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v.as_bytes() != b"identity") {
         return "(an encoded body, which sluice withholds)".to_owned();
     }

@@ -1,15 +1,16 @@
 //! A push (`POST …/git-receive-pack`): its command list read and judged before a byte goes upstream, then
 //! the original bytes forwarded with the real token, or sluice's own report-status answer.
 
-use http::{HeaderMap, Response, header};
+use http::{HeaderMap, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use super::body::{ForwardBody, drain};
 use super::command_list::{self, ListError};
 use super::push::{self, Verdict};
 use super::route::{Action, Service};
-use super::{GitBody, GitError, GitProxy, Record};
+use super::{GitBody, GitError, GitProxy, PushAnswer, Record};
 use crate::credential::Secret;
+use crate::refusal::{Fault, Refusal};
 
 impl GitProxy {
     /// A push whose credential failed: every ref gets `ng` with the reason, nothing goes upstream. A
@@ -19,32 +20,30 @@ impl GitProxy {
         &self,
         headers: &HeaderMap,
         mut body: Incoming,
-        message: &str,
+        refusal: Refusal,
         record: &mut Record,
     ) -> GitError {
         let gzip = match content_encoding(headers) {
             Ok(gzip) => gzip,
-            Err(e) => return e,
+            Err(refused) => return GitError::push_fatal(refused, None),
         };
-        let fatal =
-            |side_band| GitError::PushRefused { body: push::fatal(message, side_band), reason: message.to_owned() };
         let list = match command_list::read(&mut body, gzip, self.body_timeout, self.list_deadline).await {
             Ok(list) => list,
             Err(unread) => {
                 linger(body, &unread.error);
-                return fatal(unread.side_band);
+                return GitError::push_fatal(refusal, unread.side_band);
             }
         };
         drain(&mut body).await;
         match list.parsed {
+            Ok(req) if req.updates.is_empty() => GitError::Push { refusal, answer: PushAnswer::Empty },
             Ok(req) => {
                 record.refs = req.updates.len();
-                let reason = message.strip_prefix("sluice: ").unwrap_or(message).to_owned();
-                let reasons = vec![reason; req.updates.len()];
-                let body = if req.updates.is_empty() { Vec::new() } else { push::refusal(&req, message, &reasons) };
-                GitError::PushRefused { body, reason: message.to_owned() }
+                let reasons = vec![refusal.message.clone(); req.updates.len()];
+                let answer = PushAnswer::Report { req: Box::new(req), reasons, detail: None };
+                GitError::Push { refusal, answer }
             }
-            Err(_) => fatal(list.side_band),
+            Err(_) => GitError::push_fatal(refusal, list.side_band),
         }
     }
 
@@ -57,15 +56,17 @@ impl GitProxy {
         token: Option<&Secret<String>>,
         record: &mut Record,
     ) -> Result<Response<GitBody>, GitError> {
-        let gzip = content_encoding(&parts.headers)?;
+        let gzip = content_encoding(&parts.headers).map_err(|refused| GitError::push_fatal(refused, None))?;
         let list = match command_list::read(&mut body, gzip, self.body_timeout, self.list_deadline).await {
             Ok(list) => list,
             Err(unread) => {
-                let message = unread.error.message();
                 linger(body, &unread.error);
+                let (code, message) = (unread.error.code(), unread.error.message());
                 return Err(match unread.error {
-                    ListError::Stalled { .. } | ListError::Body(_) => GitError::BadRequest(message),
-                    _ => GitError::PushRefused { body: push::fatal(&message, unread.side_band), reason: message },
+                    ListError::Stalled { .. } | ListError::Body(_) => {
+                        Refusal::new(StatusCode::BAD_REQUEST, code, Fault::Client, message).into()
+                    }
+                    _ => GitError::push_fatal(push_refusal(code, message), unread.side_band),
                 });
             }
         };
@@ -73,36 +74,45 @@ impl GitProxy {
             Ok(req) => req,
             Err(e) => {
                 drain(&mut body).await;
-                let message = format!("sluice: {e}");
-                return Err(GitError::PushRefused { body: push::fatal(&message, list.side_band), reason: message });
+                return Err(GitError::push_fatal(push_refusal("bad_push", e.to_string()), list.side_band));
             }
         };
         record.refs = req.updates.len();
-        let verdict = if token.is_none() && !req.updates.is_empty() {
-            let reason = no_token_message(repo);
-            Verdict::Refuse(vec![reason.strip_prefix("sluice: ").unwrap_or(&reason).to_owned(); req.updates.len()])
-        } else {
-            push::review(&req, branch)
-        };
-        match verdict {
+        if token.is_none() && !req.updates.is_empty() {
+            drain(&mut body).await;
+            let refusal = no_token(repo);
+            let reasons = vec![refusal.message.clone(); req.updates.len()];
+            let detail = Some(format!("{}: {}", req.updates[0].name, refusal.message));
+            let answer = PushAnswer::Report { req: Box::new(req), reasons, detail };
+            return Err(GitError::Push { refusal, answer });
+        }
+        match push::review(&req, branch) {
             Verdict::Allow => {
                 let body = ForwardBody::new(list.raw.into(), body, record.bytes_up.clone(), self.body_timeout);
                 self.forward(&parts.headers, repo, Action::Rpc(Service::ReceivePack), token, body).await
             }
             Verdict::Refuse(reasons) => {
                 drain(&mut body).await;
-                let notice =
-                    format!("sluice: this session may push only to refs/heads/{branch}; nothing was sent upstream");
-                let reason = req
+                let refusal = push_refusal(
+                    "branch_not_allowed",
+                    format!("this session may push only to refs/heads/{branch}; nothing was sent upstream"),
+                );
+                let detail = req
                     .updates
                     .iter()
                     .zip(&reasons)
-                    .find(|(u, _)| push::judge(u, branch).is_err() || token.is_none())
-                    .map_or_else(String::new, |(u, r)| format!("{}: {r}", u.name));
-                Err(GitError::PushRefused { body: push::refusal(&req, &notice, &reasons), reason })
+                    .find(|(u, _)| push::judge(u, branch).is_err())
+                    .map(|(u, r)| format!("{}: {r}", u.name));
+                let answer = PushAnswer::Report { req: Box::new(req), reasons, detail };
+                Err(GitError::Push { refusal, answer })
             }
         }
     }
+}
+
+/// A push refused for what the client sent (the status is not sent: a refused push is answered `200`).
+fn push_refusal(code: &'static str, message: String) -> Refusal {
+    Refusal::new(StatusCode::FORBIDDEN, code, Fault::Client, message)
 }
 
 /// After a push refused before its command list was complete, what the client still sends is read and
@@ -115,23 +125,29 @@ fn linger(mut body: Incoming, why: &ListError) {
 }
 
 /// `Ok(true)` for a gzip body, `Ok(false)` for identity; other encodings cannot be inspected.
-fn content_encoding(headers: &HeaderMap) -> Result<bool, GitError> {
+fn content_encoding(headers: &HeaderMap) -> Result<bool, Refusal> {
     let Some(value) = headers.get(header::CONTENT_ENCODING) else { return Ok(false) };
     match value.to_str().map(|v| v.trim().to_ascii_lowercase()) {
         Ok(v) if v == "gzip" || v == "x-gzip" => Ok(true),
         Ok(v) if v.is_empty() || v == "identity" => Ok(false),
         _ => {
-            let message = format!(
-                "sluice: cannot inspect a push body with Content-Encoding {value:?}; send it plain or gzip-encoded"
-            );
-            Err(GitError::PushRefused { body: push::fatal(&message, None), reason: message })
+            let message =
+                format!("cannot inspect a push body with Content-Encoding {value:?}; send it plain or gzip-encoded");
+            Err(push_refusal("unsupported_encoding", message))
         }
     }
 }
 
-pub(super) fn no_token_message(repo: &str) -> String {
-    format!(
-        "sluice: no upstream credential is configured for {repo}, so pushes are refused \
-         (clone and fetch of public repositories still work); the operator sets token_env, token_file or [git.tokens]"
+/// Pushes need the real token: without one for the repository they are refused (reads of public
+/// repositories still work).
+pub(super) fn no_token(repo: &str) -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        "no_upstream_token",
+        Fault::Policy,
+        format!(
+            "no upstream credential is configured for {repo}, so pushes are refused (clone and fetch of public \
+             repositories still work); the operator sets token_env, token_file or [git.tokens]"
+        ),
     )
 }

@@ -137,12 +137,12 @@ fn valid_name(name: &str) -> bool {
 
 /// Matches a request against the routes.
 pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, NoRoute> {
-    let no_route = || NoRoute(format!("sluice: no git route for {method} {path:?}; {ROUTES_HINT}"));
+    let no_route = || NoRoute(format!("no git route for {method} {path:?}; {ROUTES_HINT}"));
     let decoded = percent_decode(path).ok_or_else(no_route)?;
     let segs = segments(&decoded).ok_or_else(no_route)?;
     if segs.first().is_some_and(|s| s.eq_ignore_ascii_case("api")) {
         // The handler sends a plain `/api/…` to the API routes; this is an escaped spelling of it.
-        return Err(NoRoute(format!("sluice: {path:?}: spell API requests /api/repos/OWNER/REPO/… without %-escapes")));
+        return Err(NoRoute(format!("{path:?}: spell API requests /api/repos/OWNER/REPO/… without %-escapes")));
     }
     let (owner, repo, rest) = match segs.as_slice() {
         [owner, repo, rest @ ..] => (*owner, *repo, rest),
@@ -164,7 +164,7 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
                 .and_then(Service::parse)
                 .ok_or_else(|| {
                     NoRoute(format!(
-                        "sluice: {path:?} needs ?service=git-upload-pack or ?service=git-receive-pack \
+                        "{path:?} needs ?service=git-upload-pack or ?service=git-receive-pack \
                          (sluice speaks git's smart HTTP protocol only)"
                     ))
                 })?;
@@ -251,16 +251,16 @@ mod tests {
         ];
         for (m, p, q) in cases {
             let err = parse(m, p, *q).unwrap_err();
-            assert!(err.0.starts_with(&format!("sluice: no git route for {m} {p:?}")), "{m} {p}: {err}");
+            assert!(err.0.starts_with(&format!("no git route for {m} {p:?}")), "{m} {p}: {err}");
         }
         assert_eq!(
             parse(&Method::GET, "/acme/widgets/info/refs", None).unwrap_err().0,
-            "sluice: \"/acme/widgets/info/refs\" needs ?service=git-upload-pack or ?service=git-receive-pack \
+            "\"/acme/widgets/info/refs\" needs ?service=git-upload-pack or ?service=git-receive-pack \
              (sluice speaks git's smart HTTP protocol only)"
         );
         assert_eq!(
             parse(&Method::GET, "/%61pi/repos/acme/widgets/pulls", None).unwrap_err().0,
-            "sluice: \"/%61pi/repos/acme/widgets/pulls\": spell API requests /api/repos/OWNER/REPO/… without %-escapes"
+            "\"/%61pi/repos/acme/widgets/pulls\": spell API requests /api/repos/OWNER/REPO/… without %-escapes"
         );
     }
 }

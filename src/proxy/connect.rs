@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -65,17 +64,17 @@ async fn run(proxy: &EgressProxy, admission: Admission, mut record: Record, clie
     let idle = proxy.config.idle_timeout.0;
     // The session's limiter sees the tunnel's bytes as they move.
     let counters = Arc::new(Counters::metered(permit.as_ref().map(|lease| lease.meter())));
-    metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
-    metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
+    metrics.open_tunnels.inc();
+    metrics.tunnels_total.inc();
     let stop = proxy.shutdown.hard_stop.cancelled();
     let stats = match client {
         ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, &early, idle, counters, stop).await,
         ClientSide::Upgraded(upgraded) => tunnel::run(TokioIo::new(upgraded), upstream, idle, counters, stop).await,
     };
-    metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
+    metrics.open_tunnels.dec();
     drop(permit);
     if stats.end == tunnel::TunnelEnd::UpstreamError {
-        metrics.upstream_resets.fetch_add(1, Ordering::Relaxed);
+        metrics.upstream_resets.inc();
     }
     record.closed(proxy, stats.bytes_up, stats.bytes_down, stats.end.as_str(), None);
 }

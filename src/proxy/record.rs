@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use http::Method;
@@ -80,7 +79,7 @@ impl Record {
         let level = policy.map(|p| p.level);
         proxy.metrics.decision("deny", refusal.code, level.unwrap_or("none"));
         if refusal.is_limit() {
-            proxy.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            proxy.metrics.rate_limited.inc();
         }
         // A plain-HTTP target may carry `user:password@`: it is never recorded.
         let target = if self.connect { target.to_string() } else { redact_userinfo(target) };
@@ -115,8 +114,8 @@ impl Record {
     /// The closing line of an admitted request: a tunnel's (`status` none) or a forwarded response's.
     pub fn closed(&self, proxy: &EgressProxy, bytes_up: u64, bytes_down: u64, end: &'static str, status: Option<u16>) {
         let metrics = &proxy.metrics;
-        metrics.bytes_up.fetch_add(bytes_up, Ordering::Relaxed);
-        metrics.bytes_down.fetch_add(bytes_down, Ordering::Relaxed);
+        metrics.bytes_up.inc_by(bytes_up);
+        metrics.bytes_down.inc_by(bytes_down);
         let mut event = self.event(if self.connect { EventKind::TunnelClosed } else { EventKind::RequestFinished });
         event.status = status;
         event.bytes_up = Some(bytes_up);

@@ -287,10 +287,11 @@ impl TestCert {
 }
 
 /// An HTTP/1.1 upstream on 127.0.0.1:0 (plain, or TLS with a [`TestCert`]) answering the routes of
-/// [`route`]. Counts the connections it accepted.
+/// [`route`]. Counts the connections it accepted and the requests it answered.
 pub struct Upstream {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -307,26 +308,27 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream address");
         let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (a, r) = (accepted.clone(), requests.clone());
         let name: Arc<str> = name.into();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                let name = name.clone();
+                let (name, r) = (name.clone(), r.clone());
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     match tls {
                         Some(acceptor) => {
                             if let Ok(Ok(s)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await {
-                                serve_http(s, name).await;
+                                serve_http(s, name, r).await;
                             }
                         }
-                        None => serve_http(stream, name).await,
+                        None => serve_http(stream, name, r).await,
                     }
                 });
             }
         });
-        Upstream { addr, accepted, task }
+        Upstream { addr, accepted, requests, task }
     }
 
     pub fn port(&self) -> u16 {
@@ -336,6 +338,10 @@ impl Upstream {
     pub fn connections(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Upstream {
@@ -344,8 +350,11 @@ impl Drop for Upstream {
     }
 }
 
-async fn serve_http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, name: Arc<str>) {
-    let service = service_fn(move |req| route(req, name.clone()));
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, name: Arc<str>, n: Arc<AtomicUsize>) {
+    let service = service_fn(move |req| {
+        n.fetch_add(1, Ordering::SeqCst);
+        route(req, name.clone())
+    });
     let _ = http1::Builder::new().serve_connection(TokioIo::new(io), service).await;
 }
 
@@ -554,6 +563,11 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
+    /// The status code from the status line (0 when it has none).
+    pub fn status(&self) -> u16 {
+        self.status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
