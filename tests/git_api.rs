@@ -197,6 +197,11 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
             StatusCode::OK,
             json!([{"number": 9, "title": "Crash on start", "state": "open"}, {"number": 1, "title": "Add widgets", "pull_request": {"url": format!("{}{prefix}/pulls/1", s.base)}}]),
         ),
+        ("GET", "/actions/jobs/10/logs") if call_header(&parts, "if-none-match").is_some() => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r
+        }
         ("GET" | "HEAD", "/actions/jobs/10/logs" | "/actions/runs/12/logs") => {
             let name = if rest.contains("jobs") { "job-10.txt" } else { "run-12-big.txt" };
             let url = format!("{}/{name}?sv=2024&sig={SIGNATURE}&se=2026-12-01", s.storage.lock().unwrap());
@@ -1092,6 +1097,12 @@ async fn a_job_log_is_fetched_from_storage_without_a_credential_and_without_show
     );
     assert_eq!(w.calls()[0].path, format!("/repos/{repo}/actions/jobs/10/logs"));
     assert_eq!(w.calls()[0].auth, real_auth());
+
+    // A 304 for a log is an answer, not a redirect: it goes back as is and the storage is not asked.
+    let a =
+        w.curl("GET", &w.url("/actions/jobs/10/logs"), Some(&w.bearer()), None, &["-H", "If-None-Match: \"l\""]).await;
+    assert_eq!((a.status, a.body.as_str()), (304, ""));
+    assert_eq!(w.storage.calls.lock().unwrap().len(), 1);
 
     // A redirect to a host outside `log_hosts` is refused, before any dial, naming the host only.
     let a = w.curl("GET", &w.url("/actions/jobs/11/logs"), Some(&w.bearer()), None, &[]).await;
