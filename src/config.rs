@@ -750,6 +750,48 @@ shutdown_grace = "2s"
     }
 
     #[test]
+    fn the_api_slice_keys_parse_and_refuse_mistakes_at_their_location() {
+        let d = GitSettings::default();
+        assert_eq!(d.comment_scope, CommentScope::OwnPull);
+        assert_eq!(d.log_hosts.len(), DEFAULT_LOG_HOSTS.len(), "every default log host is a valid pattern");
+        assert_eq!((d.log_allow_ips.len(), d.limits.api_writes_per_minute), (0, 30));
+        let c = Config::parse(
+            "s.toml",
+            "[git]\ncomment_scope = \"repository\"\nlog_hosts = [\"logs.test:8080\", \"*.blob.example.com\"]\n\
+             log_allow_ips = [\"127.0.0.1\", \"10.0.0.0/8\"]\n[git.limits]\napi_writes_per_minute = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.git.comment_scope, CommentScope::Repository);
+        assert_eq!(c.git.log_hosts[0].0.port(), Some(8080));
+        assert_eq!(
+            c.git.log_allow_ips,
+            vec![IpRange("127.0.0.1/32".parse().unwrap()), IpRange("10.0.0.0/8".parse().unwrap())]
+        );
+        assert_eq!(c.git.limits.api_writes_per_minute, 5);
+        let err = |text: &str| Config::parse("s.toml", text).unwrap_err().to_string();
+        let e = err("[git]\ncomment_scope = \"everywhere\"\n");
+        assert!(
+            e.starts_with("s.toml:2:17: error: unknown variant `everywhere`, expected `own-pull` or `repository`"),
+            "{e}"
+        );
+        let e = err("[git]\nlog_hosts = [\"*.com\"]\n");
+        assert!(e.starts_with("s.toml:2:13: error: invalid log host \"*.com\""), "{e}");
+        let e = err("[git]\nlog_allow_ips = [\"localhost\"]\n");
+        assert!(
+            e.starts_with("s.toml:2:17: error: invalid address range \"localhost\": expected e.g. 10.0.0.0/8"),
+            "{e}"
+        );
+        let e = err("[git.limits]\napi_writes = 3\n");
+        assert!(
+            e.starts_with(
+                "s.toml:2:1: error: unknown field `api_writes`, expected one of `requests_per_second`, `burst`, \
+                 `max_connections`, `api_writes_per_minute`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn limit_defaults_parse_with_defaults_and_refuse_mistakes() {
         let parse = |s: &str| toml::from_str::<LimitDefaults>(s).map_err(|e| e.to_string());
         assert_eq!(parse(""), Ok(LimitDefaults::default()));

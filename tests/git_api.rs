@@ -197,6 +197,11 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
             StatusCode::OK,
             json!([{"number": 9, "title": "Crash on start", "state": "open"}, {"number": 1, "title": "Add widgets", "pull_request": {"url": format!("{}{prefix}/pulls/1", s.base)}}]),
         ),
+        ("GET", "/actions/jobs/10/logs") if call_header(&parts, "if-none-match").is_some() => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r
+        }
         ("GET" | "HEAD", "/actions/jobs/10/logs" | "/actions/runs/12/logs") => {
             let name = if rest.contains("jobs") { "job-10.txt" } else { "run-12-big.txt" };
             let url = format!("{}/{name}?sv=2024&sig={SIGNATURE}&se=2026-12-01", s.storage.lock().unwrap());
@@ -206,7 +211,7 @@ async fn stand_in(req: Request<Incoming>, s: Arc<StandIn>) -> Result<Response<Fu
             let port = s.storage.lock().unwrap().rsplit(':').next().unwrap_or_default().to_owned();
             redirect(&format!("http://elsewhere.test:{port}/job-11.txt?sig={SIGNATURE}"))
         }
-        ("GET", r) if READ_FAMILIES.iter().any(|(path, _)| *path == r) => {
+        ("GET" | "HEAD", r) if READ_FAMILIES.iter().any(|(path, _)| *path == r) => {
             json_response(StatusCode::OK, json!({"read": r}))
         }
         ("GET", "/pulls/1/files") => json_response(StatusCode::OK, json!([{"filename": "README"}])),
@@ -250,6 +255,7 @@ fn redirect(url: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::FOUND;
     r.headers_mut().insert("location", url.parse().unwrap());
+    r.headers_mut().insert("x-ratelimit-remaining", "4998".parse().unwrap());
     r
 }
 
@@ -1020,6 +1026,12 @@ async fn every_read_family_reaches_the_stand_in_at_its_exact_path_with_the_real_
         })
         .collect();
     assert_eq!(w.calls(), want);
+    w.clear_calls();
+    // HEAD is a read too.
+    let a = w.curl("HEAD", &w.url("/issues/9"), Some(&w.bearer()), None, &["-I"]).await;
+    assert_eq!((a.status, a.header("content-type")), (200, Some("application/json; charset=utf-8")));
+    let heads: Vec<(String, String)> = w.calls().into_iter().map(|c| (c.method, c.path)).collect();
+    assert_eq!(heads, vec![("HEAD".to_owned(), format!("/repos/{repo}/issues/9"))]);
     let lines = log_lines_for(&repo);
     for (rest, op) in READ_FAMILIES {
         assert!(
@@ -1076,6 +1088,7 @@ async fn a_job_log_is_fetched_from_storage_without_a_credential_and_without_show
         assert!(!value.contains(SIGNATURE) && !value.contains("storage.test"), "{name}: {value}");
     }
     assert_eq!((a.header("location"), a.header("x-ms-request-id")), (None, None));
+    assert_eq!(a.header("x-ratelimit-remaining"), Some("4998"), "GitHub's rate limit comes back with the log");
     let stored = w.storage.calls.lock().unwrap().clone();
     assert_eq!(
         stored,
@@ -1084,6 +1097,12 @@ async fn a_job_log_is_fetched_from_storage_without_a_credential_and_without_show
     );
     assert_eq!(w.calls()[0].path, format!("/repos/{repo}/actions/jobs/10/logs"));
     assert_eq!(w.calls()[0].auth, real_auth());
+
+    // A 304 for a log is an answer, not a redirect: it goes back as is and the storage is not asked.
+    let a =
+        w.curl("GET", &w.url("/actions/jobs/10/logs"), Some(&w.bearer()), None, &["-H", "If-None-Match: \"l\""]).await;
+    assert_eq!((a.status, a.body.as_str()), (304, ""));
+    assert_eq!(w.storage.calls.lock().unwrap().len(), 1);
 
     // A redirect to a host outside `log_hosts` is refused, before any dial, naming the host only.
     let a = w.curl("GET", &w.url("/actions/jobs/11/logs"), Some(&w.bearer()), None, &[]).await;
@@ -1289,4 +1308,22 @@ print(status, json.loads(comment)["id"])
             ("POST".into(), format!("/repos/{repo}/issues/1/comments"), None),
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_log_allow_ips_the_address_guard_keeps_log_dials_off_loopback() {
+    let w = World::with("log-guard", |s| s.log_allow_ips.clear()).await;
+    let a = w.curl("GET", &w.url("/actions/jobs/10/logs"), Some(&w.bearer()), None, &[]).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert_eq!(a.header("x-sluice-decision"), Some("deny; reason=upstream_blocked_address"));
+    let port = w.storage.addr.port();
+    let message = a.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        message.starts_with(&format!(
+            "sluice: cannot reach logs.storage.test:{port}: upstream \"logs.storage.test\" resolves to 127.0.0.1"
+        )),
+        "{message}"
+    );
+    assert!(!message.contains(SIGNATURE), "{message}");
+    assert_eq!(w.storage.calls.lock().unwrap().len(), 0, "refused before any dial");
 }

@@ -208,7 +208,8 @@ struct Caller<'a> {
 }
 
 impl GitProxy {
-    /// Serves one `/api/…` request. A refusal is answered here, in GitHub's JSON, and logged by the caller.
+    /// Serves one `/api/…` request; a refusal goes back to the caller, which logs it and renders it as
+    /// GitHub JSON through [`respond::render`].
     pub(super) async fn serve_api(
         &self,
         req: Request<Incoming>,
@@ -252,7 +253,15 @@ impl GitProxy {
             .await
             .map_err(|_| api_timeout(format!("{} answering {}", self.api.upstream.authority(), route.op)))?
             .map_err(|e| upstream_failure(e, caller.token))?;
-        if route.access == Access::Log && resp.status().is_redirection() {
+        let redirect = matches!(
+            resp.status(),
+            StatusCode::MOVED_PERMANENTLY
+                | StatusCode::FOUND
+                | StatusCode::SEE_OTHER
+                | StatusCode::TEMPORARY_REDIRECT
+                | StatusCode::PERMANENT_REDIRECT
+        );
+        if route.access == Access::Log && redirect {
             return self.follow_log(resp, &parts.method, &parts.headers).await;
         }
         self.answer(resp, &parts.headers, &caller.repo, caller.token).await

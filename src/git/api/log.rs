@@ -3,14 +3,60 @@
 //! scheme, dialled through `net` with the address guard (`[git] log_allow_ips` lifts it) — and streams
 //! the log back, so the sandbox needs no egress rule and never sees the signed URL.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::{API_TIMEOUT, Api};
 use crate::git::{BoxError, GitBody, GitProxy};
 use crate::policy::Host;
 use crate::refusal::{Fault, Refusal};
+
+/// A log whose storage sends nothing for this long is cut off, so a stalled storage cannot hold the
+/// sandbox's request open for ever.
+const LOG_IDLE: Duration = Duration::from_secs(60);
+
+/// The storage's body, failing when no frame arrives for `LOG_IDLE`.
+struct IdleBody {
+    inner: Incoming,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Body for IdleBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + LOG_IDLE;
+                self.timer.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the log storage sent nothing for {}s; the log is cut off",
+                    LOG_IDLE.as_secs()
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Storage response headers passed back with a log.
 const LOG_HEADERS: [header::HeaderName; 4] =
@@ -41,6 +87,13 @@ impl GitProxy {
         let api_host = self.api.upstream.authority();
         let status = resp.status();
         let location = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // GitHub's rate-limit headers on the redirect go back with the log, so tools can back off.
+        let limits: Vec<_> = resp
+            .headers()
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("x-ratelimit-"))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         drop(resp);
         let location = location
             .ok_or_else(|| refused_redirect(format!("{api_host} answered {status} for a log without a Location")))?;
@@ -74,7 +127,7 @@ impl GitProxy {
             .method(if method == Method::HEAD { Method::HEAD } else { Method::GET })
             .uri(uri)
             .header(header::USER_AGENT, agent)
-            .body(Empty::<bytes::Bytes>::new())
+            .body(Empty::<Bytes>::new())
             .map_err(|_| refused_redirect(format!("{api_host} redirected the log to a URL sluice cannot request")))?;
         let authority = format!("{host}:{port}");
         let stored = tokio::time::timeout(API_TIMEOUT, self.api.storage.send(req, &authority))
@@ -99,12 +152,14 @@ impl GitProxy {
             return Err(Refusal::bad_upstream(format!("the log storage {authority} answered {status}")));
         }
         let (up, body) = stored.into_parts();
-        let mut out = Response::new(body.map_err(BoxError::from).boxed());
+        let body = IdleBody { inner: body, timer: Box::pin(tokio::time::sleep(LOG_IDLE)) };
+        let mut out = Response::new(body.boxed());
         for name in LOG_HEADERS {
             if let Some(v) = up.headers.get(&name) {
                 out.headers_mut().insert(name, v.clone());
             }
         }
+        out.headers_mut().extend(limits);
         Ok(out)
     }
 }
