@@ -268,7 +268,8 @@ impl Store {
     }
 
     fn mark_up(&self) {
-        if !self.up.swap(true, Ordering::AcqRel) {
+        // A load first: on the hot path the store is up, and a swap would contend on the line.
+        if !self.up.load(Ordering::Acquire) && !self.up.swap(true, Ordering::AcqRel) {
             self.metrics.limit_store_up.store(1, Ordering::Relaxed);
             tracing::info!(target: "sluice::limit", store = %self.url, "limit store reachable; limits are shared");
         }
@@ -502,30 +503,26 @@ impl Limiter for RedisLimiter {
             let id = store.next_lease.fetch_add(1, Ordering::Relaxed);
             // Registered before the store sees it, so a refresh racing the open cannot miss it.
             store.leases.lock().unwrap_or_else(PoisonError::into_inner).insert(id, key.clone());
-            let opened = store.open_shared(&key, id, max).await;
-            let slot = SharedSlot {
+            // The lease exists before the round trip: if the store refuses, or the admission is abandoned
+            // mid-call, dropping it gives both places back (removing a member never added is harmless).
+            let lease = SharedSlot {
                 store: Arc::downgrade(&self.store),
                 meter: store.meter_for(&key, &limits),
-                key,
+                key: key.clone(),
                 id,
                 local: Mutex::new(Some(local)),
-            };
-            match opened {
-                Ok(true) => Ok(slot.lease()),
-                Ok(false) => {
-                    store.leases.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                    Err(Limited::Over(TooManyTunnels { max }))
-                }
+            }
+            .lease();
+            match store.open_shared(&key, id, max).await {
+                Ok(true) => Ok(lease),
+                Ok(false) => Err(Limited::Over(TooManyTunnels { max })),
                 Err(e) => {
                     store.mark_down(&e);
-                    // The store may have added the member before the deadline: the refresher keeps it
-                    // while the tunnel lives, and release removes it, as for any lease.
+                    // The store may have added the member before the deadline: the refresher keeps it while
+                    // the tunnel lives, and the lease's release removes it.
                     match store.on_error {
-                        OnStoreError::Local => Ok(slot.lease()),
-                        OnStoreError::Refuse => {
-                            slot.release();
-                            Err(Limited::StoreUnavailable)
-                        }
+                        OnStoreError::Local => Ok(lease),
+                        OnStoreError::Refuse => Err(Limited::StoreUnavailable),
                     }
                 }
             }
