@@ -1,11 +1,13 @@
-//! The per-request limiter check, across many live sessions, through the `dyn Limiter` the proxies hold.
+//! The per-request limiter check, across many live sessions, through the `dyn Limiter` the proxies hold; and
+//! one byte-budget grant, what a shaped tunnel asks before every read or splice.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::config::LimitDefaults;
-use sluice::limit::{LimitKey, Limiter, MemoryLimiter};
+use sluice::limit::quota::{ByteQuota, ByteSize};
+use sluice::limit::{Direction, Grant, LimitKey, Limiter, MemoryLimiter};
 use sluice::policy::Limits;
 
 const SESSIONS: usize = 100_000;
@@ -48,5 +50,33 @@ fn check_request(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, check_request);
+/// One grant from a session's budget, uncontended: a rate high enough that every grant is due at once
+/// (the cost of asking, not of waiting), with and without a quota counted alongside.
+fn byte_grant(c: &mut Criterion) {
+    let limiter: Arc<dyn Limiter> = Arc::new(MemoryLimiter::new(LimitDefaults::default()));
+    let rate = ByteSize::parse("1TiB").ok();
+    let key = LimitKey::session("bench-grant");
+    for (name, limits) in [
+        ("byte grant, shaping", Limits { download_bytes_per_second: rate, ..Limits::default() }),
+        (
+            "byte grant, shaping + quota",
+            Limits {
+                download_bytes_per_second: rate,
+                download_quota: ByteQuota::parse("16777215TiB/day").ok(),
+                ..Limits::default()
+            },
+        ),
+    ] {
+        let meter = limiter.meter(&key, &limits);
+        let budget = meter.budget().expect("a shaped session has a budget").clone();
+        c.bench_function(name, |b| {
+            b.iter(|| match budget.grant(Direction::Down, black_box(64 * 1024)).now() {
+                Ok(Grant::Bytes { bytes, .. }) => black_box(bytes),
+                _ => 0,
+            })
+        });
+    }
+}
+
+criterion_group!(benches, check_request, byte_grant);
 criterion_main!(benches);

@@ -11,6 +11,8 @@
 //! - `SLUICE_BENCH_IDLE` (default 2000): idle tunnels held open for the RSS figure.
 //! - `SLUICE_BENCH_BIN`: another sluice binary to start (e.g. a copy built from an older commit).
 //! - `SLUICE_BENCH_THREADS` (default 0, one per CPU): sluice's `[server] threads`.
+//! - `SLUICE_BENCH_LIMIT` (e.g. `1GiB`): the bench policy's `upload_bytes_per_second` and
+//!   `download_bytes_per_second` (all the bench's tunnels are one anonymous session, so they share it).
 //! - `SLUICE_BENCH_PROXY=host:port`: measure another proxy instead of starting sluice (CONNECT must
 //!   reach 127.0.0.1 on any port); `SLUICE_BENCH_PID` gives its PID for the RSS and CPU figures, and
 //!   `SLUICE_BENCH_TARGET` the host name it is asked for (default `127.0.0.1`).
@@ -275,14 +277,15 @@ fn start_sluice() -> Sluice {
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).expect("create the bench directory");
-    std::fs::write(
-        policies.join("bench.toml"),
-        // One anonymous client opens thousands of tunnels a second: lift the per-session limits, which
-        // are not what this bench measures. The burst is a second's worth: with a 1 ms one, a worker
-        // thread descheduled between reading the clock and taking its cell was refused now and then.
-        "version = 1\nname = \"bench\"\nlevel = \"full\"\nallow_ips = [\"127.0.0.0/8\"]\n[limits]\nrequests_per_second = 1000000\nburst = 1000000\nmax_tunnels = 1000000\n",
-    )
-    .expect("write the bench policy");
+    // One anonymous client opens thousands of tunnels a second: lift the per-session limits, which
+    // are not what this bench measures. The burst is a second's worth: with a 1 ms one, a worker
+    // thread descheduled between reading the clock and taking its cell was refused now and then.
+    let mut policy = "version = 1\nname = \"bench\"\nlevel = \"full\"\nallow_ips = [\"127.0.0.0/8\"]\n[limits]\nrequests_per_second = 1000000\nburst = 1000000\nmax_tunnels = 1000000\n".to_string();
+    // A bandwidth limit in both directions (e.g. "1GiB"): the shaped path's cost against the unlimited one.
+    if let Ok(rate) = std::env::var("SLUICE_BENCH_LIMIT") {
+        policy.push_str(&format!("upload_bytes_per_second = {rate:?}\ndownload_bytes_per_second = {rate:?}\n"));
+    }
+    std::fs::write(policies.join("bench.toml"), policy).expect("write the bench policy");
     let config = format!(
         "[egress]\nlisten = \"127.0.0.1:0\"\npolicy = \"bench\"\nidle_timeout = \"10m\"\nmax_connections = 100000\n\
          [policies]\ndir = {policies:?}\n\

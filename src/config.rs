@@ -166,7 +166,9 @@ struct RawLimitDefaults {
     requests_per_second: f64,
     burst: u32,
     max_tunnels: u32,
+    #[serde(deserialize_with = "bytes_per_second")]
     upload_bytes_per_second: Option<ByteSize>,
+    #[serde(deserialize_with = "bytes_per_second")]
     download_bytes_per_second: Option<ByteSize>,
     upload_quota: Option<ByteQuota>,
     download_quota: Option<ByteQuota>,
@@ -189,6 +191,18 @@ impl Default for RawLimitDefaults {
     }
 }
 
+/// A shaping rate, refused where it is written when it is too slow to be one.
+fn bytes_per_second<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+    let rate = ByteSize::deserialize(d)?;
+    if rate < MIN_BYTES_PER_SECOND {
+        return Err(serde::de::Error::custom(format!(
+            "a shaping rate must be at least {MIN_BYTES_PER_SECOND} per second, not {rate} (slower stalls every \
+             tunnel; e.g. \"10MiB\")"
+        )));
+    }
+    Ok(Some(rate))
+}
+
 impl TryFrom<RawLimitDefaults> for LimitDefaults {
     type Error = String;
 
@@ -202,18 +216,6 @@ impl TryFrom<RawLimitDefaults> for LimitDefaults {
         }
         if raw.max_tunnels == 0 {
             return Err("max_tunnels must be at least 1, not 0 (e.g. 128)".into());
-        }
-        for (key, rate) in [
-            ("upload_bytes_per_second", raw.upload_bytes_per_second),
-            ("download_bytes_per_second", raw.download_bytes_per_second),
-        ] {
-            if let Some(rate) = rate
-                && rate < MIN_BYTES_PER_SECOND
-            {
-                return Err(format!(
-                    "{key} must be at least {MIN_BYTES_PER_SECOND} (slower stalls every tunnel), not {rate} (e.g. \"10MiB\")"
-                ));
-            }
         }
         Ok(LimitDefaults {
             requests_per_second: rps,
@@ -653,7 +655,7 @@ shutdown_grace = "2s"
             ),
             (
                 "upload_bytes_per_second = \"512B\"",
-                "upload_bytes_per_second must be at least 1KiB (slower stalls every tunnel), not 512B",
+                "a shaping rate must be at least 1KiB per second, not 512B (slower stalls every tunnel; e.g. \"10MiB\")",
             ),
         ] {
             assert!(err(written).contains(expected), "{written}: {}", err(written));

@@ -66,12 +66,36 @@ pub struct Metrics {
     pub limit_store_up: AtomicU64,
     /// Filled in from the log writer's own counter when rendering.
     pub dropped_log_lines: AtomicU64,
+    /// Refusals by the per-session limit that made them, in [`LIMITS`] order.
+    limit_refusals: [AtomicU64; LIMITS.len()],
+    /// Microseconds tunnels waited for their session's bandwidth (shaping), summed.
+    pub shaping_wait_micros: AtomicU64,
+    /// Open tunnels ended because their session's quota was spent.
+    pub quota_closed_tunnels: AtomicU64,
 }
+
+/// The per-session limits a refusal can name, as their refusal codes.
+const LIMITS: [&str; 3] = ["rate_limited", "too_many_tunnels", "quota_exceeded"];
 
 impl Metrics {
     pub fn decision(&self, verdict: &'static str, reason: &'static str, level: &'static str) {
         if let Ok(mut map) = self.decisions.lock() {
             *map.entry((verdict, reason, level)).or_insert(0) += 1;
+        }
+    }
+
+    /// Counts a refusal by a per-session limit, by its code (one of [`LIMITS`]; others are not limits).
+    pub fn limit_refused(&self, code: &str) {
+        if let Some(i) = LIMITS.iter().position(|l| *l == code) {
+            self.limit_refusals[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds a tunnel's time spent waiting for shaping grants.
+    pub fn shaped(&self, waited: Duration) {
+        if !waited.is_zero() {
+            self.shaping_wait_micros
+                .fetch_add(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
     }
 
@@ -136,6 +160,24 @@ impl Metrics {
             let _ =
                 writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
         }
+        let name = "sluice_limit_refusals_total";
+        let _ =
+            writeln!(out, "# HELP {name} Requests refused by a per-session limit, by limit.\n# TYPE {name} counter");
+        for (limit, n) in LIMITS.iter().zip(&self.limit_refusals) {
+            let _ = writeln!(out, "{name}{{limit=\"{limit}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        let name = "sluice_shaping_wait_seconds_total";
+        let waited = self.shaping_wait_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time tunnels waited for their session's bandwidth limit.\n# TYPE {name} counter\n{name} {waited}"
+        );
+        let name = "sluice_quota_closed_tunnels_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Open tunnels closed because their session's byte quota was spent.\n# TYPE {name} counter\n{name} {}",
+            self.quota_closed_tunnels.load(Ordering::Relaxed)
+        );
         self.dns_latency.render(&mut out, "sluice_dns_seconds", "DNS lookup latency.");
         self.connect_latency.render(&mut out, "sluice_upstream_connect_seconds", "Upstream TCP connect latency.");
         out
@@ -240,5 +282,17 @@ mod tests {
         assert!(text.contains("sluice_upstream_connect_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("sluice_upstream_connect_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("sluice_upstream_connect_seconds_count 1\n"));
+        m.limit_refused("quota_exceeded");
+        m.limit_refused("quota_exceeded");
+        m.limit_refused("rate_limited");
+        m.limit_refused("not_allowlisted");
+        m.shaped(Duration::from_millis(1500));
+        m.quota_closed_tunnels.fetch_add(1, Ordering::Relaxed);
+        let text = m.render();
+        assert!(text.contains("sluice_limit_refusals_total{limit=\"quota_exceeded\"} 2\n"), "{text}");
+        assert!(text.contains("sluice_limit_refusals_total{limit=\"rate_limited\"} 1\n"), "{text}");
+        assert!(text.contains("sluice_limit_refusals_total{limit=\"too_many_tunnels\"} 0\n"), "{text}");
+        assert!(text.contains("sluice_shaping_wait_seconds_total 1.5\n"), "{text}");
+        assert!(text.contains("sluice_quota_closed_tunnels_total 1\n"), "{text}");
     }
 }

@@ -69,8 +69,14 @@ impl ByteLimits {
 pub trait TimeSource: Send + Sync + fmt::Debug {
     /// Nanoseconds since some fixed start; never goes back.
     fn nanos(&self) -> u64;
-    /// Seconds since the Unix epoch, consistent with [`TimeSource::nanos`].
-    fn unix(&self) -> u64;
+    /// Seconds since the Unix epoch at `nanos` (a reading of [`TimeSource::nanos`]), so that one grant
+    /// reads the clock once.
+    fn unix_at(&self, nanos: u64) -> u64;
+
+    /// Seconds since the Unix epoch now.
+    fn unix(&self) -> u64 {
+        self.unix_at(self.nanos())
+    }
 }
 
 /// The real clocks: `Instant` for shaping, the wall clock read once at start for windows (so a wall-clock
@@ -93,8 +99,8 @@ impl TimeSource for WallClock {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn unix(&self) -> u64 {
-        self.start_unix_nanos.saturating_add(self.nanos()) / 1_000_000_000
+    fn unix_at(&self, nanos: u64) -> u64 {
+        self.start_unix_nanos.saturating_add(nanos) / 1_000_000_000
     }
 }
 
@@ -170,13 +176,20 @@ impl Bucket {
 #[derive(Debug)]
 pub struct Window {
     quota: ByteQuota,
-    /// (the current window's start, bytes counted in it), in Unix seconds.
-    state: Mutex<(u64, u64)>,
+    state: Mutex<Counted>,
+}
+
+/// The current window, in Unix seconds, and the bytes counted in it.
+#[derive(Clone, Copy, Debug)]
+struct Counted {
+    start: u64,
+    end: u64,
+    used: u64,
 }
 
 impl Window {
     pub fn new(quota: ByteQuota) -> Window {
-        Window { quota, state: Mutex::new((0, 0)) }
+        Window { quota, state: Mutex::new(Counted { start: 0, end: 0, used: 0 }) }
     }
 
     pub fn quota(&self) -> ByteQuota {
@@ -185,12 +198,15 @@ impl Window {
 
     /// Runs `f` on the bytes counted in the window holding `now`; returns `f`'s result and the window's end.
     fn with_current<R>(&self, now: u64, f: impl FnOnce(&mut u64) -> R) -> (R, u64) {
-        let window = self.quota.window(now);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.0 != window.start {
-            *state = (window.start, 0);
+        // Within the window counted so far there is nothing to compute (clocks here never go back).
+        if !(state.start..state.end).contains(&now) {
+            let window = self.quota.window(now);
+            let used = if window.start == state.start { state.used } else { 0 };
+            *state = Counted { start: window.start, end: window.end, used };
         }
-        (f(&mut state.1), window.end)
+        let end = state.end;
+        (f(&mut state.used), end)
     }
 
     /// Takes up to `want` bytes from what is left in the current window, or says it is spent.
@@ -302,6 +318,7 @@ impl Budget {
     /// [`ByteBudget::grant`], answered at once.
     pub fn grant_now(&self, dir: Direction, want: u64) -> Grant {
         let lane = self.lane(dir);
+        let nanos = self.time.nanos();
         let mut want = want;
         if let Some(bucket) = &lane.bucket {
             want = want.min(bucket.chunk());
@@ -310,7 +327,7 @@ impl Budget {
             return Grant::Bytes { bytes: 0, wait: Duration::ZERO };
         }
         if let Some(window) = &lane.window {
-            match window.take(dir, want, self.time.unix()) {
+            match window.take(dir, want, self.time.unix_at(nanos)) {
                 Ok(n) => want = n,
                 Err(spent) => return Grant::Spent(spent),
             }
@@ -318,7 +335,7 @@ impl Budget {
         let Some(bucket) = &lane.bucket else {
             return Grant::Bytes { bytes: want, wait: Duration::ZERO };
         };
-        let (bytes, wait) = bucket.reserve(want, self.time.nanos());
+        let (bytes, wait) = bucket.reserve(want, nanos);
         if !wait.is_zero() {
             self.waited.fetch_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
@@ -388,8 +405,8 @@ mod tests {
             self.nanos.load(Ordering::Relaxed)
         }
 
-        fn unix(&self) -> u64 {
-            self.start_unix + self.nanos() / 1_000_000_000
+        fn unix_at(&self, nanos: u64) -> u64 {
+            self.start_unix + nanos / 1_000_000_000
         }
     }
 

@@ -256,8 +256,8 @@ where
         self.clock.now().duration_since(self.start).as_u64()
     }
 
-    fn unix(&self) -> u64 {
-        self.start_unix_nanos.saturating_add(self.nanos()) / 1_000_000_000
+    fn unix_at(&self, nanos: u64) -> u64 {
+        self.start_unix_nanos.saturating_add(nanos) / 1_000_000_000
     }
 }
 

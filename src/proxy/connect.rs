@@ -64,14 +64,26 @@ async fn run(proxy: &EgressProxy, admission: Admission, mut record: Record, clie
     let metrics = &proxy.metrics;
     let idle = proxy.config.idle_timeout.0;
     // The session's limiter sees the tunnel's bytes as they move.
-    let counters = Arc::new(Counters::metered(permit.as_ref().map(|lease| lease.meter())));
+    let meter = permit.as_ref().map(|lease| lease.meter());
+    let budget = meter.as_ref().and_then(|m| m.budget().cloned());
+    let counters = Arc::new(Counters::metered(meter));
     metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
     metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
     let stop = proxy.shutdown.hard_stop.cancelled();
     let stats = match client {
-        ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, &early, idle, counters, stop).await,
-        ClientSide::Upgraded(upgraded) => tunnel::run(TokioIo::new(upgraded), upstream, idle, counters, stop).await,
+        ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, &early, idle, counters.clone(), stop).await,
+        ClientSide::Upgraded(upgraded) => {
+            tunnel::run(TokioIo::new(upgraded), upstream, idle, counters.clone(), stop).await
+        }
     };
+    metrics.shaped(counters.shaping_wait());
+    if stats.end == tunnel::TunnelEnd::QuotaExceeded {
+        metrics.quota_closed_tunnels.fetch_add(1, Ordering::Relaxed);
+        // Listed in `/v1/denials` like a refused request: the session sees why its tunnel ended.
+        if let Some(spent) = budget.as_ref().and_then(|b| b.spent()) {
+            record.quota_closed(proxy, &spent.refusal(crate::credential::now_unix()));
+        }
+    }
     metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
     drop(permit);
     if stats.end == tunnel::TunnelEnd::UpstreamError {

@@ -17,7 +17,9 @@ use hyper_util::rt::TokioIo;
 use super::admit::Admission;
 use super::record::Record;
 use super::respond::{BoxError, ProxyBody};
+use super::shaped::{QuotaSpent, Shaped};
 use super::{EgressProxy, Session};
+use crate::limit::{ByteBudget, ByteMeter, Direction};
 use crate::policy::Authority;
 use crate::refusal::Refusal;
 
@@ -40,19 +42,16 @@ pub(crate) async fn handle(
         Err(refusal) => return Err((refusal, record)),
     };
     record.admitted(proxy, req.method(), &authority, &admission.decision, admission.addr);
-    match exchange(req, &authority, admission, proxy).await {
+    // The session's meter; with its budget when its bytes are shaped or quota'd, which both bodies then ask.
+    let meter = proxy.limiter.meter(&session.limit_key, &session.policy.limits);
+    let budget = meter.budget().cloned();
+    match exchange(req, &authority, admission, proxy, budget.clone()).await {
         Ok((response, sent)) => {
             record.restart();
             let (parts, body) = response.into_parts();
-            let finish = Finish {
-                proxy: proxy.clone(),
-                limit_key: session.limit_key.clone(),
-                limits: session.policy.limits,
-                sent,
-                status: parts.status.as_u16(),
-                record: Some(record),
-            };
-            let body = Finished { inner: body, received: 0, finish };
+            let finish =
+                Finish { proxy: proxy.clone(), meter, sent, status: parts.status.as_u16(), record: Some(record) };
+            let body = Finished { inner: Shaped::new(body, budget, Direction::Down), received: 0, finish };
             Ok(Response::from_parts(parts, body.boxed()))
         }
         Err(refusal) => Err((refusal, record)),
@@ -67,6 +66,7 @@ async fn exchange(
     authority: &Authority,
     admission: Admission,
     proxy: &EgressProxy,
+    budget: Option<Arc<dyn ByteBudget>>,
 ) -> Result<(Response<Incoming>, Arc<AtomicU64>), Refusal> {
     let Admission { stream, addr, .. } = admission;
     let (mut parts, body) = req.into_parts();
@@ -81,6 +81,7 @@ async fn exchange(
     parts.uri = path.parse().map_err(|_| Refusal::bad_request(format!("bad request target {path:?}")))?;
     parts.version = Version::HTTP_11;
     let sent = Arc::new(AtomicU64::new(0));
+    let body = Shaped::new(body, budget, Direction::Up);
     let upstream_req = Request::from_parts(parts, Counted { inner: body, count: sent.clone() });
 
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -90,7 +91,9 @@ async fn exchange(
         let _ = conn.await;
     });
     let response = sender.send_request(upstream_req).await.map_err(|e| {
-        if e.is_user() || e.is_body_write_aborted() {
+        if let Some(spent) = quota_spent(&e) {
+            spent.0.refusal(crate::credential::now_unix())
+        } else if e.is_user() || e.is_body_write_aborted() {
             Refusal::bad_request(format!("the request body could not be forwarded: {e}"))
         } else {
             Refusal::bad_upstream(format!("upstream {addr} did not answer with valid HTTP: {e}"))
@@ -133,17 +136,29 @@ pub fn absolute_target(uri: &http::Uri) -> Result<Authority, Refusal> {
     Authority::parse(text, Some(80)).map_err(|e| Refusal::bad_request(format!("bad host in URL {text:?}: {e}")))
 }
 
+/// The quota a request body ran out of, if that is why the exchange failed.
+fn quota_spent<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e QuotaSpent> {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(spent) = e.downcast_ref::<QuotaSpent>() {
+            return Some(spent);
+        }
+        cause = e.source();
+    }
+    None
+}
+
 /// A request body that counts the bytes sent upstream.
 struct Counted {
-    inner: Incoming,
+    inner: Shaped<Incoming>,
     count: Arc<AtomicU64>,
 }
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
@@ -165,16 +180,15 @@ impl Body for Counted {
 /// The response body on its way to the client; when it ends (or the client goes away) the request's
 /// closing audit line is written and its bytes counted.
 struct Finished {
-    inner: Incoming,
+    inner: Shaped<Incoming>,
     received: u64,
     finish: Finish,
 }
 
 struct Finish {
     proxy: Arc<EgressProxy>,
-    limit_key: crate::limit::LimitKey,
-    /// The session's policy limits: its quotas are charged with the exchange's bytes.
-    limits: crate::policy::Limits,
+    /// The session's counters; its quotas were charged as the bodies moved (each piece's grant).
+    meter: ByteMeter,
     sent: Arc<AtomicU64>,
     status: u16,
     record: Option<Record>,
@@ -184,7 +198,7 @@ impl Finish {
     fn done(&mut self, received: u64, end: &'static str) {
         let Some(record) = self.record.take() else { return };
         let sent = self.sent.load(Ordering::Relaxed);
-        self.proxy.limiter.record_bytes(&self.limit_key, &self.limits, sent, received);
+        self.meter.add(sent, received);
         record.closed(&self.proxy, sent, received, end, Some(self.status));
     }
 }
@@ -203,8 +217,9 @@ impl Body for Finished {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.finish.done(this.received, "upstream_error");
-                Poll::Ready(Some(Err(e.into())))
+                let end = if quota_spent(&*e).is_some() { "quota_exceeded" } else { "upstream_error" };
+                this.finish.done(this.received, end);
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.finish.done(this.received, "complete");

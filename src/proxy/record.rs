@@ -81,6 +81,7 @@ impl Record {
         proxy.metrics.decision("deny", refusal.code, level.unwrap_or("none"));
         if refusal.is_limit() {
             proxy.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            proxy.metrics.limit_refused(refusal.code);
         }
         // A plain-HTTP target may carry `user:password@`: it is never recorded.
         let target = if self.connect { target.to_string() } else { redact_userinfo(target) };
@@ -110,6 +111,20 @@ impl Record {
         event.client = Some(self.client.to_string());
         event.status = Some(refusal.status.as_u16());
         proxy.audit.write(&event);
+    }
+
+    /// The `/v1/denials` entry of an open tunnel that its session's spent quota closed (its closing line
+    /// says `end = quota_exceeded`).
+    pub fn quota_closed(&self, proxy: &EgressProxy, refusal: &Refusal) {
+        let destination = self.host.as_ref().map_or_else(|| "-".to_string(), |a| a.to_string());
+        let denial = Denial {
+            time: now_unix(),
+            destination,
+            reason: refusal.code,
+            message: refusal.message.clone(),
+            hint: refusal.hint.clone(),
+        };
+        proxy.denials.record(self.session_id(), denial);
     }
 
     /// The closing line of an admitted request: a tunnel's (`status` none) or a forwarded response's.

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::WriteHalf;
 
 use super::tunnel::{Meter, Side};
+use crate::limit::ByteBudget;
 
 /// How much one splice moves. With the kernel's default pipe (64 KiB) splice measured no better than
 /// the copy; 1 MiB pipes are what pay, so a smaller pipe (the per-user pipe allowance,
@@ -108,25 +109,37 @@ pub(super) enum Spliced {
 
 /// Moves `src` → `dst` until `src` ends (the EOF is passed on), either side fails, or the copy must
 /// take over. The pipe is emptied into `dst` before `src` is read again, so it never holds more than
-/// one read's worth, and bytes are counted as they reach `dst`.
+/// one read's worth, and bytes are counted as they reach `dst`. With a `budget` (the session's bytes are
+/// shaped or quota'd) each splice moves at most what it granted.
 pub(super) async fn pump(
     src: &TcpStream,
     w: &mut WriteHalf<'_>,
     pipe: Pipe,
     meter: &Meter<'_>,
+    budget: Option<&dyn ByteBudget>,
 ) -> Result<Spliced, Side> {
     loop {
         match tokio::time::timeout(QUIET, src.readable()).await {
             Err(_) => return Ok(Spliced::Quiet),
             Ok(ready) => ready.map_err(|_| Side::Read)?,
         }
+        let len = match budget {
+            None => PIPE_SIZE,
+            Some(budget) => meter.grant(budget, PIPE_SIZE).await?,
+        };
         // try_io clears the readiness it waited for when the socket turns out to be dry; stopped at an
         // urgent mark it is not dry, so the readiness stays for the copy's read.
-        let spliced =
-            src.try_io(Interest::READABLE, || match splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src) => Ok(None),
-                other => other.map(Some),
-            });
+        let spliced = src.try_io(Interest::READABLE, || match splice(src.as_raw_fd(), pipe.write.as_raw_fd(), len) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src) => Ok(None),
+            other => other.map(Some),
+        });
+        if let Some(budget) = budget {
+            let moved = match &spliced {
+                Ok(Some(n)) => *n,
+                _ => 0,
+            };
+            meter.unused(budget, len, moved);
+        }
         let n = match spliced {
             Ok(None) => return Ok(Spliced::UrgentMark),
             Ok(Some(0)) => {

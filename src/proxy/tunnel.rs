@@ -2,6 +2,10 @@
 //!
 //! Two engines share the same ending rules: [`run_tcp`] for the usual socket-to-socket tunnel (no
 //! buffer while idle, `splice(2)` once a direction carries bulk data), and [`run`] for any stream.
+//!
+//! A session with byte limits (shaping, quotas) hands its tunnels a [`ByteBudget`]: each read or splice
+//! first asks it for a grant and moves at most that much, after the wait it names; a spent quota ends the
+//! tunnel (`quota_exceeded`). Tunnels without a budget run exactly the unlimited path.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-use crate::limit::ByteMeter;
+use crate::limit::{ByteBudget, ByteMeter, Direction, Grant};
 
 /// How a tunnel ended, for the closing log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +27,8 @@ pub enum TunnelEnd {
     ClientError,
     UpstreamError,
     Shutdown,
+    /// A byte quota of the session was spent (by this tunnel or another of its).
+    QuotaExceeded,
 }
 
 impl TunnelEnd {
@@ -33,6 +39,7 @@ impl TunnelEnd {
             TunnelEnd::ClientError => "client_error",
             TunnelEnd::UpstreamError => "upstream_error",
             TunnelEnd::Shutdown => "shutdown",
+            TunnelEnd::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -53,14 +60,27 @@ pub struct Counters {
     last_activity_ms: AtomicU64,
     /// The session's byte meter (its limiter lease's), told of bytes as they move, not at the end.
     meter: Option<ByteMeter>,
+    /// The meter's budget, when the session's bytes are shaped or quota'd.
+    budget: Option<Arc<dyn ByteBudget>>,
+    /// Nanoseconds this tunnel's transfers waited for shaping grants.
+    waited_ns: AtomicU64,
 }
 
 impl Counters {
-    /// Counters that also report every byte to `meter`.
+    /// Counters that also report every byte to `meter`, and ask its budget before moving bytes.
     pub fn metered(meter: Option<ByteMeter>) -> Counters {
-        Counters { meter, ..Counters::default() }
+        let budget = meter.as_ref().and_then(|m| m.budget().cloned());
+        Counters { meter, budget, ..Counters::default() }
+    }
+
+    /// How long this tunnel waited for its session's bandwidth.
+    pub fn shaping_wait(&self) -> Duration {
+        Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed))
     }
 }
+
+/// How often an open tunnel of a session with quotas looks whether another of its tunnels spent them.
+const QUOTA_POLL: Duration = Duration::from_millis(500);
 
 /// The buffer of [`run`], and of a [`run_tcp`] direction while bytes are waiting (an idle tunnel holds
 /// none). 64 KiB rather than 16 moves a bulk transfer in a quarter of the syscalls.
@@ -76,6 +96,39 @@ pub(super) struct Meter<'a> {
 impl<'a> Meter<'a> {
     fn new(up: bool, counters: &'a Counters, start: Instant) -> Meter<'a> {
         Meter { up, counters, start }
+    }
+
+    fn direction(&self) -> Direction {
+        if self.up { Direction::Up } else { Direction::Down }
+    }
+
+    /// The session's budget, if its bytes are limited.
+    pub(super) fn budget(&self) -> Option<&dyn ByteBudget> {
+        self.counters.budget.as_deref()
+    }
+
+    /// Asks the budget for up to `want` bytes and waits out the shaping: the bytes to move now, or the
+    /// quota's end of the tunnel.
+    pub(super) async fn grant(&self, budget: &dyn ByteBudget, want: usize) -> Result<usize, Side> {
+        match budget.grant(self.direction(), want as u64).await {
+            Grant::Bytes { bytes, wait } => {
+                if !wait.is_zero() {
+                    let ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+                    self.counters.waited_ns.fetch_add(ns, Ordering::Relaxed);
+                    tokio::time::sleep(wait).await;
+                }
+                // Never more than asked, whatever the budget says.
+                Ok(usize::try_from(bytes).unwrap_or(want).min(want))
+            }
+            Grant::Spent(_) => Err(Side::Quota),
+        }
+    }
+
+    /// Gives back what a grant allowed and the transfer did not move.
+    pub(super) fn unused(&self, budget: &dyn ByteBudget, granted: usize, moved: usize) {
+        if granted > moved {
+            budget.unused(self.direction(), (granted - moved) as u64);
+        }
     }
 
     pub(super) fn record(&self, n: usize) {
@@ -132,12 +185,33 @@ pub async fn run_tcp(
     let down = Meter::new(false, &counters, start);
     let up = async {
         if !early.is_empty() {
-            uw.write_all(early).await.map_err(|_| Side::Write.end(true))?;
-            up.record(early.len());
+            // Early bytes were read with the CONNECT head; they still count against the session's budget.
+            if let Some(budget) = up.budget() {
+                let mut left = early;
+                while !left.is_empty() {
+                    let n = up.grant(budget, left.len()).await.map_err(|side| side.end(true))?;
+                    uw.write_all(&left[..n]).await.map_err(|_| Side::Write.end(true))?;
+                    up.record(n);
+                    left = &left[n..];
+                }
+            } else {
+                uw.write_all(early).await.map_err(|_| Side::Write.end(true))?;
+                up.record(early.len());
+            }
         }
-        pump_tcp(&cr, &mut uw, &up).await.map_err(|side| side.end(true))
+        match up.budget() {
+            None => pump_tcp(&cr, &mut uw, &up).await,
+            Some(budget) => pump_tcp_budgeted(&cr, &mut uw, &up, budget).await,
+        }
+        .map_err(|side| side.end(true))
     };
-    let down = async { pump_tcp(&ur, &mut cw, &down).await.map_err(|side| side.end(false)) };
+    let down = async {
+        match down.budget() {
+            None => pump_tcp(&ur, &mut cw, &down).await,
+            Some(budget) => pump_tcp_budgeted(&ur, &mut cw, &down, budget).await,
+        }
+        .map_err(|side| side.end(false))
+    };
     supervise(up, down, idle_timeout, &counters, start, stop).await
 }
 
@@ -167,10 +241,21 @@ async fn supervise(
             }
         }
     };
+    // Another tunnel of the session may spend its quota while this one is quiet: it ends too.
+    let quota = async {
+        let Some(budget) = &counters.budget else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(QUOTA_POLL).await;
+            if budget.spent().is_some() {
+                return;
+            }
+        }
+    };
     let end = tokio::select! {
         end = both => end,
         () = idle => TunnelEnd::Idle,
         () = stop => TunnelEnd::Shutdown,
+        () = quota => TunnelEnd::QuotaExceeded,
     };
     TunnelStats {
         bytes_up: counters.up.load(Ordering::Relaxed),
@@ -185,11 +270,14 @@ async fn supervise(
 pub(super) enum Side {
     Read,
     Write,
+    /// The session's quota is spent: neither side's fault.
+    Quota,
 }
 
 impl Side {
     fn end(self, client_to_upstream: bool) -> TunnelEnd {
         match (self, client_to_upstream) {
+            (Side::Quota, _) => TunnelEnd::QuotaExceeded,
             (Side::Read, true) | (Side::Write, false) => TunnelEnd::ClientError,
             (Side::Write, true) | (Side::Read, false) => TunnelEnd::UpstreamError,
         }
@@ -202,8 +290,16 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF_SIZE];
+    let budget = meter.budget();
     loop {
-        let n = r.read(&mut buf).await.map_err(|_| Side::Read)?;
+        let granted = match budget {
+            None => BUF_SIZE,
+            Some(budget) => meter.grant(budget, BUF_SIZE).await?,
+        };
+        let n = r.read(&mut buf[..granted]).await.map_err(|_| Side::Read)?;
+        if let Some(budget) = budget {
+            meter.unused(budget, granted, n);
+        }
         if n == 0 {
             // Half-close: pass the EOF on and keep the other direction running.
             let _ = w.shutdown().await;
@@ -235,7 +331,7 @@ async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) ->
                 // Without a pipe (descriptors or pipe allowance used up) the copy goes on.
                 if let Ok(pipe) = super::splice::Pipe::new() {
                     drop(std::mem::take(&mut buf));
-                    match super::splice::pump(src, w, pipe, meter).await? {
+                    match super::splice::pump(src, w, pipe, meter, None).await? {
                         super::splice::Spliced::Ended => return Ok(()),
                         // Back to the copy: the direction went quiet (its pipe is released), or an
                         // urgent byte stopped the splice (a read steps over it).
@@ -258,6 +354,62 @@ async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) ->
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => return Err(Side::Read),
+            }
+        }
+    }
+}
+
+/// [`pump_tcp`] for a session with byte limits: every read (and, past [`SPLICE_AFTER`], every splice)
+/// moves at most what `budget` granted, after the wait it named. Readability comes first, so a quiet
+/// direction holds no grant; the buffer is released whenever the socket runs dry.
+async fn pump_tcp_budgeted(
+    r: &ReadHalf<'_>,
+    w: &mut WriteHalf<'_>,
+    meter: &Meter<'_>,
+    budget: &dyn ByteBudget,
+) -> Result<(), Side> {
+    let src: &TcpStream = r.as_ref();
+    let mut moved = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        src.readable().await.map_err(|_| Side::Read)?;
+        #[cfg(target_os = "linux")]
+        if moved >= SPLICE_AFTER {
+            moved = 0;
+            if let Ok(pipe) = super::splice::Pipe::new() {
+                buf = Vec::new();
+                match super::splice::pump(src, w, pipe, meter, Some(budget)).await? {
+                    super::splice::Spliced::Ended => return Ok(()),
+                    super::splice::Spliced::Quiet => continue,
+                    // The copy's read below steps over the urgent byte.
+                    super::splice::Spliced::UrgentMark => {}
+                }
+            }
+        }
+        let granted = meter.grant(budget, BUF_SIZE).await?;
+        buf.clear();
+        // Room for the whole grant: a Vec with no spare capacity would take 64 bytes per read.
+        buf.reserve(granted);
+        match src.try_read_buf(&mut bytes::BufMut::limit(&mut buf, granted)) {
+            Ok(0) => {
+                meter.unused(budget, granted, 0);
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => {
+                meter.unused(budget, granted, n);
+                w.write_all(&buf).await.map_err(|_| Side::Write)?;
+                meter.record(n);
+                moved += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                meter.unused(budget, granted, 0);
+                // Dry: hold no buffer while the direction waits.
+                buf = Vec::new();
+            }
+            Err(_) => {
+                meter.unused(budget, granted, 0);
+                return Err(Side::Read);
             }
         }
     }
