@@ -275,6 +275,10 @@ pub trait ByteBudget: Send + Sync + fmt::Debug {
     fn unused(&self, dir: Direction, n: u64);
     fn charge(&self, dir: Direction, n: u64);
     fn spent(&self) -> Option<QuotaExceeded>;
+    /// Whether the budget counts a quota at all: when not, open tunnels need not poll [`ByteBudget::spent`].
+    fn has_quota(&self) -> bool {
+        true
+    }
 }
 
 /// The counters behind a [`ByteMeter`]; each store keeps them its own way (the in-memory limiter inside the

@@ -190,7 +190,7 @@ tests/fixtures/invalid/unicode.toml:3:28: error: pattern "*.münchen.example:844
     ),
     (
         "unknown-limit.toml",
-        r#"tests/fixtures/invalid/unknown-limit.toml:4:1: error: unknown field `burts`, expected one of `requests_per_second`, `burst`, `max_tunnels`
+        r#"tests/fixtures/invalid/unknown-limit.toml:4:1: error: unknown field `burts`, expected one of `requests_per_second`, `burst`, `max_tunnels`, `upload_bytes_per_second`, `download_bytes_per_second`, `upload_quota`, `download_quota`
   |
 4 | burts = 40
   | ^^^^^

@@ -369,6 +369,10 @@ impl ByteBudget for Budget {
         }
     }
 
+    fn has_quota(&self) -> bool {
+        self.limits.has_quota()
+    }
+
     fn spent(&self) -> Option<QuotaExceeded> {
         let now = self.time.unix();
         [Direction::Up, Direction::Down]
@@ -530,6 +534,9 @@ mod tests {
         // One chunk of the rate is 20971 bytes, more than the quota has left after the first grant.
         assert_eq!(budget.grant_now(Direction::Up, MIB), bytes(20_000, 0));
         assert!(matches!(budget.grant_now(Direction::Up, 1), Grant::Spent(_)));
+        assert!(budget.has_quota());
+        let shaping_only = ByteLimits { up: Flow { rate: Some(size("1MiB")), quota: None }, down: Flow::default() };
+        assert!(!Budget::new(shaping_only, clock.clone()).has_quota());
         assert_eq!(budget.grant_now(Direction::Down, 7), bytes(7, 0));
         assert_eq!(budget.grant_now(Direction::Up, 0), bytes(0, 0));
     }

@@ -243,7 +243,9 @@ async fn supervise(
     };
     // Another tunnel of the session may spend its quota while this one is quiet: it ends too.
     let quota = async {
-        let Some(budget) = &counters.budget else { return std::future::pending().await };
+        let Some(budget) = counters.budget.as_ref().filter(|b| b.has_quota()) else {
+            return std::future::pending().await;
+        };
         loop {
             tokio::time::sleep(QUOTA_POLL).await;
             if budget.spent().is_some() {
