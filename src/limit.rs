@@ -41,6 +41,27 @@ pub trait Limiter: Send + Sync + fmt::Debug {
     /// lease's [`ByteMeter`] is where the tunnel reports its bytes as they move.
     fn open_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, Limited<TooManyTunnels>>>;
 
+    /// [`check_request`](Limiter::check_request), then [`open_tunnel`](Limiter::open_tunnel), as one answer:
+    /// what a new CONNECT tunnel asks. A shared store overrides it to do both in one round trip.
+    fn admit_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, Limited<TunnelRefused>>> {
+        let rate = |e: Limited<RateLimited>| e.map(TunnelRefused::Rate);
+        let cap = |e: Limited<TooManyTunnels>| e.map(TunnelRefused::Tunnels);
+        match self.check_request(key, limits).now() {
+            Ok(Err(e)) => Answer::ready(Err(rate(e))),
+            Ok(Ok(())) => match self.open_tunnel(key, limits).now() {
+                Ok(opened) => Answer::ready(opened.map_err(cap)),
+                Err(later) => Answer::later(async move { later.await.map_err(cap) }),
+            },
+            Err(later) => {
+                let (key, limits) = (key.clone(), *limits);
+                Answer::later(async move {
+                    later.await.map_err(rate)?;
+                    self.open_tunnel(&key, &limits).await.map_err(cap)
+                })
+            }
+        }
+    }
+
     /// Whether `key` may start a new tunnel or request under its byte quotas (`upload_quota`,
     /// `download_quota`): refused while either is spent in its current window. Sessions without a quota
     /// are answered at once, without touching the store.
@@ -354,6 +375,22 @@ impl ByteMeter {
 pub enum Limited<E> {
     Over(E),
     StoreUnavailable,
+}
+
+impl<E> Limited<E> {
+    pub fn map<F>(self, f: impl FnOnce(E) -> F) -> Limited<F> {
+        match self {
+            Limited::Over(e) => Limited::Over(f(e)),
+            Limited::StoreUnavailable => Limited::StoreUnavailable,
+        }
+    }
+}
+
+/// Why a new tunnel was not admitted: its session's request rate, or its cap on open tunnels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelRefused {
+    Rate(RateLimited),
+    Tunnels(TooManyTunnels),
 }
 
 /// A request refused because its session is over its rate: answer `429` with `Retry-After`.

@@ -37,7 +37,7 @@ use super::budget::{ByteLimits, TimeSource, WallClock};
 use super::memory::describe;
 use super::{
     Answer, ByteBudget, ByteCounter, ByteMeter, Lease, LimitKey, Limited, Limiter, MemoryLimiter, QuotaExceeded,
-    RateLimited, SessionStats, TooManyTunnels, TunnelSlot,
+    RateLimited, SessionStats, TooManyTunnels, TunnelRefused, TunnelSlot,
 };
 use crate::config::{LimitDefaults, OnStoreError, redact_url};
 use crate::metrics::Metrics;
@@ -74,6 +74,32 @@ if open >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ttl)
 return open + 1
+";
+
+/// A new tunnel: [`CHECK`] on KEYS[1], then [`OPEN`] on KEYS[2], in one call. ARGV: interval (µs), burst,
+/// member, TTL (ms), max. Returns `{0, open}` when admitted, `{1, µs to wait}` over the rate, `{2, open}` at
+/// `max_tunnels` (the rate's cell is spent then, as with two calls).
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now_us)
+if tat < now_us then tat = now_us end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+if allow_at > now_us then
+  return {1, math.max(1, math.ceil(allow_at - now_us))}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now_us) / 1000)))
+local now = math.floor(now_us / 1000)
+local ttl = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local open = redis.call('ZCARD', KEYS[2])
+if open >= tonumber(ARGV[5]) then return {2, open} end
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {0, open + 1}
 ";
 
 /// Extends this instance's live leases. KEYS: lease sets; ARGV[1]: the TTL in ms; ARGV[i + 1]: the member
@@ -141,6 +167,7 @@ struct Store {
     released: mpsc::UnboundedSender<(LimitKey, u64)>,
     check: Script,
     open: Script,
+    admit: Script,
     refresh: Script,
     /// This instance's sessions with byte quotas, flushed to the store every [`FLUSH_EVERY`].
     quotas: Quotas,
@@ -183,6 +210,7 @@ impl RedisLimiter {
             released,
             check: Script::new(CHECK),
             open: Script::new(OPEN),
+            admit: Script::new(ADMIT),
             refresh: Script::new(REFRESH),
             quotas: Quotas::default(),
             time: Arc::new(WallClock::default()),
@@ -268,7 +296,8 @@ impl Store {
     }
 
     fn mark_up(&self) {
-        if !self.up.swap(true, Ordering::AcqRel) {
+        // A load first: on the hot path the store is up, and a swap would contend on the line.
+        if !self.up.load(Ordering::Acquire) && !self.up.swap(true, Ordering::AcqRel) {
             self.metrics.limit_store_up.set(1);
             tracing::info!(target: "sluice::limit", store = %self.url, "limit store reachable; limits are shared");
         }
@@ -317,6 +346,28 @@ impl Store {
         let open: i64 = self.within(self.timeout, call.invoke_async(&mut conn)).await?;
         self.mark_up();
         Ok(open > 0)
+    }
+
+    /// The rate check and the lease of a new tunnel in one round trip.
+    async fn admit_shared(
+        &self,
+        key: &LimitKey,
+        id: u64,
+        (rps, burst, max): (f64, u32, u32),
+    ) -> Result<Result<(), TunnelRefused>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.admit.key(rate_key(key));
+        call.key(tunnels_key(key)).arg(1e6 / rps).arg(burst).arg(self.member(id)).arg(millis(self.lease_ttl)).arg(max);
+        let answer: Vec<i64> = self.within(self.timeout, call.invoke_async(&mut conn)).await?;
+        self.mark_up();
+        Ok(match answer.as_slice() {
+            [0, ..] => Ok(()),
+            [1, wait, ..] => Err(TunnelRefused::Rate(RateLimited {
+                retry_after: Duration::from_micros(u64::try_from(*wait).unwrap_or(1)),
+                limit: describe(rps, burst),
+            })),
+            _ => Err(TunnelRefused::Tunnels(TooManyTunnels { max })),
+        })
     }
 
     fn member(&self, id: u64) -> String {
@@ -502,31 +553,72 @@ impl Limiter for RedisLimiter {
             let id = store.next_lease.fetch_add(1, Ordering::Relaxed);
             // Registered before the store sees it, so a refresh racing the open cannot miss it.
             store.leases.lock().unwrap_or_else(PoisonError::into_inner).insert(id, key.clone());
-            let opened = store.open_shared(&key, id, max).await;
-            let slot = SharedSlot {
+            // The lease exists before the round trip: if the store refuses, or the admission is abandoned
+            // mid-call, dropping it gives both places back (removing a member never added is harmless).
+            let lease = SharedSlot {
                 store: Arc::downgrade(&self.store),
                 meter: store.meter_for(&key, &limits),
-                key,
+                key: key.clone(),
                 id,
                 local: Mutex::new(Some(local)),
-            };
-            match opened {
-                Ok(true) => Ok(slot.lease()),
-                Ok(false) => {
-                    store.leases.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                    Err(Limited::Over(TooManyTunnels { max }))
-                }
+            }
+            .lease();
+            match store.open_shared(&key, id, max).await {
+                Ok(true) => Ok(lease),
+                Ok(false) => Err(Limited::Over(TooManyTunnels { max })),
                 Err(e) => {
                     store.mark_down(&e);
-                    // The store may have added the member before the deadline: the refresher keeps it
-                    // while the tunnel lives, and release removes it, as for any lease.
+                    // The store may have added the member before the deadline: the refresher keeps it while
+                    // the tunnel lives, and the lease's release removes it.
                     match store.on_error {
-                        OnStoreError::Local => Ok(slot.lease()),
-                        OnStoreError::Refuse => {
-                            slot.release();
-                            Err(Limited::StoreUnavailable)
-                        }
+                        OnStoreError::Local => Ok(lease),
+                        OnStoreError::Refuse => Err(Limited::StoreUnavailable),
                     }
+                }
+            }
+        })
+    }
+
+    /// One round trip instead of two: the rate check and the lease in one script.
+    fn admit_tunnel(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<Lease, Limited<TunnelRefused>>> {
+        let store = &*self.store;
+        if !store.up.load(Ordering::Acquire) {
+            if let Err(e) = store.check_fallback(key, limits) {
+                return Answer::ready(Err(e.map(TunnelRefused::Rate)));
+            }
+            // Down: answered at once, from this instance.
+            return match self.open_tunnel(key, limits).now() {
+                Ok(opened) => Answer::ready(opened.map_err(|e| e.map(TunnelRefused::Tunnels))),
+                Err(later) => Answer::later(async move { later.await.map_err(|e| e.map(TunnelRefused::Tunnels)) }),
+            };
+        }
+        let defaults = store.local.defaults();
+        let rps = limits.requests_per_second.unwrap_or(defaults.requests_per_second);
+        let burst = limits.burst.unwrap_or(defaults.burst);
+        let max = limits.max_tunnels.unwrap_or(defaults.max_tunnels);
+        let local = match store.local.open_tunnel_now(key, limits) {
+            Ok(lease) => lease,
+            Err(over) => return Answer::ready(Err(Limited::Over(TunnelRefused::Tunnels(over)))),
+        };
+        let (key, limits) = (key.clone(), *limits);
+        Answer::later(async move {
+            let id = store.next_lease.fetch_add(1, Ordering::Relaxed);
+            store.leases.lock().unwrap_or_else(PoisonError::into_inner).insert(id, key.clone());
+            let lease = SharedSlot {
+                store: Arc::downgrade(&self.store),
+                meter: store.meter_for(&key, &limits),
+                key: key.clone(),
+                id,
+                local: Mutex::new(Some(local)),
+            }
+            .lease();
+            match store.admit_shared(&key, id, (rps, burst, max)).await {
+                Ok(Ok(())) => Ok(lease),
+                Ok(Err(refused)) => Err(Limited::Over(refused)),
+                Err(e) => {
+                    store.mark_down(&e);
+                    store.check_fallback(&key, &limits).map_err(|e| e.map(TunnelRefused::Rate))?;
+                    Ok(lease)
                 }
             }
         })

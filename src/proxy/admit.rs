@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use super::{ANONYMOUS, EgressProxy, Session};
 use crate::credential::{self, AuthError, Kind, now_unix};
-use crate::limit::{Lease, LimitKey, Limited};
+use crate::limit::{Lease, LimitKey, Limited, TunnelRefused};
 use crate::net::{self, NetError, Reach};
 use crate::policy::{Authority, Decision, Mode};
 use crate::refusal::Refusal;
@@ -70,23 +70,27 @@ impl EgressProxy {
             Some(report(policy.mode, Refusal::denied(decision.clone(), authority.clone()))?)
         };
         let in_policy = |r: Refusal| r.in_policy(&policy.name, policy.level.as_str());
-        self.limiter.check_request(&session.limit_key, &policy.limits).await.map_err(|e| match e {
-            Limited::Over(e) => in_policy(Refusal::rate_limited(e.retry_after, &e.limit)),
-            Limited::StoreUnavailable => in_policy(Refusal::limit_store_unavailable()),
-        })?;
+        // A tunnel's rate check and its place under max_tunnels are one answer (one round trip to a shared
+        // store); a plain-HTTP request only counts against the rate.
+        let permit = if tunnel {
+            let permit = self.limiter.admit_tunnel(&session.limit_key, &policy.limits).await;
+            Some(permit.map_err(|e| match e {
+                Limited::Over(TunnelRefused::Rate(e)) => in_policy(Refusal::rate_limited(e.retry_after, &e.limit)),
+                Limited::Over(TunnelRefused::Tunnels(e)) => in_policy(Refusal::too_many_tunnels(e.max)),
+                Limited::StoreUnavailable => in_policy(Refusal::limit_store_unavailable()),
+            })?)
+        } else {
+            self.limiter.check_request(&session.limit_key, &policy.limits).await.map_err(|e| match e {
+                Limited::Over(e) => in_policy(Refusal::rate_limited(e.retry_after, &e.limit)),
+                Limited::StoreUnavailable => in_policy(Refusal::limit_store_unavailable()),
+            })?;
+            None
+        };
+        // A refusal here drops the permit, which gives the tunnel's place back.
         self.limiter
             .check_quota(&session.limit_key, &policy.limits)
             .await
             .map_err(|e| in_policy(e.refusal(now_unix())))?;
-        let permit = if tunnel {
-            let permit = self.limiter.open_tunnel(&session.limit_key, &policy.limits).await;
-            Some(permit.map_err(|e| match e {
-                Limited::Over(e) => in_policy(Refusal::too_many_tunnels(e.max)),
-                Limited::StoreUnavailable => in_policy(Refusal::limit_store_unavailable()),
-            })?)
-        } else {
-            None
-        };
         let timeout = self.config.connect_timeout.0;
         let reached =
             net::reach(&authority.target, authority.port, policy, &self.resolver, &self.own, timeout, &self.metrics)
