@@ -1,4 +1,4 @@
-//! The subcommands other than `serve` (`check`, `validate`, `token`): what they print and the exit status.
+//! The subcommands other than `serve` (`check`, `validate`, `token`, `ca`): what they print and the exit status.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -174,7 +174,8 @@ fn validate_file(path: &Path) -> Vec<Diagnostic> {
 /// `sluice.toml`, or a file whose top level has no `version` but a server table: a server
 /// configuration rather than a policy.
 fn is_server_config(path: &Path, text: &str) -> bool {
-    const TABLES: [&str; 9] = ["egress", "auth", "policies", "resolver", "limits", "git", "admin", "log", "server"];
+    const TABLES: [&str; 10] =
+        ["egress", "auth", "policies", "resolver", "limits", "git", "admin", "log", "server", "inspect"];
     if path.file_name().is_some_and(|f| f == "sluice.toml") {
         return true;
     }
@@ -280,5 +281,68 @@ pub fn token_inspect(token: &str, keys: Option<&Keyring>, out: &mut impl Write) 
                 EXIT_DENY
             }
         },
+    }
+}
+
+/// `sluice ca init --dir DIR`: writes a fresh inspection CA and says how to use it.
+pub fn ca_init(dir: &Path, out: &mut impl Write, err: &mut impl Write) -> u8 {
+    match crate::inspect::ca::init(dir) {
+        Ok(files) => {
+            let quote = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
+            let _ = writeln!(out, "wrote {} (the certificate sandboxes trust)", files.cert.display());
+            let _ =
+                writeln!(out, "wrote {} (mode 0600: the private key; keep it on this machine)", files.key.display());
+            let _ = writeln!(out, "SHA-256 fingerprint: {}", files.fingerprint);
+            let _ = writeln!(
+                out,
+                "\nadd to sluice.toml:\n[inspect]\nca_cert = {}\nca_key = {}",
+                quote(&files.cert),
+                quote(&files.key)
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            let _ = writeln!(err, "sluice ca init: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+/// Where `sluice ca show` finds the certificate.
+pub enum CaSource {
+    /// `[inspect] ca_cert` of this server configuration.
+    Config(PathBuf),
+    /// `ca.pem` in a directory `ca init` wrote.
+    Dir(PathBuf),
+}
+
+/// `sluice ca show`: the CA certificate (PEM) and its SHA-256 fingerprint.
+pub fn ca_show(source: &CaSource, out: &mut impl Write, err: &mut impl Write) -> u8 {
+    let path = match source {
+        CaSource::Dir(dir) => dir.join(crate::inspect::ca::CERT_FILE),
+        CaSource::Config(file) => match crate::config::Config::load(file) {
+            Ok(config) => match config.inspect.ca_cert {
+                Some(p) => p,
+                None => {
+                    let _ = writeln!(err, "sluice ca show: {} sets no [inspect] ca_cert", file.display());
+                    return EXIT_USAGE;
+                }
+            },
+            Err(d) => {
+                let _ = writeln!(err, "{d}");
+                return EXIT_USAGE;
+            }
+        },
+    };
+    match crate::inspect::ca::read_cert(&path) {
+        Ok((pem, der)) => {
+            let _ = write!(out, "{pem}");
+            let _ = writeln!(out, "SHA-256 fingerprint: {}", crate::inspect::fingerprint_sha256(&der));
+            EXIT_OK
+        }
+        Err(e) => {
+            let _ = writeln!(err, "sluice ca show: {e}");
+            EXIT_USAGE
+        }
     }
 }

@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Create or show the CA that signs the certificates of inspected tunnels.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Lint policy files: errors as file:line:col with a snippet and a hint, then warnings.
     Validate {
         /// Files or directories (default: policies/).
@@ -87,6 +92,24 @@ enum TokenCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a fresh CA to DIR/ca.pem and DIR/ca.key (0600); never overwrites either.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Print the CA certificate (PEM) and its SHA-256 fingerprint.
+    Show {
+        /// Server configuration naming [inspect] ca_cert (default: sluice.toml).
+        #[arg(long, conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        /// A directory `sluice ca init` wrote.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum KindArg {
     Egress,
@@ -109,6 +132,16 @@ fn main() -> ExitCode {
             command::check(&args, &mut out, &mut std::io::stderr().lock())
         }
         Command::Validate { paths } => command::validate(&paths, &mut out),
+        Command::Ca { command: CaCommand::Init { dir } } => {
+            command::ca_init(&dir, &mut out, &mut std::io::stderr().lock())
+        }
+        Command::Ca { command: CaCommand::Show { config, dir } } => {
+            let source = match dir {
+                Some(d) => command::CaSource::Dir(d),
+                None => command::CaSource::Config(config.unwrap_or_else(|| PathBuf::from("sluice.toml"))),
+            };
+            command::ca_show(&source, &mut out, &mut std::io::stderr().lock())
+        }
         Command::Token { command: TokenCommand::Mint { kind, session, policy, repo, branch, ttl, key_file } } => {
             let kind = match kind {
                 KindArg::Egress => Kind::Egress,

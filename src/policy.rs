@@ -5,6 +5,7 @@ pub mod defaults;
 pub mod file;
 pub mod guard;
 pub mod host;
+pub mod inspection;
 mod lint;
 pub mod matcher;
 pub mod pattern;
@@ -22,6 +23,7 @@ pub use defaults::{BUILTIN_DEFAULTS, BUILTIN_DEFAULTS_FILE, DEFAULTS_FILE_NAME, 
 pub use file::parse_policy;
 pub use guard::BlockedRange;
 pub use host::{Authority, AuthorityError, Host, HostError, Target};
+pub use inspection::{InspectMode, Inspection};
 pub use pattern::{HostPattern, PatternError};
 pub use set::{PolicySet, toml_files};
 
@@ -261,6 +263,8 @@ pub struct Policy {
     pub ports_explicit: bool,
     pub allow_ips: Vec<(IpNet, Arc<Rule>)>,
     pub limits: Limits,
+    /// Which tunnels are terminated to see the requests inside (`inspect`).
+    pub inspection: Inspection,
 }
 
 /// The ports an entry without `:port` allows when a policy names none.
@@ -283,6 +287,8 @@ impl Policy {
             ports_explicit: false,
             allow_ips: Vec::new(),
             limits: Limits::default(),
+            // The built-in levels have no request rules, so `auto` terminates nothing.
+            inspection: Inspection::default(),
         }
     }
 
@@ -426,6 +432,12 @@ impl Policy {
     /// A refusal for dialling the proxy's own listener, which no `allow_ips` entry lifts.
     pub fn own_address(&self, ip: IpAddr, port: u16) -> Decision {
         self.decision(Verdict::Deny, Reason::OwnAddress { ip, port }, None)
+    }
+
+    /// Whether any tunnel of this policy may be terminated, so that the server needs a CA to serve it.
+    /// (`auto` terminates hosts with request rules; this policy format has none yet, so only `all` does.)
+    pub fn asks_for_inspection(&self) -> bool {
+        self.inspection.mode == InspectMode::All
     }
 
     pub fn allow_len(&self) -> usize {

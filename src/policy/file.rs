@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::defaults::DefaultList;
+use super::inspection::parse_inspection;
 use super::lint::{lint_allow_against, lint_list};
 use super::matcher::Matcher;
 use super::pattern::HostPattern;
@@ -34,6 +35,7 @@ struct RawPolicy {
     #[serde(default)]
     allow_ips: Vec<Spanned<String>>,
     limits: Option<RawLimits>,
+    inspect: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -192,6 +194,7 @@ pub fn parse_policy(
     }
 
     let limits = parse_limits(&src, raw.limits.as_ref(), &mut diags);
+    let inspection = parse_inspection(&src, raw.inspect.as_ref(), &mut diags);
     let deny_matcher = Matcher::new(deny.iter().map(|(p, r, _)| (p.clone(), r.clone())));
     let defaults = (level == Level::Trusted || (level == Level::Custom && include_defaults)).then(|| defaults.clone());
     if level == Level::Custom {
@@ -214,6 +217,7 @@ pub fn parse_policy(
         ports_explicit,
         allow_ips,
         limits,
+        inspection,
     };
     Ok((policy, warnings))
 }

@@ -1,0 +1,91 @@
+//! TLS inspection: the CA sandboxes trust, the leaf certificates it mints for inspected hosts, and
+//! (later) the termination of tunnels a policy asks to see inside.
+
+pub mod ca;
+pub mod leaf;
+
+pub use ca::{Ca, CaError, fingerprint_sha256};
+pub use leaf::{LeafCache, LeafError, TargetCert};
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::config::InspectConfig;
+use crate::policy::PolicySet;
+
+/// What the server holds for inspection: the CA's leaf cache (present when `[inspect]` names a CA).
+#[derive(Debug, Default)]
+pub struct Inspector {
+    pub leaves: Option<Arc<LeafCache>>,
+}
+
+impl Inspector {
+    /// Loads the CA named in `[inspect]` (none configured: an inspector that cannot terminate).
+    pub fn load(config: &InspectConfig) -> Result<Inspector, String> {
+        let (Some(cert), Some(key)) = (&config.ca_cert, &config.ca_key) else {
+            return Ok(Inspector::default());
+        };
+        let ca = Ca::load(cert, key, SystemTime::now()).map_err(|e| format!("[inspect] ca_cert / ca_key: {e}"))?;
+        let capacity = NonZeroUsize::new(config.leaf_cache).unwrap_or(NonZeroUsize::MIN);
+        let leaves = LeafCache::new(ca, capacity).map_err(|e| format!("[inspect]: {e}"))?;
+        tracing::info!(fingerprint = %leaves.ca().fingerprint(), "inspection CA loaded");
+        Ok(Inspector { leaves: Some(Arc::new(leaves)) })
+    }
+}
+
+/// Refuses a policy set that asks for inspection this server cannot give: no CA configured (naming
+/// the policy, where it asks, and the missing keys), or, in this build, any inspection at all — TLS
+/// termination is not built yet, and a policy that believes its tunnels are inspected when they are
+/// not would be worse than one refused.
+pub fn check_served(policies: &PolicySet, has_ca: bool) -> Result<(), String> {
+    for name in policies.names() {
+        let Some(policy) = policies.get(name) else { continue };
+        if !policy.asks_for_inspection() {
+            continue;
+        }
+        let at = format!("{}:{}", policy.source, policy.inspection.line);
+        let asks = format!("policy {name:?} ({at}) asks for TLS inspection (inspect = \"{}\")", policy.inspection.mode);
+        if !has_ca {
+            return Err(format!(
+                "{asks} but no CA is configured: [inspect] ca_cert and ca_key are not set; create a CA with \
+                 `sluice ca init --dir DIR` and name its ca.pem and ca.key there, or set inspect = \"off\""
+            ));
+        }
+        return Err(format!(
+            "{asks}, which this build cannot serve yet (TLS termination is not built); set inspect = \"off\" \
+             until it is"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_policy;
+
+    fn set_with(inspect: &str) -> PolicySet {
+        let mut set = PolicySet::builtin();
+        let text = format!("version = 1\nname = \"p\"\nlevel = \"full\"\n\ninspect = \"{inspect}\"\n");
+        let (policy, _) = parse_policy("p.toml", &text, set.defaults()).unwrap();
+        set.insert(policy);
+        set
+    }
+
+    #[test]
+    fn only_policies_asking_for_inspection_need_what_the_server_lacks() {
+        assert_eq!(check_served(&PolicySet::builtin(), false), Ok(()));
+        assert_eq!(check_served(&set_with("off"), false), Ok(()));
+        assert_eq!(check_served(&set_with("auto"), false), Ok(()));
+        let e = check_served(&set_with("all"), false).unwrap_err();
+        assert!(e.starts_with("policy \"p\" (p.toml:5) asks for TLS inspection (inspect = \"all\") but no CA"), "{e}");
+        let e = check_served(&set_with("all"), true).unwrap_err();
+        assert!(
+            e.ends_with(
+                "which this build cannot serve yet (TLS termination is not built); set inspect = \"off\" until it is"
+            ),
+            "{e}"
+        );
+    }
+}
