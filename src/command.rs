@@ -24,6 +24,21 @@ pub struct CheckArgs {
     pub policy: Option<String>,
     pub json: bool,
     pub destination: String,
+    /// `--method M`: the destination is a URL, and its request is decided against `[[requests]]` too.
+    pub method: Option<String>,
+}
+
+/// A `check --method` destination: `http://` or `https://` URL → authority and path.
+fn check_url(url: &str) -> Result<(Authority, String), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let port = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("https") => 443,
+        Some("http") => 80,
+        _ => return Err("with --method, give a URL: https://HOST[:PORT]/PATH or http://…".into()),
+    };
+    let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let authority = Authority::parse(text, Some(port)).map_err(|e| e.to_string())?;
+    Ok((authority, uri.path().to_string()))
 }
 
 /// `sluice check`: decides one destination and prints the decision on one line (or as JSON).
@@ -42,7 +57,11 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
             return EXIT_USAGE;
         }
     };
-    let authority = match Authority::parse(&args.destination, Some(443)) {
+    let parsed = match &args.method {
+        Some(_) => check_url(&args.destination),
+        None => Authority::parse(&args.destination, Some(443)).map(|a| (a, String::new())).map_err(|e| e.to_string()),
+    };
+    let (authority, path) = match parsed {
         Ok(a) => a,
         Err(e) => {
             let _ = writeln!(err, "sluice check: {:?}: {e}", args.destination);
@@ -50,6 +69,9 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
         }
     };
     let decision = policy.decide(&authority.target, authority.port);
+    if let Some(method) = args.method.as_deref().filter(|_| decision.is_allowed()) {
+        return check_request(&policy, &authority, method, &path, &decision, args.json, out);
+    }
     let printed = if args.json {
         let value = serde_json::json!({
             "destination": authority.to_string(),
@@ -69,6 +91,65 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
         return EXIT_USAGE;
     }
     if decision.is_allowed() { EXIT_OK } else { EXIT_DENY }
+}
+
+/// `check --method`: the host's line, then the request's (or that no request rule names the host).
+fn check_request(
+    policy: &Policy,
+    authority: &Authority,
+    method: &str,
+    path: &str,
+    host: &Decision,
+    json: bool,
+    out: &mut impl Write,
+) -> u8 {
+    let request = policy.decide_request(&authority.target, authority.port, method, path, None);
+    let printed = if json {
+        let request_json = request.as_ref().map(|(d, max_body)| {
+            serde_json::json!({
+                "verdict": d.verdict,
+                "reason": d.reason.to_string(),
+                "reason_code": d.reason.code(),
+                "rule": d.rule,
+                "max_body": max_body,
+                "hint": d.hint(&authority.target, authority.port),
+            })
+        });
+        let value = serde_json::json!({
+            "destination": authority.to_string(),
+            "method": method,
+            "path": crate::policy::normalize_path(path),
+            "verdict": request.as_ref().map_or(host.verdict, |(d, _)| d.verdict),
+            "host": { "reason": host.reason.to_string(), "reason_code": host.reason.code(), "rule": host.rule },
+            "request": request_json,
+            "policy": host.policy,
+            "level": host.level,
+            "terminated": policy.terminates(&authority.target, authority.port),
+        });
+        writeln!(out, "{value}")
+    } else {
+        let line = match &request {
+            None => format!("request: no [[requests]] rule names {}: every request passes", authority.target),
+            Some((d, max_body)) => {
+                let rule = d.rule.as_ref().map_or_else(|| "rule=none".to_string(), |r| r.to_string());
+                let max = max_body.map(|m| format!(" max_body={m}")).unwrap_or_default();
+                format!(
+                    "{} {method} {authority}{} {rule} reason={:?}{max}",
+                    d.verdict.as_str(),
+                    crate::policy::normalize_path(path),
+                    d.reason.to_string()
+                )
+            }
+        };
+        writeln!(out, "{}\n{line}", check_line(authority, host))
+    };
+    if printed.is_err() {
+        return EXIT_USAGE;
+    }
+    match request {
+        Some((d, _)) if !d.is_allowed() => EXIT_DENY,
+        _ => EXIT_OK,
+    }
 }
 
 /// `allow|deny HOST:PORT policy=NAME level=LEVEL rule="PATTERN" (FILE:LINE, group "GROUP") reason="…"`

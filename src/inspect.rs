@@ -34,27 +34,30 @@ impl Inspector {
     }
 }
 
-/// Refuses a policy set that asks for inspection this server cannot give: no CA configured (naming
-/// the policy, where it asks, and the missing keys), or, in this build, any inspection at all — TLS
-/// termination is not built yet, and a policy that believes its tunnels are inspected when they are
-/// not would be worse than one refused.
+/// Refuses a policy set that asks for inspection when no CA is configured, naming the policy, where
+/// it asks, and the missing keys. (With a CA, tunnels the policy terminates are refused one by one
+/// with `inspection_unavailable` until termination is built: never relayed uninspected.)
 pub fn check_served(policies: &PolicySet, has_ca: bool) -> Result<(), String> {
+    if has_ca {
+        return Ok(());
+    }
     for name in policies.names() {
         let Some(policy) = policies.get(name) else { continue };
         if !policy.asks_for_inspection() {
             continue;
         }
-        let at = format!("{}:{}", policy.source, policy.inspection.line);
-        let asks = format!("policy {name:?} ({at}) asks for TLS inspection (inspect = \"{}\")", policy.inspection.mode);
-        if !has_ca {
-            return Err(format!(
-                "{asks} but no CA is configured: [inspect] ca_cert and ca_key are not set; create a CA with \
-                 `sluice ca init --dir DIR` and name its ca.pem and ca.key there, or set inspect = \"off\""
-            ));
-        }
+        let why = if policy.inspection.mode == crate::policy::InspectMode::All {
+            format!("({}:{}) asks for TLS inspection (inspect = \"all\")", policy.source, policy.inspection.line)
+        } else {
+            let line = policy.requests.rules().first().map_or(0, |r| r.rule.line);
+            format!(
+                "({}:{}) has [[requests]] rules, which need TLS inspection (inspect = \"auto\")",
+                policy.source, line
+            )
+        };
         return Err(format!(
-            "{asks}, which this build cannot serve yet (TLS termination is not built); set inspect = \"off\" \
-             until it is"
+            "policy {name:?} {why} but no CA is configured: [inspect] ca_cert and ca_key are not set; create a CA \
+             with `sluice ca init --dir DIR` and name its ca.pem and ca.key there, or set inspect = \"off\""
         ));
     }
     Ok(())
@@ -80,12 +83,14 @@ mod tests {
         assert_eq!(check_served(&set_with("auto"), false), Ok(()));
         let e = check_served(&set_with("all"), false).unwrap_err();
         assert!(e.starts_with("policy \"p\" (p.toml:5) asks for TLS inspection (inspect = \"all\") but no CA"), "{e}");
-        let e = check_served(&set_with("all"), true).unwrap_err();
-        assert!(
-            e.ends_with(
-                "which this build cannot serve yet (TLS termination is not built); set inspect = \"off\" until it is"
-            ),
-            "{e}"
-        );
+        assert_eq!(check_served(&set_with("all"), true), Ok(()));
+        // auto with request rules asks too, naming the first rule.
+        let mut set = PolicySet::builtin();
+        let text =
+            "version = 1\nname = \"r\"\nlevel = \"full\"\n[[requests]]\nhosts = [\"a.test\"]\naction = \"deny\"\n";
+        set.insert(parse_policy("r.toml", text, set.defaults()).unwrap().0);
+        let e = check_served(&set, false).unwrap_err();
+        assert!(e.starts_with("policy \"r\" (r.toml:4) has [[requests]] rules, which need TLS inspection"), "{e}");
+        assert_eq!(check_served(&set, true), Ok(()));
     }
 }

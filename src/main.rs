@@ -36,7 +36,10 @@ enum Command {
         /// Print the decision as JSON.
         #[arg(long)]
         json: bool,
-        /// HOST[:PORT] (default port 443).
+        /// Decide a request too: DESTINATION is then a URL, decided against the [[requests]] rules.
+        #[arg(long)]
+        method: Option<String>,
+        /// HOST[:PORT] (default port 443), or with --method a URL (https://HOST/PATH).
         destination: String,
     },
     /// Mint or inspect signed session credentials.
@@ -127,8 +130,8 @@ fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     let status = match cli.command {
         Command::Serve { config, key_file } => serve(config, key_file),
-        Command::Check { policies, policy, json, destination } => {
-            let args = command::CheckArgs { policies, policy, json, destination };
+        Command::Check { policies, policy, json, method, destination } => {
+            let args = command::CheckArgs { policies, policy, json, destination, method };
             command::check(&args, &mut out, &mut std::io::stderr().lock())
         }
         Command::Validate { paths } => command::validate(&paths, &mut out),

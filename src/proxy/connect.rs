@@ -45,6 +45,15 @@ async fn open(
     record: &mut Record,
 ) -> Result<(Authority, Admission), Refusal> {
     let authority = authority(target)?;
+    // The termination hook. Until TLS termination is built, a tunnel the policy would terminate is
+    // refused before anything is dialled (a refused host keeps its own refusal); policies that inspect
+    // nothing pay one comparison here.
+    let policy = &session.policy;
+    if policy.terminates(&authority.target, authority.port)
+        && policy.decide(&authority.target, authority.port).is_allowed()
+    {
+        return Err(Refusal::inspection_unavailable(&authority).in_policy(&policy.name, policy.level.as_str()));
+    }
     let admission = proxy.admit(session, &authority, true).await?;
     record.admitted(proxy, &Method::CONNECT, &authority, &admission.decision, admission.addr);
     Ok((authority, admission))
