@@ -62,6 +62,9 @@ pub struct EgressConfig {
     pub max_header_bytes: usize,
     /// Open client connections beyond this are answered `503` and closed.
     pub max_connections: usize,
+    /// On tunnels that are not terminated, refuse a ClientHello whose server name is not the CONNECT
+    /// host (`sni_mismatch`).
+    pub check_sni: bool,
 }
 
 impl Default for EgressConfig {
@@ -74,6 +77,7 @@ impl Default for EgressConfig {
             header_timeout: Seconds(Duration::from_secs(10)),
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
+            check_sni: true,
         }
     }
 }

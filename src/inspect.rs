@@ -2,6 +2,7 @@
 //! (later) the termination of tunnels a policy asks to see inside.
 
 pub mod ca;
+pub mod hello;
 pub mod leaf;
 
 pub use ca::{Ca, CaError, fingerprint_sha256};

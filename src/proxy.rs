@@ -8,6 +8,7 @@ pub mod framing;
 pub mod head;
 mod record;
 pub mod respond;
+mod sni;
 // The crate's one use of `unsafe`: the pipe and splice(2) calls, each block with its SAFETY note.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
