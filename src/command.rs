@@ -1,4 +1,4 @@
-//! The subcommands other than `serve` (`check`, `validate`, `token`, `ca`): what they print and the exit status.
+//! The subcommands other than `serve` (`check`, `validate`, `token`, `ca`, `env`): what they print and the exit status.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -426,4 +426,90 @@ pub fn ca_show(source: &CaSource, out: &mut impl Write, err: &mut impl Write) ->
             EXIT_USAGE
         }
     }
+}
+
+/// `sluice env`: what a sandbox image sources to send its traffic through sluice.
+pub struct EnvArgs {
+    pub session: String,
+    pub policy: Option<String>,
+    /// How the sandbox reaches the proxy, `HOST:PORT` (default: `[egress] listen`).
+    pub proxy: String,
+    pub ttl: String,
+    /// Where the sandbox keeps the sluice CA alone (additive trust: Node).
+    pub ca_cert: String,
+    /// Where the sandbox's whole trust bundle is once the CA is installed in it (replacing trust:
+    /// OpenSSL, Python, pip, git, cargo, Ruby, Go).
+    pub ca_bundle: String,
+}
+
+/// Single-quotes `value` for a POSIX shell.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
+}
+
+/// The lines `sluice env` prints: proxy variables with a fresh credential, an empty `NO_PROXY` (so
+/// nothing bypasses the proxy), and the CA variables each common client reads.
+pub fn env_lines(args: &EnvArgs, token: &str) -> String {
+    let url = format!("http://{}:{token}@{}", args.session, args.proxy);
+    let (host, port) = args.proxy.rsplit_once(':').unwrap_or((args.proxy.as_str(), "3128"));
+    let java = format!(
+        "-Dhttps.proxyHost={host} -Dhttps.proxyPort={port} -Dhttp.proxyHost={host} -Dhttp.proxyPort={port} \
+         -Dhttps.proxyUser={s} -Dhttps.proxyPassword={token} -Dhttp.proxyUser={s} -Dhttp.proxyPassword={token} \
+         -Djdk.http.auth.tunneling.disabledSchemes= -Djdk.http.auth.proxying.disabledSchemes=",
+        s = args.session
+    );
+    let (cert, bundle) = (args.ca_cert.as_str(), args.ca_bundle.as_str());
+    let vars: [(&str, &str, &str); 20] = [
+        ("HTTPS_PROXY", &url, "every client: CONNECT through sluice with the session's credential"),
+        ("https_proxy", &url, "curl and others read the lower-case form"),
+        ("HTTP_PROXY", &url, "plain http:// requests"),
+        ("http_proxy", &url, ""),
+        ("ALL_PROXY", &url, ""),
+        ("NO_PROXY", "", "nothing bypasses the proxy"),
+        ("no_proxy", "", ""),
+        ("SSL_CERT_FILE", bundle, "OpenSSL, Python ssl, Ruby, Go"),
+        ("CURL_CA_BUNDLE", bundle, "curl"),
+        ("REQUESTS_CA_BUNDLE", bundle, "Python requests"),
+        ("PIP_CERT", bundle, "pip"),
+        ("GIT_SSL_CAINFO", bundle, "git"),
+        ("CARGO_HTTP_CAINFO", bundle, "cargo"),
+        ("NODE_EXTRA_CA_CERTS", cert, "Node (added to its own roots)"),
+        ("NODE_USE_ENV_PROXY", "1", "Node >= 24: fetch and https honour HTTPS_PROXY"),
+        ("NPM_CONFIG_CAFILE", bundle, "npm"),
+        ("npm_config_proxy", &url, "npm"),
+        ("npm_config_https_proxy", &url, ""),
+        ("YARN_HTTPS_CA_FILE_PATH", bundle, "yarn berry"),
+        ("JAVA_TOOL_OPTIONS", &java, "Java: the proxy, and Basic allowed for CONNECT"),
+    ];
+    let mut out = String::new();
+    out.push_str(&format!(
+        "# sluice egress for session {} (policy {}); source this file in the sandbox\n",
+        args.session,
+        args.policy.as_deref().unwrap_or("trusted")
+    ));
+    out.push_str(&format!(
+        "# install the CA first (as root): put `sluice ca show` output at {cert}, then run update-ca-certificates,\n\
+         # which adds it to {bundle}; Java: keytool -importcert -cacerts -alias sluice -file {cert}\n"
+    ));
+    for (name, value, why) in vars {
+        if !why.is_empty() {
+            out.push_str(&format!("# {why}\n"));
+        }
+        out.push_str(&format!("export {name}={}\n", shell_quote(value)));
+    }
+    out
+}
+
+/// `sluice env`: mints an egress credential and prints [`env_lines`].
+pub fn env(args: &EnvArgs, keys: &Keyring, out: &mut impl Write) -> Result<(), String> {
+    let mint = MintArgs {
+        kind: Kind::Egress,
+        session: args.session.clone(),
+        policy: args.policy.clone(),
+        repo: None,
+        branch: None,
+        ttl: args.ttl.clone(),
+    };
+    let token = keys.mint(&mint_claims(&mint, now_unix())?);
+    write!(out, "{}", env_lines(args, &token)).map_err(|e| e.to_string())
 }

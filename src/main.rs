@@ -52,6 +52,34 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Print what a sandbox sources to use sluice: proxy variables with a fresh credential, and the CA
+    /// variables curl, git, Python, pip, Node, npm, cargo, Go, Java and Ruby read.
+    Env {
+        /// Session id.
+        #[arg(long)]
+        session: String,
+        /// Policy name (default: trusted).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Server configuration, for [egress] listen (default: sluice.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HOST:PORT the sandbox reaches the proxy at (default: [egress] listen).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Credential lifetime: 30s, 15m, 8h, 7d.
+        #[arg(long, default_value = "8h")]
+        ttl: String,
+        /// Where the sandbox keeps the sluice CA certificate.
+        #[arg(long, default_value = "/usr/local/share/ca-certificates/sluice.crt")]
+        ca_cert: String,
+        /// The sandbox's trust bundle once the CA is installed in it.
+        #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+        ca_bundle: String,
+        /// Signing key file (default: the SLUICE_SIGNING_KEY environment variable).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
     /// Lint policy files: errors as file:line:col with a snippet and a hint, then warnings.
     Validate {
         /// Files or directories (default: policies/).
@@ -135,6 +163,27 @@ fn main() -> ExitCode {
             command::check(&args, &mut out, &mut std::io::stderr().lock())
         }
         Command::Validate { paths } => command::validate(&paths, &mut out),
+        Command::Env { session, policy, config, proxy, ttl, ca_cert, ca_bundle, key_file } => {
+            let listen = match config.or_else(|| Some(PathBuf::from("sluice.toml")).filter(|p| p.is_file())) {
+                Some(path) => match sluice::config::Config::load(&path) {
+                    Ok(c) => c.egress.listen.to_string(),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(command::EXIT_USAGE);
+                    }
+                },
+                None => sluice::config::Config::default().egress.listen.to_string(),
+            };
+            let args = command::EnvArgs { session, policy, proxy: proxy.unwrap_or(listen), ttl, ca_cert, ca_bundle };
+            match command::load_keyring(key_file.as_deref(), None).and_then(|keys| command::env(&args, &keys, &mut out))
+            {
+                Ok(()) => command::EXIT_OK,
+                Err(e) => {
+                    eprintln!("sluice env: {e}");
+                    command::EXIT_USAGE
+                }
+            }
+        }
         Command::Ca { command: CaCommand::Init { dir } } => {
             command::ca_init(&dir, &mut out, &mut std::io::stderr().lock())
         }
