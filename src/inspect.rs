@@ -15,23 +15,49 @@ use std::time::SystemTime;
 use crate::config::InspectConfig;
 use crate::policy::PolicySet;
 
-/// What the server holds for inspection: the CA's leaf cache (present when `[inspect]` names a CA).
+/// What the server holds for inspection: the CA's leaf cache (present when `[inspect]` names a CA)
+/// and the roots the upstream leg trusts besides the web PKI (`[inspect] extra_roots`).
 #[derive(Debug, Default)]
 pub struct Inspector {
     pub leaves: Option<Arc<LeafCache>>,
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// Every certificate in the `[inspect] extra_roots` files; a file that cannot be read or holds none is
+/// an error naming it.
+pub fn load_roots(files: &[std::path::PathBuf]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let mut roots = Vec::new();
+    for path in files {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("[inspect] extra_roots: {}: {e}", path.display()))?;
+        let blocks =
+            pem::parse_many(&text).map_err(|e| format!("[inspect] extra_roots: {}: not PEM: {e}", path.display()))?;
+        let before = roots.len();
+        for block in blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE") {
+            let der = block.into_contents();
+            x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| format!("[inspect] extra_roots: {}: a certificate does not parse: {e}", path.display()))?;
+            roots.push(rustls::pki_types::CertificateDer::from(der));
+        }
+        if roots.len() == before {
+            return Err(format!("[inspect] extra_roots: {}: no \"-----BEGIN CERTIFICATE-----\" block", path.display()));
+        }
+    }
+    Ok(roots)
 }
 
 impl Inspector {
     /// Loads the CA named in `[inspect]` (none configured: an inspector that cannot terminate).
     pub fn load(config: &InspectConfig) -> Result<Inspector, String> {
+        let extra_roots = load_roots(&config.extra_roots)?;
         let (Some(cert), Some(key)) = (&config.ca_cert, &config.ca_key) else {
-            return Ok(Inspector::default());
+            return Ok(Inspector { leaves: None, extra_roots });
         };
         let ca = Ca::load(cert, key, SystemTime::now()).map_err(|e| format!("[inspect] ca_cert / ca_key: {e}"))?;
         let capacity = NonZeroUsize::new(config.leaf_cache).unwrap_or(NonZeroUsize::MIN);
         let leaves = LeafCache::new(ca, capacity).map_err(|e| format!("[inspect]: {e}"))?;
         tracing::info!(fingerprint = %leaves.ca().fingerprint(), "inspection CA loaded");
-        Ok(Inspector { leaves: Some(Arc::new(leaves)) })
+        Ok(Inspector { leaves: Some(Arc::new(leaves)), extra_roots })
     }
 }
 

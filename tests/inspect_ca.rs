@@ -159,10 +159,28 @@ fn serve_refuses_half_a_ca_and_a_ca_that_is_not_one() {
 }
 
 #[test]
+fn serve_refuses_extra_roots_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("roots.pem"), "no certificates here\n").unwrap();
+    for (roots, want) in [
+        ("roots.pem", "sluice: [inspect] extra_roots: roots.pem: no \"-----BEGIN CERTIFICATE-----\" block"),
+        ("missing.pem", "sluice: [inspect] extra_roots: missing.pem: No such file or directory"),
+    ] {
+        std::fs::write(tmp.path().join("sluice.toml"), format!("{LISTENS}[inspect]\nextra_roots = [\"{roots}\"]\n"))
+            .unwrap();
+        let run = sluice(tmp.path(), &["serve", "--config", "sluice.toml"]);
+        assert_eq!(run.code, 2);
+        assert!(run.stderr.contains(want), "{}", run.stderr);
+    }
+}
+
+#[test]
 fn serve_with_a_ca_loads_it_and_serves() {
     let tmp = tempfile::tempdir().unwrap();
     assert_eq!(sluice(tmp.path(), &["ca", "init", "--dir", "ca"]).code, 0);
-    let config = format!("{LISTENS}[inspect]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\n");
+    // Any PEM certificate serves as an extra root; the CA's own will do.
+    let config =
+        format!("{LISTENS}[inspect]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\nextra_roots = [\"ca/ca.pem\"]\n");
     std::fs::write(tmp.path().join("sluice.toml"), config).unwrap();
     // A policy asking for inspection is served once there is a CA (its tunnels are refused until
     // termination is built: tests/inspect_rules.rs).
