@@ -85,5 +85,45 @@ fn custom_10k(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, trusted, custom_10k);
+/// A policy with request rules for `api.test` and `unrelated` rules for other hosts.
+fn request_policy(unrelated: usize) -> Policy {
+    let mut toml = String::from("version = 1\nname = \"rules\"\nlevel = \"full\"\n");
+    for i in 0..unrelated {
+        let host = if i % 4 == 0 { format!("*.svc{i}.example.com") } else { format!("api{i}.example.com") };
+        toml.push_str(&format!(
+            "[[requests]]\nhosts = [\"{host}\"]\nmethods = [\"GET\"]\npaths = [\"/v{i}/**\"]\naction = \"allow\"\n"
+        ));
+    }
+    toml.push_str(
+        "[[requests]]\nhosts = [\"api.test\"]\nmethods = [\"GET\", \"HEAD\"]\npaths = [\"/v1/public/**\"]\naction = \"allow\"\n\
+         [[requests]]\nhosts = [\"api.test\"]\nmethods = [\"DELETE\"]\naction = \"deny\"\n\
+         [[requests]]\nhosts = [\"api.test\"]\npaths = [\"/v1/public/secret/**\"]\naction = \"deny\"\n",
+    );
+    parse_policy("rules.toml", &toml, &DefaultList::builtin()).unwrap_or_else(|e| panic!("{e}")).0
+}
+
+/// `Policy::decide_request` for one host's request, beside 0 and 10,000 rules for other hosts: the
+/// figures should match (rules are indexed by host).
+fn request_rules(c: &mut Criterion) {
+    let target = Target::parse("api.test").unwrap_or_else(|e| panic!("{e}"));
+    let unruled = Target::parse("other.test").unwrap_or_else(|e| panic!("{e}"));
+    let mut g = c.benchmark_group("requests/decide_request");
+    for unrelated in [0usize, 10_000] {
+        let policy = request_policy(unrelated);
+        let allowed = policy.decide_request(&target, 443, "GET", "/v1/public/a/b", None);
+        assert!(allowed.is_some_and(|(d, _)| d.is_allowed()), "the allowed case must be allowed");
+        assert!(policy.decide_request(&unruled, 443, "GET", "/", None).is_none());
+        g.bench_function(format!("allowed/{unrelated}-other-rules"), |b| {
+            b.iter(|| {
+                policy.decide_request(black_box(&target), 443, black_box("GET"), black_box("/v1/public/a/b"), None)
+            })
+        });
+        g.bench_function(format!("unruled-host/{unrelated}-other-rules"), |b| {
+            b.iter(|| policy.decide_request(black_box(&unruled), 443, black_box("GET"), black_box("/x"), None))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, trusted, custom_10k, request_rules);
 criterion_main!(benches);

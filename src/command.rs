@@ -1,5 +1,5 @@
-//! The subcommands other than `serve` (`check`, `validate`, `token`; `suggest` and `replay` live in
-//! their own modules): what they print and the exit status.
+//! The subcommands other than `serve` (`check`, `validate`, `token`, `ca`, `env`; `suggest` and `replay`
+//! live in their own modules): what they print and the exit status.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,21 @@ pub struct CheckArgs {
     pub policy: Option<String>,
     pub json: bool,
     pub destination: String,
+    /// `--method M`: the destination is a URL, and its request is decided against `[[requests]]` too.
+    pub method: Option<String>,
+}
+
+/// A `check --method` destination: `http://` or `https://` URL → authority and path.
+fn check_url(url: &str) -> Result<(Authority, String), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let port = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("https") => 443,
+        Some("http") => 80,
+        _ => return Err("with --method, give a URL: https://HOST[:PORT]/PATH or http://…".into()),
+    };
+    let text = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let authority = Authority::parse(text, Some(port)).map_err(|e| e.to_string())?;
+    Ok((authority, uri.path().to_string()))
 }
 
 /// `sluice check`: decides one destination and prints the decision on one line (or as JSON).
@@ -43,7 +58,11 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
             return EXIT_USAGE;
         }
     };
-    let authority = match Authority::parse(&args.destination, Some(443)) {
+    let parsed = match &args.method {
+        Some(_) => check_url(&args.destination),
+        None => Authority::parse(&args.destination, Some(443)).map(|a| (a, String::new())).map_err(|e| e.to_string()),
+    };
+    let (authority, path) = match parsed {
         Ok(a) => a,
         Err(e) => {
             let _ = writeln!(err, "sluice check: {:?}: {e}", args.destination);
@@ -51,6 +70,9 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
         }
     };
     let decision = policy.decide(&authority.target, authority.port);
+    if let Some(method) = args.method.as_deref().filter(|_| decision.is_allowed()) {
+        return check_request(&policy, &authority, method, &path, &decision, args.json, out);
+    }
     let would_deny = !decision.is_allowed() && policy.mode.serves(&decision.reason);
     let printed = if args.json {
         let mut value = serde_json::json!({
@@ -80,6 +102,65 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
         return EXIT_USAGE;
     }
     if decision.is_allowed() || would_deny { EXIT_OK } else { EXIT_DENY }
+}
+
+/// `check --method`: the host's line, then the request's (or that no request rule names the host).
+fn check_request(
+    policy: &Policy,
+    authority: &Authority,
+    method: &str,
+    path: &str,
+    host: &Decision,
+    json: bool,
+    out: &mut impl Write,
+) -> u8 {
+    let request = policy.decide_request(&authority.target, authority.port, method, path, None);
+    let printed = if json {
+        let request_json = request.as_ref().map(|(d, max_body)| {
+            serde_json::json!({
+                "verdict": d.verdict,
+                "reason": d.reason.to_string(),
+                "reason_code": d.reason.code(),
+                "rule": d.rule,
+                "max_body": max_body,
+                "hint": d.hint(&authority.target, authority.port),
+            })
+        });
+        let value = serde_json::json!({
+            "destination": authority.to_string(),
+            "method": method,
+            "path": crate::policy::normalize_path(path),
+            "verdict": request.as_ref().map_or(host.verdict, |(d, _)| d.verdict),
+            "host": { "reason": host.reason.to_string(), "reason_code": host.reason.code(), "rule": host.rule },
+            "request": request_json,
+            "policy": host.policy,
+            "level": host.level,
+            "terminated": policy.terminates(&authority.target, authority.port),
+        });
+        writeln!(out, "{value}")
+    } else {
+        let line = match &request {
+            None => format!("request: no [[requests]] rule names {}: every request passes", authority.target),
+            Some((d, max_body)) => {
+                let rule = d.rule.as_ref().map_or_else(|| "rule=none".to_string(), |r| r.to_string());
+                let max = max_body.map(|m| format!(" max_body={m}")).unwrap_or_default();
+                format!(
+                    "{} {method} {authority}{} {rule} reason={:?}{max}",
+                    d.verdict.as_str(),
+                    crate::policy::normalize_path(path),
+                    d.reason.to_string()
+                )
+            }
+        };
+        writeln!(out, "{}\n{line}", check_line(authority, host))
+    };
+    if printed.is_err() {
+        return EXIT_USAGE;
+    }
+    match request {
+        Some((d, _)) if !d.is_allowed() => EXIT_DENY,
+        _ => EXIT_OK,
+    }
 }
 
 /// `allow|deny HOST:PORT policy=NAME level=LEVEL rule="PATTERN" (FILE:LINE, group "GROUP") reason="…"`
@@ -186,7 +267,8 @@ fn validate_file(path: &Path) -> Vec<Diagnostic> {
 /// `sluice.toml`, or a file whose top level has no `version` but a server table: a server
 /// configuration rather than a policy.
 fn is_server_config(path: &Path, text: &str) -> bool {
-    const TABLES: [&str; 9] = ["egress", "auth", "policies", "resolver", "limits", "git", "admin", "log", "server"];
+    const TABLES: [&str; 10] =
+        ["egress", "auth", "policies", "resolver", "limits", "git", "admin", "log", "server", "inspect"];
     if path.file_name().is_some_and(|f| f == "sluice.toml") {
         return true;
     }
@@ -293,4 +375,153 @@ pub fn token_inspect(token: &str, keys: Option<&Keyring>, out: &mut impl Write) 
             }
         },
     }
+}
+
+/// `sluice ca init --dir DIR`: writes a fresh inspection CA and says how to use it.
+pub fn ca_init(dir: &Path, out: &mut impl Write, err: &mut impl Write) -> u8 {
+    match crate::inspect::ca::init(dir) {
+        Ok(files) => {
+            let quote = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
+            let _ = writeln!(out, "wrote {} (the certificate sandboxes trust)", files.cert.display());
+            let _ =
+                writeln!(out, "wrote {} (mode 0600: the private key; keep it on this machine)", files.key.display());
+            let _ = writeln!(out, "SHA-256 fingerprint: {}", files.fingerprint);
+            let _ = writeln!(
+                out,
+                "\nadd to sluice.toml:\n[inspect]\nca_cert = {}\nca_key = {}",
+                quote(&files.cert),
+                quote(&files.key)
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            let _ = writeln!(err, "sluice ca init: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+/// Where `sluice ca show` finds the certificate.
+pub enum CaSource {
+    /// `[inspect] ca_cert` of this server configuration.
+    Config(PathBuf),
+    /// `ca.pem` in a directory `ca init` wrote.
+    Dir(PathBuf),
+}
+
+/// `sluice ca show`: the CA certificate (PEM) and its SHA-256 fingerprint.
+pub fn ca_show(source: &CaSource, out: &mut impl Write, err: &mut impl Write) -> u8 {
+    let path = match source {
+        CaSource::Dir(dir) => dir.join(crate::inspect::ca::CERT_FILE),
+        CaSource::Config(file) => match crate::config::Config::load(file) {
+            Ok(config) => match config.inspect.ca_cert {
+                Some(p) => p,
+                None => {
+                    let _ = writeln!(err, "sluice ca show: {} sets no [inspect] ca_cert", file.display());
+                    return EXIT_USAGE;
+                }
+            },
+            Err(d) => {
+                let _ = writeln!(err, "{d}");
+                return EXIT_USAGE;
+            }
+        },
+    };
+    match crate::inspect::ca::read_cert(&path) {
+        Ok((pem, der)) => {
+            let _ = write!(out, "{pem}");
+            let _ = writeln!(out, "SHA-256 fingerprint: {}", crate::inspect::fingerprint_sha256(&der));
+            EXIT_OK
+        }
+        Err(e) => {
+            let _ = writeln!(err, "sluice ca show: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+/// `sluice env`: what a sandbox image sources to send its traffic through sluice.
+pub struct EnvArgs {
+    pub session: String,
+    pub policy: Option<String>,
+    /// How the sandbox reaches the proxy, `HOST:PORT` (default: `[egress] listen`).
+    pub proxy: String,
+    pub ttl: String,
+    /// Where the sandbox keeps the sluice CA alone (additive trust: Node).
+    pub ca_cert: String,
+    /// Where the sandbox's whole trust bundle is once the CA is installed in it (replacing trust:
+    /// OpenSSL, Python, pip, git, cargo, Ruby, Go).
+    pub ca_bundle: String,
+}
+
+/// Single-quotes `value` for a POSIX shell.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
+}
+
+/// The lines `sluice env` prints: proxy variables with a fresh credential, an empty `NO_PROXY` (so
+/// nothing bypasses the proxy), and the CA variables each common client reads.
+pub fn env_lines(args: &EnvArgs, token: &str) -> String {
+    let url = format!("http://{}:{token}@{}", args.session, args.proxy);
+    let (host, port) = args.proxy.rsplit_once(':').unwrap_or((args.proxy.as_str(), "3128"));
+    let java = format!(
+        "-Dhttps.proxyHost={host} -Dhttps.proxyPort={port} -Dhttp.proxyHost={host} -Dhttp.proxyPort={port} \
+         -Dhttps.proxyUser={s} -Dhttps.proxyPassword={token} -Dhttp.proxyUser={s} -Dhttp.proxyPassword={token} \
+         -Djdk.http.auth.tunneling.disabledSchemes= -Djdk.http.auth.proxying.disabledSchemes=",
+        s = args.session
+    );
+    let (cert, bundle) = (args.ca_cert.as_str(), args.ca_bundle.as_str());
+    let vars: [(&str, &str, &str); 20] = [
+        ("HTTPS_PROXY", &url, "every client: CONNECT through sluice with the session's credential"),
+        ("https_proxy", &url, "curl and others read the lower-case form"),
+        ("HTTP_PROXY", &url, "plain http:// requests"),
+        ("http_proxy", &url, ""),
+        ("ALL_PROXY", &url, ""),
+        ("NO_PROXY", "", "nothing bypasses the proxy"),
+        ("no_proxy", "", ""),
+        ("SSL_CERT_FILE", bundle, "OpenSSL, Python ssl, Ruby, Go"),
+        ("CURL_CA_BUNDLE", bundle, "curl"),
+        ("REQUESTS_CA_BUNDLE", bundle, "Python requests"),
+        ("PIP_CERT", bundle, "pip"),
+        ("GIT_SSL_CAINFO", bundle, "git"),
+        ("CARGO_HTTP_CAINFO", bundle, "cargo"),
+        ("NODE_EXTRA_CA_CERTS", cert, "Node (added to its own roots)"),
+        ("NODE_USE_ENV_PROXY", "1", "Node >= 24: fetch and https honour HTTPS_PROXY"),
+        ("NPM_CONFIG_CAFILE", bundle, "npm"),
+        ("npm_config_proxy", &url, "npm"),
+        ("npm_config_https_proxy", &url, ""),
+        ("YARN_HTTPS_CA_FILE_PATH", bundle, "yarn berry"),
+        ("JAVA_TOOL_OPTIONS", &java, "Java: the proxy, and Basic allowed for CONNECT"),
+    ];
+    let mut out = String::new();
+    out.push_str(&format!(
+        "# sluice egress for session {} (policy {}); source this file in the sandbox\n",
+        args.session,
+        args.policy.as_deref().unwrap_or("trusted")
+    ));
+    out.push_str(&format!(
+        "# install the CA first (as root): put `sluice ca show` output at {cert}, then run update-ca-certificates,\n\
+         # which adds it to {bundle}; Java: keytool -importcert -cacerts -alias sluice -file {cert}\n"
+    ));
+    for (name, value, why) in vars {
+        if !why.is_empty() {
+            out.push_str(&format!("# {why}\n"));
+        }
+        out.push_str(&format!("export {name}={}\n", shell_quote(value)));
+    }
+    out
+}
+
+/// `sluice env`: mints an egress credential and prints [`env_lines`].
+pub fn env(args: &EnvArgs, keys: &Keyring, out: &mut impl Write) -> Result<(), String> {
+    let mint = MintArgs {
+        kind: Kind::Egress,
+        session: args.session.clone(),
+        policy: args.policy.clone(),
+        repo: None,
+        branch: None,
+        ttl: args.ttl.clone(),
+    };
+    let token = keys.mint(&mint_claims(&mint, now_unix())?);
+    write!(out, "{}", env_lines(args, &token)).map_err(|e| e.to_string())
 }

@@ -63,6 +63,9 @@ pub struct EgressConfig {
     pub max_header_bytes: usize,
     /// Open client connections beyond this are answered `503` and closed.
     pub max_connections: usize,
+    /// On tunnels that are not terminated, refuse a ClientHello whose server name is not the CONNECT
+    /// host (`sni_mismatch`).
+    pub check_sni: bool,
 }
 
 impl Default for EgressConfig {
@@ -75,6 +78,7 @@ impl Default for EgressConfig {
             header_timeout: Seconds(Duration::from_secs(10)),
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
+            check_sni: true,
         }
     }
 }
@@ -619,6 +623,40 @@ pub enum TokenSource {
     Env(String),
 }
 
+/// The `[inspect]` table: the CA that signs leaf certificates for inspected tunnels, and the roots the
+/// upstream leg trusts beyond the web PKI.
+///
+/// ```toml
+/// [inspect]
+/// ca_cert = "/etc/sluice/ca.pem"      # written by `sluice ca init --dir /etc/sluice`
+/// ca_key = "/etc/sluice/ca.key"
+/// extra_roots = ["/etc/sluice/corp-root.pem"]
+/// leaf_cache = 10000
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InspectConfig {
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// PEM files whose certificates the upstream leg trusts besides the web PKI.
+    pub extra_roots: Vec<PathBuf>,
+    /// Leaf certificates kept (least recently used evicted first).
+    pub leaf_cache: usize,
+}
+
+impl Default for InspectConfig {
+    fn default() -> Self {
+        InspectConfig { ca_cert: None, ca_key: None, extra_roots: Vec::new(), leaf_cache: 10_000 }
+    }
+}
+
+impl InspectConfig {
+    /// Whether a CA is configured (both files named; [`Config::parse`] refuses one without the other).
+    pub fn has_ca(&self) -> bool {
+        self.ca_cert.is_some() && self.ca_key.is_some()
+    }
+}
+
 /// Everything `sluice serve` reads; `Config::default()` is the out-of-the-box local mode.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -633,6 +671,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub server: ServerConfig,
+    pub inspect: InspectConfig,
 }
 
 impl Config {
@@ -666,6 +705,20 @@ impl Config {
             let at = text.find("threads").unwrap_or(0);
             let hint = Some("0 (the default) starts one per CPU".into());
             errors.push(src.error(at..at + 7, "threads must be at most 1024", hint));
+        }
+        let inspect = &config.inspect;
+        for (given, missing) in [("ca_cert", "ca_key"), ("ca_key", "ca_cert")] {
+            let has = |k| if k == "ca_cert" { inspect.ca_cert.is_some() } else { inspect.ca_key.is_some() };
+            if has(given) && !has(missing) {
+                let at = text.find(given).unwrap_or(0);
+                let hint = Some(format!("set [inspect] {missing} too; `sluice ca init --dir DIR` writes both"));
+                errors.push(src.error(at..at + given.len(), format!("[inspect] {given} needs {missing}"), hint));
+            }
+        }
+        if inspect.leaf_cache == 0 {
+            let at = text.find("leaf_cache").unwrap_or(0);
+            let hint = Some("the default is 10000".into());
+            errors.push(src.error(at..at + 10, "leaf_cache must be at least 1", hint));
         }
         if errors.is_empty() { Ok(config) } else { Err(Diagnostics(errors)) }
     }
@@ -731,6 +784,27 @@ shutdown_grace = "2s"
                 .starts_with("s.toml:2:18: error: invalid duration \"3 weeks\": expected e.g. 30s, 15m, 8h or 7d"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn inspect_table_parses_and_refuses_half_a_ca() {
+        let c = Config::parse("s.toml", "").unwrap();
+        assert_eq!(c.inspect, InspectConfig::default());
+        assert_eq!(c.inspect.leaf_cache, 10_000);
+        assert!(!c.inspect.has_ca());
+        let text =
+            "[inspect]\nca_cert = \"/ca.pem\"\nca_key = \"/ca.key\"\nextra_roots = [\"/r.pem\"]\nleaf_cache = 5\n";
+        let c = Config::parse("s.toml", text).unwrap();
+        assert!(c.inspect.has_ca());
+        assert_eq!(c.inspect.extra_roots, vec![PathBuf::from("/r.pem")]);
+        assert_eq!(c.inspect.leaf_cache, 5);
+        let e = Config::parse("s.toml", "[inspect]\nca_cert = \"/ca.pem\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("s.toml:2:1: error: [inspect] ca_cert needs ca_key"), "{e}");
+        assert!(e.contains("sluice ca init --dir DIR"), "{e}");
+        let e = Config::parse("s.toml", "[inspect]\nleaf_cache = 0\n").unwrap_err().to_string();
+        assert!(e.starts_with("s.toml:2:1: error: leaf_cache must be at least 1"), "{e}");
+        let e = Config::parse("s.toml", "[inspect]\nca_certs = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `ca_certs`"), "{e}");
     }
 
     #[test]

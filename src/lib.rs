@@ -19,7 +19,8 @@
 //!
 //! Layers (a module uses only those below it):
 //! - L0, pure: [`policy`], [`credential`], [`refusal`], [`diagnostic`], `git::{pktline, push, route}`.
-//! - L1, I/O: [`listen`], [`net`], [`limit`], [`audit`], [`metrics`], [`reload`].
+//! - L1, I/O: [`listen`], [`net`], [`limit`], [`audit`], [`metrics`], [`reload`], [`inspect`] (the CA and
+//!   its leaf certificates).
 //! - L2, front ends: [`proxy`], [`git`], [`admin`] (proxy and git never use each other).
 //! - L3, wiring: [`config`], [`server`], [`command`], the policy-authoring tools [`suggest`] and
 //!   [`replay`] (they read decision logs back through `audit::reader`), and the binary.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod credential;
 pub mod diagnostic;
 pub mod git;
+pub mod inspect;
 pub mod limit;
 pub mod listen;
 pub mod metrics;

@@ -36,7 +36,10 @@ enum Command {
         /// Print the decision as JSON.
         #[arg(long)]
         json: bool,
-        /// HOST[:PORT] (default port 443).
+        /// Decide a request too: DESTINATION is then a URL, decided against the [[requests]] rules.
+        #[arg(long)]
+        method: Option<String>,
+        /// HOST[:PORT] (default port 443), or with --method a URL (https://HOST/PATH).
         destination: String,
     },
     /// Mint or inspect signed session credentials.
@@ -77,6 +80,39 @@ enum Command {
         /// Print the changes as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Create or show the CA that signs the certificates of inspected tunnels.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Print what a sandbox sources to use sluice: proxy variables with a fresh credential, and the CA
+    /// variables curl, git, Python, pip, Node, npm, cargo, Go, Java and Ruby read.
+    Env {
+        /// Session id.
+        #[arg(long)]
+        session: String,
+        /// Policy name (default: trusted).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Server configuration, for [egress] listen (default: sluice.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HOST:PORT the sandbox reaches the proxy at (default: [egress] listen).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Credential lifetime: 30s, 15m, 8h, 7d.
+        #[arg(long, default_value = "8h")]
+        ttl: String,
+        /// Where the sandbox keeps the sluice CA certificate.
+        #[arg(long, default_value = "/usr/local/share/ca-certificates/sluice.crt")]
+        ca_cert: String,
+        /// The sandbox's trust bundle once the CA is installed in it.
+        #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+        ca_bundle: String,
+        /// Signing key file (default: the SLUICE_SIGNING_KEY environment variable).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Lint policy files: errors as file:line:col with a snippet and a hint, then warnings.
     Validate {
@@ -121,6 +157,24 @@ enum TokenCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a fresh CA to DIR/ca.pem and DIR/ca.key (0600); never overwrites either.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Print the CA certificate (PEM) and its SHA-256 fingerprint.
+    Show {
+        /// Server configuration naming [inspect] ca_cert (default: sluice.toml).
+        #[arg(long, conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        /// A directory `sluice ca init` wrote.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum KindArg {
     Egress,
@@ -138,8 +192,8 @@ fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     let status = match cli.command {
         Command::Serve { config, key_file } => serve(config, key_file),
-        Command::Check { policies, policy, json, destination } => {
-            let args = command::CheckArgs { policies, policy, json, destination };
+        Command::Check { policies, policy, json, method, destination } => {
+            let args = command::CheckArgs { policies, policy, json, destination, method };
             command::check(&args, &mut out, &mut std::io::stderr().lock())
         }
         Command::Validate { paths } => command::validate(&paths, &mut out),
@@ -150,6 +204,37 @@ fn main() -> ExitCode {
         Command::Replay { log, policy, policies, json } => {
             let args = sluice::replay::ReplayArgs { log, policy, policies, json };
             sluice::replay::run(&args, &mut out, &mut std::io::stderr().lock())
+        }
+        Command::Env { session, policy, config, proxy, ttl, ca_cert, ca_bundle, key_file } => {
+            let listen = match config.or_else(|| Some(PathBuf::from("sluice.toml")).filter(|p| p.is_file())) {
+                Some(path) => match sluice::config::Config::load(&path) {
+                    Ok(c) => c.egress.listen.to_string(),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(command::EXIT_USAGE);
+                    }
+                },
+                None => sluice::config::Config::default().egress.listen.to_string(),
+            };
+            let args = command::EnvArgs { session, policy, proxy: proxy.unwrap_or(listen), ttl, ca_cert, ca_bundle };
+            match command::load_keyring(key_file.as_deref(), None).and_then(|keys| command::env(&args, &keys, &mut out))
+            {
+                Ok(()) => command::EXIT_OK,
+                Err(e) => {
+                    eprintln!("sluice env: {e}");
+                    command::EXIT_USAGE
+                }
+            }
+        }
+        Command::Ca { command: CaCommand::Init { dir } } => {
+            command::ca_init(&dir, &mut out, &mut std::io::stderr().lock())
+        }
+        Command::Ca { command: CaCommand::Show { config, dir } } => {
+            let source = match dir {
+                Some(d) => command::CaSource::Dir(d),
+                None => command::CaSource::Config(config.unwrap_or_else(|| PathBuf::from("sluice.toml"))),
+            };
+            command::ca_show(&source, &mut out, &mut std::io::stderr().lock())
         }
         Command::Token { command: TokenCommand::Mint { kind, session, policy, repo, branch, ttl, key_file } } => {
             let kind = match kind {

@@ -5,10 +5,12 @@ pub mod defaults;
 pub mod file;
 pub mod guard;
 pub mod host;
+pub mod inspection;
 mod lint;
 pub mod matcher;
 pub mod pattern;
 pub mod quota;
+pub mod request;
 pub mod set;
 
 use std::collections::BTreeMap;
@@ -23,7 +25,9 @@ pub use defaults::{BUILTIN_DEFAULTS, BUILTIN_DEFAULTS_FILE, DEFAULTS_FILE_NAME, 
 pub use file::parse_policy;
 pub use guard::BlockedRange;
 pub use host::{Authority, AuthorityError, Host, HostError, Target};
+pub use inspection::{InspectMode, Inspection};
 pub use pattern::{HostPattern, PatternError};
+pub use request::{Action, RequestOutcome, RequestRule, RequestRules, normalize_path};
 pub use set::{PolicySet, toml_files};
 
 use matcher::{Lookup, Matcher};
@@ -117,6 +121,10 @@ pub enum RuleList {
     AllowIps,
     Level,
     Guard,
+    /// A `[[requests]]` table.
+    Requests,
+    /// `tls_passthrough`.
+    TlsPassthrough,
 }
 
 /// The entry that decided: its text as the author wrote it (canonical), and where it stands.
@@ -180,12 +188,43 @@ pub enum Reason {
     LevelNone,
     Denylisted,
     NotAllowlisted,
-    PortNotAllowed { port: u16, allowed: Vec<u16> },
-    IpNotAllowed { ip: IpAddr },
-    BlockedAddress { ip: IpAddr, range: String },
-    BlockedName { name: String, range: String },
-    OwnAddress { ip: IpAddr, port: u16 },
+    PortNotAllowed {
+        port: u16,
+        allowed: Vec<u16>,
+    },
+    IpNotAllowed {
+        ip: IpAddr,
+    },
+    BlockedAddress {
+        ip: IpAddr,
+        range: String,
+    },
+    BlockedName {
+        name: String,
+        range: String,
+    },
+    OwnAddress {
+        ip: IpAddr,
+        port: u16,
+    },
     InvalidPort,
+    /// A `[[requests]]` allow rule matched the request.
+    RequestAllowed,
+    /// A `[[requests]]` deny rule matched the request.
+    RequestDenied {
+        method: String,
+        path: String,
+    },
+    /// The host has request allow rules and none matched.
+    NoRequestRule {
+        method: String,
+        path: String,
+    },
+    /// The request body is larger than the allowing rule's `max_body`.
+    BodyTooLarge {
+        max: u64,
+        length: u64,
+    },
 }
 
 impl Reason {
@@ -204,6 +243,10 @@ impl Reason {
             Reason::BlockedName { .. } => "blocked_name",
             Reason::OwnAddress { .. } => "own_address",
             Reason::InvalidPort => "invalid_port",
+            Reason::RequestAllowed => "request_allowed",
+            Reason::RequestDenied { .. } => "request_denied",
+            Reason::NoRequestRule { .. } => "no_request_rule",
+            Reason::BodyTooLarge { .. } => "body_too_large",
         }
     }
 
@@ -243,6 +286,14 @@ impl fmt::Display for Reason {
             Reason::BlockedName { name, range } => write!(f, "{name} always means a {range}"),
             Reason::OwnAddress { ip, port } => write!(f, "{ip}:{port} is this proxy's own listening address"),
             Reason::InvalidPort => f.write_str("port 0 is not a destination"),
+            Reason::RequestAllowed => f.write_str("allowed by a request rule"),
+            Reason::RequestDenied { method, path } => write!(f, "{method} {path} is refused by a request rule"),
+            Reason::NoRequestRule { method, path } => {
+                write!(f, "no request rule allows {method} {path} (this host's requests need one)")
+            }
+            Reason::BodyTooLarge { max, length } => {
+                write!(f, "the request body ({length} bytes) is larger than the rule's max_body ({max} bytes)")
+            }
         }
     }
 }
@@ -278,6 +329,19 @@ impl Decision {
                 None => "remove the entry from `deny`".to_string(),
             },
             Reason::LevelNone => "use a policy with level \"trusted\", \"custom\" or \"full\"".to_string(),
+            Reason::RequestDenied { .. } => match &self.rule {
+                Some(r) => {
+                    format!("the [[requests]] deny rule at {} refuses it; narrow or remove that rule", r.location())
+                }
+                None => "remove the [[requests]] deny rule".to_string(),
+            },
+            Reason::NoRequestRule { method, path } => format!(
+                "to allow it, add a [[requests]] rule with hosts = [\"{host}\"], methods = [\"{method}\"], paths = [\"{path}\"] and action = \"allow\""
+            ),
+            Reason::BodyTooLarge { .. } => match &self.rule {
+                Some(r) => format!("raise max_body in the [[requests]] rule at {}", r.location()),
+                None => "raise max_body in the [[requests]] rule".to_string(),
+            },
             Reason::IpNotAllowed { ip } | Reason::BlockedAddress { ip, .. } => {
                 let net = match ip {
                     IpAddr::V4(_) => format!("{ip}/32"),
@@ -316,6 +380,12 @@ pub struct Policy {
     pub ports_explicit: bool,
     pub allow_ips: Vec<(IpNet, Arc<Rule>)>,
     pub limits: Limits,
+    /// Which tunnels are terminated to see the requests inside (`inspect`).
+    pub inspection: Inspection,
+    /// `tls_passthrough`: hosts never terminated.
+    pub(crate) tls_passthrough: RuleMatcher,
+    /// `[[requests]]`.
+    pub requests: RequestRules,
 }
 
 /// The ports an entry without `:port` allows when a policy names none.
@@ -339,6 +409,10 @@ impl Policy {
             ports_explicit: false,
             allow_ips: Vec::new(),
             limits: Limits::default(),
+            // The built-in levels have no request rules, so `auto` terminates nothing.
+            inspection: Inspection::default(),
+            tls_passthrough: Matcher::default(),
+            requests: RequestRules::default(),
         }
     }
 
@@ -482,6 +556,65 @@ impl Policy {
     /// A refusal for dialling the proxy's own listener, which no `allow_ips` entry lifts.
     pub fn own_address(&self, ip: IpAddr, port: u16) -> Decision {
         self.decision(Verdict::Deny, Reason::OwnAddress { ip, port }, None)
+    }
+
+    /// Whether any tunnel of this policy may be terminated, so that the server needs a CA to serve it:
+    /// `all`, or `auto` with request rules.
+    pub fn asks_for_inspection(&self) -> bool {
+        match self.inspection.mode {
+            InspectMode::All => true,
+            InspectMode::Auto => !self.requests.is_empty(),
+            InspectMode::Off => false,
+        }
+    }
+
+    /// Whether an allowed tunnel to this destination is terminated (SPEC §8 "When"): never for a
+    /// `tls_passthrough` host; for every tunnel on `all`; for hosts with request rules on `auto`.
+    pub fn terminates(&self, target: &Target, port: u16) -> bool {
+        let mode = self.inspection.mode;
+        if mode == InspectMode::Off || (mode == InspectMode::Auto && self.requests.is_empty()) {
+            return false;
+        }
+        if let Target::Name(host) = target
+            && !self.tls_passthrough.is_empty()
+            && matches!(self.tls_passthrough.lookup(host, |p| p.port().is_none_or(|p| p == port)), Lookup::Hit(..))
+        {
+            return false;
+        }
+        mode == InspectMode::All || self.requests.names(target, port)
+    }
+
+    /// Decides one HTTP request to an allowed destination against the request rules. `None`: no rule
+    /// names the host, and the host's decision stands. `path` is the request target's path (the query
+    /// is ignored); `body` is the declared `Content-Length`, when there is one. An allowed decision
+    /// carries the allowing rule's `max_body` for the body that is still to come.
+    pub fn decide_request(
+        &self,
+        target: &Target,
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<u64>,
+    ) -> Option<(Decision, Option<u64>)> {
+        let normalized = normalize_path(path);
+        match self.requests.decide(target, port, method, &normalized) {
+            RequestOutcome::Unruled => None,
+            RequestOutcome::Denied(r) => {
+                let reason = Reason::RequestDenied { method: method.to_string(), path: normalized };
+                Some((self.decision(Verdict::Deny, reason, Some(r.rule.clone())), None))
+            }
+            RequestOutcome::NoRule => {
+                let reason = Reason::NoRequestRule { method: method.to_string(), path: normalized };
+                Some((self.decision(Verdict::Deny, reason, None), None))
+            }
+            RequestOutcome::Allowed(r) => match (r.max_body, body) {
+                (Some(max), Some(length)) if length > max => {
+                    let reason = Reason::BodyTooLarge { max, length };
+                    Some((self.decision(Verdict::Deny, reason, Some(r.rule.clone())), None))
+                }
+                _ => Some((self.decision(Verdict::Allow, Reason::RequestAllowed, Some(r.rule.clone())), r.max_body)),
+            },
+        }
     }
 
     pub fn allow_len(&self) -> usize {

@@ -9,6 +9,7 @@ pub mod head;
 mod record;
 pub mod respond;
 mod shaped;
+mod sni;
 // The crate's one use of `unsafe`: the pipe and splice(2) calls, each block with its SAFETY note.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]

@@ -13,7 +13,7 @@ use http::StatusCode;
 
 use crate::credential::{AuthError, CredentialError};
 use crate::policy::quota::{ByteQuota, ByteSize};
-use crate::policy::{Authority, Decision};
+use crate::policy::{Authority, Decision, Reason};
 
 /// Who is at fault: picks the log level (clients err all the time; sluice and upstreams should not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +172,35 @@ impl Refusal {
         r.policy = Some(PolicyContext { name: decision.policy.clone(), level: decision.level.as_str() });
         r.denied = Some(Box::new(Denied { decision, authority }));
         r
+    }
+
+    /// A request rule refused the request: `403`, or `413` when its body is over the rule's `max_body`
+    /// (known from `Content-Length`, or counted while it streamed). Named like a policy refusal, with
+    /// the request rule as its rule.
+    pub fn request_refused(decision: Decision, authority: Authority) -> Refusal {
+        let too_large = matches!(decision.reason, Reason::BodyTooLarge { .. });
+        let mut r = Refusal::denied(decision, authority);
+        if let Some(d) = &r.denied {
+            r.message = format!("request to {} refused: {}", d.authority, d.decision.reason);
+        }
+        if too_large {
+            r.status = StatusCode::PAYLOAD_TOO_LARGE;
+            // The rest of the body is never read: the connection cannot carry another request.
+            r.close = true;
+        }
+        r
+    }
+
+    /// A tunnel this policy terminates, on a server that cannot terminate it yet: `403`, before any
+    /// tunnel opens, so no request the policy's rules would refuse passes uninspected.
+    pub fn inspection_unavailable(authority: &Authority) -> Refusal {
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            "inspection_unavailable",
+            Fault::Policy,
+            format!("{authority} is inspected by this policy (inspect or [[requests]]), and this sluice cannot terminate TLS yet"),
+        )
+        .with_hint("list the host in tls_passthrough or set inspect = \"off\" to tunnel it uninspected")
     }
 
     /// The credential names a policy this server does not have: `403`.

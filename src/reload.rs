@@ -14,8 +14,17 @@ use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 
 /// Loads the directory and swaps it in when valid. Returns whether it was swapped.
-pub fn reload(dir: &Path, policies: &ArcSwap<PolicySet>, metrics: &Metrics) -> bool {
-    match PolicySet::load_dir_or_builtin(dir) {
+pub fn reload(dir: &Path, policies: &ArcSwap<PolicySet>, metrics: &Metrics, has_ca: bool) -> bool {
+    let loaded = PolicySet::load_dir_or_builtin(dir);
+    // The same refusal as at start-up: a policy asking for inspection the server cannot give.
+    if let Ok(set) = &loaded
+        && let Err(e) = crate::inspect::check_served(set, has_ca)
+    {
+        metrics.policy_reload_errors.inc();
+        tracing::error!(target: "sluice::policy", errors = %e, "policy reload refused; the last good policies stay in force");
+        return false;
+    }
+    match loaded {
         Ok(set) => {
             for w in &set.warnings {
                 tracing::warn!(target: "sluice::policy", "{w}");
@@ -40,6 +49,7 @@ pub fn spawn(
     watch: bool,
     policies: Arc<ArcSwap<PolicySet>>,
     metrics: Arc<Metrics>,
+    has_ca: bool,
     stop: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(16);
@@ -78,7 +88,7 @@ pub fn spawn(
             // Editors write files in several steps: wait for the burst to settle, then load once.
             tokio::time::sleep(Duration::from_millis(150)).await;
             while rx.try_recv().is_ok() {}
-            reload(&dir, &policies, &metrics);
+            reload(&dir, &policies, &metrics, has_ca);
         }
     });
     drop(tx);

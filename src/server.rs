@@ -48,6 +48,10 @@ impl Server {
                 known.join(", ")
             ));
         }
+        // A policy that asks for inspection is refused at start-up when it cannot be served; the CA is
+        // loaded (and checked) whenever one is configured.
+        crate::inspect::check_served(&policies, config.inspect.has_ca())?;
+        let _inspector = crate::inspect::Inspector::load(&config.inspect)?;
         let keys = Keyring::load(config.auth.key_file.as_deref(), config.auth.previous_key_file.as_deref())
             .map_err(|e| format!("[auth]: {e}"))?;
         if keys.is_none() && !config.auth.anonymous {
@@ -159,6 +163,7 @@ impl Server {
                 self.config.policies.watch,
                 egress.policies.clone(),
                 egress.metrics.clone(),
+                self.config.inspect.has_ca(),
                 admin_shutdown.draining.clone(),
             );
         }

@@ -360,7 +360,7 @@ fn validate_checks_a_server_configuration_as_one() {
     let run = sluice(&dir.0, &["validate", "sluice.toml", "ops.toml"]);
     assert_eq!(
         run.stdout,
-        "sluice.toml:3:1: error: unknown field `listn`, expected one of `listen`, `policy`, `connect_timeout`, `idle_timeout`, `header_timeout`, `max_header_bytes`, `max_connections`\n  |\n3 | listn = 1\n  | ^^^^^\n  = hint: did you mean `listen`?\n\nchecked 2 files: 1 error, 0 warnings\n"
+        "sluice.toml:3:1: error: unknown field `listn`, expected one of `listen`, `policy`, `connect_timeout`, `idle_timeout`, `header_timeout`, `max_header_bytes`, `max_connections`, `check_sni`\n  |\n3 | listn = 1\n  | ^^^^^\n  = hint: did you mean `listen`?\n\nchecked 2 files: 1 error, 0 warnings\n"
     );
     assert_eq!(run.code, DENY);
 }

@@ -174,7 +174,7 @@ tests/fixtures/invalid/unicode.toml:3:28: error: pattern "*.münchen.example:844
     ),
     (
         "unknown-key.toml",
-        r#"tests/fixtures/invalid/unknown-key.toml:3:1: error: unknown field `alow`, expected one of `version`, `name`, `description`, `level`, `mode`, `include_defaults`, `allow`, `deny`, `ports`, `allow_ips`, `limits`
+        r#"tests/fixtures/invalid/unknown-key.toml:3:1: error: unknown field `alow`, expected one of `version`, `name`, `description`, `level`, `mode`, `include_defaults`, `allow`, `deny`, `ports`, `allow_ips`, `limits`, `inspect`, `tls_passthrough`, `requests`
   |
 3 | alow = ["api.example.com"]
   | ^^^^

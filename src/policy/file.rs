@@ -11,10 +11,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::defaults::DefaultList;
+use super::inspection::{RawRequestRule, lint_reachability, parse_inspection, parse_passthrough, parse_requests};
 use super::lint::{lint_allow_against, lint_list};
 use super::matcher::Matcher;
 use super::pattern::HostPattern;
 use super::quota::{ByteQuota, ByteSize, MIN_BYTES_PER_SECOND};
+use super::request::RequestRules;
 use super::{DEFAULT_PORTS, Level, Limits, Mode, Policy, Rule, RuleList};
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, closest, from_toml_error};
 
@@ -36,6 +38,11 @@ struct RawPolicy {
     #[serde(default)]
     allow_ips: Vec<Spanned<String>>,
     limits: Option<RawLimits>,
+    inspect: Option<Spanned<String>>,
+    #[serde(default)]
+    tls_passthrough: Vec<Spanned<String>>,
+    #[serde(default)]
+    requests: Vec<Spanned<RawRequestRule>>,
 }
 
 #[derive(Deserialize)]
@@ -210,6 +217,9 @@ pub fn parse_policy(
     }
 
     let limits = parse_limits(&src, raw.limits.as_ref(), &mut diags);
+    let inspection = parse_inspection(&src, raw.inspect.as_ref(), &mut diags);
+    let tls_passthrough = parse_passthrough(&src, &source, &raw.tls_passthrough, &mut diags);
+    let requests = RequestRules::new(parse_requests(&src, &source, &raw.requests, &mut diags));
     let deny_matcher = Matcher::new(deny.iter().map(|(p, r, _)| (p.clone(), r.clone())));
     let defaults = (level == Level::Trusted || (level == Level::Custom && include_defaults)).then(|| defaults.clone());
     if level == Level::Custom {
@@ -218,7 +228,7 @@ pub fn parse_policy(
 
     let level_line = raw.level.as_ref().map_or(0, |l| src.location(l.span().start).0);
     let level_rule = Policy::level_rule(level, source.clone(), level_line);
-    let warnings = finish(diags)?;
+    let mut warnings = finish(diags)?;
     let policy = Policy {
         name,
         level,
@@ -233,7 +243,12 @@ pub fn parse_policy(
         ports_explicit,
         allow_ips,
         limits,
+        inspection,
+        tls_passthrough: Matcher::new(tls_passthrough),
+        requests,
     };
+    lint_reachability(&src, text, &policy, &mut warnings);
+    warnings.sort_by_key(|d| (d.line, d.col));
     Ok((policy, warnings))
 }
 

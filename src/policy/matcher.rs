@@ -111,6 +111,28 @@ impl<T> Matcher<T> {
         }
     }
 
+    /// Calls `f` with every entry whose host pattern matches `host` (ports are the caller's to check):
+    /// the same hashed lookups as [`Matcher::lookup`], so entries for other hosts are never visited.
+    pub fn for_each_match(&self, host: &Host, mut f: impl FnMut(&HostPattern, &T)) {
+        if let Some(entries) = self.exact.get(host.as_str()) {
+            entries.iter().for_each(|(p, t)| f(p, t));
+        }
+        if !self.subdomains.is_empty() {
+            for suffix in host.suffixes().skip(1) {
+                if let Some(entries) = self.subdomains.get(suffix) {
+                    entries.iter().for_each(|(p, t)| f(p, t));
+                }
+            }
+        }
+        if !self.glob_entries.is_empty() {
+            let path = host.as_str().replace('.', "/");
+            for i in self.globs.matches(&path) {
+                let (p, t) = &self.glob_entries[i];
+                f(p, t);
+            }
+        }
+    }
+
     /// Every entry, in no particular order (for lints).
     pub fn entries(&self) -> impl Iterator<Item = &(HostPattern, T)> {
         self.exact.values().flatten().chain(self.subdomains.values().flatten()).chain(self.glob_entries.iter())

@@ -57,6 +57,15 @@ async fn open(
     record: &mut Record,
 ) -> Result<(Authority, Admission), Refusal> {
     let authority = authority(target)?;
+    // The termination hook. Until TLS termination is built, a tunnel the policy would terminate is
+    // refused before anything is dialled (a refused host keeps its own refusal); policies that inspect
+    // nothing pay one comparison here.
+    let policy = &session.policy;
+    if policy.terminates(&authority.target, authority.port)
+        && policy.decide(&authority.target, authority.port).is_allowed()
+    {
+        return Err(Refusal::inspection_unavailable(&authority).in_policy(&policy.name, policy.level.as_str()));
+    }
     let admission = proxy.admit(session, &authority, true).await?;
     let would_deny = admission.would_deny.as_ref();
     record.admitted(proxy, &Method::CONNECT, &authority, &admission.decision, would_deny, admission.addr);
@@ -71,7 +80,7 @@ enum ClientSide {
 }
 
 /// Runs an admitted tunnel to its end, then counts it and writes its closing line.
-async fn run(proxy: &EgressProxy, admission: Admission, mut record: Record, client: ClientSide) {
+async fn run(proxy: &EgressProxy, authority: &Authority, admission: Admission, mut record: Record, client: ClientSide) {
     let Admission { stream: upstream, permit, .. } = admission;
     record.restart();
     let metrics = &proxy.metrics;
@@ -82,6 +91,25 @@ async fn run(proxy: &EgressProxy, admission: Admission, mut record: Record, clie
     let counters = Arc::new(Counters::metered(meter));
     metrics.open_tunnels.inc();
     metrics.tunnels_total.inc();
+    // The fronting guard for tunnels that are not terminated: the hello's name is the CONNECT name.
+    let client = match client {
+        ClientSide::Tcp(client, mut early) if proxy.config.check_sni => {
+            let (wait, idle) = (proxy.config.header_timeout.0, proxy.config.idle_timeout.0);
+            let checked = tokio::select! {
+                r = super::sni::check(&client, &upstream, &mut early, &authority.target, wait, idle) => r,
+                () = proxy.shutdown.hard_stop.cancelled() => Err(super::sni::SniRefusal::Shutdown),
+            };
+            if let Err(refused) = checked {
+                refuse_tunnel(authority, client, &refused).await;
+                metrics.open_tunnels.dec();
+                drop(permit);
+                record.closed(proxy, 0, 0, refused.end(), None);
+                return;
+            }
+            ClientSide::Tcp(client, early)
+        }
+        other => other,
+    };
     let stop = proxy.shutdown.hard_stop.cancelled();
     let stats = match client {
         ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, &early, idle, counters.clone(), stop).await,
@@ -103,6 +131,18 @@ async fn run(proxy: &EgressProxy, admission: Admission, mut record: Record, clie
         metrics.upstream_resets.inc();
     }
     record.closed(proxy, stats.bytes_up, stats.bytes_down, stats.end.as_str(), None);
+}
+
+/// Ends a tunnel the SNI check refused: an `access_denied` alert to the client (it is speaking TLS)
+/// and nothing upstream.
+async fn refuse_tunnel(authority: &Authority, mut client: TcpStream, refused: &super::sni::SniRefusal) {
+    if let super::sni::SniRefusal::Mismatch { sni } = refused {
+        tracing::warn!(destination = %authority, sni = %sni, "tunnel refused: the ClientHello names another host (sni_mismatch)");
+    }
+    if matches!(refused, super::sni::SniRefusal::Mismatch { .. } | super::sni::SniRefusal::BadHello) {
+        let _ = client.write_all(&super::sni::ACCESS_DENIED).await;
+    }
+    let _ = client.shutdown().await;
 }
 
 /// What [`serve_first`] did with a connection.
@@ -152,7 +192,7 @@ pub(crate) async fn serve_first(
             }
         };
         match opened {
-            Ok((_, admission)) => {
+            Ok((authority, admission)) => {
                 if let Err(e) =
                     guard.get_mut().write_all(&established(request.version, admission.would_deny.as_ref())).await
                 {
@@ -160,7 +200,7 @@ pub(crate) async fn serve_first(
                     return First::Done;
                 }
                 let (client, early) = guard.into_parts();
-                run(proxy, admission, record, ClientSide::Tcp(client, early.to_vec())).await;
+                run(proxy, &authority, admission, record, ClientSide::Tcp(client, early.to_vec())).await;
                 return First::Done;
             }
             Err(refusal) => {
@@ -287,7 +327,7 @@ pub(crate) async fn handle(
             }
             Err(upgraded) => ClientSide::Upgraded(upgraded),
         };
-        run(&proxy, admission, record, client).await;
+        run(&proxy, &authority, admission, record, client).await;
     });
     let mut response = Response::new(respond::empty());
     *response.status_mut() = StatusCode::OK;

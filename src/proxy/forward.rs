@@ -20,7 +20,7 @@ use super::respond::{BoxError, ProxyBody};
 use super::shaped::{QuotaSpent, Shaped};
 use super::{EgressProxy, Session};
 use crate::limit::{ByteBudget, ByteMeter, Direction};
-use crate::policy::Authority;
+use crate::policy::{Authority, Decision, Policy, Reason, Verdict};
 use crate::refusal::Refusal;
 
 pub(crate) async fn handle(
@@ -34,19 +34,27 @@ pub(crate) async fn handle(
     let admitted = async {
         let authority = absolute_target(&uri)?;
         check_host_header(req.headers(), &authority)?;
+        // Request rules are decided before anything is dialled.
+        let request = decide_request(&session.policy, &authority, &req)?;
         let admission = proxy.admit(session, &authority, false).await?;
-        Ok::<_, Refusal>((authority, admission))
+        Ok::<_, Refusal>((authority, admission, request))
     };
-    let (authority, admission) = match admitted.await {
+    let (authority, admission, request) = match admitted.await {
         Ok(a) => a,
         Err(refusal) => return Err((refusal, record)),
     };
     let would_deny = admission.would_deny.clone();
-    record.admitted(proxy, req.method(), &authority, &admission.decision, would_deny.as_ref(), admission.addr);
+    // The record names the request rule when one decided, else the host's rule.
+    let (decision, max_body) = match request {
+        Some((d, max)) => (d, max),
+        None => (admission.decision.clone(), None),
+    };
+    record.admitted(proxy, req.method(), &authority, &decision, would_deny.as_ref(), admission.addr);
+    let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
     // The session's meter; with its budget when its bytes are shaped or quota'd, which both bodies then ask.
     let meter = proxy.limiter.meter(&session.limit_key, &session.policy.limits);
     let budget = meter.budget().cloned();
-    match exchange(req, &authority, admission, proxy, budget.clone()).await {
+    match exchange(req, &authority, admission, cap, proxy, budget.clone()).await {
         Ok((response, sent)) => {
             record.restart();
             let (mut parts, body) = response.into_parts();
@@ -70,6 +78,7 @@ async fn exchange(
     req: Request<Incoming>,
     authority: &Authority,
     admission: Admission,
+    cap: Option<BodyCap>,
     proxy: &EgressProxy,
     budget: Option<Arc<dyn ByteBudget>>,
 ) -> Result<(Response<Incoming>, Arc<AtomicU64>), Refusal> {
@@ -87,7 +96,9 @@ async fn exchange(
     parts.version = Version::HTTP_11;
     let sent = Arc::new(AtomicU64::new(0));
     let body = Shaped::new(body, budget, Direction::Up);
-    let upstream_req = Request::from_parts(parts, Counted { inner: body, count: sent.clone() });
+    let over = Arc::new(AtomicU64::new(0));
+    let counted = Counted { inner: body, count: sent.clone(), max: cap.as_ref().map(|c| c.max), over: over.clone() };
+    let upstream_req = Request::from_parts(parts, counted);
 
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -96,8 +107,12 @@ async fn exchange(
         let _ = conn.await;
     });
     let response = sender.send_request(upstream_req).await.map_err(|e| {
+        let over_at = over.load(Ordering::Relaxed);
         if let Some(spent) = quota_spent(&e) {
             spent.0.refusal(crate::credential::now_unix())
+        } else if let Some(cap) = cap.as_ref().filter(|_| over_at > 0) {
+            // The upstream has at most `max` bytes of a body that never ended; the connection is gone.
+            Refusal::request_refused(cap.exceeded(over_at), authority.clone())
         } else if e.is_user() || e.is_body_write_aborted() {
             Refusal::bad_request(format!("the request body could not be forwarded: {e}"))
         } else {
@@ -153,10 +168,70 @@ fn quota_spent<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e Quota
     None
 }
 
-/// A request body that counts the bytes sent upstream.
+/// The request rules' verdict on a plain-HTTP request, before it is dialled: `None` when no rule
+/// names the host (or the host itself is refused, which admission then says), the allowing decision
+/// and its `max_body` otherwise, or the refusal. A policy without request rules pays one branch.
+fn decide_request(
+    policy: &Policy,
+    authority: &Authority,
+    req: &Request<Incoming>,
+) -> Result<Option<(Decision, Option<u64>)>, Refusal> {
+    if policy.requests.is_empty() || !policy.decide(&authority.target, authority.port).is_allowed() {
+        return Ok(None);
+    }
+    // Framing was checked by the head guard: at most one Content-Length, and it is a number.
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let path = req.uri().path();
+    match policy.decide_request(&authority.target, authority.port, req.method().as_str(), path, length) {
+        Some((decision, _)) if !decision.is_allowed() => Err(Refusal::request_refused(decision, authority.clone())),
+        other => Ok(other),
+    }
+}
+
+/// The allowing rule's `max_body`, for a body whose length was not declared (chunked) or is counted
+/// as it streams.
+struct BodyCap {
+    max: u64,
+    rule: Decision,
+}
+
+impl BodyCap {
+    /// The decision that refuses a body found to be over the cap at `length` bytes.
+    fn exceeded(&self, length: u64) -> Decision {
+        Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::BodyTooLarge { max: self.max, length },
+            rule: self.rule.rule.clone(),
+            policy: self.rule.policy.clone(),
+            level: self.rule.level,
+        }
+    }
+}
+
+/// The request body was over the rule's `max_body`: what the body yields instead of its next frame.
+#[derive(Debug)]
+struct BodyOverCap;
+
+impl std::fmt::Display for BodyOverCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body is over the rule's max_body")
+    }
+}
+
+impl std::error::Error for BodyOverCap {}
+
+/// A request body that counts the bytes sent upstream, and stops before the frame that would take it
+/// over `max`: the upstream never sees more than the rule allows, nor the end of a body that was cut.
 struct Counted {
     inner: Shaped<Incoming>,
     count: Arc<AtomicU64>,
+    max: Option<u64>,
+    /// Set to the length the body would have reached when it went over `max` (0: it did not).
+    over: Arc<AtomicU64>,
 }
 
 impl Body for Counted {
@@ -168,6 +243,11 @@ impl Body for Counted {
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
+            let reached = self.count.load(Ordering::Relaxed) + data.len() as u64;
+            if self.max.is_some_and(|max| reached > max) {
+                self.over.store(reached, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(Box::new(BodyOverCap))));
+            }
             self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         polled
