@@ -663,7 +663,7 @@ fn an_upload_quota_spent_through_one_instance_is_refused_on_the_other() {
     // 60 KiB through A, then 60 KiB through B once A's bytes are in the store (one flush, 200 ms): B alone has
     // seen 60 KiB, so only the shared count stops the second upload at the 100 KiB quota.
     assert_eq!(upload(a.egress, &s, ws.sink, 60 * 1024).0, 200);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_stored_upload(&redis, "uploader", 60 * 1024);
     let (status, head) = upload(b.egress, &s, ws.sink, 60 * 1024);
     assert_ne!(status, 200, "B let through 120 KiB of a 100 KiB quota: {head}");
     // Spent now on both, whichever instance is asked.
@@ -686,9 +686,28 @@ fn an_upload_quota_spent_through_one_instance_is_refused_on_the_other() {
     // And the other way round, for a session A has never seen: its first request on A reads the store.
     let fresh = auth("fresh-uploader", "quota");
     assert_eq!(upload(b.egress, &fresh, ws.sink, 60 * 1024).0, 200);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_stored_upload(&redis, "fresh-uploader", 60 * 1024);
     let (status, head) = upload(a.egress, &fresh, ws.sink, 60 * 1024);
     assert_ne!(status, 200, "A let through 120 KiB of a 100 KiB quota: {head}");
+}
+
+/// Waits (bounded) until the store's upload counter of session `sid` holds at least `bytes`: the
+/// instance that moved them flushes every 200 ms, later on a loaded machine.
+fn wait_stored_upload(redis: &Redis, sid: &str, bytes: u64) {
+    let pattern = format!("sluice:{{s:{sid}}}:quota:upload:*");
+    let start = Instant::now();
+    loop {
+        let stored: u64 = redis_cli(redis, &["--scan", "--pattern", &pattern])
+            .lines()
+            .filter(|k| !k.is_empty())
+            .map(|k| redis_cli(redis, &["GET", k]).trim().parse::<u64>().unwrap_or(0))
+            .sum();
+        if stored >= bytes {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the store never held {bytes} bytes of {sid} ({stored})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `redis-cli` against the test server: its reply as text.

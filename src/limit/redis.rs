@@ -513,6 +513,26 @@ impl TunnelSlot for SharedSlot {
     }
 }
 
+impl RedisLimiter {
+    /// A tunnel's lease on the shared count, holding its place in `local`. Registered with this instance
+    /// before the store sees it, so a refresh racing the open cannot miss it; and it exists before the
+    /// round trip, so if the store refuses, or the admission is abandoned mid-call, dropping it gives
+    /// both places back (removing a member never added is harmless).
+    fn shared_lease(&self, key: &LimitKey, limits: &Limits, local: Lease) -> (u64, Lease) {
+        let store = &*self.store;
+        let id = store.next_lease.fetch_add(1, Ordering::Relaxed);
+        store.leases.lock().unwrap_or_else(PoisonError::into_inner).insert(id, key.clone());
+        let slot = SharedSlot {
+            store: Arc::downgrade(&self.store),
+            meter: store.meter_for(key, limits),
+            key: key.clone(),
+            id,
+            local: Mutex::new(Some(local)),
+        };
+        (id, slot.lease())
+    }
+}
+
 impl Limiter for RedisLimiter {
     fn check_request(&self, key: &LimitKey, limits: &Limits) -> Answer<'_, Result<(), Limited<RateLimited>>> {
         let store = &*self.store;
@@ -550,19 +570,7 @@ impl Limiter for RedisLimiter {
         }
         let (key, limits) = (key.clone(), *limits);
         Answer::later(async move {
-            let id = store.next_lease.fetch_add(1, Ordering::Relaxed);
-            // Registered before the store sees it, so a refresh racing the open cannot miss it.
-            store.leases.lock().unwrap_or_else(PoisonError::into_inner).insert(id, key.clone());
-            // The lease exists before the round trip: if the store refuses, or the admission is abandoned
-            // mid-call, dropping it gives both places back (removing a member never added is harmless).
-            let lease = SharedSlot {
-                store: Arc::downgrade(&self.store),
-                meter: store.meter_for(&key, &limits),
-                key: key.clone(),
-                id,
-                local: Mutex::new(Some(local)),
-            }
-            .lease();
+            let (id, lease) = self.shared_lease(&key, &limits, local);
             match store.open_shared(&key, id, max).await {
                 Ok(true) => Ok(lease),
                 Ok(false) => Err(Limited::Over(TooManyTunnels { max })),
@@ -602,16 +610,7 @@ impl Limiter for RedisLimiter {
         };
         let (key, limits) = (key.clone(), *limits);
         Answer::later(async move {
-            let id = store.next_lease.fetch_add(1, Ordering::Relaxed);
-            store.leases.lock().unwrap_or_else(PoisonError::into_inner).insert(id, key.clone());
-            let lease = SharedSlot {
-                store: Arc::downgrade(&self.store),
-                meter: store.meter_for(&key, &limits),
-                key: key.clone(),
-                id,
-                local: Mutex::new(Some(local)),
-            }
-            .lease();
+            let (id, lease) = self.shared_lease(&key, &limits, local);
             match store.admit_shared(&key, id, (rps, burst, max)).await {
                 Ok(Ok(())) => Ok(lease),
                 Ok(Err(refused)) => Err(Limited::Over(refused)),
