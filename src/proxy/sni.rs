@@ -44,6 +44,9 @@ fn names_target(sni: &str, target: &Target) -> bool {
     }
 }
 
+/// What one read of the hello takes at most.
+const READ_CHUNK: usize = 4096;
+
 /// Reads the client's first bytes into `early` until they show a ClientHello (checked), or not TLS.
 /// A server that speaks first (SMTP, SSH banners) is not TLS: the check steps aside. `wait` bounds
 /// each read once a handshake has begun; `idle` bounds the wait for anyone's first byte.
@@ -55,7 +58,6 @@ pub(crate) async fn check(
     wait: Duration,
     idle: Duration,
 ) -> Result<(), SniRefusal> {
-    let mut buf = [0u8; 4096];
     loop {
         match hello::parse(early) {
             Hello::NotTls | Hello::Complete { sni: None } => return Ok(()),
@@ -79,13 +81,16 @@ pub(crate) async fn check(
                 Err(_) => return Err(SniRefusal::BadHello),
             }
         }
+        // Declared after the waits, so the buffer is never part of the waiting future: an idle tunnel
+        // held here (and the tunnel's task, whose size is its largest state) does not carry 4 KiB.
+        let mut buf = [0u8; READ_CHUNK];
         match client.try_read(&mut buf) {
             // The client left: with nothing checked, nothing goes upstream but what it already sent
             // of a hello, which is refused; before any byte, the tunnel sees the close.
             Ok(0) => return if early.is_empty() { Ok(()) } else { Err(SniRefusal::BadHello) },
             Ok(n) => {
                 early.extend_from_slice(&buf[..n]);
-                if early.len() > MAX_HELLO + buf.len() {
+                if early.len() > MAX_HELLO + READ_CHUNK {
                     return Err(SniRefusal::BadHello);
                 }
             }
