@@ -101,6 +101,11 @@ impl LimitKey {
         LimitKey(format!("g:{id}").into())
     }
 
+    /// A session's `/api` writes, limited apart from its other requests (`id` verified).
+    pub fn api_writes(id: &str) -> LimitKey {
+        LimitKey(format!("w:{id}").into())
+    }
+
     /// The key of a client without credentials, by its address. An IPv4 client is the same key whether a
     /// listener sees it as `192.0.2.7` or, dual-stack, as `::ffff:192.0.2.7`.
     pub fn anonymous(client: IpAddr) -> LimitKey {
@@ -511,6 +516,7 @@ mod tests {
     fn keys_are_the_same_on_every_instance() {
         assert_eq!(LimitKey::session("sess-42").as_str(), "s:sess-42");
         assert_eq!(LimitKey::git("sess-42").as_str(), "g:sess-42");
+        assert_eq!(LimitKey::api_writes("sess-42").as_str(), "w:sess-42");
         assert_eq!(LimitKey::anonymous("192.0.2.7".parse().unwrap()).as_str(), "anon:192.0.2.7");
         assert_eq!(
             LimitKey::anonymous("::ffff:192.0.2.7".parse().unwrap()),

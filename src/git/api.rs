@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +26,8 @@ use super::upstream::{self, Dialer, Pool, Upstream, bearer_auth, scrub};
 use super::{GitBody, GitError, GitProxy, Record};
 use crate::config::{CommentScope, GitSettings, LogHost};
 use crate::credential::{Basic, Secret, valid_session_id};
-use crate::limit::{LimitKey, Limiter, MemoryLimiter};
+use crate::limit::{LimitKey, Limiter};
+use crate::policy::Limits;
 use crate::refusal::{Fault, Refusal};
 
 mod answer;
@@ -62,9 +63,9 @@ pub struct Api {
     storage: Pool,
     log_hosts: Vec<LogHost>,
     comment_scope: CommentScope,
-    /// Writes per minute and session (`[git.limits] api_writes_per_minute`); `None` when it is 0.
-    writes: Option<(MemoryLimiter, u32)>,
-    checks: AtomicU64,
+    /// The write rate (`[git.limits] api_writes_per_minute`) as limiter limits, and the figure; `None` when
+    /// it is 0. Counted in the server's shared limiter under [`LimitKey::api_writes`].
+    writes: Option<(Limits, u32)>,
     repo_ids: Mutex<HashMap<String, u64>>,
 }
 
@@ -74,15 +75,14 @@ impl Api {
         let storage = Pool::new(dialer, Some(settings.log_allow_ips.iter().map(|r| r.0).collect()));
         let per_minute = settings.limits.api_writes_per_minute;
         // A rate of N a minute with a burst of N: a session may write N times at once, then one more
-        // every 60/N seconds. Its own limiter, so writes and egress requests do not share a budget.
+        // every 60/N seconds. Its own key, so writes and other requests do not share a budget.
         let writes = (per_minute > 0).then(|| {
-            let rate = crate::config::LimitDefaults {
-                requests_per_second: f64::from(per_minute) / 60.0,
-                burst: per_minute,
-                max_tunnels: 1,
-                ..Default::default()
+            let rate = Limits {
+                requests_per_second: Some(f64::from(per_minute) / 60.0),
+                burst: Some(per_minute),
+                ..Limits::default()
             };
-            (MemoryLimiter::new(rate), per_minute)
+            (rate, per_minute)
         });
         Ok(Api {
             upstream,
@@ -90,14 +90,14 @@ impl Api {
             log_hosts: settings.log_hosts.clone(),
             comment_scope: settings.comment_scope,
             writes,
-            checks: AtomicU64::new(0),
             repo_ids: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Counts one write of `session` against `[git.limits] api_writes_per_minute`.
-    async fn check_write_rate(&self, session: &str) -> Result<(), Refusal> {
-        let Some((limiter, per_minute)) = &self.writes else {
+    /// Counts one write of `session` against `[git.limits] api_writes_per_minute`, in `limiter` (the one
+    /// the server shares, so the count holds across instances with a shared store).
+    async fn check_write_rate(&self, limiter: &dyn Limiter, session: &str) -> Result<(), Refusal> {
+        let Some((rate, per_minute)) = &self.writes else {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "api_writes_disabled",
@@ -105,12 +105,7 @@ impl Api {
                 "API writes are disabled on this proxy ([git.limits] api_writes_per_minute = 0)",
             ));
         };
-        // Idle sessions' rate state is dropped now and then, so memory stays bounded.
-        if self.checks.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
-            limiter.housekeeping();
-        }
-        let key = LimitKey::session(session);
-        limiter.check_request(&key, &crate::policy::Limits::default()).await.map_err(|limited| {
+        limiter.check_request(&LimitKey::api_writes(session), rate).await.map_err(|limited| {
             let limited = match limited {
                 crate::limit::Limited::Over(limited) => limited,
                 crate::limit::Limited::StoreUnavailable => return Refusal::limit_store_unavailable(),
@@ -232,7 +227,7 @@ impl GitProxy {
         self.admit(&caller.session, record).await?;
         let write = route.access.is_write();
         let body = if write {
-            self.api.check_write_rate(&caller.session).await?;
+            self.api.check_write_rate(&*self.limiter, &caller.session).await?;
             let bytes = read_write_body(&parts.headers, body).await?;
             self.check_write(&route, &bytes, &parts.headers, &caller).await?;
             record.bytes_up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
