@@ -5,6 +5,9 @@
 //! file), starts echo and source sinks on 127.0.0.1, and measures each figure without a proxy, through
 //! it, and through a bare relay (the least a CONNECT proxy can do, in this process: the machine's
 //! ceiling for any user-space proxy) in the same run, round after round (the median is reported).
+//! When `haproxy` is installed it is started too, as a plain TCP relay (`mode tcp`, forced splice, two
+//! threads) with one port per sink, and the load speaks straight to it (no CONNECT): every round prints
+//! sluice ÷ HAProxy for each figure, the goal for a proxy that also parses, decides and logs.
 //!
 //! Environment:
 //! - `SLUICE_BENCH_SECS` (default 2): seconds per measurement; `SLUICE_BENCH_ROUNDS` (default 3).
@@ -13,6 +16,7 @@
 //! - `SLUICE_BENCH_THREADS` (default 0, one per CPU): sluice's `[server] threads`.
 //! - `SLUICE_BENCH_LIMIT` (e.g. `1GiB`): the bench policy's `upload_bytes_per_second` and
 //!   `download_bytes_per_second` (all the bench's tunnels are one anonymous session, so they share it).
+//! - `SLUICE_BENCH_HAPROXY` (default `haproxy`): the HAProxy binary; `none` leaves it out.
 //! - `SLUICE_BENCH_PROXY=host:port`: measure another proxy instead of starting sluice (CONNECT must
 //!   reach 127.0.0.1 on any port); `SLUICE_BENCH_PID` gives its PID for the RSS and CPU figures, and
 //!   `SLUICE_BENCH_TARGET` the host name it is asked for (default `127.0.0.1`).
@@ -24,11 +28,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const ECHO_MESSAGE: &[u8] = b"sluice bench echo: 32 bytes.....";
 const CHUNK: usize = 128 * 1024;
+/// The name the TLS sink's certificate is for, and the one the bench asks sluice for.
+const TLS_NAME: &str = "bench.test";
 
 struct Settings {
     secs: Duration,
@@ -43,11 +49,13 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
-/// Where load goes: straight to the sink, or through a proxy with CONNECT.
+/// Where load goes: straight to the sink, through a proxy with CONNECT, or to a TCP relay's port for
+/// that sink (HAProxy: one frontend per sink, no CONNECT).
 #[derive(Clone)]
 enum Route {
     Direct,
     Proxy { addr: SocketAddr, target: Arc<str> },
+    Ports(Arc<[(SocketAddr, SocketAddr)]>),
 }
 
 impl Route {
@@ -65,6 +73,14 @@ impl Route {
                 let head = format!("CONNECT {target}:{port} HTTP/1.1\r\nHost: {target}:{port}\r\n\r\n");
                 s.write_all(head.as_bytes()).await?;
                 read_connect_answer(&mut s).await?;
+                Ok(s)
+            }
+            Route::Ports(ports) => {
+                let Some(&(_, port)) = ports.iter().find(|(s, _)| *s == sink) else {
+                    return Err(std::io::Error::other(format!("the relay has no port for {sink}")));
+                };
+                let s = TcpStream::connect(port).await?;
+                s.set_nodelay(true)?;
                 Ok(s)
             }
         }
@@ -89,28 +105,68 @@ async fn read_connect_answer(s: &mut TcpStream) -> std::io::Result<()> {
 }
 
 /// Echoes every byte back until EOF.
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Echoes every byte back until EOF.
 async fn echo_sink() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo sink");
     let addr = listener.local_addr().expect("echo sink address");
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             let _ = s.set_nodelay(true);
+            tokio::spawn(echo(s));
+        }
+    });
+    addr
+}
+
+/// A TLS server (a fresh certificate for [`TLS_NAME`]) that echoes after each handshake; returns its
+/// address and a client that trusts it (full handshakes: no resumption, as a new client would).
+async fn tls_echo_sink() -> (SocketAddr, tokio_rustls::TlsConnector) {
+    let ck = rcgen::generate_simple_self_signed(vec![TLS_NAME.to_string()]).expect("rcgen certificate");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .expect("server certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).expect("trust the sink's certificate");
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.resumption = rustls::client::Resumption::disabled();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the TLS echo sink");
+    let addr = listener.local_addr().expect("TLS echo sink address");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
+                if let Ok(tls) = acceptor.accept(s).await {
+                    echo(tls).await;
                 }
             });
         }
     });
-    addr
+    (addr, tokio_rustls::TlsConnector::from(Arc::new(client)))
 }
 
 /// Writes bytes as fast as the reader takes them until the connection closes.
@@ -167,23 +223,48 @@ async fn bare_relay() -> SocketAddr {
     addr
 }
 
-/// `concurrency` clients open a tunnel, echo one message and close, until the deadline.
-/// Returns (tunnels per second, p99 latency of one whole exchange, tunnels done).
-async fn tunnel_rate(route: &Route, echo: SocketAddr, concurrency: usize, secs: Duration) -> (f64, Duration, u64) {
+/// What one load run gives: tunnels per second, the p50 and p99 of one whole exchange (open, echo,
+/// close), and the tunnels done.
+struct Rate {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    done: u64,
+}
+
+/// `concurrency` clients open a tunnel, echo one message and close, until the deadline. With `tls`
+/// each tunnel first runs a full TLS handshake with the sink (`sink` is then the TLS echo sink).
+async fn tunnel_rate(
+    route: &Route,
+    sink: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    concurrency: usize,
+    secs: Duration,
+) -> Rate {
     let start = Instant::now();
     let deadline = start + secs;
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let route = route.clone();
+        let tls = tls.cloned();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(4096);
             let mut buf = [0u8; ECHO_MESSAGE.len()];
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let mut s = route.open(echo).await.expect("open a tunnel to the echo sink");
-                s.write_all(ECHO_MESSAGE).await.expect("write the echo message");
-                s.read_exact(&mut buf).await.expect("read the echo back");
-                drop(s);
+                let mut s = route.open(sink).await.expect("open a tunnel to the echo sink");
+                match &tls {
+                    None => {
+                        s.write_all(ECHO_MESSAGE).await.expect("write the echo message");
+                        s.read_exact(&mut buf).await.expect("read the echo back");
+                    }
+                    Some(tls) => {
+                        let name = rustls::pki_types::ServerName::try_from(TLS_NAME).expect("a server name");
+                        let mut s = tls.connect(name, s).await.expect("TLS handshake through the tunnel");
+                        s.write_all(ECHO_MESSAGE).await.expect("write the echo message");
+                        s.read_exact(&mut buf).await.expect("read the echo back");
+                    }
+                }
                 latencies.push(t.elapsed());
             }
             latencies
@@ -195,12 +276,13 @@ async fn tunnel_rate(route: &Route, echo: SocketAddr, concurrency: usize, secs: 
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
-    let p99 = all.get((all.len() * 99 / 100).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
-    (all.len() as f64 / elapsed, p99, all.len() as u64)
+    let at = |q: usize| all.get((all.len() * q / 100).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
+    Rate { per_sec: all.len() as f64 / elapsed, p50: at(50), p99: at(99), done: all.len() as u64 }
 }
 
-/// `streams` tunnels read from the source sink until the deadline; returns Gbit/s in total.
-async fn throughput(route: &Route, source: SocketAddr, streams: usize, secs: Duration) -> f64 {
+/// `streams` tunnels read from the source sink until the deadline; returns Gbit/s in total and the
+/// bytes moved.
+async fn throughput(route: &Route, source: SocketAddr, streams: usize, secs: Duration) -> (f64, u64) {
     let mut opened = Vec::with_capacity(streams);
     for _ in 0..streams {
         opened.push(route.open(source).await.expect("open a tunnel to the source sink"));
@@ -224,7 +306,7 @@ async fn throughput(route: &Route, source: SocketAddr, streams: usize, secs: Dur
     for t in tasks {
         bytes += t.await.expect("throughput task");
     }
-    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+    (bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9, bytes)
 }
 
 /// The proxy process's resident set (VmRSS) in KiB.
@@ -258,19 +340,24 @@ fn raise_nofile_limit() {
     }
 }
 
-/// A sluice child process with its generated files; killed on drop.
-struct Sluice {
+/// A child process (sluice or HAProxy) with its generated files; killed on drop.
+struct Process {
     child: Child,
-    addr: SocketAddr,
     dir: PathBuf,
 }
 
-impl Drop for Sluice {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The sluice child and the address it listens on.
+struct Sluice {
+    process: Process,
+    addr: SocketAddr,
 }
 
 fn start_sluice() -> Sluice {
@@ -289,7 +376,7 @@ fn start_sluice() -> Sluice {
     let config = format!(
         "[egress]\nlisten = \"127.0.0.1:0\"\npolicy = \"bench\"\nidle_timeout = \"10m\"\nmax_connections = 100000\n\
          [policies]\ndir = {policies:?}\n\
-         [resolver]\nhosts = {{ \"bench.test\" = [\"127.0.0.1\"] }}\nsystem = false\n\
+         [resolver]\nhosts = {{ \"{TLS_NAME}\" = [\"127.0.0.1\"] }}\nsystem = false\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\
          [git]\nlisten = \"127.0.0.1:0\"\n\
          [log]\nfile = {log:?}\n\
@@ -302,7 +389,7 @@ fn start_sluice() -> Sluice {
     std::fs::write(&config_path, config).expect("write the bench config");
     let log = dir.join("decisions.log");
     let bin = std::env::var_os("SLUICE_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into());
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(&config_path)
@@ -311,10 +398,11 @@ fn start_sluice() -> Sluice {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start target/release/sluice");
+    let mut process = Process { child, dir };
     // With `[log] file` set, the "sluice listening" line goes to that file.
     let started = Instant::now();
     let addr = loop {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = process.child.try_wait() {
             panic!("sluice exited before listening: {status}");
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -326,7 +414,59 @@ fn start_sluice() -> Sluice {
         assert!(started.elapsed() < Duration::from_secs(10), "sluice did not log \"sluice listening\" in 10s");
         std::thread::sleep(Duration::from_millis(20));
     };
-    Sluice { child, addr, dir }
+    Sluice { process, addr }
+}
+
+/// HAProxy as the bench's reference relay: one `mode tcp` frontend per sink, forced splice both ways,
+/// 1 MiB pipes, two threads, no log. Its ports are picked free on 127.0.0.1 just before it starts.
+fn start_haproxy(sinks: &[SocketAddr]) -> Result<(Process, Route), String> {
+    let bin = std::env::var("SLUICE_BENCH_HAPROXY").unwrap_or_else(|_| "haproxy".into());
+    if bin == "none" {
+        return Err("SLUICE_BENCH_HAPROXY=none".into());
+    }
+    let version = Command::new(&bin).arg("-v").output().map_err(|e| format!("{bin:?} not runnable ({e})"))?;
+    let version = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or("").to_string();
+    // No `maxconn`: HAProxy sizes it to the open-file limit it inherits (raised by the bench).
+    let mut config = "global\n  nbthread 2\n  tune.pipesize 1048576\n\
+        defaults\n  mode tcp\n  option splice-request\n  option splice-response\n  timeout connect 5s\n  \
+        timeout client 10m\n  timeout server 10m\n"
+        .to_string();
+    let mut ports = Vec::new();
+    for (i, sink) in sinks.iter().enumerate() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port for HAProxy: {e}"))?;
+        config.push_str(&format!("listen sink{i}\n  bind {port}\n  server sink{i} {sink}\n"));
+        ports.push((*sink, port));
+    }
+    let dir = std::env::temp_dir().join(format!("sluice-bench-haproxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {dir:?}: {e}"))?;
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).map_err(|e| format!("write {path:?}: {e}"))?;
+    let child = Command::new(&bin)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("start {bin:?}: {e}"))?;
+    let mut process = Process { child, dir };
+    let started = Instant::now();
+    for &(_, port) in &ports {
+        while std::net::TcpStream::connect(port).is_err() {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                return Err(format!("haproxy exited before listening: {status}"));
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(format!("haproxy did not listen on {port} in 10s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!("{version}: pid {}", process.child.id());
+    Ok((process, Route::Ports(ports.into())))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -334,39 +474,48 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
-/// One figure's values, round by round: direct, through the proxy, through the bare relay.
-#[derive(Default)]
-struct Pair {
-    direct: Vec<f64>,
-    proxy: Vec<f64>,
-    relay: Vec<f64>,
-}
-
-#[derive(Clone, Copy)]
+/// The routes every figure is measured on, in this order.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
     Direct,
     Proxy,
     Relay,
+    HaProxy,
 }
 
-impl Pair {
+/// One figure's values, round by round, per route.
+#[derive(Default)]
+struct Figure([Vec<f64>; 4]);
+
+impl Figure {
     fn push(&mut self, which: Which, v: f64) {
-        match which {
-            Which::Direct => self.direct.push(v),
-            Which::Proxy => self.proxy.push(v),
-            Which::Relay => self.relay.push(v),
-        }
+        self.0[which as usize].push(v);
+    }
+
+    fn median(&self, which: Which) -> f64 {
+        median(self.0[which as usize].clone())
+    }
+
+    /// This round's (the last pushed) sluice ÷ HAProxy.
+    fn last_ratio(&self) -> f64 {
+        let last = |w: Which| self.0[w as usize].last().copied().unwrap_or(f64::NAN);
+        last(Which::Proxy) / last(Which::HaProxy)
     }
 }
 
 #[derive(Default)]
 struct Samples {
-    rate64: Pair,
-    p99: Pair,
-    rate1: Pair,
-    thr1: Pair,
-    thr8: Pair,
-    cpu_per_1000_ms: Vec<f64>,
+    rate64: Figure,
+    p99: Figure,
+    rate1: Figure,
+    p50_1: Figure,
+    thr1: Figure,
+    thr8: Figure,
+    tls1: Figure,
+    /// Only the proxy and HAProxy have a process of their own to read.
+    cpu_per_1000_ms: Figure,
+    cpu_per_gib_ms: Figure,
+    idle_kib: Figure,
 }
 
 fn main() {
@@ -388,6 +537,7 @@ fn main() {
         .expect("sink runtime");
     let echo = sinks.block_on(echo_sink());
     let source = sinks.block_on(source_sink());
+    let (tls_echo, tls) = sinks.block_on(tls_echo_sink());
     let (sluice, proxy_addr, pid, target) = match std::env::var("SLUICE_BENCH_PROXY") {
         Ok(addr) => {
             let addr: SocketAddr = addr.parse().expect("SLUICE_BENCH_PROXY is host:port");
@@ -397,12 +547,21 @@ fn main() {
         }
         Err(_) => {
             let s = start_sluice();
-            let (addr, pid) = (s.addr, s.child.id());
-            (Some(s), addr, Some(pid), "bench.test".into())
+            let (addr, pid) = (s.addr, s.process.child.id());
+            (Some(s), addr, Some(pid), TLS_NAME.into())
         }
     };
     let proxy = Route::Proxy { addr: proxy_addr, target: target.into() };
-    let direct = Route::Direct;
+    let (haproxy, haproxy_pid, haproxy_route) = match start_haproxy(&[echo, source, tls_echo]) {
+        Ok((process, route)) => {
+            let pid = process.child.id();
+            (Some(process), Some(pid), Some(route))
+        }
+        Err(why) => {
+            eprintln!("HAProxy left out: {why} (apt-get install haproxy)");
+            (None, None, None)
+        }
+    };
     // The floor for any proxy on this machine: a relay that does nothing but relay, on a thread of its own.
     let relay_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -411,41 +570,80 @@ fn main() {
         .build()
         .expect("relay runtime");
     let relay = Route::Proxy { addr: relay_runtime.block_on(bare_relay()), target: "127.0.0.1".into() };
+    let mut routes = vec![(Route::Direct, Which::Direct), (proxy.clone(), Which::Proxy), (relay, Which::Relay)];
+    if let Some(route) = &haproxy_route {
+        routes.push((route.clone(), Which::HaProxy));
+    }
+    let pid_of = |which: Which| match which {
+        Which::Proxy => pid,
+        Which::HaProxy => haproxy_pid,
+        Which::Direct | Which::Relay => None,
+    };
     let s = &settings;
-    let (samples, idle_kib) = runtime.block_on(async {
-        // Warm up both paths (and the proxy's allocator and threads) before anything is measured.
-        tunnel_rate(&direct, echo, 16, Duration::from_millis(300)).await;
-        tunnel_rate(&proxy, echo, 16, Duration::from_millis(300)).await;
-        tunnel_rate(&relay, echo, 16, Duration::from_millis(300)).await;
-        let idle_kib = match pid {
-            Some(pid) => idle_rss(&proxy, echo, pid, s.idle).await,
-            None => None,
-        };
+    let samples = runtime.block_on(async {
+        // Warm up every path (and the proxies' allocators and threads) before anything is measured.
+        for (route, _) in &routes {
+            tunnel_rate(route, echo, None, 16, Duration::from_millis(300)).await;
+        }
         let mut m = Samples::default();
-        for round in 0..s.rounds {
-            eprintln!("round {}/{}", round + 1, s.rounds);
-            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
-                let cpu0 = pid.and_then(cpu_time);
-                let (r, p, n) = tunnel_rate(route, echo, 64, s.secs).await;
-                if let (Which::Proxy, Some(c0), Some(c1)) = (which, cpu0, pid.and_then(cpu_time)) {
-                    m.cpu_per_1000_ms.push((c1 - c0).as_secs_f64() * 1e3 * 1000.0 / n.max(1) as f64);
-                }
-                m.rate64.push(which, r);
-                m.p99.push(which, p.as_secs_f64() * 1e3);
-            }
-            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
-                m.rate1.push(which, tunnel_rate(route, echo, 1, s.secs).await.0);
-            }
-            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
-                m.thr1.push(which, throughput(route, source, 1, s.secs).await);
-            }
-            for (route, which) in [(&direct, Which::Direct), (&proxy, Which::Proxy), (&relay, Which::Relay)] {
-                m.thr8.push(which, throughput(route, source, 8, s.secs).await);
+        for &(ref route, which) in &routes {
+            if let Some(pid) = pid_of(which)
+                && let Some(kib) = idle_rss(route, echo, pid, s.idle).await
+            {
+                m.idle_kib.push(which, kib);
             }
         }
-        (m, idle_kib)
+        for round in 0..s.rounds {
+            eprintln!("round {}/{}", round + 1, s.rounds);
+            for &(ref route, which) in &routes {
+                let cpu0 = pid_of(which).and_then(cpu_time);
+                let r = tunnel_rate(route, echo, None, 64, s.secs).await;
+                if let (Some(c0), Some(c1)) = (cpu0, pid_of(which).and_then(cpu_time)) {
+                    m.cpu_per_1000_ms.push(which, (c1 - c0).as_secs_f64() * 1e3 * 1000.0 / r.done.max(1) as f64);
+                }
+                m.rate64.push(which, r.per_sec);
+                m.p99.push(which, r.p99.as_secs_f64() * 1e3);
+            }
+            for &(ref route, which) in &routes {
+                let r = tunnel_rate(route, echo, None, 1, s.secs).await;
+                m.rate1.push(which, r.per_sec);
+                m.p50_1.push(which, r.p50.as_secs_f64() * 1e6);
+            }
+            for &(ref route, which) in &routes {
+                m.tls1.push(which, tunnel_rate(route, tls_echo, Some(&tls), 1, s.secs).await.per_sec);
+            }
+            for &(ref route, which) in &routes {
+                m.thr1.push(which, throughput(route, source, 1, s.secs).await.0);
+            }
+            for &(ref route, which) in &routes {
+                let cpu0 = pid_of(which).and_then(cpu_time);
+                let (gbit, bytes) = throughput(route, source, 8, s.secs).await;
+                if let (Some(c0), Some(c1)) = (cpu0, pid_of(which).and_then(cpu_time)) {
+                    let gib = bytes as f64 / f64::from(1u32 << 30);
+                    m.cpu_per_gib_ms.push(which, (c1 - c0).as_secs_f64() * 1e3 / gib.max(1e-9));
+                }
+                m.thr8.push(which, gbit);
+            }
+            if haproxy.is_some() {
+                eprintln!(
+                    "round {}: sluice ÷ HAProxy: {:.2} tunnels/s c=64, {:.2} tunnels/s c=1, {:.2} p50 c=1, \
+                     {:.2} 1-tunnel throughput, {:.2} 8-tunnel throughput, {:.2} CPU/1000 tunnels, \
+                     {:.2} CPU/GiB, {:.2} TLS tunnels/s c=1",
+                    round + 1,
+                    m.rate64.last_ratio(),
+                    m.rate1.last_ratio(),
+                    m.p50_1.last_ratio(),
+                    m.thr1.last_ratio(),
+                    m.thr8.last_ratio(),
+                    m.cpu_per_1000_ms.last_ratio(),
+                    m.cpu_per_gib_ms.last_ratio(),
+                    m.tls1.last_ratio(),
+                );
+            }
+        }
+        m
     });
-    report(&settings, samples, idle_kib, sluice.as_ref());
+    report(&settings, &samples, sluice.as_ref(), haproxy.is_some());
 }
 
 /// Opens `n` tunnels (each echoes once, as a TLS handshake would), holds them idle and returns the
@@ -491,16 +689,15 @@ async fn idle_rss(proxy: &Route, echo: SocketAddr, pid: u32, n: usize) -> Option
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid)?;
     let per = after.saturating_sub(before) as f64 / held.len().max(1) as f64;
-    eprintln!("idle: {} tunnels, proxy RSS {before} KiB → {after} KiB", held.len());
+    eprintln!("idle: {} tunnels, pid {pid} RSS {before} KiB → {after} KiB", held.len());
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
     (!failed.load(Ordering::Relaxed)).then_some(per)
 }
 
-fn report(s: &Settings, m: Samples, idle_kib: Option<f64>, sluice: Option<&Sluice>) {
-    let na = || "n/a".to_string();
-    let med = |v: &Vec<f64>| median(v.clone());
+fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
     let met = |ok: bool| if ok { "yes" } else { "NO" };
+    let num = |v: f64, prec: usize| if v.is_nan() { "n/a".to_string() } else { format!("{v:.prec$}") };
     println!();
     println!(
         "tunnel bench: {} round(s) of {:.1}s, median; {} idle tunnels; decision log {}",
@@ -510,37 +707,79 @@ fn report(s: &Settings, m: Samples, idle_kib: Option<f64>, sluice: Option<&Sluic
         if sluice.is_some() { "on (file)" } else { "as the proxy is configured" }
     );
     println!();
-    println!("| figure | direct | via proxy | bare relay | proxy / direct | relay / direct | target | met |");
-    println!("|---|---:|---:|---:|---:|---:|---|---|");
-    let rows: [(&str, &Pair, usize, f64); 4] = [
+    println!("| figure | direct | via proxy | bare relay | HAProxy | proxy / direct | relay / direct | target | met |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
+    let rows: [(&str, &Figure, usize, f64); 5] = [
         ("CONNECT tunnels/s, 64 concurrent (open, 1 echo, close)", &m.rate64, 0, 0.70),
         ("CONNECT tunnels/s, 1 at a time", &m.rate1, 0, 0.60),
+        ("TLS tunnels/s, 1 at a time (open, handshake, 1 echo, close)", &m.tls1, 0, 0.60),
         ("one tunnel's throughput (Gbit/s)", &m.thr1, 2, 0.80),
         ("8 tunnels' throughput (Gbit/s)", &m.thr8, 2, 0.75),
     ];
     for (name, f, prec, target) in rows {
-        let (d, p, b) = (med(&f.direct), med(&f.proxy), med(&f.relay));
+        let (d, p, b, h) =
+            (f.median(Which::Direct), f.median(Which::Proxy), f.median(Which::Relay), f.median(Which::HaProxy));
         let (r, rb) = (p / d, b / d);
         println!(
-            "| {name} | {d:.prec$} | {p:.prec$} | {b:.prec$} | {r:.2}× | {rb:.2}× | ≥ {target:.2}× | {} |",
+            "| {name} | {d:.prec$} | {p:.prec$} | {b:.prec$} | {} | {r:.2}× | {rb:.2}× | ≥ {target:.2}× | {} |",
+            num(h, prec),
             met(r >= target)
         );
     }
-    let idle = idle_kib.map_or_else(na, |k| format!("{k:.1} KiB"));
-    let idle_met = idle_kib.map_or("n/a", |k| met(k <= 12.0));
-    println!("| proxy RSS per idle open tunnel | — | {idle} | — | — | — | ≤ 12 KiB | {idle_met} |");
-    let cpu = (!m.cpu_per_1000_ms.is_empty()).then(|| median(m.cpu_per_1000_ms.clone()));
-    let cpu_text = cpu.map_or_else(na, |c| format!("{c:.0} ms"));
-    let cpu_met = cpu.map_or("n/a", |c| met(c <= 100.0));
-    println!("| proxy CPU per 1,000 tunnels | — | {cpu_text} | — | — | — | ≤ 100 ms | {cpu_met} |");
-    let (d, p, b) = (med(&m.p99.direct), med(&m.p99.proxy), med(&m.p99.relay));
+    let idle = m.idle_kib.median(Which::Proxy);
+    let cpu = m.cpu_per_1000_ms.median(Which::Proxy);
+    println!(
+        "| proxy RSS per idle open tunnel (KiB) | — | {} | — | {} | — | — | ≤ 12 KiB | {} |",
+        num(idle, 1),
+        num(m.idle_kib.median(Which::HaProxy), 1),
+        if idle.is_nan() { "n/a" } else { met(idle <= 12.0) }
+    );
+    println!(
+        "| proxy CPU per 1,000 tunnels (ms) | — | {} | — | {} | — | — | ≤ 100 ms | {} |",
+        num(cpu, 0),
+        num(m.cpu_per_1000_ms.median(Which::HaProxy), 0),
+        if cpu.is_nan() { "n/a" } else { met(cpu <= 100.0) }
+    );
+    let f = &m.p99;
+    let (d, p, b, h) =
+        (f.median(Which::Direct), f.median(Which::Proxy), f.median(Which::Relay), f.median(Which::HaProxy));
     let (r, rb) = (p / d, b / d);
     println!(
-        "| CONNECT latency p99 at 64 concurrent (ms) | {d:.2} | {p:.2} | {b:.2} | {r:.2}× | {rb:.2}× | ≤ 3× | {} |",
+        "| CONNECT latency p99 at 64 concurrent (ms) | {d:.2} | {p:.2} | {b:.2} | {} | {r:.2}× | {rb:.2}× | ≤ 3× | {} |",
+        num(h, 2),
         met(r <= 3.0)
     );
+    if haproxy {
+        println!();
+        println!("| figure, sluice ÷ HAProxy tcp relay | sluice | HAProxy | ratio | target | met |");
+        println!("|---|---:|---:|---:|---|---|");
+        // (name, figure, precision, target, whether a higher ratio is better)
+        let rows: [(&str, &Figure, usize, f64, bool); 9] = [
+            ("tunnels/s, 64 concurrent (open, 1 echo, close)", &m.rate64, 0, 0.95, true),
+            ("tunnels/s, 1 at a time", &m.rate1, 0, 0.80, true),
+            ("open + first echo p50, 1 at a time (µs)", &m.p50_1, 0, 1.25, false),
+            ("one tunnel's throughput (Gbit/s)", &m.thr1, 2, 0.95, true),
+            ("8 tunnels' throughput (Gbit/s)", &m.thr8, 2, 0.95, true),
+            ("RSS per idle open tunnel (KiB)", &m.idle_kib, 1, 1.0, false),
+            ("CPU per 1,000 tunnels at 64 concurrent (ms)", &m.cpu_per_1000_ms, 0, 1.0, false),
+            ("CPU per GiB, 8 tunnels (ms)", &m.cpu_per_gib_ms, 0, 1.05, false),
+            ("TLS tunnels/s, 1 at a time (CONNECT + handshake + echo)", &m.tls1, 0, 0.95, true),
+        ];
+        for (name, f, prec, target, higher) in rows {
+            let (p, h) = (f.median(Which::Proxy), f.median(Which::HaProxy));
+            let r = p / h;
+            let (sign, ok) = if higher { ("≥", r >= target) } else { ("≤", r <= target) };
+            println!(
+                "| {name} | {} | {} | {} | {sign} {target:.2} | {} |",
+                num(p, prec),
+                num(h, prec),
+                num(r, 2),
+                if r.is_nan() { "n/a" } else { met(ok) }
+            );
+        }
+    }
     if let Some(sluice) = sluice {
-        let log = sluice.dir.join("decisions.log");
+        let log = sluice.process.dir.join("decisions.log");
         let lines = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
         println!();
         println!("decision log: {lines} lines written");
