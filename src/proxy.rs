@@ -100,13 +100,31 @@ async fn serve_connection(accepted: Accepted, proxy: Arc<EgressProxy>) {
         idle_timeout: proxy.config.idle_timeout.0,
     };
     let guard = head::HeadGuard::new(stream, limits);
-    // The slot is held by the connection and, after a CONNECT, by its tunnel: the cap counts both.
-    let slot = Arc::new(slot);
     let draining = proxy.shutdown.draining.clone();
-    let mut guard = match connect::serve_first(guard, &proxy, peer, &draining).await {
+    // The opening (head, identity, admission, dial) and hyper's connection are boxed, each only while
+    // it runs: this task is as large as its largest state for as long as it lives, and an open tunnel
+    // needs only its own (`connect::Tunnel`), a fraction of theirs.
+    // (Bound first: a temporary in a `match` scrutinee would live, boxed state and all, to its end.)
+    let first = Box::pin(connect::serve_first(guard, &proxy, peer, &draining)).await;
+    let guard = match first {
         connect::First::Done => return,
+        // The connection's slot is held by its tunnel too: the cap counts both.
+        connect::First::Tunnel(tunnel) => return connect::run(&proxy, tunnel).await,
         connect::First::Http(guard) => guard,
     };
+    Box::pin(serve_http(guard, proxy, peer, slot, draining)).await;
+}
+
+/// A connection whose next request is not a CONNECT: hyper serves it (and any CONNECT after it).
+async fn serve_http(
+    mut guard: Box<head::HeadGuard<tokio::net::TcpStream>>,
+    proxy: Arc<EgressProxy>,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    draining: tokio_util::sync::CancellationToken,
+) {
+    // The slot is held by the connection and, after a CONNECT, by its tunnel: the cap counts both.
+    let slot = Arc::new(slot);
     let refused = head::RefusalSlot::default();
     guard.report_to(refused.clone());
     let mut builder = http1::Builder::new();

@@ -23,6 +23,7 @@ use super::record::Record;
 use super::respond::{self, ProxyBody};
 use super::tunnel::{self, Counters};
 use super::{ConnectionSlot, EgressProxy, Session};
+use crate::limit::Lease;
 use crate::policy::Authority;
 use crate::refusal::Refusal;
 
@@ -79,20 +80,41 @@ enum ClientSide {
     Upgraded(Upgraded),
 }
 
+/// An admitted tunnel, its `200` written: what it runs with and what its end records, and nothing that
+/// only its opening needed (the head and its buffers, the decision), so an idle tunnel holds little.
+pub(crate) struct Tunnel {
+    upstream: TcpStream,
+    /// The session's place under `max_tunnels`, given back before the closing line is written.
+    permit: Option<Lease>,
+    record: Record,
+    client: ClientSide,
+}
+
+impl Tunnel {
+    fn new(admission: Admission, record: Record, client: ClientSide) -> Tunnel {
+        let Admission { stream: upstream, permit, .. } = admission;
+        Tunnel { upstream, permit, record, client }
+    }
+}
+
 /// Runs an admitted tunnel to its end, then counts it and writes its closing line.
-async fn run(proxy: &EgressProxy, authority: &Authority, admission: Admission, mut record: Record, client: ClientSide) {
-    let Admission { stream: upstream, permit, .. } = admission;
-    record.restart();
+pub(crate) async fn run(proxy: &EgressProxy, mut tunnel: Tunnel) {
+    // The tunnel's parts are used where they are, not moved out: a moved-out copy would take room of its
+    // own in this future, for the tunnel's whole life.
+    tunnel.record.restart();
+    let record = &tunnel.record;
+    let Some(authority) = record.host() else { return };
     let metrics = &proxy.metrics;
     let idle = proxy.config.idle_timeout.0;
     // The session's limiter sees the tunnel's bytes as they move.
-    let meter = permit.as_ref().map(|lease| lease.meter());
+    let meter = tunnel.permit.as_ref().map(|lease| lease.meter());
     let budget = meter.as_ref().and_then(|m| m.budget().cloned());
     let counters = Arc::new(Counters::metered(meter));
     metrics.open_tunnels.inc();
     metrics.tunnels_total.inc();
+    let upstream = tunnel.upstream;
     // The fronting guard for tunnels that are not terminated: the hello's name is the CONNECT name.
-    let client = match client {
+    let client = match tunnel.client {
         ClientSide::Tcp(client, mut early) if proxy.config.check_sni => {
             let (wait, idle) = (proxy.config.header_timeout.0, proxy.config.idle_timeout.0);
             let checked = tokio::select! {
@@ -102,7 +124,7 @@ async fn run(proxy: &EgressProxy, authority: &Authority, admission: Admission, m
             if let Err(refused) = checked {
                 refuse_tunnel(authority, client, &refused).await;
                 metrics.open_tunnels.dec();
-                drop(permit);
+                drop(tunnel.permit);
                 record.closed(proxy, 0, 0, refused.end(), None);
                 return;
             }
@@ -112,9 +134,11 @@ async fn run(proxy: &EgressProxy, authority: &Authority, admission: Admission, m
     };
     let stop = proxy.shutdown.hard_stop.cancelled();
     let stats = match client {
-        ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, &early, idle, counters.clone(), stop).await,
+        ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, early, idle, counters.clone(), stop).await,
+        // Boxed: hyper hands back something other than its socket only in theory, and this engine's
+        // state would otherwise be every tunnel's.
         ClientSide::Upgraded(upgraded) => {
-            tunnel::run(TokioIo::new(upgraded), upstream, idle, counters.clone(), stop).await
+            Box::pin(tunnel::run(TokioIo::new(upgraded), upstream, idle, counters.clone(), stop)).await
         }
     };
     metrics.shaped(counters.shaping_wait());
@@ -126,7 +150,7 @@ async fn run(proxy: &EgressProxy, authority: &Authority, admission: Admission, m
         }
     }
     metrics.open_tunnels.dec();
-    drop(permit);
+    drop(tunnel.permit);
     if stats.end == tunnel::TunnelEnd::UpstreamError {
         metrics.upstream_resets.inc();
     }
@@ -146,14 +170,18 @@ async fn refuse_tunnel(authority: &Authority, mut client: TcpStream, refused: &s
 }
 
 /// What [`serve_first`] did with a connection.
+// The tunnel is handed on by value, not boxed: boxing would cost an allocation per tunnel.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum First {
-    /// The connection is done with: its tunnel ran, or it was refused and closed, or it ended.
+    /// The connection is done with: it was refused and closed, or it ended.
     Done,
+    /// Its CONNECT opened a tunnel (`200` written), for the caller to [`run`] once this state is gone.
+    Tunnel(Tunnel),
     /// Its next request is not a CONNECT: the guard holds it, for hyper.
     Http(Box<HeadGuard<TcpStream>>),
 }
 
-/// Serves a connection's CONNECT requests until one opens its tunnel (which then runs here) or a
+/// Serves a connection's CONNECT requests until one opens its tunnel (handed back, to run) or a
 /// request is something else. A refused CONNECT keeps the connection only when its credentials were
 /// the problem, as hyper would, so a client can answer the `407`.
 pub(crate) async fn serve_first(
@@ -192,7 +220,7 @@ pub(crate) async fn serve_first(
             }
         };
         match opened {
-            Ok((authority, admission)) => {
+            Ok((_, admission)) => {
                 if let Err(e) =
                     guard.get_mut().write_all(&established(request.version, admission.would_deny.as_ref())).await
                 {
@@ -200,8 +228,7 @@ pub(crate) async fn serve_first(
                     return First::Done;
                 }
                 let (client, early) = guard.into_parts();
-                run(proxy, &authority, admission, record, ClientSide::Tcp(client, early.to_vec())).await;
-                return First::Done;
+                return First::Tunnel(Tunnel::new(admission, record, ClientSide::Tcp(client, early.to_vec())));
             }
             Err(refusal) => {
                 record.refused(proxy, &refusal, "CONNECT", &request.target);
@@ -327,7 +354,7 @@ pub(crate) async fn handle(
             }
             Err(upgraded) => ClientSide::Upgraded(upgraded),
         };
-        run(&proxy, &authority, admission, record, client).await;
+        run(&proxy, Tunnel::new(admission, record, client)).await;
     });
     let mut response = Response::new(respond::empty());
     *response.status_mut() = StatusCode::OK;

@@ -175,6 +175,11 @@ impl Record {
         event
     }
 
+    /// The destination of an admitted request.
+    pub fn host(&self) -> Option<&Authority> {
+        self.host.as_ref()
+    }
+
     /// Restarts the clock: a tunnel's duration counts from its `200`, a response's from its head.
     pub fn restart(&mut self) {
         self.started = Instant::now();

@@ -119,7 +119,7 @@ pub(super) async fn pump(
     budget: Option<&dyn ByteBudget>,
 ) -> Result<Spliced, Side> {
     loop {
-        match tokio::time::timeout(QUIET, src.readable()).await {
+        match tokio::time::timeout(QUIET, super::tunnel::read_ready(src)).await {
             Err(_) => return Ok(Spliced::Quiet),
             Ok(ready) => ready.map_err(|_| Side::Read)?,
         }
@@ -153,7 +153,7 @@ pub(super) async fn pump(
         let dst: &TcpStream = w.as_ref();
         let mut left = n;
         while left > 0 {
-            dst.writable().await.map_err(|_| Side::Write)?;
+            std::future::poll_fn(|cx| dst.poll_write_ready(cx)).await.map_err(|_| Side::Write)?;
             match dst.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)) {
                 Ok(m) => {
                     left -= m;

@@ -7,9 +7,11 @@
 //! first asks it for a grant and moves at most that much, after the wait it names; a spent quota ends the
 //! tunnel (`quota_exceeded`). Tunnels without a budget run exactly the unlimited path.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -163,17 +165,19 @@ where
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let up = Meter::new(true, &counters, start);
     let down = Meter::new(false, &counters, start);
-    let up = async { pump(&mut cr, &mut uw, &up).await.map_err(|side| side.end(true)) };
-    let down = async { pump(&mut ur, &mut cw, &down).await.map_err(|side| side.end(false)) };
-    supervise(up, down, idle_timeout, &counters, start, stop).await
+    // Pinned where they are made and handed on by reference: a future moved into another one is
+    // held twice (an idle tunnel's task is as large as its largest state).
+    let up = pin!(async { pump(&mut cr, &mut uw, &up).await.map_err(|side| side.end(true)) });
+    let down = pin!(async { pump(&mut ur, &mut cw, &down).await.map_err(|side| side.end(false)) });
+    supervise(up, down, idle_timeout, &counters, start, pin!(stop)).await
 }
 
 /// Runs a socket-to-socket tunnel. `early` are bytes the client sent before the tunnel opened (read
-/// along with its CONNECT head); they go upstream first.
+/// along with its CONNECT head); they go upstream first, and are let go once written.
 pub async fn run_tcp(
     mut client: TcpStream,
     mut upstream: TcpStream,
-    early: &[u8],
+    early: Vec<u8>,
     idle_timeout: Duration,
     counters: Arc<Counters>,
     stop: impl Future<Output = ()>,
@@ -183,87 +187,116 @@ pub async fn run_tcp(
     let (ur, mut uw) = upstream.split();
     let up = Meter::new(true, &counters, start);
     let down = Meter::new(false, &counters, start);
-    let up = async {
+    // Only shaped sessions wait for grants: their engine is boxed, so no other tunnel's state makes room
+    // for it.
+    let up = pin!(async {
         if !early.is_empty() {
             // Early bytes were read with the CONNECT head; they still count against the session's budget.
             if let Some(budget) = up.budget() {
-                let mut left = early;
-                while !left.is_empty() {
-                    let n = up.grant(budget, left.len()).await.map_err(|side| side.end(true))?;
-                    uw.write_all(&left[..n]).await.map_err(|_| Side::Write.end(true))?;
-                    up.record(n);
-                    left = &left[n..];
-                }
+                Box::pin(write_granted(&early, &mut uw, &up, budget)).await.map_err(|side| side.end(true))?;
             } else {
-                uw.write_all(early).await.map_err(|_| Side::Write.end(true))?;
+                uw.write_all(&early).await.map_err(|_| Side::Write.end(true))?;
                 up.record(early.len());
             }
         }
+        // An open tunnel holds no buffer: not even the bytes it started with.
+        drop(early);
         match up.budget() {
             None => pump_tcp(&cr, &mut uw, &up).await,
-            Some(budget) => pump_tcp_budgeted(&cr, &mut uw, &up, budget).await,
+            Some(budget) => Box::pin(pump_tcp_budgeted(&cr, &mut uw, &up, budget)).await,
         }
         .map_err(|side| side.end(true))
-    };
-    let down = async {
+    });
+    let down = pin!(async {
         match down.budget() {
             None => pump_tcp(&ur, &mut cw, &down).await,
-            Some(budget) => pump_tcp_budgeted(&ur, &mut cw, &down, budget).await,
+            Some(budget) => Box::pin(pump_tcp_budgeted(&ur, &mut cw, &down, budget)).await,
         }
         .map_err(|side| side.end(false))
-    };
-    supervise(up, down, idle_timeout, &counters, start, stop).await
+    });
+    supervise(up, down, idle_timeout, &counters, start, pin!(stop)).await
 }
 
-/// Runs both directions to their end, unless the tunnel idles out or `stop` comes first.
+/// Writes `bytes` as `budget` grants them.
+async fn write_granted(
+    bytes: &[u8],
+    w: &mut WriteHalf<'_>,
+    meter: &Meter<'_>,
+    budget: &dyn ByteBudget,
+) -> Result<(), Side> {
+    let mut left = bytes;
+    while !left.is_empty() {
+        let n = meter.grant(budget, left.len()).await?;
+        w.write_all(&left[..n]).await.map_err(|_| Side::Write)?;
+        meter.record(n);
+        left = &left[n..];
+    }
+    Ok(())
+}
+
+/// Runs both directions to their end, unless the tunnel idles out, its session's quota is spent by
+/// another of its tunnels, or `stop` comes first. One timer serves both checks.
 async fn supervise(
-    up: impl Future<Output = Result<(), TunnelEnd>>,
-    down: impl Future<Output = Result<(), TunnelEnd>>,
+    mut up: Pin<&mut impl Future<Output = Result<(), TunnelEnd>>>,
+    mut down: Pin<&mut impl Future<Output = Result<(), TunnelEnd>>>,
     idle_timeout: Duration,
     counters: &Counters,
     start: Instant,
-    stop: impl Future<Output = ()>,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
 ) -> TunnelStats {
+    let quota = counters.budget.as_deref().filter(|b| b.has_quota());
+    let mut tick = (idle_timeout / 4).max(Duration::from_millis(100));
+    if quota.is_some() {
+        tick = tick.min(QUOTA_POLL);
+    }
+    let mut timer = pin!(tokio::time::sleep(tick));
     // Either direction failing ends the tunnel; a clean EOF only ends its own direction.
-    let both = async {
-        match tokio::try_join!(up, down) {
-            Ok(_) => TunnelEnd::Closed,
-            Err(end) => end,
+    let (mut up_done, mut down_done) = (false, false);
+    let end = poll_fn(|cx| {
+        if !up_done && let Poll::Ready(r) = up.as_mut().poll(cx) {
+            match r {
+                Ok(()) => up_done = true,
+                Err(end) => return Poll::Ready(end),
+            }
         }
-    };
-    let idle = async {
-        let tick = (idle_timeout / 4).max(Duration::from_millis(100));
-        loop {
-            tokio::time::sleep(tick).await;
+        if !down_done && let Poll::Ready(r) = down.as_mut().poll(cx) {
+            match r {
+                Ok(()) => down_done = true,
+                Err(end) => return Poll::Ready(end),
+            }
+        }
+        if up_done && down_done {
+            return Poll::Ready(TunnelEnd::Closed);
+        }
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(TunnelEnd::Shutdown);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
             let last = Duration::from_millis(counters.last_activity_ms.load(Ordering::Relaxed));
             if start.elapsed().saturating_sub(last) >= idle_timeout {
-                return;
+                return Poll::Ready(TunnelEnd::Idle);
             }
-        }
-    };
-    // Another tunnel of the session may spend its quota while this one is quiet: it ends too.
-    let quota = async {
-        let Some(budget) = counters.budget.as_ref().filter(|b| b.has_quota()) else {
-            return std::future::pending().await;
-        };
-        loop {
-            tokio::time::sleep(QUOTA_POLL).await;
-            if budget.spent().is_some() {
-                return;
+            // Another tunnel of the session may spend its quota while this one is quiet: it ends too.
+            if quota.is_some_and(|b| b.spent().is_some()) {
+                return Poll::Ready(TunnelEnd::QuotaExceeded);
             }
+            timer.as_mut().reset(tokio::time::Instant::now() + tick);
         }
-    };
-    let end = tokio::select! {
-        end = both => end,
-        () = idle => TunnelEnd::Idle,
-        () = stop => TunnelEnd::Shutdown,
-        () = quota => TunnelEnd::QuotaExceeded,
-    };
+        Poll::Pending
+    })
+    .await;
     TunnelStats {
         bytes_up: counters.up.load(Ordering::Relaxed),
         bytes_down: counters.down.load(Ordering::Relaxed),
         end,
     }
+}
+
+/// Waits until `src` has bytes (or an error or EOF) to read, holding no more than a reference: the
+/// socket keeps the waker (tokio's `readable()` future would hold its own list entry, 150 bytes per
+/// direction of every idle tunnel).
+pub(super) fn read_ready(src: &TcpStream) -> impl Future<Output = std::io::Result<()>> + '_ {
+    poll_fn(move |cx| src.poll_read_ready(cx))
 }
 
 /// Which side of a pump failed: reading its source, or writing its sink. (For the upstream→client
@@ -324,7 +357,7 @@ async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) ->
     let src: &TcpStream = r.as_ref();
     let mut moved = 0u64;
     loop {
-        src.readable().await.map_err(|_| Side::Read)?;
+        read_ready(src).await.map_err(|_| Side::Read)?;
         let mut buf = Vec::with_capacity(BUF_SIZE);
         loop {
             #[cfg(target_os = "linux")]
@@ -333,7 +366,8 @@ async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) ->
                 // Without a pipe (descriptors or pipe allowance used up) the copy goes on.
                 if let Ok(pipe) = super::splice::Pipe::new() {
                     drop(std::mem::take(&mut buf));
-                    match super::splice::pump(src, w, pipe, meter, None).await? {
+                    // Boxed while it runs: an idle direction holds no room for the splice's state.
+                    match Box::pin(super::splice::pump(src, w, pipe, meter, None)).await? {
                         super::splice::Spliced::Ended => return Ok(()),
                         // Back to the copy: the direction went quiet (its pipe is released), or an
                         // urgent byte stopped the splice (a read steps over it).
@@ -374,13 +408,13 @@ async fn pump_tcp_budgeted(
     let mut moved = 0u64;
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        src.readable().await.map_err(|_| Side::Read)?;
+        read_ready(src).await.map_err(|_| Side::Read)?;
         #[cfg(target_os = "linux")]
         if moved >= SPLICE_AFTER {
             moved = 0;
             if let Ok(pipe) = super::splice::Pipe::new() {
                 buf = Vec::new();
-                match super::splice::pump(src, w, pipe, meter, Some(budget)).await? {
+                match Box::pin(super::splice::pump(src, w, pipe, meter, Some(budget))).await? {
                     super::splice::Spliced::Ended => return Ok(()),
                     super::splice::Spliced::Quiet => continue,
                     // The copy's read below steps over the urgent byte.
@@ -439,7 +473,7 @@ mod tests {
         let (client, proxy_client) = pair().await;
         let (proxy_upstream, upstream) = pair().await;
         let task = tokio::spawn(async move {
-            run_tcp(proxy_client, proxy_upstream, early, idle, Arc::new(Counters::default()), stop).await
+            run_tcp(proxy_client, proxy_upstream, early.to_vec(), idle, Arc::new(Counters::default()), stop).await
         });
         (client, upstream, task)
     }
