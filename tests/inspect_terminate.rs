@@ -5,6 +5,9 @@
 //! (expired, wrong-name and unknown-CA upstreams refused `502`); passthrough hosts never terminated.
 //! Everything stays on 127.0.0.1.
 
+#[path = "support/cgi.rs"]
+#[allow(dead_code)]
+mod cgi;
 mod support;
 
 use std::sync::Arc;
@@ -91,12 +94,50 @@ async fn auto_upstream(cert: &TestCert) -> std::net::SocketAddr {
     addr
 }
 
-fn lab_policy(api: u16, h2: u16, bad: [u16; 3]) -> String {
+/// An upstream whose `/ws` switches protocols (101) and then echoes what it reads.
+async fn upgrade_upstream(cert: &TestCert) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await else { return };
+                let service = hyper::service::service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(up) = on.await else { return };
+                        let mut io = hyper_util::rt::TokioIo::new(up);
+                        let mut buf = [0u8; 64];
+                        while let Ok(Ok(n)) = tokio::time::timeout(STEP, io.read(&mut buf)).await {
+                            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let mut resp = Response::new(Empty::<Bytes>::new());
+                    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert("upgrade", "websocket".parse().expect("value"));
+                    resp.headers_mut().insert("connection", "upgrade".parse().expect("value"));
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .with_upgrades();
+                let _ = conn.await;
+            });
+        }
+    });
+    addr
+}
+
+fn lab_policy(api: u16, h2: u16, ws: u16, bad: [u16; 3]) -> String {
     format!(
         r#"version = 1
 name = "lab"
 level = "custom"
-allow = ["api.test:{api}", "pass.test:{api}", "h2.test:{h2}", "expired.test:{e}", "wrong.test:{w}", "unknown.test:{u}"]
+allow = ["api.test:{api}", "pass.test:{api}", "h2.test:{h2}", "expired.test:{e}", "wrong.test:{w}", "unknown.test:{u}", "ws.test:{ws}"]
 allow_ips = ["127.0.0.0/8"]
 tls_passthrough = ["pass.test"]
 
@@ -119,7 +160,7 @@ paths = ["/ok/secret/**"]
 action = "deny"
 
 [[requests]]
-hosts = ["h2.test", "expired.test", "wrong.test", "unknown.test"]
+hosts = ["h2.test", "expired.test", "wrong.test", "unknown.test", "ws.test"]
 action = "allow"
 "#,
         e = bad[0],
@@ -134,6 +175,7 @@ struct Lab {
     /// Port of the api upstream (and of pass.test, the same server).
     port: u16,
     h2: u16,
+    ws: u16,
     bad: [u16; 3],
     /// sluice's CA certificate (what sandboxes trust).
     ca: std::path::PathBuf,
@@ -147,6 +189,7 @@ async fn lab(mode: &str) -> Lab {
     let other = PublicCa::new("other");
     let api = Upstream::tls("api", &public.leaf(&["api.test", "pass.test"], false, &[])).await;
     let h2 = auto_upstream(&public.leaf(&["h2.test"], false, &[b"h2", b"http/1.1"])).await;
+    let ws = upgrade_upstream(&public.leaf(&["ws.test"], false, &[b"http/1.1"])).await;
     let expired = Upstream::tls("expired", &public.leaf(&["expired.test"], true, &[])).await;
     let wrong = Upstream::tls("wrong", &public.leaf(&["other.test"], false, &[])).await;
     let unknown = Upstream::tls("unknown", &other.leaf(&["unknown.test"], false, &[])).await;
@@ -154,7 +197,8 @@ async fn lab(mode: &str) -> Lab {
     let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
     let public_pem = dir.write("public.pem", &public.pem);
     let key = dir.write("key", KEY);
-    let names = ["api.test", "pass.test", "h2.test", "expired.test", "wrong.test", "unknown.test", "evil.test"];
+    let names =
+        ["api.test", "pass.test", "h2.test", "expired.test", "wrong.test", "unknown.test", "evil.test", "ws.test"];
     let hosts: Vec<String> = names.iter().map(|n| format!("{n:?} = [\"127.0.0.1\"]")).collect();
     let auth =
         if mode == "credential" { format!("[auth]\nanonymous = false\nkey_file = {key:?}\n") } else { String::new() };
@@ -167,13 +211,14 @@ async fn lab(mode: &str) -> Lab {
     );
     let bad = [expired.port(), wrong.port(), unknown.port()];
     let port = api.port();
-    let policy = lab_policy(port, h2.port(), bad);
+    let policy = lab_policy(port, h2.port(), ws.port(), bad);
     let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
     Lab {
         proxy,
         api,
         port,
         h2: h2.port(),
+        ws: ws.port(),
         bad,
         ca: files.cert,
         public: public_pem,
@@ -570,4 +615,167 @@ http.request({{host: p.hostname, port: p.port, method: "CONNECT", path: t.host, 
     let want = ["/ok/curl", "/ok/python", "/nope", "/ok/node"]
         .map(|p| ("env-1".to_string(), "GET".to_string(), p.to_string()));
     assert_eq!(got, want);
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+        .output()
+        .expect("run git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clones_over_https_through_a_terminated_tunnel_and_its_push_is_refused() {
+    let dir = TempDir::new("terminate-git");
+    let base = dir.path().to_path_buf();
+    for d in ["root", "home", "seed", "work"] {
+        std::fs::create_dir_all(base.join(d)).expect("mkdir");
+    }
+    let bare = base.join("root/repo.git");
+    git(&base, &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()]);
+    git(&bare, &["config", "http.receivepack", "true"]);
+    let seed = base.join("seed");
+    git(&seed, &["init", "-q", "-b", "main"]);
+    std::fs::write(seed.join("README"), "through sluice\n").expect("write");
+    git(&seed, &["add", "README"]);
+    git(&seed, &["commit", "-q", "-m", "one"]);
+    git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    let public = PublicCa::new("public");
+    let cert = public.leaf(&["git.test"], false, &[b"http/1.1"]);
+    let state = Arc::new(cgi::UpstreamState { root: base.join("root"), home: base.join("home"), ..Default::default() });
+    let up = cgi::spawn_tls_upstream(state.clone(), tokio_rustls::TlsAcceptor::from(cert.server_config.clone())).await;
+    let port = up.port();
+    let files = sluice::inspect::ca::init(&base.join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let key = dir.write("key", KEY);
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n[auth]\nanonymous = false\nkey_file = {key:?}\n[resolver]\nhosts = {{ \"git.test\" = [\"127.0.0.1\"] }}\n\
+         [inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{public_pem:?}]\n",
+        files.cert, files.key
+    );
+    let policy = format!(
+        "version = 1\nname = \"lab\"\nlevel = \"custom\"\nallow = [\"git.test:{port}\"]\nallow_ips = [\"127.0.0.0/8\"]\n\n\
+         [[requests]]\nhosts = [\"git.test\"]\nmethods = [\"GET\"]\npaths = [\"/*/info/refs\"]\naction = \"allow\"\n\n\
+         [[requests]]\nhosts = [\"git.test\"]\nmethods = [\"POST\"]\npaths = [\"/*/git-upload-pack\"]\naction = \"allow\"\n"
+    );
+    let ca = files.cert.clone();
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    let work = base.join("work");
+    std::fs::write(work.join("key"), KEY).expect("key");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["env", "--session", "git-1", "--policy", "lab", "--proxy", &proxy.addr.to_string()])
+        .args(["--key-file", work.join("key").to_str().unwrap()])
+        .args(["--ca-cert", ca.to_str().unwrap(), "--ca-bundle", ca.to_str().unwrap()])
+        .output()
+        .expect("sluice env");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = work.join("env.sh");
+    std::fs::write(&script, &out.stdout).expect("script");
+    let clone = format!(
+        "cd {} && HOME={} GIT_CONFIG_NOSYSTEM=1 git clone -q https://git.test:{port}/repo.git copy && cat copy/README",
+        work.display(),
+        work.display()
+    );
+    let (code, out, err) = sourced(&script, &clone).await;
+    assert_eq!((code, out.as_str()), (Some(0), "through sluice\n"), "{err}");
+    // A push is not among the rules: refused inside the tunnel, and the upstream never sees it.
+    let push = format!(
+        "cd {}/copy && HOME={} GIT_CONFIG_NOSYSTEM=1 git -c user.name=t -c user.email=t@example.invalid commit -q --allow-empty -m two && HOME={} git push -q origin main",
+        work.display(),
+        work.display(),
+        work.display()
+    );
+    let (code, _, err) = sourced(&script, &push).await;
+    assert_ne!(code, Some(0), "the push must fail");
+    assert!(err.contains("403"), "{err}");
+    assert_eq!(state.by_path.lock().unwrap().keys().filter(|k| k.contains("receive-pack")).count(), 0);
+    let records: Vec<Value> = proxy
+        .records()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "decision" && v["inspected"] == true)
+        .collect();
+    let got: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (r["method"].as_str().unwrap_or(""), r["path"].as_str().unwrap_or(""), r["reason"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(got[0], ("GET", "/repo.git/info/refs", "request_allowed"), "{got:?}");
+    assert!(got.contains(&("POST", "/repo.git/git-upload-pack", "request_allowed")), "{got:?}");
+    assert!(got.contains(&("POST", "/repo.git/git-receive-pack", "no_request_rule")), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_passes_once_decided_and_then_carries_bytes_both_ways() {
+    let lab = lab("anonymous").await;
+    let authority = format!("ws.test:{}", lab.ws);
+    let mut tls = tunnel_tls(lab.proxy.addr, &authority, "ws.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+    let head = format!("GET /ws HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+    tls.write_all(head.as_bytes()).await.expect("send");
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = within(STEP, "101", tls.read(&mut byte)).await.expect("read");
+        assert_eq!(n, 1, "closed: {}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    assert!(text.contains("upgrade: websocket"), "{text}");
+    tls.write_all(b"ping through sluice").await.expect("send");
+    let mut echo = vec![0u8; 19];
+    within(STEP, "echo", tls.read_exact(&mut echo)).await.expect("echo");
+    assert_eq!(&echo, b"ping through sluice");
+    let records = lab.inspected(1).await;
+    assert_eq!(brief(&records[0]), b("GET", "/ws", "allow", "request_allowed", 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_serves_what_request_rules_would_refuse_and_says_so() {
+    let public = PublicCa::new("public");
+    let api = Upstream::tls("api", &public.leaf(&["api.test"], false, &[])).await;
+    let plain = Upstream::plain("plain").await;
+    let dir = TempDir::new("terminate-report");
+    let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n[resolver]\nhosts = {{ \"api.test\" = [\"127.0.0.1\"], \"plain.test\" = [\"127.0.0.1\"] }}\n\
+         [inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{public_pem:?}]\n",
+        files.cert, files.key
+    );
+    let policy = format!(
+        "version = 1\nname = \"lab\"\nlevel = \"custom\"\nmode = \"report\"\nallow = [\"api.test:{}\", \"plain.test:{}\"]\n\
+         allow_ips = [\"127.0.0.0/8\"]\n[[requests]]\nhosts = [\"api.test\", \"plain.test\"]\nmethods = [\"GET\"]\n\
+         paths = [\"/ok/**\"]\naction = \"allow\"\n",
+        api.port(),
+        plain.port()
+    );
+    let ca = files.cert.clone();
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    let url = format!("https://api.test:{}/other", api.port());
+    let out = curl(&["-x", &proxy.url(), "--cacert", ca.to_str().unwrap(), "-i", &url], LIMIT).await;
+    assert!(out.stdout.contains("hello from api /other"), "{out:?}");
+    assert!(out.stdout.contains("x-sluice-decision: allow; would_deny=no_request_rule; policy=lab"), "{out:?}");
+    let url = format!("http://plain.test:{}/other", plain.port());
+    let out = curl(&["-x", &proxy.url(), "-i", &url], LIMIT).await;
+    assert!(out.stdout.contains("hello from plain /other"), "{out:?}");
+    assert!(out.stdout.contains("x-sluice-decision: allow; would_deny=no_request_rule; policy=lab"), "{out:?}");
+    let would: Vec<Value> = proxy
+        .records()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "decision" && v["would_deny"] == "no_request_rule")
+        .collect();
+    assert_eq!(would.len(), 2, "{would:#?}");
+    assert_eq!(would[0]["inspected"], true);
+    assert!(would[1]["inspected"].is_null());
 }
