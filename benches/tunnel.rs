@@ -20,6 +20,12 @@
 //! - `SLUICE_BENCH_PROXY=host:port`: measure another proxy instead of starting sluice (CONNECT must
 //!   reach 127.0.0.1 on any port); `SLUICE_BENCH_PID` gives its PID for the RSS and CPU figures, and
 //!   `SLUICE_BENCH_TARGET` the host name it is asked for (default `127.0.0.1`).
+//! - `SLUICE_BENCH_INSPECT=1`: also the inspected rows (TLS termination): the bench policy then has a
+//!   `[[requests]]` rule for `inspect.test` and `plain.test` (so only those are terminated; the tunnel
+//!   rows above stay on the spliced path) and sluice an `[inspect]` CA. Rows: keep-alive requests/s at
+//!   64 concurrent through an inspected tunnel, against plain-HTTP forwarded requests through sluice and
+//!   direct TLS; new inspected tunnels/s (handshake, one request, close); one inspected tunnel's
+//!   throughput; RSS per open inspected tunnel. Peers (squid ssl_bump, mitmproxy) are not wired in.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -360,7 +366,7 @@ struct Sluice {
     addr: SocketAddr,
 }
 
-fn start_sluice() -> Sluice {
+fn start_sluice(inspect: Option<&InspectSetup>) -> Sluice {
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).expect("create the bench directory");
@@ -371,6 +377,9 @@ fn start_sluice() -> Sluice {
     // A bandwidth limit in both directions (e.g. "1GiB"): the shaped path's cost against the unlimited one.
     if let Ok(rate) = std::env::var("SLUICE_BENCH_LIMIT") {
         policy.push_str(&format!("upload_bytes_per_second = {rate:?}\ndownload_bytes_per_second = {rate:?}\n"));
+    }
+    if inspect.is_some() {
+        policy.push_str("[[requests]]\nhosts = [\"inspect.test\", \"plain.test\"]\naction = \"allow\"\n");
     }
     std::fs::write(policies.join("bench.toml"), policy).expect("write the bench policy");
     let config = format!(
@@ -385,6 +394,19 @@ fn start_sluice() -> Sluice {
         policies = policies.display().to_string(),
         log = dir.join("decisions.log").display().to_string(),
     );
+    let config = match inspect {
+        None => config,
+        Some(i) => format!(
+            "{}[inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{:?}]\n",
+            config.replace(
+                "\"bench.test\" = [\"127.0.0.1\"]",
+                "\"bench.test\" = [\"127.0.0.1\"], \"inspect.test\" = [\"127.0.0.1\"], \"plain.test\" = [\"127.0.0.1\"]"
+            ),
+            i.ca_cert.display().to_string(),
+            i.ca_key.display().to_string(),
+            i.public_pem.display().to_string(),
+        ),
+    };
     let config_path = dir.join("sluice.toml");
     std::fs::write(&config_path, config).expect("write the bench config");
     let log = dir.join("decisions.log");
@@ -536,6 +558,8 @@ fn main() {
         .build()
         .expect("sink runtime");
     let echo = sinks.block_on(echo_sink());
+    let inspect_setup = (env_or("SLUICE_BENCH_INSPECT", 0u8) == 1 && std::env::var_os("SLUICE_BENCH_PROXY").is_none())
+        .then(|| Arc::new(sinks.block_on(InspectSetup::new())));
     let source = sinks.block_on(source_sink());
     let (tls_echo, tls) = sinks.block_on(tls_echo_sink());
     let (sluice, proxy_addr, pid, target) = match std::env::var("SLUICE_BENCH_PROXY") {
@@ -546,7 +570,7 @@ fn main() {
             (None, addr, pid, target)
         }
         Err(_) => {
-            let s = start_sluice();
+            let s = start_sluice(inspect_setup.as_deref());
             let (addr, pid) = (s.addr, s.process.child.id());
             (Some(s), addr, Some(pid), TLS_NAME.into())
         }
@@ -644,6 +668,10 @@ fn main() {
         m
     });
     report(&settings, &samples, sluice.as_ref(), haproxy.is_some());
+    if let Some(setup) = &inspect_setup {
+        let rows = runtime.block_on(inspected_rows(setup, proxy_addr, pid, &settings));
+        rows.report(&settings);
+    }
 }
 
 /// Opens `n` tunnels (each echoes once, as a TLS handshake would), holds them idle and returns the
@@ -783,5 +811,358 @@ fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
         let lines = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
         println!();
         println!("decision log: {lines} lines written");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Inspected rows (`SLUICE_BENCH_INSPECT=1`): TLS termination's cost.
+
+/// Anything a hyper client connection can run over.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// The inspected rows' world: sluice's CA (the client trusts it), a "public" CA for the TLS upstream
+/// (sluice trusts it through `extra_roots`), the TLS upstream and a plain-HTTP one (same handler).
+struct InspectSetup {
+    dir: PathBuf,
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+    public_pem: PathBuf,
+    tls_upstream: SocketAddr,
+    plain_upstream: SocketAddr,
+    /// Trusts sluice's CA: what a sandbox's client does.
+    via_sluice: Arc<rustls::ClientConfig>,
+    /// Trusts the public CA: a client talking to the upstream directly.
+    direct: Arc<rustls::ClientConfig>,
+}
+
+impl Drop for InspectSetup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client_config(roots_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for block in pem::parse_many(roots_pem).expect("roots are PEM") {
+        store.add(rustls::pki_types::CertificateDer::from(block.into_contents())).expect("a usable root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+impl InspectSetup {
+    /// Runs in the sinks' runtime: the upstreams' accept loops live there.
+    async fn new() -> InspectSetup {
+        let dir = std::env::temp_dir().join(format!("sluice-bench-inspect-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the inspect bench directory");
+        let files = sluice::inspect::ca::init(&dir.join("ca")).expect("sluice ca init");
+        // The public CA and the upstream's certificate for inspect.test.
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "bench public root");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let public_pem = dir.join("public.pem");
+        std::fs::write(&public_pem, ca.pem()).expect("write public.pem");
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), ca_key).expect("issuer");
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let mut params = rcgen::CertificateParams::new(vec!["inspect.test".to_string()]).expect("leaf params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "inspect.test");
+        let cert = params.signed_by(&key, &issuer).expect("leaf");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server cert");
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls_upstream = http_upstream(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+        let plain_upstream = http_upstream(None).await;
+        let sluice_ca = std::fs::read_to_string(&files.cert).expect("read ca.pem");
+        InspectSetup {
+            via_sluice: client_config(&sluice_ca),
+            direct: client_config(&ca.pem()),
+            ca_cert: files.cert,
+            ca_key: files.key,
+            public_pem,
+            tls_upstream,
+            plain_upstream,
+            dir,
+        }
+    }
+}
+
+/// A body of `left` bytes in `CHUNK`-sized frames of one shared buffer.
+struct Repeat {
+    left: u64,
+    chunk: bytes::Bytes,
+}
+
+impl hyper::body::Body for Repeat {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.chunk.slice(..n)))))
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// HTTP/1.1 upstream (TLS when given an acceptor): `/bytes/N` streams N bytes, anything else is `ok`.
+async fn http_upstream(tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the http upstream");
+    let addr = listener.local_addr().expect("http upstream address");
+    let chunk = bytes::Bytes::from(vec![0x5au8; CHUNK]);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            let (tls, chunk) = (tls.clone(), chunk.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let chunk = chunk.clone();
+                    async move {
+                        let left = req.uri().path().strip_prefix("/bytes/").and_then(|n| n.parse().ok());
+                        let body = match left {
+                            Some(left) => Repeat { left, chunk },
+                            None => Repeat { left: 2, chunk: bytes::Bytes::from_static(b"ok") },
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+                let builder = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(t) = acceptor.accept(s).await {
+                            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(t), service).await;
+                        }
+                    }
+                    None => {
+                        let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(s), service).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// How a bench client reaches the upstream.
+#[derive(Clone, Copy, PartialEq)]
+enum Reach {
+    /// CONNECT inspect.test through sluice, TLS with sluice's leaf: terminated.
+    Inspected,
+    /// TLS straight to the upstream.
+    DirectTls,
+    /// Plain HTTP forwarded by sluice (absolute-form requests).
+    Forwarded,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+async fn open_http(setup: &InspectSetup, proxy: SocketAddr, reach: Reach) -> std::io::Result<Sender> {
+    let io: Box<dyn Io> = match reach {
+        Reach::Forwarded => {
+            let s = TcpStream::connect(proxy).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Reach::DirectTls | Reach::Inspected => {
+            let (s, config) = if reach == Reach::Inspected {
+                let mut s = TcpStream::connect(proxy).await?;
+                s.set_nodelay(true)?;
+                let port = setup.tls_upstream.port();
+                let head = format!("CONNECT inspect.test:{port} HTTP/1.1\r\nHost: inspect.test:{port}\r\n\r\n");
+                s.write_all(head.as_bytes()).await?;
+                read_connect_answer(&mut s).await?;
+                (s, setup.via_sluice.clone())
+            } else {
+                let s = TcpStream::connect(setup.tls_upstream).await?;
+                s.set_nodelay(true)?;
+                (s, setup.direct.clone())
+            };
+            let name = rustls::pki_types::ServerName::try_from("inspect.test").map_err(std::io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, s).await?;
+            Box::new(tls)
+        }
+    };
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+fn request(setup: &InspectSetup, reach: Reach, path: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let (uri, host) = match reach {
+        Reach::Forwarded => {
+            let host = format!("plain.test:{}", setup.plain_upstream.port());
+            (format!("http://{host}{path}"), host)
+        }
+        _ => (path.to_string(), format!("inspect.test:{}", setup.tls_upstream.port())),
+    };
+    http::Request::get(uri).header("host", host).body(http_body_util::Empty::new()).expect("request")
+}
+
+/// Sends one request and reads its body; the body's length.
+async fn exchange(
+    sender: &mut Sender,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> std::io::Result<u64> {
+    use http_body_util::BodyExt;
+    sender.ready().await.map_err(std::io::Error::other)?;
+    let resp = sender.send_request(req).await.map_err(std::io::Error::other)?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(std::io::Error::other(format!("status {}", resp.status())));
+    }
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.map_err(std::io::Error::other)?.data_ref() {
+            n += d.len() as u64;
+        }
+    }
+    Ok(n)
+}
+
+/// `concurrency` keep-alive connections send requests back to back until the deadline: requests/s.
+/// With `fresh`, every request opens (and closes) its own connection instead: connections/s.
+async fn request_rate(setup: &Arc<InspectSetup>, proxy: SocketAddr, reach: Reach, fresh: bool, secs: Duration) -> f64 {
+    let start = Instant::now();
+    let deadline = start + secs;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let setup = setup.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let mut sender = None;
+            while Instant::now() < deadline {
+                if sender.is_none() || fresh {
+                    sender = Some(open_http(&setup, proxy, reach).await.expect("open a bench connection"));
+                }
+                let Some(s) = sender.as_mut() else { break };
+                exchange(s, request(&setup, reach, "/x")).await.expect("a bench request");
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0u64;
+    for t in tasks {
+        total += t.await.expect("rate task");
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// One connection downloads for `secs`: Gbit/s.
+async fn request_throughput(setup: &InspectSetup, proxy: SocketAddr, reach: Reach, secs: Duration) -> f64 {
+    let mut sender = open_http(setup, proxy, reach).await.expect("open a throughput connection");
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed() < secs {
+        bytes += exchange(&mut sender, request(setup, reach, "/bytes/268435456")).await.expect("download");
+    }
+    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Opens `n` inspected tunnels, one request each, holds them: sluice's RSS growth per tunnel (KiB).
+async fn inspected_rss(setup: &Arc<InspectSetup>, proxy: SocketAddr, pid: u32, n: usize) -> Option<f64> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid)?;
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = open_http(setup, proxy, Reach::Inspected).await.ok()?;
+        exchange(&mut s, request(setup, Reach::Inspected, "/x")).await.ok()?;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid)?;
+    eprintln!("inspected: {n} open tunnels, sluice RSS {before} KiB → {after} KiB");
+    drop(held);
+    Some(after.saturating_sub(before) as f64 / n.max(1) as f64)
+}
+
+#[derive(Default)]
+struct InspectedRows {
+    keepalive: Vec<f64>,
+    forwarded: Vec<f64>,
+    direct: Vec<f64>,
+    fresh: Vec<f64>,
+    fresh_direct: Vec<f64>,
+    thr: Vec<f64>,
+    thr_direct: Vec<f64>,
+    rss_kib: Option<f64>,
+}
+
+/// The inspected rows, round after round (the upstreams keep running in the sinks' runtime).
+async fn inspected_rows(setup: &Arc<InspectSetup>, proxy: SocketAddr, pid: Option<u32>, s: &Settings) -> InspectedRows {
+    let setup = setup.clone();
+    let mut rows = InspectedRows::default();
+    request_rate(&setup, proxy, Reach::Inspected, false, Duration::from_millis(300)).await;
+    rows.rss_kib = match pid {
+        Some(pid) => inspected_rss(&setup, proxy, pid, s.idle.min(500)).await,
+        None => None,
+    };
+    for round in 0..s.rounds {
+        eprintln!("inspected round {}/{}", round + 1, s.rounds);
+        rows.keepalive.push(request_rate(&setup, proxy, Reach::Inspected, false, s.secs).await);
+        rows.forwarded.push(request_rate(&setup, proxy, Reach::Forwarded, false, s.secs).await);
+        rows.direct.push(request_rate(&setup, proxy, Reach::DirectTls, false, s.secs).await);
+        rows.fresh.push(request_rate(&setup, proxy, Reach::Inspected, true, s.secs).await);
+        rows.fresh_direct.push(request_rate(&setup, proxy, Reach::DirectTls, true, s.secs).await);
+        rows.thr.push(request_throughput(&setup, proxy, Reach::Inspected, s.secs).await);
+        rows.thr_direct.push(request_throughput(&setup, proxy, Reach::DirectTls, s.secs).await);
+    }
+    rows
+}
+
+impl InspectedRows {
+    fn report(&self, s: &Settings) {
+        let med = |v: &Vec<f64>| median(v.clone());
+        println!();
+        println!(
+            "inspected bench (TLS termination): {} round(s) of {:.1}s, median, 64 concurrent",
+            s.rounds,
+            s.secs.as_secs_f64()
+        );
+        println!();
+        println!("| figure | direct TLS | inspected via sluice | inspected / direct |");
+        println!("|---|---:|---:|---:|");
+        let rows = [
+            ("keep-alive requests/s (HTTP/1.1)", &self.direct, &self.keepalive, 0),
+            ("new tunnels/s (handshake, 1 request, close)", &self.fresh_direct, &self.fresh, 0),
+            ("one connection's throughput (Gbit/s)", &self.thr_direct, &self.thr, 2),
+        ];
+        for (name, d, p, prec) in rows {
+            let (d, p) = (med(d), med(p));
+            println!("| {name} | {d:.prec$} | {p:.prec$} | {:.2}× |", p / d);
+        }
+        let (k, f) = (med(&self.keepalive), med(&self.forwarded));
+        println!();
+        println!(
+            "plain-HTTP forwarded keep-alive requests/s via sluice: {f:.0}; an inspected request costs {:.2}× a forwarded one (target ≤ 1.5×)",
+            f / k
+        );
+        let rss = self.rss_kib.map_or_else(|| "n/a".to_string(), |k| format!("{k:.1} KiB"));
+        println!("sluice RSS per open inspected tunnel (after one request): {rss}");
     }
 }

@@ -75,6 +75,12 @@ pub struct Event {
     pub duration_ms: Option<u64>,
     /// How a tunnel or request ended.
     pub end: Option<&'static str>,
+    /// A request inside a terminated tunnel: its path (without the query). Left out of other lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `true` on the lines of requests read inside a terminated tunnel; left out of every other line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspected: Option<bool>,
 }
 
 impl Event {

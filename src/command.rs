@@ -44,34 +44,45 @@ fn check_url(url: &str) -> Result<(Authority, String), String> {
 
 /// `sluice check`: decides one destination and prints the decision on one line (or as JSON).
 pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8 {
-    let set = match load_set(args.policies.as_deref()) {
-        Ok(set) => set,
-        Err(msg) => {
-            let _ = writeln!(err, "{msg}");
-            return EXIT_USAGE;
-        }
+    usage_exit(err, check_with(args, out))
+}
+
+/// A subcommand's exit: its code, or (for a usage error: bad arguments, an unreadable policy or log) the
+/// message and [`EXIT_USAGE`].
+pub(crate) fn usage_exit(err: &mut impl Write, result: Result<u8, String>) -> u8 {
+    result.unwrap_or_else(|msg| {
+        let _ = writeln!(err, "{msg}");
+        EXIT_USAGE
+    })
+}
+
+/// Prints a report as one line of JSON or as its text; a failed write is a usage error's exit.
+pub(crate) fn print_report(
+    out: &mut impl Write,
+    json: bool,
+    report: &impl serde::Serialize,
+    text: impl FnOnce() -> String,
+) -> Result<(), String> {
+    let printed = if json {
+        serde_json::to_string(report).map_err(std::io::Error::other).and_then(|j| writeln!(out, "{j}"))
+    } else {
+        write!(out, "{}", text())
     };
-    let policy = match resolve_policy(&set, args.policy.as_deref().unwrap_or("trusted"), "check") {
-        Ok(p) => p,
-        Err(msg) => {
-            let _ = writeln!(err, "{msg}");
-            return EXIT_USAGE;
-        }
-    };
+    // The message would go where the report could not: stdout is gone, stderr may be too.
+    printed.map_err(|e| format!("cannot write the report: {e}"))
+}
+
+fn check_with(args: &CheckArgs, out: &mut impl Write) -> Result<u8, String> {
+    let set = load_set(args.policies.as_deref())?;
+    let policy = resolve_policy(&set, args.policy.as_deref().unwrap_or("trusted"), "check")?;
     let parsed = match &args.method {
         Some(_) => check_url(&args.destination),
         None => Authority::parse(&args.destination, Some(443)).map(|a| (a, String::new())).map_err(|e| e.to_string()),
     };
-    let (authority, path) = match parsed {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = writeln!(err, "sluice check: {:?}: {e}", args.destination);
-            return EXIT_USAGE;
-        }
-    };
+    let (authority, path) = parsed.map_err(|e| format!("sluice check: {:?}: {e}", args.destination))?;
     let decision = policy.decide(&authority.target, authority.port);
     if let Some(method) = args.method.as_deref().filter(|_| decision.is_allowed()) {
-        return check_request(&policy, &authority, method, &path, &decision, args.json, out);
+        return Ok(check_request(&policy, &authority, method, &path, &decision, args.json, out));
     }
     let would_deny = !decision.is_allowed() && policy.mode.serves(&decision.reason);
     let printed = if args.json {
@@ -98,10 +109,8 @@ pub fn check(args: &CheckArgs, out: &mut impl Write, err: &mut impl Write) -> u8
     } else {
         writeln!(out, "{}", check_line(&authority, &decision))
     };
-    if printed.is_err() {
-        return EXIT_USAGE;
-    }
-    if decision.is_allowed() || would_deny { EXIT_OK } else { EXIT_DENY }
+    printed.map_err(|e| format!("cannot write the decision: {e}"))?;
+    Ok(if decision.is_allowed() || would_deny { EXIT_OK } else { EXIT_DENY })
 }
 
 /// `check --method`: the host's line, then the request's (or that no request rule names the host).

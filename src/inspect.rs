@@ -1,5 +1,5 @@
-//! TLS inspection: the CA sandboxes trust, the leaf certificates it mints for inspected hosts, and
-//! (later) the termination of tunnels a policy asks to see inside.
+//! TLS inspection: the CA sandboxes trust and the leaf certificates it mints for inspected hosts
+//! (the termination itself is `proxy::inspected`).
 
 pub mod ca;
 pub mod hello;
@@ -62,8 +62,8 @@ impl Inspector {
 }
 
 /// Refuses a policy set that asks for inspection when no CA is configured, naming the policy, where
-/// it asks, and the missing keys. (With a CA, tunnels the policy terminates are refused one by one
-/// with `inspection_unavailable` until termination is built: never relayed uninspected.)
+/// it asks, and the missing keys. (A policy reloaded to inspect on a server without a CA has its
+/// tunnels refused one by one with `inspection_unavailable`: never relayed uninspected.)
 pub fn check_served(policies: &PolicySet, has_ca: bool) -> Result<(), String> {
     if has_ca {
         return Ok(());

@@ -46,3 +46,4 @@ pub mod reload;
 pub mod replay;
 pub mod server;
 pub mod suggest;
+pub mod tls;

@@ -261,6 +261,9 @@ impl Reason {
                 | Reason::NotAllowlisted
                 | Reason::PortNotAllowed { .. }
                 | Reason::IpNotAllowed { .. }
+                | Reason::RequestDenied { .. }
+                | Reason::NoRequestRule { .. }
+                | Reason::BodyTooLarge { .. }
         )
     }
 }

@@ -6,6 +6,7 @@ pub mod connect;
 pub mod forward;
 pub mod framing;
 pub mod head;
+pub mod inspected;
 mod record;
 pub mod respond;
 mod shaped;
@@ -56,6 +57,8 @@ pub struct EgressProxy {
     pub denials: Arc<Denials>,
     pub limiter: Arc<dyn Limiter>,
     pub audit: AuditLog,
+    /// Terminates the tunnels policies inspect; `None` when no CA is configured.
+    pub terminator: Option<Arc<inspected::Terminator>>,
 }
 
 /// A client connection's place under `[egress] max_connections`.

@@ -191,16 +191,57 @@ impl Refusal {
         r
     }
 
-    /// A tunnel this policy terminates, on a server that cannot terminate it yet: `403`, before any
-    /// tunnel opens, so no request the policy's rules would refuse passes uninspected.
+    /// A tunnel this policy terminates, on a server without a CA (a policy reloaded to inspect):
+    /// `403`, before any tunnel opens, so no request the policy's rules would refuse passes uninspected.
     pub fn inspection_unavailable(authority: &Authority) -> Refusal {
         Refusal::new(
             StatusCode::FORBIDDEN,
             "inspection_unavailable",
             Fault::Policy,
-            format!("{authority} is inspected by this policy (inspect or [[requests]]), and this sluice cannot terminate TLS yet"),
+            format!("{authority} is inspected by this policy (inspect or [[requests]]), and this sluice has no CA to terminate TLS with"),
         )
-        .with_hint("list the host in tls_passthrough or set inspect = \"off\" to tunnel it uninspected")
+        .with_hint("configure [inspect] ca_cert and ca_key, list the host in tls_passthrough, or set inspect = \"off\"")
+    }
+
+    /// The upstream of a terminated tunnel presented a certificate that does not verify (unknown
+    /// issuer, expired, another name): `502`, before the tunnel opens. Never relayed unverified.
+    pub fn upstream_cert_invalid(authority: &Authority, why: impl Into<String>) -> Refusal {
+        Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_cert_invalid",
+            Fault::Upstream,
+            format!("the certificate {authority} presented does not verify: {}", why.into()),
+        )
+        .with_hint(
+            "if the upstream uses a private CA, an operator adds its certificate to [inspect] extra_roots; \
+             otherwise the upstream's certificate is wrong",
+        )
+    }
+
+    /// The first bytes inside a tunnel this policy terminates are not a TLS handshake: `400`, and the
+    /// tunnel ends.
+    pub fn not_tls(authority: &Authority) -> Refusal {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "not_tls",
+            Fault::Client,
+            format!("the tunnel to {authority} is inspected, and what the client sent in it is not TLS"),
+        )
+        .with_hint("speak TLS inside the tunnel (https://), or list the host in tls_passthrough")
+        .closing(true)
+    }
+
+    /// Inside a terminated tunnel, a request (its `Host` / `:authority`) or the ClientHello's SNI names
+    /// another host than the CONNECT did: `421`, so the client can open a tunnel to the host it means.
+    pub fn host_mismatch(authority: &Authority, named: &str, what: &str) -> Refusal {
+        Refusal::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_mismatch",
+            Fault::Policy,
+            format!("the {what} names {named:?}, and this tunnel was opened to {authority}: they must agree"),
+        )
+        .with_hint("open a tunnel (CONNECT) to each host the client talks to")
+        .closing(true)
     }
 
     /// The credential names a policy this server does not have: `403`.

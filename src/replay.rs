@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::audit::reader::{DecisionRecord, Item, RecordReader};
-use crate::command::{EXIT_DENY, EXIT_OK, EXIT_USAGE, load_set, resolve_policy};
+use crate::command::{EXIT_DENY, EXIT_OK, load_set, print_report, resolve_policy, usage_exit};
 use crate::policy::{Policy, Target};
 use crate::suggest::{Seen, report_malformed};
 
@@ -229,41 +229,15 @@ fn s(n: u64) -> &'static str {
 /// `sluice replay`: exit 0 when nothing becomes denied, 1 when something does, 2 when the log or the
 /// candidate cannot be read.
 pub fn run(args: &ReplayArgs, out: &mut impl Write, err: &mut impl Write) -> u8 {
-    let set = match load_set(args.policies.as_deref()) {
-        Ok(set) => set,
-        Err(msg) => {
-            let _ = writeln!(err, "{msg}");
-            return EXIT_USAGE;
-        }
-    };
-    let candidate = match resolve_policy(&set, &args.policy, "replay") {
-        Ok(p) => p,
-        Err(msg) => {
-            let _ = writeln!(err, "{msg}");
-            return EXIT_USAGE;
-        }
-    };
-    let mut reader = match RecordReader::open(&args.log) {
-        Ok(r) => r,
-        Err(msg) => {
-            let _ = writeln!(err, "sluice replay: {msg}");
-            return EXIT_USAGE;
-        }
-    };
-    let replay = match replay_reader(&mut reader, candidate, err) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = writeln!(err, "sluice replay: {}: read error after line {}: {e}", reader.name(), reader.line());
-            return EXIT_USAGE;
-        }
-    };
-    let printed = if args.json {
-        serde_json::to_string(&replay).map_err(std::io::Error::other).and_then(|j| writeln!(out, "{j}"))
-    } else {
-        write!(out, "{}", replay.text(reader.name(), &args.policy))
-    };
-    if printed.is_err() {
-        return EXIT_USAGE;
-    }
-    if replay.newly_denied.is_empty() { EXIT_OK } else { EXIT_DENY }
+    let result = replay(args, out, err);
+    usage_exit(err, result)
+}
+
+fn replay(args: &ReplayArgs, out: &mut impl Write, err: &mut impl Write) -> Result<u8, String> {
+    let set = load_set(args.policies.as_deref())?;
+    let candidate = resolve_policy(&set, &args.policy, "replay")?;
+    let mut reader = RecordReader::open(&args.log).map_err(|msg| format!("sluice replay: {msg}"))?;
+    let replay = replay_reader(&mut reader, candidate, err).map_err(|e| reader.read_error("replay", &e))?;
+    print_report(out, args.json, &replay, || replay.text(reader.name(), &args.policy))?;
+    Ok(if replay.newly_denied.is_empty() { EXIT_OK } else { EXIT_DENY })
 }

@@ -51,7 +51,11 @@ impl Server {
         // A policy that asks for inspection is refused at start-up when it cannot be served; the CA is
         // loaded (and checked) whenever one is configured.
         crate::inspect::check_served(&policies, config.inspect.has_ca())?;
-        let _inspector = crate::inspect::Inspector::load(&config.inspect)?;
+        let inspector = crate::inspect::Inspector::load(&config.inspect)?;
+        let terminator = match &inspector.leaves {
+            Some(leaves) => Some(Arc::new(proxy::inspected::Terminator::new(leaves.clone(), &inspector.extra_roots)?)),
+            None => None,
+        };
         let keys = Keyring::load(config.auth.key_file.as_deref(), config.auth.previous_key_file.as_deref())
             .map_err(|e| format!("[auth]: {e}"))?;
         if keys.is_none() && !config.auth.anonymous {
@@ -108,6 +112,7 @@ impl Server {
             denials,
             limiter,
             audit: audit.clone(),
+            terminator,
         });
         egress.metrics.policy_generation.set(1);
         Ok(Server { egress, egress_listener, git_listener, git, admin_listener, store, config })

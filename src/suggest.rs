@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::audit::reader::{DecisionRecord, Item, RecordReader};
-use crate::command::{EXIT_OK, EXIT_USAGE, load_set, resolve_policy};
+use crate::command::{EXIT_OK, load_set, print_report, resolve_policy, usage_exit};
 use crate::policy::{DEFAULT_PORTS, HostPattern, Level, Policy, Reason, Target};
 
 /// Sessions named per entry; beyond them, a count.
@@ -404,51 +404,27 @@ pub(crate) fn report_malformed(err: &mut impl Write, m: &crate::audit::reader::M
 /// `sluice suggest`: exit 0 with a suggestion (even an empty one), 2 when the log or the policy
 /// cannot be read.
 pub fn run(args: &SuggestArgs, out: &mut impl Write, err: &mut impl Write) -> u8 {
-    let set = match load_set(args.policies.as_deref()) {
-        Ok(set) => set,
-        Err(msg) => {
-            let _ = writeln!(err, "{msg}");
-            return EXIT_USAGE;
-        }
-    };
-    let policy = match args.policy.as_deref().map(|p| resolve_policy(&set, p, "suggest")).transpose() {
-        Ok(p) => p,
-        Err(msg) => {
-            let _ = writeln!(err, "{msg}");
-            return EXIT_USAGE;
-        }
-    };
-    let mut reader = match RecordReader::open(&args.log) {
-        Ok(r) => r,
-        Err(msg) => {
-            let _ = writeln!(err, "sluice suggest: {msg}");
-            return EXIT_USAGE;
-        }
-    };
+    let result = suggest(args, out, err);
+    usage_exit(err, result)
+}
+
+fn suggest(args: &SuggestArgs, out: &mut impl Write, err: &mut impl Write) -> Result<u8, String> {
+    let set = load_set(args.policies.as_deref())?;
+    let policy = args.policy.as_deref().map(|p| resolve_policy(&set, p, "suggest")).transpose()?;
+    let mut reader = RecordReader::open(&args.log).map_err(|msg| format!("sluice suggest: {msg}"))?;
     let mut suggester = Suggester::new(policy, args.session.clone(), set.defaults().clone());
     loop {
         match reader.next_item() {
             Ok(None) => break,
             Ok(Some(Item::Decision(r))) => suggester.add(&r),
             Ok(Some(Item::Malformed(m))) => report_malformed(err, &m, reader.malformed),
-            Err(e) => {
-                let _ =
-                    writeln!(err, "sluice suggest: {}: read error after line {}: {e}", reader.name(), reader.line());
-                return EXIT_USAGE;
-            }
+            Err(e) => return Err(reader.read_error("suggest", &e)),
         }
     }
     let mut suggestion = suggester.finish();
     suggestion.malformed = reader.malformed;
-    let printed = if args.json {
-        serde_json::to_string(&suggestion).map_err(std::io::Error::other).and_then(|j| writeln!(out, "{j}"))
-    } else {
-        write!(out, "{}", suggestion.toml(reader.name()))
-    };
-    if printed.is_err() {
-        return EXIT_USAGE;
-    }
-    EXIT_OK
+    print_report(out, args.json, &suggestion, || suggestion.toml(reader.name()))?;
+    Ok(EXIT_OK)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Request rules (`[[requests]]`) end to end: plain-HTTP requests through sluice decided per method,
 //! path and body size, with curl and raw sockets; refusals answered before anything is dialled; the
-//! decision record naming the rule; CONNECTs the policy would terminate refused, not relayed
-//! uninspected; and `sluice check --method` naming the rule.
+//! decision record naming the rule; CONNECTs the policy terminates never relayed uninspected; and
+//! `sluice check --method` naming the rule.
 
 mod support;
 
@@ -234,17 +234,18 @@ async fn a_host_with_only_deny_rules_passes_the_rest_and_a_host_without_rules_pa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tunnel_the_policy_would_terminate_is_refused_until_termination_exists() {
+async fn a_tunnel_the_policy_terminates_is_never_relayed_uninspected() {
     let dir = TempDir::new("rules-connect");
     let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
     let extra = format!("[inspect]\nca_cert = {:?}\nca_key = {:?}\n", files.cert, files.key);
     let lab = start("auto", &extra, dir).await;
     let connect = |host: &str| format!("CONNECT {host}:{0} HTTP/1.1\r\nHost: {host}:{0}\r\n\r\n", lab.port);
+    // The upstream here speaks plain HTTP: the upstream leg's TLS handshake fails, and the CONNECT is
+    // refused before its 200 rather than relayed (termination itself: tests/inspect_terminate.rs).
     let r = raw_exchange(lab.proxy.addr, connect("api.test").as_bytes()).await;
-    assert_eq!(r.status_line, "HTTP/1.1 403 Forbidden", "{r:#?}");
-    assert_eq!(r.header("x-sluice-decision"), Some("deny; reason=inspection_unavailable; policy=lab"));
-    assert!(r.body.contains("cannot terminate TLS yet"), "{}", r.body);
-    assert_eq!(lab.upstream.connections(), 0, "refused before dialling");
+    assert_eq!(r.status_line, "HTTP/1.1 502 Bad Gateway", "{r:#?}");
+    assert_eq!(r.header("x-sluice-decision"), Some("deny; reason=bad_upstream; policy=lab"));
+    assert!(r.body.contains("the TLS handshake with api.test:"), "{}", r.body);
     // A host without request rules is tunnelled as before.
     let mut c = RawClient::connect(lab.proxy.addr).await;
     c.send(connect("free.test").as_bytes()).await;

@@ -199,6 +199,11 @@ impl RecordReader {
     pub fn line(&self) -> u64 {
         self.line
     }
+
+    /// What `sluice COMMAND` says when reading the log fails part way.
+    pub fn read_error(&self, command: &str, e: &dyn std::fmt::Display) -> String {
+        format!("sluice {command}: {}: read error after line {}: {e}", self.name, self.line)
+    }
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {

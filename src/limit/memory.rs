@@ -1,6 +1,6 @@
-//! The in-memory limiter: one process's sessions, their request rates over governor's keyed limiters (GCRA),
-//! their open tunnels, their byte counters and (for sessions that have byte limits) their byte budgets,
-//! sharded so that sessions rarely share a lock.
+//! The in-memory limiter: one process's sessions, their request rates (governor's GCRA, its state kept in the
+//! session's own entry), their open tunnels, their byte counters and (for sessions that have byte limits) their
+//! byte budgets, sharded so that sessions rarely share a lock.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 
@@ -50,7 +51,7 @@ pub struct Tracked {
     pub quotas: usize,
 }
 
-/// A session's [`LimitKey`] hashed with the limiter's secret seed: the key of its entry and of its governor rate states.
+/// A session's [`LimitKey`] hashed with the limiter's secret seed: the key of its entry.
 /// Two live sessions share limits only if their 64-bit hashes collide, about n²/2⁶⁵ for n sessions (1 in 10⁸ at
 /// a million); in exchange a check hashes the name once, never allocates and never compares strings.
 type SessionKey = u64;
@@ -81,11 +82,19 @@ type KeyState = BuildHasherDefault<KeyHasher>;
 /// One session's entry, inline in its shard's map: what every request touches, in one small bucket.
 #[derive(Debug)]
 struct Session {
-    /// Nanoseconds since the limiter started, at the last request or tunnel.
-    last_seen: AtomicU64,
+    /// Nanoseconds since the limiter started at which housekeeping last saw the session active (a request
+    /// or refusal since its previous pass, or a tunnel open), or at which it was created. Kept by housekeeping
+    /// rather than by every check, which would read the clock once more.
+    last_seen: u64,
     requests: AtomicU64,
-    /// The slot of the quota this session last used: a hint that spares the quota index lock.
-    quota: AtomicU32,
+    /// The request rate's GCRA state: its theoretical arrival time, in nanoseconds on the limiter's timeline
+    /// (0: none yet, or replenished and cleared by housekeeping). Kept here rather than in a keyed store of
+    /// governor's own so that a check finds the session once.
+    tat: AtomicU64,
+    /// The slot of the quota that last wrote `tat`: its replenish interval says when the state is forgettable.
+    slot: AtomicU32,
+    /// The low bits of `requests` plus refusals at housekeeping's last pass: a change is activity.
+    seen: u32,
     /// The rarely touched part, shared with the session's leases and meters.
     shared: Arc<Shared>,
 }
@@ -155,9 +164,11 @@ impl TunnelSlot for Shared {
 impl Session {
     fn new(now: u64) -> Self {
         Session {
-            last_seen: AtomicU64::new(now),
+            last_seen: now,
             requests: AtomicU64::new(0),
-            quota: AtomicU32::new(DEFAULT_SLOT),
+            tat: AtomicU64::new(0),
+            slot: AtomicU32::new(DEFAULT_SLOT),
+            seen: 0,
             shared: Arc::default(),
         }
     }
@@ -186,13 +197,14 @@ impl Session {
     }
 }
 
-type Keyed<C> =
-    RateLimiter<SessionKey, DashMapStateStore<SessionKey, KeyState>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<C> = RateLimiter<SessionKey, EntryStore<C>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// One keyed limiter per distinct quota: sessions of different policies have different quotas.
 struct QuotaLimiter<C: Clock> {
     key: QuotaKey,
     limiter: Keyed<C>,
+    /// The quota's replenish interval in nanoseconds: a state that far in the past equals a fresh one.
+    interval: u64,
     /// The quota in words, for [`RateLimited::limit`].
     describe: Box<str>,
 }
@@ -214,6 +226,69 @@ type SessionMap = HashMap<SessionKey, Session, KeyState>;
 #[derive(Default)]
 struct Shard(RwLock<SessionMap>);
 
+fn shard(shards: &[Shard], key: SessionKey) -> &RwLock<SessionMap> {
+    // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
+    &shards[(key >> 32) as usize % SHARDS].0
+}
+
+/// Runs `f` on the session's entry, created (at `now`) on first sight, under its shard's lock.
+fn with_session<R>(shards: &[Shard], key: SessionKey, now: impl FnOnce() -> u64, f: impl FnOnce(&Session) -> R) -> R {
+    let shard = shard(shards, key);
+    if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
+        return f(s);
+    }
+    let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
+    f(map.entry(key).or_insert_with(|| Session::new(now())))
+}
+
+/// Where one quota's governor limiter keeps its states: in the sessions' entries, so that a request check is one
+/// lookup and one compare-and-swap. Every quota's store writes the same `tat`, on the limiter's timeline, so a
+/// session whose policy changes carries its debt to the new quota.
+struct EntryStore<C: Clock> {
+    shards: Arc<[Shard]>,
+    clock: C,
+    /// The limiter's start: `last_seen` and `tat` count from it (the clock is read here only for a new entry).
+    start: C::Instant,
+    /// Nanoseconds from the limiter's start to this quota limiter's (governor's states count from its own).
+    offset: u64,
+    slot: u32,
+}
+
+impl<C: Clock> StateStore for EntryStore<C> {
+    type Key = SessionKey;
+
+    fn measure_and_replace<T, F, E>(&self, key: &SessionKey, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let now = || self.clock.now().duration_since(self.start).as_u64();
+        with_session(&self.shards, *key, now, |s| {
+            let mut stored = s.tat.load(Ordering::Acquire);
+            loop {
+                // A state from before this quota limiter started is in its past: the same as none.
+                let prior = (stored > self.offset).then(|| Nanos::from(stored - self.offset));
+                match f(prior) {
+                    Ok((allowed, next)) => {
+                        let next = self.offset.saturating_add(next.as_u64()).max(1);
+                        match s.tat.compare_exchange_weak(stored, next, Ordering::AcqRel, Ordering::Acquire) {
+                            Ok(_) => {
+                                s.slot.store(self.slot, Ordering::Relaxed);
+                                s.requests.fetch_add(1, Ordering::Relaxed);
+                                return Ok(allowed);
+                            }
+                            Err(current) => stored = current,
+                        }
+                    }
+                    Err(refused) => {
+                        s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        return Err(refused);
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// The limits of every session, shared by all connections.
 ///
 /// Generic over governor's clock so that tests drive time with [`governor::clock::FakeRelativeClock`].
@@ -223,11 +298,11 @@ pub struct MemoryLimiter<C: Clock = DefaultClock> {
     start: C::Instant,
     /// Seeded per limiter, so no one can aim session names at a collision.
     key_hasher: foldhash::quality::RandomState,
-    shards: Box<[Shard]>,
-    /// Quota limiters live in fixed slots that are filled once and never emptied, so a check reaches its
-    /// limiter without a lock; [`MAX_QUOTAS`] bounds them, and housekeeping empties their states.
+    shards: Arc<[Shard]>,
+    /// Quota limiters live in fixed slots that are filled once, in order, and never emptied, so a check finds its
+    /// limiter without a lock; [`MAX_QUOTAS`] bounds them.
     quotas: Box<[OnceLock<QuotaLimiter<C>>]>,
-    /// Which slot holds which quota; locked only when a session meets a quota it did not use last time.
+    /// Which slot holds which quota; locked only when a quota is first met.
     quota_index: Mutex<HashMap<QuotaKey, u32, foldhash::fast::RandomState>>,
     /// The clock byte budgets shape and count windows by: the same clock as the rates.
     time: Arc<dyn TimeSource>,
@@ -308,31 +383,19 @@ where
         let rps = policy_limits.requests_per_second.unwrap_or(self.defaults.requests_per_second);
         let burst = policy_limits.burst.unwrap_or(self.defaults.burst);
         let quota_key = QuotaKey { rps_bits: rps.to_bits(), burst };
-        let key = self.key(session);
-        self.with_session(key, |s| {
-            let q = match self.quota(s.quota.load(Ordering::Relaxed)) {
-                Some(q) if q.key == quota_key => q,
-                _ => {
-                    let slot = self.quota_slot(quota_key, rps, burst);
-                    s.quota.store(slot, Ordering::Relaxed);
-                    match self.quota(slot) {
-                        Some(q) => q,
-                        // quota_slot only returns filled slots; allow rather than fail a request on a slip.
-                        None => return Ok(()),
-                    }
-                }
-            };
-            match q.limiter.check_key(&key) {
-                Ok(()) => {
-                    s.requests.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-                Err(not_until) => {
-                    s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    let retry_after = not_until.wait_time_from(self.clock.now());
-                    Err(RateLimited { retry_after, limit: q.describe.to_string() })
-                }
-            }
+        // The filled slots are a prefix, nearly always a handful long: scanned without a lock.
+        let q = match self.quotas.iter().map_while(OnceLock::get).find(|q| q.key == quota_key) {
+            Some(q) => q,
+            None => match self.quota(self.quota_slot(quota_key, rps, burst)) {
+                Some(q) => q,
+                // quota_slot only returns filled slots; allow rather than fail a request on a slip.
+                None => return Ok(()),
+            },
+        };
+        // The store counts the request, or the refusal, in the session's entry.
+        q.limiter.check_key(&self.key(session)).map_err(|not_until| RateLimited {
+            retry_after: not_until.wait_time_from(self.clock.now()),
+            limit: q.describe.to_string(),
         })
     }
 
@@ -376,12 +439,13 @@ where
 
     /// How many entries are held.
     pub fn tracked(&self) -> Tracked {
-        let quotas: Vec<_> = self.quotas.iter().filter_map(OnceLock::get).collect();
-        Tracked {
-            sessions: self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len()).sum(),
-            rate_states: quotas.iter().map(|q| q.limiter.len()).sum(),
-            quotas: quotas.len(),
+        let (mut sessions, mut rate_states) = (0, 0);
+        for shard in self.shards.iter() {
+            let map = shard.0.read().unwrap_or_else(PoisonError::into_inner);
+            sessions += map.len();
+            rate_states += map.values().filter(|s| s.tat.load(Ordering::Relaxed) != 0).count();
         }
+        Tracked { sessions, rate_states, quotas: self.quotas.iter().filter_map(OnceLock::get).count() }
     }
 
     fn now_nanos(&self) -> u64 {
@@ -392,24 +456,8 @@ where
         self.key_hasher.hash_one(session.as_str())
     }
 
-    fn shard(&self, key: SessionKey) -> &RwLock<SessionMap> {
-        // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
-        &self.shards[(key >> 32) as usize % SHARDS].0
-    }
-
-    /// Runs `f` on the session's entry, created on first sight, under its shard's lock.
     fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&Session) -> R) -> R {
-        let now = self.now_nanos();
-        let shard = self.shard(key);
-        if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
-            // Concurrent requests race here; any of their times is recent enough for an idle check.
-            s.last_seen.store(now, Ordering::Relaxed);
-            return f(s);
-        }
-        let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
-        let s = map.entry(key).or_insert_with(|| Session::new(now));
-        s.last_seen.store(now, Ordering::Relaxed);
-        f(s)
+        with_session(&self.shards, key, || self.now_nanos(), f)
     }
 
     fn quota(&self, slot: u32) -> Option<&QuotaLimiter<C>> {
@@ -432,17 +480,22 @@ where
             );
             return DEFAULT_SLOT;
         };
-        // The index lock is held, so no one else fills this slot.
+        let slot = u32::try_from(slot).unwrap_or(DEFAULT_SLOT);
+        let quota = effective_quota(rps, burst);
+        let store = EntryStore {
+            shards: self.shards.clone(),
+            clock: self.clock.clone(),
+            start: self.start,
+            offset: self.now_nanos(),
+            slot,
+        };
+        // The index lock is held, so no one else fills this slot; governor's limiter starts now, at `offset`.
         let _ = cell.set(QuotaLimiter {
             key,
-            limiter: RateLimiter::dashmap_with_clock_and_hasher(
-                effective_quota(rps, burst),
-                self.clock.clone(),
-                KeyState::default(),
-            ),
+            limiter: RateLimiter::new(quota, store, self.clock.clone()),
+            interval: u64::try_from(quota.replenish_interval().as_nanos()).unwrap_or(u64::MAX),
             describe: describe(rps, burst).into(),
         });
-        let slot = u32::try_from(slot).unwrap_or(DEFAULT_SLOT);
         index.insert(key, slot);
         slot
     }
@@ -481,28 +534,38 @@ where
 
     fn session_stats(&self, session: &LimitKey) -> Option<SessionStats> {
         let key = self.key(session);
-        let shard = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        let shard = shard(&self.shards, key).read().unwrap_or_else(PoisonError::into_inner);
         shard.get(&key).map(Session::stats)
     }
 
     /// Forgets what no longer matters: rate states that have fully replenished, and sessions idle for
-    /// [`SESSION_IDLE`] with no tunnel open. Rate states are keyed by the session's name, not its entry, so
-    /// forgetting a session never hands it a fresh burst. The server calls this periodically; between calls
-    /// memory grows only with new sessions.
+    /// [`SESSION_IDLE`] with no tunnel open and no rate state, so forgetting a session never hands it a fresh
+    /// burst. The server calls this periodically; between calls memory grows only with new sessions.
     fn housekeeping(&self) {
-        for q in self.quotas.iter().filter_map(OnceLock::get) {
-            q.limiter.retain_recent();
-            q.limiter.shrink_to_fit();
-        }
         let now = self.now_nanos();
         let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap_or(u64::MAX);
         for shard in self.shards.iter() {
             // Under the write lock no one can open a tunnel on these sessions, so `tunnels == 0` stays true
             // until they are removed; an open lease holds its own counters and may still drop afterwards.
+            // Checks hold the read lock, so no state changes under this one.
             let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
             map.retain(|_, s| {
-                let since = now.saturating_sub(s.last_seen.load(Ordering::Relaxed));
-                s.shared.tunnels.load(Ordering::Acquire) > 0 || since < idle || s.holds_quota()
+                let count =
+                    s.requests.load(Ordering::Relaxed).wrapping_add(s.shared.rate_limited.load(Ordering::Relaxed));
+                let open = s.shared.tunnels.load(Ordering::Acquire) > 0;
+                // Truncated: a change is all that matters, and no session makes 2³² requests between passes.
+                if count as u32 != s.seen || open {
+                    s.seen = count as u32;
+                    s.last_seen = now;
+                }
+                // As governor forgets: a state one interval past is indistinguishable from a fresh one.
+                let tat = s.tat.load(Ordering::Relaxed);
+                let interval = self.quota(s.slot.load(Ordering::Relaxed)).map_or(0, |q| q.interval);
+                if tat != 0 && tat <= now.saturating_sub(interval) {
+                    s.tat.store(0, Ordering::Relaxed);
+                }
+                let since = now.saturating_sub(s.last_seen);
+                open || since < idle || s.tat.load(Ordering::Relaxed) != 0 || s.holds_quota()
             });
             // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
@@ -610,6 +673,25 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         assert_eq!(l.check_now(&key("a"), &slow), Ok(()));
         assert_eq!(l.check_now(&key("a"), &slow), refused(1000, "1 request per second, burst 2"));
+    }
+
+    #[test]
+    fn a_session_whose_quota_changes_carries_its_debt() {
+        let (l, clock) = limiter();
+        let slow = Limits { requests_per_second: Some(1.0), burst: Some(2), max_tunnels: None, ..Limits::default() };
+        assert_eq!(burst(&l, "a", &slow, 2), vec![]);
+        // Its arrival time is 2 s out; under 2 requests per second (burst 2) the next may come at 1.5 s.
+        let faster = Limits { requests_per_second: Some(2.0), ..slow };
+        assert_eq!(l.check_now(&key("a"), &faster), refused(1500, "2 requests per second, burst 2"));
+        // A quota met later starts its own timeline, and reads the same debt: at 4 per second (burst 2),
+        // the next may come 250 ms before the arrival time.
+        clock.advance(Duration::from_millis(1500));
+        let later = Limits { requests_per_second: Some(4.0), ..slow };
+        assert_eq!(l.check_now(&key("a"), &later), refused(250, "4 requests per second, burst 2"));
+        clock.advance(Duration::from_millis(250));
+        assert_eq!(l.check_now(&key("a"), &later), Ok(()));
+        assert_eq!(l.check_now(&key("a"), &later), refused(250, "4 requests per second, burst 2"));
+        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 1, quotas: 4 });
     }
 
     #[test]
@@ -726,14 +808,19 @@ mod tests {
         assert_eq!(burst(&l, "s1", &slow, 6).len(), 1);
         clock.advance(SESSION_IDLE + Duration::from_secs(1));
         l.housekeeping();
-        assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 1, quotas: 2 });
+        // The session is idle, but its rate state has not replenished: it is kept, state and all.
+        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 1, quotas: 2 });
         // The sixth slot opens at 1000s: a forgotten state would have let this through.
         assert_eq!(l.check_now(&key("s1"), &slow), refused(399_000, "0.001 requests per second, burst 5"));
         clock.advance(Duration::from_secs(399));
         assert_eq!(l.check_now(&key("s1"), &slow), Ok(()));
         assert_eq!(l.check_now(&key("s1"), &slow), refused(1_000_000, "0.001 requests per second, burst 5"));
-        // Governor forgets a state one slot after it has fully replenished.
+        // Governor forgets a state one slot after it has fully replenished; the session goes SESSION_IDLE after
+        // the pass that saw its last request.
         clock.advance(Duration::from_secs(6000));
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 0, quotas: 2 });
+        clock.advance(SESSION_IDLE);
         l.housekeeping();
         assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 2 });
     }

@@ -43,64 +43,85 @@ use crate::config::{LimitDefaults, OnStoreError, redact_url};
 use crate::metrics::Metrics;
 use crate::policy::Limits;
 
-/// GCRA, one request. KEYS[1]: the session's arrival time (µs since the epoch, the server's clock);
-/// ARGV[1]: the emission interval in µs; ARGV[2]: the burst. Returns 0 when the request passes, else the
-/// µs until it would.
-const CHECK: &str = r"
+// The scripts share their pieces as Lua source, joined at compile time: one copy of each rule.
+
+/// `now_us`: the server's clock in µs, the one clock every instance's scripts agree on.
+macro_rules! lua_now {
+    () => {
+        r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - burst * interval
-if allow_at > now then
-  return math.max(1, math.ceil(allow_at - now))
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"
+    };
+}
+
+/// `gcra(key, now_us, interval, burst)`: one request against the arrival time (µs) stored at `key`;
+/// returns 0 when it passes (and stores the new time, expiring once the burst has refilled), else the µs
+/// until it would.
+macro_rules! lua_gcra {
+    () => {
+        r"
+local function gcra(key, now, interval, burst)
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return math.max(1, math.ceil(allow_at - now))
+  end
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+  return 0
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
-return 0
-";
+"
+    };
+}
+
+/// `lease(key, now_ms, member, ttl_ms, max)`: a place in the sorted set of leases at `key`, scored by expiry
+/// (expired ones dropped first); returns the live leases counting this one, or 0 and the count when `max`
+/// are already held.
+macro_rules! lua_lease {
+    () => {
+        r"
+local function lease(key, now, member, ttl, max)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local open = redis.call('ZCARD', key)
+  if open >= max then return 0, open end
+  redis.call('ZADD', key, now + ttl, member)
+  redis.call('PEXPIRE', key, ttl)
+  return open + 1, open
+end
+"
+    };
+}
+
+/// One request. KEYS[1]: the session's arrival time; ARGV[1]: the emission interval in µs; ARGV[2]: the
+/// burst. Returns 0 when the request passes, else the µs until it would.
+const CHECK: &str =
+    concat!(lua_now!(), lua_gcra!(), "return gcra(KEYS[1], now_us, tonumber(ARGV[1]), tonumber(ARGV[2]))\n");
 
 /// Takes a lease. KEYS[1]: the session's leases; ARGV[1]: the member; ARGV[2]: the TTL in ms; ARGV[3]:
 /// `max_tunnels`. Returns the live leases counting this one, or 0 when the session already has `max`.
-const OPEN: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local open = redis.call('ZCARD', KEYS[1])
-if open >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return open + 1
-";
+const OPEN: &str = concat!(
+    lua_now!(),
+    lua_lease!(),
+    "return (lease(KEYS[1], math.floor(now_us / 1000), ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])))\n"
+);
 
 /// A new tunnel: [`CHECK`] on KEYS[1], then [`OPEN`] on KEYS[2], in one call. ARGV: interval (µs), burst,
 /// member, TTL (ms), max. Returns `{0, open}` when admitted, `{1, µs to wait}` over the rate, `{2, open}` at
 /// `max_tunnels` (the rate's cell is spent then, as with two calls).
-const ADMIT: &str = r"
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now_us)
-if tat < now_us then tat = now_us end
-local new_tat = tat + interval
-local allow_at = new_tat - burst * interval
-if allow_at > now_us then
-  return {1, math.max(1, math.ceil(allow_at - now_us))}
-end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now_us) / 1000)))
-local now = math.floor(now_us / 1000)
-local ttl = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local open = redis.call('ZCARD', KEYS[2])
-if open >= tonumber(ARGV[5]) then return {2, open} end
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ttl)
-return {0, open + 1}
-";
+const ADMIT: &str = concat!(
+    lua_now!(),
+    lua_gcra!(),
+    lua_lease!(),
+    r"
+local wait = gcra(KEYS[1], now_us, tonumber(ARGV[1]), tonumber(ARGV[2]))
+if wait > 0 then return {1, wait} end
+local n, open = lease(KEYS[2], math.floor(now_us / 1000), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+if n == 0 then return {2, open} end
+return {0, n}
+"
+);
 
 /// Extends this instance's live leases. KEYS: lease sets; ARGV[1]: the TTL in ms; ARGV[i + 1]: the member
 /// in KEYS[i]. A member the store lost (a restart) is added back: the tunnel is still open.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admit::{Admission, WouldDeny};
 use super::head::{HeadGuard, NextHead};
+use super::inspected;
 use super::record::Record;
 use super::respond::{self, ProxyBody};
 use super::tunnel::{self, Counters};
@@ -50,27 +51,53 @@ fn authority(target: &str) -> Result<Authority, Refusal> {
     Authority::parse(target, None).map_err(|e| Refusal::bad_request(format!("bad CONNECT target {target:?}: {e}")))
 }
 
-/// A CONNECT through the pipeline: its upstream connected and its decision recorded, or the refusal.
+/// What an admitted CONNECT opens: a tunnel relayed as it is, or one sluice terminates. The spliced
+/// admission stays unboxed (its path allocates nothing more than before); the TLS state is boxed.
+#[allow(clippy::large_enum_variant)]
+enum Opened {
+    Spliced(Admission),
+    Inspected(Box<inspected::Opened>, Arc<inspected::Terminator>),
+}
+
+impl Opened {
+    fn would_deny(&self) -> Option<&WouldDeny> {
+        match self {
+            Opened::Spliced(a) => a.would_deny.as_ref(),
+            Opened::Inspected(o, _) => o.would_deny.as_ref(),
+        }
+    }
+}
+
+/// A CONNECT through the pipeline: its upstream connected (and, when the policy terminates it,
+/// verified over TLS) and its decision recorded, or the refusal.
 async fn open(
     proxy: &EgressProxy,
     session: &Session,
     target: &str,
     record: &mut Record,
-) -> Result<(Authority, Admission), Refusal> {
+) -> Result<(Authority, Opened), Refusal> {
     let authority = authority(target)?;
-    // The termination hook. Until TLS termination is built, a tunnel the policy would terminate is
-    // refused before anything is dialled (a refused host keeps its own refusal); policies that inspect
-    // nothing pay one comparison here.
+    // The termination hook: policies that inspect nothing pay one comparison here. A server without a
+    // CA (a policy reloaded to inspect) refuses what it cannot terminate rather than relay it unseen.
     let policy = &session.policy;
-    if policy.terminates(&authority.target, authority.port)
-        && policy.decide(&authority.target, authority.port).is_allowed()
-    {
+    let terminates = policy.terminates(&authority.target, authority.port);
+    if terminates && proxy.terminator.is_none() && policy.decide(&authority.target, authority.port).is_allowed() {
         return Err(Refusal::inspection_unavailable(&authority).in_policy(&policy.name, policy.level.as_str()));
     }
     let admission = proxy.admit(session, &authority, true).await?;
-    let would_deny = admission.would_deny.as_ref();
-    record.admitted(proxy, &Method::CONNECT, &authority, &admission.decision, would_deny, admission.addr);
-    Ok((authority, admission))
+    let opened = match proxy.terminator.as_ref().filter(|_| terminates) {
+        None => Opened::Spliced(admission),
+        Some(t) => {
+            let opened = inspected::open(proxy, t, &authority, admission).await.map_err(|r| session.names(r))?;
+            Opened::Inspected(Box::new(opened), t.clone())
+        }
+    };
+    let (decision, addr) = match &opened {
+        Opened::Spliced(a) => (&a.decision, a.addr),
+        Opened::Inspected(o, _) => (&o.decision, o.addr),
+    };
+    record.admitted(proxy, &Method::CONNECT, &authority, decision, opened.would_deny(), addr);
+    Ok((authority, opened))
 }
 
 /// The client's side of a tunnel: its own socket (with bytes it sent early, already read), or
@@ -216,19 +243,28 @@ pub(crate) async fn serve_first(
             Ok(session) => {
                 record.identified(&session);
                 let opened = open(proxy, &session, &request.target, &mut record).await;
-                opened.map_err(|refusal| session.names(refusal).closing(true))
+                opened.map(|o| (o, session.clone())).map_err(|refusal| session.names(refusal).closing(true))
             }
         };
         match opened {
-            Ok((_, admission)) => {
-                if let Err(e) =
-                    guard.get_mut().write_all(&established(request.version, admission.would_deny.as_ref())).await
-                {
+            Ok(((authority, opened), session)) => {
+                if let Err(e) = guard.get_mut().write_all(&established(request.version, opened.would_deny())).await {
                     tracing::debug!(client = %peer, error = %e, "client left before its tunnel opened");
                     return First::Done;
                 }
                 let (client, early) = guard.into_parts();
-                return First::Tunnel(Tunnel::new(admission, record, ClientSide::Tcp(client, early.to_vec())));
+                match opened {
+                    Opened::Spliced(admission) => {
+                        let client = ClientSide::Tcp(client, early.to_vec());
+                        return First::Tunnel(Tunnel::new(admission, record, client));
+                    }
+                    // An inspected tunnel runs here, in the opening's (boxed) state: it holds TLS state of
+                    // its own either way, and a spliced one need not make room for it.
+                    Opened::Inspected(o, t) => {
+                        inspected::run(proxy.clone(), t, session, authority, *o, record, client, early.to_vec()).await;
+                    }
+                }
+                return First::Done;
             }
             Err(refusal) => {
                 record.refused(proxy, &refusal, "CONNECT", &request.target);
@@ -322,7 +358,7 @@ pub(crate) async fn handle(
         return Err((refusal, record));
     }
     let text = uri.authority().map(|a| a.as_str()).unwrap_or("").to_string();
-    let (authority, admission) = match open(proxy, session, &text, &mut record).await {
+    let (authority, opened) = match open(proxy, session, &text, &mut record).await {
         Ok(opened) => opened,
         Err(refusal) => return Err((refusal, record)),
     };
@@ -330,8 +366,9 @@ pub(crate) async fn handle(
     // The upgrade completes after the 200 below is written; bytes the client pipelined after its
     // CONNECT head come out of the upgraded stream first.
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let decision_header = admission.would_deny.as_ref().map(WouldDeny::header);
+    let decision_header = opened.would_deny().map(WouldDeny::header);
     let proxy = proxy.clone();
+    let session = session.clone();
     let session_id = session.id.clone();
     proxy.shutdown.clone().spawn(async move {
         let _slot = slot;
@@ -354,7 +391,16 @@ pub(crate) async fn handle(
             }
             Err(upgraded) => ClientSide::Upgraded(upgraded),
         };
-        run(&proxy, Tunnel::new(admission, record, client)).await;
+        match (opened, client) {
+            (Opened::Spliced(admission), client) => run(&proxy, Tunnel::new(admission, record, client)).await,
+            (Opened::Inspected(o, t), ClientSide::Tcp(client, early)) => {
+                inspected::run(proxy.clone(), t, session, authority, *o, record, client, early).await;
+            }
+            (Opened::Inspected(o, t), ClientSide::Upgraded(upgraded)) => {
+                let client = TokioIo::new(upgraded);
+                inspected::run(proxy.clone(), t, session, authority, *o, record, client, Vec::new()).await;
+            }
+        }
     });
     let mut response = Response::new(respond::empty());
     *response.status_mut() = StatusCode::OK;

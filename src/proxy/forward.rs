@@ -35,7 +35,7 @@ pub(crate) async fn handle(
         let authority = absolute_target(&uri)?;
         check_host_header(req.headers(), &authority)?;
         // Request rules are decided before anything is dialled.
-        let request = decide_request(&session.policy, &authority, &req)?;
+        let request = request_verdict(&session.policy, &authority, &req)?;
         let admission = proxy.admit(session, &authority, false).await?;
         Ok::<_, Refusal>((authority, admission, request))
     };
@@ -43,11 +43,10 @@ pub(crate) async fn handle(
         Ok(a) => a,
         Err(refusal) => return Err((refusal, record)),
     };
-    let would_deny = admission.would_deny.clone();
     // The record names the request rule when one decided, else the host's rule.
-    let (decision, max_body) = match request {
-        Some((d, max)) => (d, max),
-        None => (admission.decision.clone(), None),
+    let (decision, max_body, would_deny) = match request {
+        Some(RequestVerdict { decision, max_body, would_deny }) => (decision, max_body, would_deny),
+        None => (admission.decision.clone(), None, admission.would_deny.clone()),
     };
     record.admitted(proxy, req.method(), &authority, &decision, would_deny.as_ref(), admission.addr);
     let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
@@ -106,22 +105,36 @@ async fn exchange(
     proxy.shutdown.spawn(async move {
         let _ = conn.await;
     });
-    let response = sender.send_request(upstream_req).await.map_err(|e| {
-        let over_at = over.load(Ordering::Relaxed);
-        if let Some(spent) = quota_spent(&e) {
-            spent.0.refusal(crate::credential::now_unix())
-        } else if let Some(cap) = cap.as_ref().filter(|_| over_at > 0) {
-            // The upstream has at most `max` bytes of a body that never ended; the connection is gone.
-            Refusal::request_refused(cap.exceeded(over_at), authority.clone())
-        } else if e.is_user() || e.is_body_write_aborted() {
-            Refusal::bad_request(format!("the request body could not be forwarded: {e}"))
-        } else {
-            Refusal::bad_upstream(format!("upstream {addr} did not answer with valid HTTP: {e}"))
-        }
-    })?;
+    let response = sender
+        .send_request(upstream_req)
+        .await
+        .map_err(|e| exchange_failed(&e, &over, cap.as_ref(), authority, addr))?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok((Response::from_parts(parts, body), sent))
+}
+
+/// The refusal for an exchange that failed: the session's quota ran out, the body went over the
+/// rule's `max_body` (`over` holds the length it would have reached), the client's body broke, or the
+/// upstream did not answer with HTTP.
+pub(crate) fn exchange_failed(
+    e: &hyper::Error,
+    over: &AtomicU64,
+    cap: Option<&BodyCap>,
+    authority: &Authority,
+    addr: std::net::SocketAddr,
+) -> Refusal {
+    let over_at = over.load(Ordering::Relaxed);
+    if let Some(spent) = quota_spent(e) {
+        spent.0.refusal(crate::credential::now_unix())
+    } else if let Some(cap) = cap.filter(|_| over_at > 0) {
+        // The upstream has at most `max` bytes of a body that never ended; the connection is gone.
+        Refusal::request_refused(cap.exceeded(over_at), authority.clone())
+    } else if e.is_user() || e.is_body_write_aborted() {
+        Refusal::bad_request(format!("the request body could not be forwarded: {e}"))
+    } else {
+        Refusal::bad_upstream(format!("upstream {addr} did not answer with valid HTTP: {e}"))
+    }
 }
 
 /// The host and port an absolute-form `http://` request names: other schemes and userinfo are refused,
@@ -157,7 +170,7 @@ pub fn absolute_target(uri: &http::Uri) -> Result<Authority, Refusal> {
 }
 
 /// The quota a request body ran out of, if that is why the exchange failed.
-fn quota_spent<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e QuotaSpent> {
+pub(crate) fn quota_spent<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e QuotaSpent> {
     let mut cause = Some(e);
     while let Some(e) = cause {
         if let Some(spent) = e.downcast_ref::<QuotaSpent>() {
@@ -166,6 +179,32 @@ fn quota_spent<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e Quota
         cause = e.source();
     }
     None
+}
+
+/// What the request rules made of a request that goes on: the deciding rule's decision, its
+/// `max_body`, and in report mode what an enforcing policy would have refused it with.
+pub(crate) struct RequestVerdict {
+    pub decision: Decision,
+    pub max_body: Option<u64>,
+    pub would_deny: Option<super::admit::WouldDeny>,
+}
+
+/// [`decide_request`] through the report step: in report mode a request rule's refusal is served and
+/// reported as `would_deny` (the streamed body cap is then not applied either); in enforce mode it
+/// stands. The same for plain HTTP and for requests inside terminated tunnels.
+pub(crate) fn request_verdict(
+    policy: &Policy,
+    authority: &Authority,
+    req: &Request<Incoming>,
+) -> Result<Option<RequestVerdict>, Refusal> {
+    match decide_request(policy, authority, req) {
+        Ok(v) => Ok(v.map(|(decision, max_body)| RequestVerdict { decision, max_body, would_deny: None })),
+        Err(refusal) => {
+            let Some(decision) = refusal.denied.as_ref().map(|d| d.decision.clone()) else { return Err(refusal) };
+            let would_deny = super::admit::report(policy.mode, refusal)?;
+            Ok(Some(RequestVerdict { decision, max_body: None, would_deny: Some(would_deny) }))
+        }
+    }
 }
 
 /// The request rules' verdict on a plain-HTTP request, before it is dialled: `None` when no rule
@@ -194,14 +233,14 @@ fn decide_request(
 
 /// The allowing rule's `max_body`, for a body whose length was not declared (chunked) or is counted
 /// as it streams.
-struct BodyCap {
-    max: u64,
-    rule: Decision,
+pub(crate) struct BodyCap {
+    pub max: u64,
+    pub rule: Decision,
 }
 
 impl BodyCap {
     /// The decision that refuses a body found to be over the cap at `length` bytes.
-    fn exceeded(&self, length: u64) -> Decision {
+    pub fn exceeded(&self, length: u64) -> Decision {
         Decision {
             verdict: Verdict::Deny,
             reason: Reason::BodyTooLarge { max: self.max, length },
@@ -226,12 +265,12 @@ impl std::error::Error for BodyOverCap {}
 
 /// A request body that counts the bytes sent upstream, and stops before the frame that would take it
 /// over `max`: the upstream never sees more than the rule allows, nor the end of a body that was cut.
-struct Counted {
-    inner: Shaped<Incoming>,
-    count: Arc<AtomicU64>,
-    max: Option<u64>,
+pub(crate) struct Counted {
+    pub inner: Shaped<Incoming>,
+    pub count: Arc<AtomicU64>,
+    pub max: Option<u64>,
     /// Set to the length the body would have reached when it went over `max` (0: it did not).
-    over: Arc<AtomicU64>,
+    pub over: Arc<AtomicU64>,
 }
 
 impl Body for Counted {
@@ -264,19 +303,19 @@ impl Body for Counted {
 
 /// The response body on its way to the client; when it ends (or the client goes away) the request's
 /// closing audit line is written and its bytes counted.
-struct Finished {
-    inner: Shaped<Incoming>,
-    received: u64,
-    finish: Finish,
+pub(crate) struct Finished {
+    pub inner: Shaped<Incoming>,
+    pub received: u64,
+    pub finish: Finish,
 }
 
-struct Finish {
-    proxy: Arc<EgressProxy>,
+pub(crate) struct Finish {
+    pub proxy: Arc<EgressProxy>,
     /// The session's counters; its quotas were charged as the bodies moved (each piece's grant).
-    meter: ByteMeter,
-    sent: Arc<AtomicU64>,
-    status: u16,
-    record: Option<Record>,
+    pub meter: ByteMeter,
+    pub sent: Arc<AtomicU64>,
+    pub status: u16,
+    pub record: Option<Record>,
 }
 
 impl Finish {

@@ -24,6 +24,10 @@ pub(crate) struct Record {
     session: Option<Arc<str>>,
     host: Option<Authority>,
     upstream: Option<SocketAddr>,
+    /// A request read inside a terminated tunnel: its path without the query.
+    inspected: Option<Arc<str>>,
+    /// A terminated tunnel: its requests' lines count the bytes, so its closing line does not.
+    terminated: bool,
 }
 
 impl Record {
@@ -35,7 +39,35 @@ impl Record {
             session: None,
             host: None,
             upstream: None,
+            inspected: None,
+            terminated: false,
         }
+    }
+
+    /// The client's address.
+    pub fn client(&self) -> SocketAddr {
+        self.client
+    }
+
+    /// Marks a tunnel as terminated (see `terminated`).
+    pub fn terminated(&mut self) {
+        self.terminated = true;
+    }
+
+    /// The record of one request read inside a terminated tunnel to `authority`: its lines say
+    /// `inspected = true`, the host and the path (`path` without its query).
+    pub fn inspected(
+        method: &Method,
+        client: SocketAddr,
+        session: &Session,
+        authority: &Authority,
+        path: &str,
+    ) -> Record {
+        let mut record = Record::new(method, client);
+        record.session = Some(session.id.clone());
+        record.host = Some(authority.clone());
+        record.inspected = Some(path.into());
+        record
     }
 
     fn session_id(&self) -> &str {
@@ -114,7 +146,8 @@ impl Record {
         };
         proxy.denials.record(self.session_id(), denial);
         let mut event = Event::new(EventKind::Decision);
-        if let Some(authority) = refusal.authority() {
+        self.mark_inspected(&mut event);
+        if let Some(authority) = refusal.authority().or(self.host.as_ref()) {
             event.host = Some(authority.target.to_string());
             event.port = Some(authority.port);
         }
@@ -151,8 +184,10 @@ impl Record {
     /// The closing line of an admitted request: a tunnel's (`status` none) or a forwarded response's.
     pub fn closed(&self, proxy: &EgressProxy, bytes_up: u64, bytes_down: u64, end: &'static str, status: Option<u16>) {
         let metrics = &proxy.metrics;
-        metrics.bytes_up.inc_by(bytes_up);
-        metrics.bytes_down.inc_by(bytes_down);
+        if !self.terminated {
+            metrics.bytes_up.inc_by(bytes_up);
+            metrics.bytes_down.inc_by(bytes_down);
+        }
         let mut event = self.event(if self.connect { EventKind::TunnelClosed } else { EventKind::RequestFinished });
         event.status = status;
         event.bytes_up = Some(bytes_up);
@@ -162,9 +197,17 @@ impl Record {
         proxy.audit.write(&event);
     }
 
+    fn mark_inspected(&self, event: &mut Event) {
+        if let Some(path) = &self.inspected {
+            event.path = Some(path.to_string());
+            event.inspected = Some(true);
+        }
+    }
+
     /// The fields every line of an admitted request carries.
     fn event(&self, kind: EventKind) -> Event {
         let mut event = Event::new(kind);
+        self.mark_inspected(&mut event);
         event.session = Some(self.session_id().to_string());
         event.kind = Some(self.kind());
         if let Some(authority) = &self.host {

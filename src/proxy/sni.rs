@@ -36,7 +36,7 @@ impl SniRefusal {
 /// A fatal `access_denied` alert, in the record version every TLS client reads.
 pub(crate) const ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
 
-fn names_target(sni: &str, target: &Target) -> bool {
+pub(crate) fn names_target(sni: &str, target: &Target) -> bool {
     match target {
         Target::Name(host) => Host::parse(sni).is_ok_and(|h| h == *host),
         // An address has no name to agree with: a name in the hello is another host.

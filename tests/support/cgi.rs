@@ -225,3 +225,24 @@ pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// The same upstream behind TLS (`acceptor`'s certificate), for clients that clone over https.
+#[allow(dead_code)]
+pub async fn spawn_tls_upstream(state: Arc<UpstreamState>, acceptor: tokio_rustls::TlsAcceptor) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { break };
+            let (state, acceptor) = (state.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(20), acceptor.accept(stream)).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| cgi(state.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,781 @@
+//! TLS termination end to end (SPEC §8): real clients (curl over HTTP/1.1 and HTTP/2, hyper's HTTP/2
+//! client, Python urllib, node) through tunnels sluice terminates with its CA's leaves; request rules
+//! and the fronting guard decided per inner request; one decision record per request naming method
+//! and path; upstream certificates verified against an rcgen "public" CA given as `extra_roots`
+//! (expired, wrong-name and unknown-CA upstreams refused `502`); passthrough hosts never terminated.
+//! Everything stays on 127.0.0.1.
+
+#[path = "support/cgi.rs"]
+#[allow(dead_code)]
+mod cgi;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef-terminate-test";
+
+/// The test upstreams' "public" CA: sluice trusts it through `[inspect] extra_roots`.
+struct PublicCa {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl PublicCa {
+    fn new(name: &str) -> PublicCa {
+        let key = KeyPair::generate().expect("ca key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} test root"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("ca cert");
+        let pem = cert.pem();
+        let issuer = Issuer::from_ca_cert_der(cert.der(), key).expect("issuer");
+        PublicCa { pem, issuer }
+    }
+
+    /// A server certificate for `names`, valid now (or expired years ago), offering `alpn`.
+    fn leaf(&self, names: &[&str], expired: bool, alpn: &[&[u8]]) -> TestCert {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], der)
+            .expect("server cert");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        TestCert { pem: cert.pem(), server_config: Arc::new(config) }
+    }
+}
+
+/// An upstream that speaks HTTP/1.1 and HTTP/2 (ALPN), answering `VERSION PATH host=HOST`.
+async fn auto_upstream(cert: &TestCert) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await else { return };
+                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let host = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .or_else(|| req.headers().get("host").and_then(|h| h.to_str().ok()).map(str::to_string));
+                    let text = format!("{:?} {} host={}\n", req.version(), req.uri().path(), host.unwrap_or_default());
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream whose `/ws` switches protocols (101) and then echoes what it reads.
+async fn upgrade_upstream(cert: &TestCert) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await else { return };
+                let service = hyper::service::service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(up) = on.await else { return };
+                        let mut io = hyper_util::rt::TokioIo::new(up);
+                        let mut buf = [0u8; 64];
+                        while let Ok(Ok(n)) = tokio::time::timeout(STEP, io.read(&mut buf)).await {
+                            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let mut resp = Response::new(Empty::<Bytes>::new());
+                    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert("upgrade", "websocket".parse().expect("value"));
+                    resp.headers_mut().insert("connection", "upgrade".parse().expect("value"));
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .with_upgrades();
+                let _ = conn.await;
+            });
+        }
+    });
+    addr
+}
+
+fn lab_policy(api: u16, h2: u16, ws: u16, bad: [u16; 3]) -> String {
+    format!(
+        r#"version = 1
+name = "lab"
+level = "custom"
+allow = ["api.test:{api}", "pass.test:{api}", "h2.test:{h2}", "expired.test:{e}", "wrong.test:{w}", "unknown.test:{u}", "ws.test:{ws}"]
+allow_ips = ["127.0.0.0/8"]
+tls_passthrough = ["pass.test"]
+
+[[requests]]
+hosts = ["api.test", "pass.test"]
+methods = ["GET", "HEAD"]
+paths = ["/ok/**", "/bytes/*", "/headers"]
+action = "allow"
+
+[[requests]]
+hosts = ["api.test"]
+methods = ["POST"]
+paths = ["/sha256"]
+action = "allow"
+max_body = "1KiB"
+
+[[requests]]
+hosts = ["api.test"]
+paths = ["/ok/secret/**"]
+action = "deny"
+
+[[requests]]
+hosts = ["h2.test", "expired.test", "wrong.test", "unknown.test", "ws.test"]
+action = "allow"
+"#,
+        e = bad[0],
+        w = bad[1],
+        u = bad[2],
+    )
+}
+
+struct Lab {
+    proxy: Proxy,
+    api: Upstream,
+    /// Port of the api upstream (and of pass.test, the same server).
+    port: u16,
+    h2: u16,
+    ws: u16,
+    bad: [u16; 3],
+    /// sluice's CA certificate (what sandboxes trust).
+    ca: std::path::PathBuf,
+    /// The public CA's certificate.
+    public: std::path::PathBuf,
+    _upstreams: Vec<Upstream>,
+}
+
+async fn lab(mode: &str) -> Lab {
+    let public = PublicCa::new("public");
+    let other = PublicCa::new("other");
+    let api = Upstream::tls("api", &public.leaf(&["api.test", "pass.test"], false, &[])).await;
+    let h2 = auto_upstream(&public.leaf(&["h2.test"], false, &[b"h2", b"http/1.1"])).await;
+    let ws = upgrade_upstream(&public.leaf(&["ws.test"], false, &[b"http/1.1"])).await;
+    let expired = Upstream::tls("expired", &public.leaf(&["expired.test"], true, &[])).await;
+    let wrong = Upstream::tls("wrong", &public.leaf(&["other.test"], false, &[])).await;
+    let unknown = Upstream::tls("unknown", &other.leaf(&["unknown.test"], false, &[])).await;
+    let dir = TempDir::new("terminate");
+    let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let key = dir.write("key", KEY);
+    let names =
+        ["api.test", "pass.test", "h2.test", "expired.test", "wrong.test", "unknown.test", "evil.test", "ws.test"];
+    let hosts: Vec<String> = names.iter().map(|n| format!("{n:?} = [\"127.0.0.1\"]")).collect();
+    let auth =
+        if mode == "credential" { format!("[auth]\nanonymous = false\nkey_file = {key:?}\n") } else { String::new() };
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n{auth}[resolver]\nhosts = {{ {} }}\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{:?}]\n",
+        hosts.join(", "),
+        files.cert,
+        files.key,
+        public_pem
+    );
+    let bad = [expired.port(), wrong.port(), unknown.port()];
+    let port = api.port();
+    let policy = lab_policy(port, h2.port(), ws.port(), bad);
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    Lab {
+        proxy,
+        api,
+        port,
+        h2: h2.port(),
+        ws: ws.port(),
+        bad,
+        ca: files.cert,
+        public: public_pem,
+        _upstreams: vec![expired, wrong, unknown],
+    }
+}
+
+impl Lab {
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.port)
+    }
+
+    /// curl through the proxy trusting only sluice's CA.
+    async fn curl(&self, args: &[&str]) -> Outcome {
+        let proxy = self.proxy.url();
+        let ca = self.ca.to_str().expect("path");
+        let mut all = vec!["-x", &proxy, "--cacert", ca, "-i"];
+        all.extend_from_slice(args);
+        curl(&all, LIMIT).await
+    }
+
+    /// The decision records of inner requests written so far (at least `want`), parsed.
+    async fn inspected(&self, want: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let found: Vec<Value> = self
+                .proxy
+                .records()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| v["event"] == "decision" && v["inspected"] == true)
+                .collect();
+            if found.len() >= want {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fewer than {want} inspected decision records: {:#?}", self.proxy.records());
+    }
+
+    fn all_records(&self) -> Vec<Value> {
+        self.proxy.records().iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect()
+    }
+}
+
+fn status_line(out: &Outcome) -> &str {
+    // Skip the proxy's `200 Connection established`-style head curl prints first with -i.
+    let heads: Vec<&str> = out.stdout.split("\r\n\r\n").collect();
+    heads.iter().rev().nth(1).and_then(|h| h.lines().next()).unwrap_or_default().trim_end()
+}
+
+fn body(out: &Outcome) -> &str {
+    out.stdout.rsplit_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// What one inner record says, for comparisons.
+fn brief(v: &Value) -> (String, String, String, String, u64) {
+    (
+        v["method"].as_str().unwrap_or("").to_string(),
+        v["path"].as_str().unwrap_or("").to_string(),
+        v["verdict"].as_str().unwrap_or("").to_string(),
+        v["reason"].as_str().unwrap_or("").to_string(),
+        v["status"].as_u64().unwrap_or(0),
+    )
+}
+
+fn b(m: &str, p: &str, verdict: &str, reason: &str, status: u64) -> (String, String, String, String, u64) {
+    (m.into(), p.into(), verdict.into(), reason.into(), status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http1_and_http2_is_decided_per_request_inside_the_tunnel() {
+    let lab = lab("anonymous").await;
+    // HTTP/1.1: the content arrives, from the upstream, through sluice's leaf.
+    let out = lab.curl(&["--http1.1", &lab.url("api.test", "/ok/one?q=secret")]).await;
+    assert_eq!((status_line(&out), body(&out)), ("HTTP/1.1 200 OK", "hello from api /ok/one\n"), "{out:?}");
+    // HTTP/2 to the client (the upstream leg is HTTP/1.1: its own ALPN).
+    let out = lab.curl(&["--http2", "-w", "\n%{http_version}", &lab.url("api.test", "/ok/two")]).await;
+    assert!(out.stdout.starts_with("HTTP/1.1 200") || out.stdout.contains("HTTP/2 200"), "{out:?}");
+    assert!(out.stdout.ends_with("hello from api /ok/two\n\n2"), "{out:?}");
+    // Refused inside the tunnel: a real HTTP answer with §2's body and header.
+    let out = lab.curl(&["--http1.1", "-X", "POST", "-d", "x", &lab.url("api.test", "/ok/one")]).await;
+    assert_eq!(status_line(&out), "HTTP/1.1 403 Forbidden", "{out:?}");
+    assert!(out.stdout.contains("x-sluice-decision: deny; reason=no_request_rule; policy=lab"), "{out:?}");
+    assert!(body(&out).starts_with("sluice: request to api.test:"), "{out:?}");
+    // Deny beats allow: /ok/** allows GET, /ok/secret/** denies.
+    let out = lab.curl(&["--http2", &lab.url("api.test", "/ok/secret/k")]).await;
+    assert!(out.stdout.contains("HTTP/2 403"), "{out:?}");
+    assert!(out.stdout.contains("reason:      GET /ok/secret/k is refused by a request rule"), "{out:?}");
+    let records = lab.inspected(4).await;
+    let got: Vec<_> = records.iter().map(brief).collect();
+    assert_eq!(
+        got,
+        [
+            b("GET", "/ok/one", "allow", "request_allowed", 0),
+            b("GET", "/ok/two", "allow", "request_allowed", 0),
+            b("POST", "/ok/one", "deny", "no_request_rule", 403),
+            b("GET", "/ok/secret/k", "deny", "request_denied", 403),
+        ]
+    );
+    assert_eq!(records[0]["host"], "api.test");
+    assert_eq!(records[0]["port"], lab.port);
+    assert!(records[0]["rule"].as_str().unwrap_or("").contains("lab.toml:8"), "{}", records[0]);
+    assert!(records[3]["rule"].as_str().unwrap_or("").contains("lab.toml:21"), "{}", records[3]);
+    // Each allowed request's finish line has its status and bytes; the tunnels' lines say connect.
+    let finished: Vec<Value> =
+        lab.all_records().into_iter().filter(|v| v["event"] == "request_finished" && v["inspected"] == true).collect();
+    assert!(
+        finished.iter().any(|v| v["path"] == "/ok/one" && v["status"] == 200 && v["bytes_down"] == 23),
+        "{finished:#?}"
+    );
+    // One upstream connection per tunnel: three curl runs, three tunnels.
+    assert!(lab.api.connections() <= 4, "{}", lab.api.connections());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_body_is_enforced_for_content_length_and_chunked_bodies() {
+    let lab = lab("anonymous").await;
+    let small = "a".repeat(100);
+    let out = lab.curl(&["--http1.1", "--data-binary", &small, &lab.url("api.test", "/sha256")]).await;
+    assert_eq!(status_line(&out), "HTTP/1.1 200 OK", "{out:?}");
+    assert!(body(&out).ends_with("bytes=100\n"), "{out:?}");
+    let big = lab.proxy.dir.write("big", "b".repeat(4000));
+    let at = format!("@{}", big.display());
+    let out = lab.curl(&["--http1.1", "--data-binary", &at, &lab.url("api.test", "/sha256")]).await;
+    assert_eq!(status_line(&out), "HTTP/1.1 413 Payload Too Large", "{out:?}");
+    assert!(out.stdout.contains("reason=body_too_large"), "{out:?}");
+    let out = lab
+        .curl(&["--http1.1", "-H", "Transfer-Encoding: chunked", "--data-binary", &at, &lab.url("api.test", "/sha256")])
+        .await;
+    assert_eq!(status_line(&out), "HTTP/1.1 413 Payload Too Large", "{out:?}");
+    // Over HTTP/2 with a declared length too.
+    let out = lab.curl(&["--http2", "--data-binary", &at, &lab.url("api.test", "/sha256")]).await;
+    assert!(out.stdout.contains("HTTP/2 413"), "{out:?}");
+    let records = lab.inspected(4).await;
+    let reasons: Vec<_> = records.iter().map(|r| r["reason"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(reasons[0], "request_allowed");
+    assert_eq!(reasons[1], "body_too_large");
+    // The chunked body was allowed by its rule and cut when it went over: its refusal follows.
+    assert!(reasons.iter().filter(|r| *r == "body_too_large").count() >= 3, "{reasons:?}");
+}
+
+/// CONNECTs `authority` through the proxy by hand and completes TLS trusting `roots`, sending `sni`.
+async fn tunnel_tls(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    sni: &str,
+    roots: &std::path::Path,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let mut tcp = TcpStream::connect(proxy).await.expect("connect proxy");
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.expect("send");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = within(STEP, "CONNECT answer", tcp.read(&mut byte)).await.expect("read");
+        assert_eq!(n, 1, "proxy closed: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head);
+    }
+    let mut store = rustls::RootCertStore::empty();
+    let text = std::fs::read_to_string(roots).expect("roots");
+    for block in pem::parse_many(&text).expect("pem") {
+        store.add(rustls::pki_types::CertificateDer::from(block.into_contents())).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("name");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    within(STEP, "TLS", connector.connect(name, tcp)).await.map_err(|e| format!("TLS: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fronting_is_refused_by_host_header_authority_and_sni() {
+    let lab = lab("anonymous").await;
+    // Host: evil inside a tunnel to api.test (HTTP/1.1).
+    let out = lab.curl(&["--http1.1", "-H", "Host: evil.test", &lab.url("api.test", "/ok/x")]).await;
+    assert_eq!(status_line(&out), "HTTP/1.1 421 Misdirected Request", "{out:?}");
+    assert!(
+        out.stdout.contains("reason=host_mismatch")
+            || out.stdout.contains("x-sluice-decision: deny; reason=host_mismatch"),
+        "{out:?}"
+    );
+    assert!(body(&out).contains("names \"evil.test\""), "{out:?}");
+    // HTTP/2: the first request's :authority is the CONNECT host and passes; a second on the same
+    // connection names another authority and is refused; a third for the right one passes again.
+    let authority = format!("api.test:{}", lab.port);
+    let tls = tunnel_tls(lab.proxy.addr, &authority, "api.test", &lab.ca, &[b"h2"]).await.expect("tunnel");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut ask = async |uri: String| {
+        let req = Request::get(uri).body(Empty::<Bytes>::new()).expect("request");
+        let resp = within(STEP, "h2 request", sender.send_request(req)).await.expect("h2 response");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let (status, text) = ask(format!("https://{authority}/ok/h2")).await;
+    assert_eq!((status, text.as_str()), (200, "hello from api /ok/h2\n"));
+    let (status, text) = ask(format!("https://evil.test:{}/ok/h2", lab.port)).await;
+    assert_eq!(status, 421, "{text}");
+    assert!(text.contains(":authority names \"evil.test:"), "{text}");
+    let (status, _) = ask(format!("https://{authority}/ok/again")).await;
+    assert_eq!(status, 200);
+    // An SNI that names another host than the CONNECT: no leaf, no tunnel.
+    let refused = tunnel_tls(lab.proxy.addr, &authority, "evil.test", &lab.ca, &[]).await;
+    assert!(refused.is_err(), "the handshake must fail");
+    let records = lab.inspected(5).await;
+    let got: Vec<_> =
+        records.iter().map(|r| (r["reason"].as_str().unwrap_or("").to_string(), r["status"].as_u64())).collect();
+    assert_eq!(
+        got,
+        [
+            ("host_mismatch".to_string(), Some(421)),
+            ("request_allowed".to_string(), None),
+            ("host_mismatch".to_string(), Some(421)),
+            ("request_allowed".to_string(), None),
+            ("host_mismatch".to_string(), Some(421)),
+        ]
+    );
+    assert!(records[4]["detail"].as_str().unwrap_or("").contains("SNI names \"evil.test\""), "{}", records[4]);
+    let closed: Vec<Value> = lab.all_records().into_iter().filter(|v| v["event"] == "tunnel_closed").collect();
+    assert!(closed.iter().any(|v| v["end"] == "sni_mismatch"), "{closed:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_upstream_certificates_are_refused_with_the_reason() {
+    let lab = lab("anonymous").await;
+    let cases = [
+        ("expired.test", lab.bad[0], "expired"),
+        ("wrong.test", lab.bad[1], "name mismatch"),
+        ("unknown.test", lab.bad[2], "unknown issuer"),
+    ];
+    for (host, port, why) in cases {
+        let r = raw_exchange(
+            lab.proxy.addr,
+            format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status_line, "HTTP/1.1 502 Bad Gateway", "{host}: {r:#?}");
+        assert_eq!(r.header("x-sluice-decision"), Some("deny; reason=upstream_cert_invalid; policy=lab"), "{host}");
+        assert!(r.body.contains(why), "{host}: {}", r.body);
+    }
+    // A good upstream's own certificate verifies (the public CA is an extra root) and HTTP/2 is
+    // negotiated on the upstream leg when the upstream offers it.
+    let out = curl(
+        &[
+            "-x",
+            &lab.proxy.url(),
+            "--cacert",
+            lab.ca.to_str().unwrap(),
+            "--http1.1",
+            &format!("https://h2.test:{}/v", lab.h2),
+        ],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.stdout, format!("HTTP/2.0 /v host=h2.test:{}\n", lab.h2), "{out:?}");
+    let out = curl(
+        &[
+            "-x",
+            &lab.proxy.url(),
+            "--cacert",
+            lab.ca.to_str().unwrap(),
+            "--http2",
+            &format!("https://h2.test:{}/w", lab.h2),
+        ],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.stdout, format!("HTTP/2.0 /w host=h2.test:{}\n", lab.h2), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_hosts_are_never_terminated_and_plain_bytes_are_not_tls() {
+    let lab = lab("anonymous").await;
+    // pass.test has request rules too, but tls_passthrough wins: the client sees the upstream's own
+    // certificate, which only the public CA verifies.
+    let url = format!("https://pass.test:{}/anything", lab.port);
+    let out = curl(&["-x", &lab.proxy.url(), "--cacert", lab.public.to_str().unwrap(), &url], LIMIT).await;
+    assert_eq!((out.code, out.stdout.as_str()), (Some(0), "hello from api /anything\n"), "{out:?}");
+    let out = curl(&["-x", &lab.proxy.url(), "--cacert", lab.ca.to_str().unwrap(), &url], LIMIT).await;
+    assert_ne!(out.code, Some(0), "sluice's CA must not verify a passthrough tunnel: {out:?}");
+    // A terminated host, the other way round.
+    let url = lab.url("api.test", "/ok/p");
+    let out = curl(&["-x", &lab.proxy.url(), "--cacert", lab.public.to_str().unwrap(), &url], LIMIT).await;
+    assert_ne!(out.code, Some(0), "{out:?}");
+    // Plain HTTP inside a tunnel that is terminated: refused as not TLS, recorded.
+    let mut c = RawClient::connect(lab.proxy.addr).await;
+    c.send(format!("CONNECT api.test:{0} HTTP/1.1\r\nHost: api.test:{0}\r\n\r\n", lab.port).as_bytes()).await;
+    assert_eq!(c.response().await.expect("200").status_line, "HTTP/1.1 200 OK");
+    c.send(b"GET /ok/x HTTP/1.1\r\nHost: api.test\r\n\r\n").await;
+    let r = c.response().await.expect("refusal");
+    assert_eq!(r.status_line, "HTTP/1.1 400 Bad Request", "{r:#?}");
+    assert_eq!(r.header("x-sluice-decision"), Some("deny; reason=not_tls; policy=lab"));
+    let records = lab.inspected(1).await;
+    assert_eq!(records.iter().map(|r| r["reason"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["not_tls"]);
+    assert!(lab.all_records().iter().all(|r| r["host"] != "pass.test" || r["inspected"].is_null()));
+}
+
+/// Runs `cmd` in a shell that sourced `script` and nothing else (PATH aside).
+async fn sourced(script: &std::path::Path, cmd: &str) -> (Option<i32>, String, String) {
+    let out = within(
+        Duration::from_secs(40),
+        "client",
+        tokio::process::Command::new("sh")
+            .args(["-c", &format!(". {} && {cmd}", script.display())])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run client");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_python_and_node_work_with_only_what_sluice_env_prints() {
+    let lab = lab("credential").await;
+    let work = TempDir::new("terminate-env");
+    let key = work.write("key", KEY);
+    let addr = lab.proxy.addr.to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["env", "--session", "env-1", "--policy", "lab", "--proxy", &addr, "--key-file", key.to_str().unwrap()])
+        .args(["--ca-cert", lab.ca.to_str().unwrap(), "--ca-bundle", lab.ca.to_str().unwrap()])
+        .output()
+        .expect("sluice env");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = work.write("env.sh", &out.stdout);
+    let url = |p: &str| lab.url("api.test", p);
+    let (code, out, err) = sourced(&script, &format!("curl -sS {}", url("/ok/curl"))).await;
+    assert_eq!((code, out.as_str()), (Some(0), "hello from api /ok/curl\n"), "{err}");
+    let py = format!(
+        "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"{}\").read().decode(), end=\"\")'",
+        url("/ok/python")
+    );
+    let (code, out, err) = sourced(&script, &py).await;
+    assert_eq!((code, out.as_str()), (Some(0), "hello from api /ok/python\n"), "{err}");
+    // Python sees the refusal as an HTTP error with sluice's status.
+    let py = format!(
+        "python3 -c 'import urllib.request, urllib.error\ntry:\n  urllib.request.urlopen(\"{}\")\nexcept urllib.error.HTTPError as e:\n  print(e.code, e.headers[\"x-sluice-decision\"])'",
+        url("/nope")
+    );
+    let (code, out, err) = sourced(&script, &py).await;
+    assert_eq!((code, out.trim()), (Some(0), "403 deny; reason=no_request_rule; policy=lab"), "{err}");
+    // Node 20 has no proxy support of its own: the script opens the CONNECT from HTTPS_PROXY, and
+    // node's TLS trusts sluice through NODE_EXTRA_CA_CERTS.
+    let node = format!(
+        r#"node -e '
+const http = require("http");
+const p = new URL(process.env.HTTPS_PROXY), t = new URL("{}");
+const auth = "Basic " + Buffer.from(decodeURIComponent(p.username) + ":" + decodeURIComponent(p.password)).toString("base64");
+http.request({{host: p.hostname, port: p.port, method: "CONNECT", path: t.host, headers: {{"proxy-authorization": auth}}}})
+  .on("connect", (res, socket) => {{
+    const tls = require("tls").connect({{socket, servername: t.hostname}}, () => {{
+      tls.write("GET " + t.pathname + " HTTP/1.1\r\nHost: " + t.host + "\r\nConnection: close\r\n\r\n");
+    }});
+    let s = ""; tls.on("data", d => s += d);
+    tls.on("end", () => {{ const [head, body] = s.split("\r\n\r\n"); process.stdout.write(head.split(" ")[1] + " " + body); }});
+    tls.on("error", e => {{ console.error(e); process.exit(3); }});
+  }}).on("error", e => {{ console.error(e); process.exit(2); }}).end();
+'"#,
+        url("/ok/node")
+    );
+    let (code, out, err) = sourced(&script, &node).await;
+    assert_eq!((code, out.as_str()), (Some(0), "200 hello from api /ok/node\n"), "{err}");
+    let records = lab.inspected(4).await;
+    let got: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["session"].as_str().unwrap_or("").to_string(),
+                r["method"].as_str().unwrap_or("").to_string(),
+                r["path"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let want = ["/ok/curl", "/ok/python", "/nope", "/ok/node"]
+        .map(|p| ("env-1".to_string(), "GET".to_string(), p.to_string()));
+    assert_eq!(got, want);
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+        .output()
+        .expect("run git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clones_over_https_through_a_terminated_tunnel_and_its_push_is_refused() {
+    let dir = TempDir::new("terminate-git");
+    let base = dir.path().to_path_buf();
+    for d in ["root", "home", "seed", "work"] {
+        std::fs::create_dir_all(base.join(d)).expect("mkdir");
+    }
+    let bare = base.join("root/repo.git");
+    git(&base, &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()]);
+    git(&bare, &["config", "http.receivepack", "true"]);
+    let seed = base.join("seed");
+    git(&seed, &["init", "-q", "-b", "main"]);
+    std::fs::write(seed.join("README"), "through sluice\n").expect("write");
+    git(&seed, &["add", "README"]);
+    git(&seed, &["commit", "-q", "-m", "one"]);
+    git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    let public = PublicCa::new("public");
+    let cert = public.leaf(&["git.test"], false, &[b"http/1.1"]);
+    let state = Arc::new(cgi::UpstreamState { root: base.join("root"), home: base.join("home"), ..Default::default() });
+    let up = cgi::spawn_tls_upstream(state.clone(), tokio_rustls::TlsAcceptor::from(cert.server_config.clone())).await;
+    let port = up.port();
+    let files = sluice::inspect::ca::init(&base.join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let key = dir.write("key", KEY);
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n[auth]\nanonymous = false\nkey_file = {key:?}\n[resolver]\nhosts = {{ \"git.test\" = [\"127.0.0.1\"] }}\n\
+         [inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{public_pem:?}]\n",
+        files.cert, files.key
+    );
+    let policy = format!(
+        "version = 1\nname = \"lab\"\nlevel = \"custom\"\nallow = [\"git.test:{port}\"]\nallow_ips = [\"127.0.0.0/8\"]\n\n\
+         [[requests]]\nhosts = [\"git.test\"]\nmethods = [\"GET\"]\npaths = [\"/*/info/refs\"]\naction = \"allow\"\n\n\
+         [[requests]]\nhosts = [\"git.test\"]\nmethods = [\"POST\"]\npaths = [\"/*/git-upload-pack\"]\naction = \"allow\"\n"
+    );
+    let ca = files.cert.clone();
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    let work = base.join("work");
+    std::fs::write(work.join("key"), KEY).expect("key");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["env", "--session", "git-1", "--policy", "lab", "--proxy", &proxy.addr.to_string()])
+        .args(["--key-file", work.join("key").to_str().unwrap()])
+        .args(["--ca-cert", ca.to_str().unwrap(), "--ca-bundle", ca.to_str().unwrap()])
+        .output()
+        .expect("sluice env");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = work.join("env.sh");
+    std::fs::write(&script, &out.stdout).expect("script");
+    let clone = format!(
+        "cd {} && HOME={} GIT_CONFIG_NOSYSTEM=1 git clone -q https://git.test:{port}/repo.git copy && cat copy/README",
+        work.display(),
+        work.display()
+    );
+    let (code, out, err) = sourced(&script, &clone).await;
+    assert_eq!((code, out.as_str()), (Some(0), "through sluice\n"), "{err}");
+    // A push is not among the rules: refused inside the tunnel, and the upstream never sees it.
+    let push = format!(
+        "cd {}/copy && HOME={} GIT_CONFIG_NOSYSTEM=1 git -c user.name=t -c user.email=t@example.invalid commit -q --allow-empty -m two && HOME={} git push -q origin main",
+        work.display(),
+        work.display(),
+        work.display()
+    );
+    let (code, _, err) = sourced(&script, &push).await;
+    assert_ne!(code, Some(0), "the push must fail");
+    assert!(err.contains("403"), "{err}");
+    assert_eq!(state.by_path.lock().unwrap().keys().filter(|k| k.contains("receive-pack")).count(), 0);
+    let records: Vec<Value> = proxy
+        .records()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "decision" && v["inspected"] == true)
+        .collect();
+    let got: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (r["method"].as_str().unwrap_or(""), r["path"].as_str().unwrap_or(""), r["reason"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(got[0], ("GET", "/repo.git/info/refs", "request_allowed"), "{got:?}");
+    assert!(got.contains(&("POST", "/repo.git/git-upload-pack", "request_allowed")), "{got:?}");
+    assert!(got.contains(&("POST", "/repo.git/git-receive-pack", "no_request_rule")), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_passes_once_decided_and_then_carries_bytes_both_ways() {
+    let lab = lab("anonymous").await;
+    let authority = format!("ws.test:{}", lab.ws);
+    let mut tls = tunnel_tls(lab.proxy.addr, &authority, "ws.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+    let head = format!("GET /ws HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+    tls.write_all(head.as_bytes()).await.expect("send");
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = within(STEP, "101", tls.read(&mut byte)).await.expect("read");
+        assert_eq!(n, 1, "closed: {}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    assert!(text.contains("upgrade: websocket"), "{text}");
+    tls.write_all(b"ping through sluice").await.expect("send");
+    let mut echo = vec![0u8; 19];
+    within(STEP, "echo", tls.read_exact(&mut echo)).await.expect("echo");
+    assert_eq!(&echo, b"ping through sluice");
+    let records = lab.inspected(1).await;
+    assert_eq!(brief(&records[0]), b("GET", "/ws", "allow", "request_allowed", 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_serves_what_request_rules_would_refuse_and_says_so() {
+    let public = PublicCa::new("public");
+    let api = Upstream::tls("api", &public.leaf(&["api.test"], false, &[])).await;
+    let plain = Upstream::plain("plain").await;
+    let dir = TempDir::new("terminate-report");
+    let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n[resolver]\nhosts = {{ \"api.test\" = [\"127.0.0.1\"], \"plain.test\" = [\"127.0.0.1\"] }}\n\
+         [inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{public_pem:?}]\n",
+        files.cert, files.key
+    );
+    let policy = format!(
+        "version = 1\nname = \"lab\"\nlevel = \"custom\"\nmode = \"report\"\nallow = [\"api.test:{}\", \"plain.test:{}\"]\n\
+         allow_ips = [\"127.0.0.0/8\"]\n[[requests]]\nhosts = [\"api.test\", \"plain.test\"]\nmethods = [\"GET\"]\n\
+         paths = [\"/ok/**\"]\naction = \"allow\"\n",
+        api.port(),
+        plain.port()
+    );
+    let ca = files.cert.clone();
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    let url = format!("https://api.test:{}/other", api.port());
+    let out = curl(&["-x", &proxy.url(), "--cacert", ca.to_str().unwrap(), "-i", &url], LIMIT).await;
+    assert!(out.stdout.contains("hello from api /other"), "{out:?}");
+    assert!(out.stdout.contains("x-sluice-decision: allow; would_deny=no_request_rule; policy=lab"), "{out:?}");
+    let url = format!("http://plain.test:{}/other", plain.port());
+    let out = curl(&["-x", &proxy.url(), "-i", &url], LIMIT).await;
+    assert!(out.stdout.contains("hello from plain /other"), "{out:?}");
+    assert!(out.stdout.contains("x-sluice-decision: allow; would_deny=no_request_rule; policy=lab"), "{out:?}");
+    let would: Vec<Value> = proxy
+        .records()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "decision" && v["would_deny"] == "no_request_rule")
+        .collect();
+    assert_eq!(would.len(), 2, "{would:#?}");
+    assert_eq!(would[0]["inspected"], true);
+    assert!(would[1]["inspected"].is_null());
+}
