@@ -118,47 +118,48 @@ pub(crate) struct Tunnel {
 }
 
 impl Tunnel {
-    fn new(admission: Admission, record: Record, client: ClientSide) -> Tunnel {
+    /// The tunnel's clock starts here, at its `200`.
+    fn new(admission: Admission, mut record: Record, client: ClientSide) -> Tunnel {
         let Admission { stream: upstream, permit, .. } = admission;
+        record.restart();
         Tunnel { upstream, permit, record, client }
     }
 }
 
-/// Runs an admitted tunnel to its end, then counts it and writes its closing line.
-pub(crate) async fn run(proxy: &EgressProxy, mut tunnel: Tunnel) {
+/// Counts a tunnel open and, for one that is not terminated, runs the fronting guard: the hello's name
+/// is the CONNECT name. Called before [`run`], in the opening's (boxed) state, so the open tunnel does
+/// not make room for the check. A refused tunnel is ended and recorded here: whether it goes on.
+async fn start(proxy: &EgressProxy, tunnel: &mut Tunnel) -> bool {
+    let metrics = &proxy.metrics;
+    metrics.open_tunnels.inc();
+    metrics.tunnels_total.inc();
+    let ClientSide::Tcp(client, early) = &mut tunnel.client else { return true };
+    let Some(authority) = tunnel.record.host().filter(|_| proxy.config.check_sni) else { return true };
+    let (wait, idle) = (proxy.config.header_timeout.0, proxy.config.idle_timeout.0);
+    let checked = tokio::select! {
+        r = super::sni::check(client, &tunnel.upstream, early, &authority.target, wait, idle) => r,
+        () = proxy.shutdown.hard_stop.cancelled() => Err(super::sni::SniRefusal::Shutdown),
+    };
+    let Err(refused) = checked else { return true };
+    refuse_tunnel(authority, client, &refused).await;
+    metrics.open_tunnels.dec();
+    drop(tunnel.permit.take());
+    tunnel.record.closed(proxy, 0, 0, refused.end(), None);
+    false
+}
+
+/// Runs a [`start`]ed tunnel to its end, then counts it and writes its closing line.
+pub(crate) async fn run(proxy: &EgressProxy, tunnel: Tunnel) {
     // The tunnel's parts are used where they are, not moved out: a moved-out copy would take room of its
     // own in this future, for the tunnel's whole life.
-    tunnel.record.restart();
     let record = &tunnel.record;
-    let Some(authority) = record.host() else { return };
     let metrics = &proxy.metrics;
     let idle = proxy.config.idle_timeout.0;
     // The session's limiter sees the tunnel's bytes as they move.
     let meter = tunnel.permit.as_ref().map(|lease| lease.meter());
     let budget = meter.as_ref().and_then(|m| m.budget().cloned());
     let counters = Arc::new(Counters::metered(meter));
-    metrics.open_tunnels.inc();
-    metrics.tunnels_total.inc();
-    let upstream = tunnel.upstream;
-    // The fronting guard for tunnels that are not terminated: the hello's name is the CONNECT name.
-    let client = match tunnel.client {
-        ClientSide::Tcp(client, mut early) if proxy.config.check_sni => {
-            let (wait, idle) = (proxy.config.header_timeout.0, proxy.config.idle_timeout.0);
-            let checked = tokio::select! {
-                r = super::sni::check(&client, &upstream, &mut early, &authority.target, wait, idle) => r,
-                () = proxy.shutdown.hard_stop.cancelled() => Err(super::sni::SniRefusal::Shutdown),
-            };
-            if let Err(refused) = checked {
-                refuse_tunnel(authority, client, &refused).await;
-                metrics.open_tunnels.dec();
-                drop(tunnel.permit);
-                record.closed(proxy, 0, 0, refused.end(), None);
-                return;
-            }
-            ClientSide::Tcp(client, early)
-        }
-        other => other,
-    };
+    let (upstream, client) = (tunnel.upstream, tunnel.client);
     let stop = proxy.shutdown.hard_stop.cancelled();
     let stats = match client {
         ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, early, idle, counters.clone(), stop).await,
@@ -186,7 +187,7 @@ pub(crate) async fn run(proxy: &EgressProxy, mut tunnel: Tunnel) {
 
 /// Ends a tunnel the SNI check refused: an `access_denied` alert to the client (it is speaking TLS)
 /// and nothing upstream.
-async fn refuse_tunnel(authority: &Authority, mut client: TcpStream, refused: &super::sni::SniRefusal) {
+async fn refuse_tunnel(authority: &Authority, client: &mut TcpStream, refused: &super::sni::SniRefusal) {
     if let super::sni::SniRefusal::Mismatch { sni } = refused {
         tracing::warn!(destination = %authority, sni = %sni, "tunnel refused: the ClientHello names another host (sni_mismatch)");
     }
@@ -202,7 +203,8 @@ async fn refuse_tunnel(authority: &Authority, mut client: TcpStream, refused: &s
 pub(crate) enum First {
     /// The connection is done with: it was refused and closed, or it ended.
     Done,
-    /// Its CONNECT opened a tunnel (`200` written), for the caller to [`run`] once this state is gone.
+    /// Its CONNECT opened a tunnel (`200` written, [`start`]ed), for the caller to [`run`] once this
+    /// state is gone.
     Tunnel(Tunnel),
     /// Its next request is not a CONNECT: the guard holds it, for hyper.
     Http(Box<HeadGuard<TcpStream>>),
@@ -256,7 +258,11 @@ pub(crate) async fn serve_first(
                 match opened {
                     Opened::Spliced(admission) => {
                         let client = ClientSide::Tcp(client, early.to_vec());
-                        return First::Tunnel(Tunnel::new(admission, record, client));
+                        let mut tunnel = Tunnel::new(admission, record, client);
+                        if !start(proxy, &mut tunnel).await {
+                            return First::Done;
+                        }
+                        return First::Tunnel(tunnel);
                     }
                     // An inspected tunnel runs here, in the opening's (boxed) state: it holds TLS state of
                     // its own either way, and a spliced one need not make room for it.
@@ -392,7 +398,12 @@ pub(crate) async fn handle(
             Err(upgraded) => ClientSide::Upgraded(upgraded),
         };
         match (opened, client) {
-            (Opened::Spliced(admission), client) => run(&proxy, Tunnel::new(admission, record, client)).await,
+            (Opened::Spliced(admission), client) => {
+                let mut tunnel = Tunnel::new(admission, record, client);
+                if start(&proxy, &mut tunnel).await {
+                    run(&proxy, tunnel).await;
+                }
+            }
             (Opened::Inspected(o, t), ClientSide::Tcp(client, early)) => {
                 inspected::run(proxy.clone(), t, session, authority, *o, record, client, early).await;
             }
