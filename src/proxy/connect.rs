@@ -267,7 +267,9 @@ pub(crate) async fn serve_first(
                     // An inspected tunnel runs here, in the opening's (boxed) state: it holds TLS state of
                     // its own either way, and a spliced one need not make room for it.
                     Opened::Inspected(o, t) => {
-                        inspected::run(proxy.clone(), t, session, authority, *o, record, client, early.to_vec()).await;
+                        let early = early.to_vec();
+                        // Boxed: every connection's opening would otherwise make room for its state.
+                        Box::pin(inspected::run(proxy.clone(), t, session, authority, *o, record, client, early)).await;
                     }
                 }
                 return First::Done;
