@@ -159,9 +159,10 @@ pub(crate) async fn run(proxy: &EgressProxy, tunnel: Tunnel) {
     let meter = tunnel.permit.as_ref().map(|lease| lease.meter());
     let budget = meter.as_ref().and_then(|m| m.budget().cloned());
     let counters = Arc::new(Counters::metered(meter));
-    let (upstream, client) = (tunnel.upstream, tunnel.client);
-    let stop = proxy.shutdown.hard_stop.cancelled();
-    let stats = match client {
+    // Pinned here and handed on by reference: the engines would otherwise hold copies of it.
+    let stop = std::pin::pin!(proxy.shutdown.hard_stop.cancelled());
+    let upstream = tunnel.upstream;
+    let stats = match tunnel.client {
         ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, early, idle, counters.clone(), stop).await,
         // Boxed: hyper hands back something other than its socket only in theory, and this engine's
         // state would otherwise be every tunnel's.
