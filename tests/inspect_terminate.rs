@@ -779,3 +779,33 @@ async fn report_mode_serves_what_request_rules_would_refuse_and_says_so() {
     assert_eq!(would[0]["inspected"], true);
     assert!(would[1]["inspected"].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_all_terminates_an_ip_destination_whose_client_sends_no_sni() {
+    let public = PublicCa::new("public");
+    let api = Upstream::tls("ip", &public.leaf(&["127.0.0.1"], false, &[])).await;
+    let dir = TempDir::new("terminate-ip");
+    let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{public_pem:?}]\n",
+        files.cert, files.key
+    );
+    let policy = format!(
+        "version = 1\nname = \"lab\"\nlevel = \"custom\"\ninspect = \"all\"\nallow_ips = [\"127.0.0.1\"]\nports = [{}]\n",
+        api.port()
+    );
+    let ca = files.cert.clone();
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    let url = format!("https://127.0.0.1:{}/ip", api.port());
+    let out = curl(&["-x", &proxy.url(), "--cacert", ca.to_str().unwrap(), &url], LIMIT).await;
+    assert_eq!((out.code, out.stdout.as_str()), (Some(0), "hello from ip /ip\n"), "{out:?}");
+    let inner: Vec<Value> = proxy
+        .records()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "decision" && v["inspected"] == true)
+        .collect();
+    assert_eq!(inner.len(), 1, "{inner:#?}");
+    assert_eq!((inner[0]["host"].as_str(), inner[0]["path"].as_str()), (Some("127.0.0.1"), Some("/ip")));
+}

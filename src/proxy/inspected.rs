@@ -37,6 +37,9 @@ use crate::policy::{Authority, Decision, Target};
 use crate::refusal::Refusal;
 use crate::tls;
 
+/// Concurrent HTTP/2 streams a client may open in one terminated tunnel.
+const MAX_STREAMS: u32 = 100;
+
 /// What the server holds to terminate tunnels: the leaves, the client-facing config, and the
 /// upstream leg's configs (web PKI plus `extra_roots`).
 pub struct Terminator {
@@ -232,7 +235,12 @@ where
         .header_read_timeout(proxy.config.header_timeout.0 * 2)
         .max_buf_size(proxy.config.max_header_bytes.max(8192) * 2)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size((proxy.config.max_header_bytes * 2) as u32);
+    // Each concurrent h2 stream may take an upstream HTTP/1.1 connection of its own: bounded here.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size((proxy.config.max_header_bytes * 2) as u32);
     let t = tunnel.clone();
     let service = service_fn(move |req| {
         let t = t.clone();
