@@ -21,7 +21,9 @@
 //!   rows above stay on the spliced path) and sluice an `[inspect]` CA. Rows: keep-alive requests/s at
 //!   64 concurrent through an inspected tunnel, against plain-HTTP forwarded requests through sluice and
 //!   direct TLS; new inspected tunnels/s (handshake, one request, close); one inspected tunnel's
-//!   throughput; RSS per open inspected tunnel. Peers (squid ssl_bump, mitmproxy) are not wired in.
+//!   throughput; RSS per open inspected tunnel. With `SLUICE_BENCH_SQUID=1` as well, the same rows run
+//!   through Debian's `squid-openssl` (`ssl_bump bump all`, the same CA, the same upstream trust), started
+//!   by the bench as a child (`/usr/sbin/squid`; its cert helper processes are not in its RSS).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -472,7 +474,17 @@ fn main() {
     report(&settings, samples, idle_kib, sluice.as_ref());
     if let Some(setup) = &inspect_setup {
         let rows = runtime.block_on(inspected_rows(setup, proxy_addr, pid, &settings));
-        rows.report(&settings);
+        rows.report(&settings, "sluice");
+        if env_or("SLUICE_BENCH_SQUID", 0u8) == 1 {
+            match start_squid(setup) {
+                Ok(squid) => {
+                    let peer = runtime.block_on(inspected_rows(setup, squid.addr, Some(squid.child.id()), &settings));
+                    peer.report(&settings, "squid ssl_bump");
+                    rows.against(&peer, "squid");
+                }
+                Err(e) => eprintln!("squid: not measured: {e}"),
+            }
+        }
     }
 }
 
@@ -857,7 +869,7 @@ async fn inspected_rss(setup: &Arc<InspectSetup>, proxy: SocketAddr, pid: u32, n
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid)?;
-    eprintln!("inspected: {n} open tunnels, sluice RSS {before} KiB → {after} KiB");
+    eprintln!("inspected: {n} open tunnels, proxy RSS {before} KiB → {after} KiB");
     drop(held);
     Some(after.saturating_sub(before) as f64 / n.max(1) as f64)
 }
@@ -897,16 +909,36 @@ async fn inspected_rows(setup: &Arc<InspectSetup>, proxy: SocketAddr, pid: Optio
 }
 
 impl InspectedRows {
-    fn report(&self, s: &Settings) {
+    /// sluice's figures over a peer's, row by row.
+    fn against(&self, peer: &InspectedRows, name: &str) {
+        let med = |v: &Vec<f64>| median(v.clone());
+        println!();
+        println!("| inspected figure | sluice | {name} | sluice / {name} |");
+        println!("|---|---:|---:|---:|");
+        let rows = [
+            ("keep-alive requests/s", &self.keepalive, &peer.keepalive),
+            ("new tunnels/s", &self.fresh, &peer.fresh),
+            ("one tunnel's throughput (Gbit/s)", &self.thr, &peer.thr),
+            ("plain-HTTP forwarded requests/s", &self.forwarded, &peer.forwarded),
+        ];
+        for (row, a, b) in rows {
+            let (a, b) = (med(a), med(b));
+            println!("| {row} | {a:.2} | {b:.2} | {:.2}× |", a / b);
+        }
+        let rss = |r: Option<f64>| r.map_or_else(|| "n/a".to_string(), |k| format!("{k:.1} KiB"));
+        println!("| RSS per open inspected tunnel | {} | {} | — |", rss(self.rss_kib), rss(peer.rss_kib));
+    }
+
+    fn report(&self, s: &Settings, name: &str) {
         let med = |v: &Vec<f64>| median(v.clone());
         println!();
         println!(
-            "inspected bench (TLS termination): {} round(s) of {:.1}s, median, 64 concurrent",
+            "inspected bench (TLS termination) through {name}: {} round(s) of {:.1}s, median, 64 concurrent",
             s.rounds,
             s.secs.as_secs_f64()
         );
         println!();
-        println!("| figure | direct TLS | inspected via sluice | inspected / direct |");
+        println!("| figure | direct TLS | inspected via {name} | inspected / direct |");
         println!("|---|---:|---:|---:|");
         let rows = [
             ("keep-alive requests/s (HTTP/1.1)", &self.direct, &self.keepalive, 0),
@@ -920,10 +952,75 @@ impl InspectedRows {
         let (k, f) = (med(&self.keepalive), med(&self.forwarded));
         println!();
         println!(
-            "plain-HTTP forwarded keep-alive requests/s via sluice: {f:.0}; an inspected request costs {:.2}× a forwarded one (target ≤ 1.5×)",
+            "plain-HTTP forwarded keep-alive requests/s via {name}: {f:.0}; an inspected request costs {:.2}× a forwarded one (target ≤ 1.5×)",
             f / k
         );
         let rss = self.rss_kib.map_or_else(|| "n/a".to_string(), |k| format!("{k:.1} KiB"));
-        println!("sluice RSS per open inspected tunnel (after one request): {rss}");
+        println!("{name} RSS per open inspected tunnel (after one request): {rss}");
     }
+}
+
+/// A squid-openssl child doing `ssl_bump bump all` with the setup's CA and upstream trust.
+struct Squid {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_squid(setup: &InspectSetup) -> Result<Squid, String> {
+    let dir = setup.dir.join("squid");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    for (from, to) in [(&setup.ca_cert, "ca.pem"), (&setup.ca_key, "ca.key"), (&setup.public_pem, "public.pem")] {
+        std::fs::copy(from, dir.join(to)).map_err(|e| format!("{}: {e}", from.display()))?;
+    }
+    std::fs::write(dir.join("hosts"), "127.0.0.1 inspect.test plain.test\n").map_err(|e| e.to_string())?;
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let certgen = "/usr/lib/squid/security_file_certgen";
+    let db = dir.join("ssl_db");
+    let made = Command::new(certgen).args(["-c", "-s"]).arg(&db).args(["-M", "64MB"]).output();
+    if !made.as_ref().is_ok_and(|o| o.status.success()) {
+        return Err(format!("{certgen} -c failed (is squid-openssl installed?): {made:?}"));
+    }
+    let d = dir.display();
+    let conf = format!(
+        "http_port 127.0.0.1:{port} ssl-bump tls-cert={d}/ca.pem tls-key={d}/ca.key generate-host-certificates=on dynamic_cert_mem_cache_size=64MB\n\
+         sslcrtd_program {certgen} -s {d}/ssl_db -M 64MB\nsslcrtd_children 8 startup=2 idle=1\n\
+         acl step1 at_step SslBump1\nssl_bump peek step1\nssl_bump bump all\n\
+         tls_outgoing_options cafile={d}/public.pem\nsslproxy_cert_error deny all\n\
+         http_access allow all\ncache deny all\nhosts_file {d}/hosts\n\
+         pid_filename {d}/squid.pid\ncache_log {d}/cache.log\naccess_log none\ncoredump_dir {d}\n\
+         cache_effective_user proxy\nmax_filedescriptors 65536\nshutdown_lifetime 0 seconds\n"
+    );
+    std::fs::write(dir.join("squid.conf"), conf).map_err(|e| e.to_string())?;
+    let _ = Command::new("chown").args(["-R", "proxy:proxy"]).arg(&dir).status();
+    let child = Command::new("/usr/sbin/squid")
+        .args(["-N", "-f"])
+        .arg(dir.join("squid.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start squid: {e}"))?;
+    let mut squid = Squid { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(squid.addr).is_err() {
+        if let Ok(Some(status)) = squid.child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("cache.log")).unwrap_or_default();
+            return Err(format!("squid exited: {status}\n{log}"));
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err("squid did not listen within 15s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its certificate helpers start with it: a moment before the load.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(squid)
 }
