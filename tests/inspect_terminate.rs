@@ -368,7 +368,19 @@ async fn tunnel_tls(
     roots: &std::path::Path,
     alpn: &[&[u8]],
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let mut tcp = TcpStream::connect(proxy).await.expect("connect proxy");
+    let tcp = TcpStream::connect(proxy).await.expect("connect proxy");
+    tls_after_connect(tcp, authority, sni, roots, alpn).await
+}
+
+/// Sends a CONNECT for `authority` on `tcp` (which may have carried other requests) and completes TLS
+/// inside the tunnel trusting `roots`.
+async fn tls_after_connect(
+    mut tcp: TcpStream,
+    authority: &str,
+    sni: &str,
+    roots: &std::path::Path,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.expect("send");
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -808,4 +820,25 @@ async fn inspect_all_terminates_an_ip_destination_whose_client_sends_no_sni() {
         .collect();
     assert_eq!(inner.len(), 1, "{inner:#?}");
     assert_eq!((inner[0]["host"].as_str(), inner[0]["path"].as_str()), (Some("127.0.0.1"), Some("/ip")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_after_another_request_on_the_connection_is_terminated_too() {
+    let lab = lab("anonymous").await;
+    // A refused plain-HTTP request first: the connection stays open and hyper serves the CONNECT after it.
+    let mut c = RawClient::connect(lab.proxy.addr).await;
+    c.send(b"GET http://other.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n").await;
+    let r = c.response().await.expect("refusal");
+    assert_eq!(r.status_line, "HTTP/1.1 403 Forbidden", "{r:#?}");
+    let authority = format!("api.test:{}", lab.port);
+    let mut tls = tls_after_connect(c.stream, &authority, "api.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+    let req = format!("GET /ok/second HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    let _ = within(STEP, "answer", tls.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.ends_with("hello from api /ok/second\n"), "{text}");
+    let records = lab.inspected(1).await;
+    assert_eq!(brief(&records[0]), b("GET", "/ok/second", "allow", "request_allowed", 0));
 }
