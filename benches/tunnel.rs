@@ -23,7 +23,9 @@
 //!   direct TLS; new inspected tunnels/s (handshake, one request, close); one inspected tunnel's
 //!   throughput; RSS per open inspected tunnel. With `SLUICE_BENCH_SQUID=1` as well, the same rows run
 //!   through Debian's `squid-openssl` (`ssl_bump bump all`, the same CA, the same upstream trust), started
-//!   by the bench as a child (`/usr/sbin/squid`; its cert helper processes are not in its RSS).
+//!   by the bench as a child (`/usr/sbin/squid`; its cert helper processes are not in its RSS). With
+//!   `SLUICE_BENCH_MITMDUMP=/path/to/mitmdump`, through mitmproxy too (same CA, `ssl_verify_upstream_trusted_ca`,
+//!   an addon that sends every upstream connection to 127.0.0.1).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -483,6 +485,16 @@ fn main() {
                     rows.against(&peer, "squid");
                 }
                 Err(e) => eprintln!("squid: not measured: {e}"),
+            }
+        }
+        if let Ok(bin) = std::env::var("SLUICE_BENCH_MITMDUMP") {
+            match start_mitmdump(setup, &bin) {
+                Ok(peer) => {
+                    let m = runtime.block_on(inspected_rows(setup, peer.addr, Some(peer.child.id()), &settings));
+                    m.report(&settings, "mitmproxy");
+                    rows.against(&m, "mitmproxy");
+                }
+                Err(e) => eprintln!("mitmproxy: not measured: {e}"),
             }
         }
     }
@@ -1023,4 +1035,47 @@ fn start_squid(setup: &InspectSetup) -> Result<Squid, String> {
     // Its certificate helpers start with it: a moment before the load.
     std::thread::sleep(Duration::from_millis(500));
     Ok(squid)
+}
+
+/// mitmdump (mitmproxy) as a child: sluice's CA as its own, the public CA as its upstream trust, and an
+/// addon that dials every upstream at 127.0.0.1 (the bench's names resolve nowhere else).
+fn start_mitmdump(setup: &InspectSetup, bin: &str) -> Result<Squid, String> {
+    let dir = setup.dir.join("mitmproxy");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let key = std::fs::read_to_string(&setup.ca_key).map_err(|e| e.to_string())?;
+    let cert = std::fs::read_to_string(&setup.ca_cert).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("mitmproxy-ca.pem"), format!("{key}{cert}")).map_err(|e| e.to_string())?;
+    let addon = dir.join("loopback.py");
+    std::fs::write(
+        &addon,
+        "def server_connect(data):\n    data.server.address = (\"127.0.0.1\", data.server.address[1])\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let child = Command::new(bin)
+        .args(["-q", "--listen-host", "127.0.0.1", "--listen-port", &port.to_string()])
+        .arg("--set")
+        .arg(format!("confdir={}", dir.display()))
+        .arg("--set")
+        .arg(format!("ssl_verify_upstream_trusted_ca={}", setup.public_pem.display()))
+        .args(["--set", "flow_detail=0", "--set", "termlog_verbosity=error", "-s"])
+        .arg(&addon)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("start {bin}: {e}"))?;
+    let mut peer = Squid { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(peer.addr).is_err() {
+        if let Ok(Some(status)) = peer.child.try_wait() {
+            return Err(format!("mitmdump exited: {status}"));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err("mitmdump did not listen within 30s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(peer)
 }
