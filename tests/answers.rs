@@ -10,22 +10,13 @@ mod support;
 
 use std::time::Duration;
 
-use sluice::credential::{Claims, Keyring, SigningKey, now_unix};
+use support::lab::{self, Lab};
 use support::*;
 
 const KEY: &[u8] = b"answers-test-signing-key-0123456789abcdef";
 
 fn auth(sid: &str, policy: &str) -> String {
-    let now = now_unix();
-    basic(sid, &egress_token(KEY, sid, policy, now, now + 600))
-}
-
-fn custom(name: &str, allow: &[String], limits: &str) -> String {
-    let list: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
-    format!(
-        "version = 1\nname = \"{name}\"\nlevel = \"custom\"\nallow = [{}]\nallow_ips = [\"127.0.0.0/8\"]\n{limits}",
-        list.join(", ")
-    )
+    lab::auth(KEY, sid, policy)
 }
 
 /// One answer, taken apart: the `date` header is checked for its shape and set aside.
@@ -103,46 +94,9 @@ const CLOSE: &str = "connection: close";
 const AUTH_HINT: &str =
     "set HTTPS_PROXY=http://SESSION:TOKEN@HOST:PORT with a credential from `sluice token mint --kind egress`";
 
-/// sluice with anonymous use off and three policies: `lab` (echo.test, plain.test, nowhere.test — a name
-/// the resolver does not know), `slow` (burst 1 at 0.5 requests a second) and `one` (one tunnel at a time).
-struct Lab {
-    proxy: Proxy,
-    echo: Recorder,
-    plain: Upstream,
-}
-
 impl Lab {
-    async fn start(extra_egress: &str) -> Lab {
-        let echo = Recorder::start().await;
-        let plain = Upstream::plain("plain").await;
-        let allow =
-            vec![format!("echo.test:{}", echo.port()), format!("plain.test:{}", plain.port()), "nowhere.test".into()];
-        let dir = TempDir::new("answers");
-        let key = dir.write("key", KEY);
-        let config = format!(
-            "[egress]\npolicy = \"lab\"\n{extra_egress}\n[auth]\nanonymous = false\nkey_file = {:?}\n[resolver]\nhosts = {{ \"echo.test\" = [\"127.0.0.1\"], \"plain.test\" = [\"127.0.0.1\"] }}\n",
-            key.display()
-        );
-        let policies = [
-            ("lab.toml", custom("lab", &allow, "")),
-            ("slow.toml", custom("slow", &allow, "[limits]\nrequests_per_second = 0.5\nburst = 1\n")),
-            ("one.toml", custom("one", &allow, "[limits]\nmax_tunnels = 1\n")),
-        ];
-        let policies: Vec<(&str, &str)> = policies.iter().map(|(n, t)| (*n, t.as_str())).collect();
-        let proxy = Proxy::start_in(dir, &config, &policies).await;
-        Lab { proxy, echo, plain }
-    }
-
     fn echo_target(&self) -> String {
         format!("echo.test:{}", self.echo.port())
-    }
-
-    /// A plain-HTTP GET the `lab` policy allows, under `authorization`.
-    fn get(&self, authorization: &str) -> String {
-        let p = self.plain.port();
-        format!(
-            "GET http://plain.test:{p}/x HTTP/1.1\r\nHost: plain.test:{p}\r\nProxy-Authorization: {authorization}\r\n\r\n"
-        )
     }
 
     /// A connection whose next request is its first: a CONNECT on it is answered without hyper.
@@ -308,7 +262,7 @@ fn through_hyper(direct: &Answer) -> Answer {
 /// client may answer the challenge), every other refusal closes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_refusals_on_a_connection_s_first_request() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     for (what, request, want) in connect_refusals(&lab) {
         let mut c = lab.fresh().await;
         let got = Lab::ask(&mut c, &request).await;
@@ -327,7 +281,7 @@ async fn connect_refusals_on_a_connection_s_first_request() {
 /// and body as the direct path, plus `date`, and the connection always closes (even after a 407).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_refusals_after_a_plain_request_on_the_connection() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     for (what, request, direct) in connect_refusals(&lab) {
         let mut c = lab.after_plain(&auth("s-prefix", "lab")).await;
         let got = Lab::ask(&mut c, &request).await;
@@ -341,7 +295,7 @@ async fn connect_refusals_after_a_plain_request_on_the_connection() {
 /// starts right after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_connect_answers() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     let a = auth("s-lab", "lab");
     let request = connect(&lab.echo_target(), &authorization(&a));
     let mut c = lab.fresh().await;
@@ -359,7 +313,7 @@ async fn allowed_connect_answers() {
 /// An HTTP/1.0 CONNECT is answered in HTTP/1.0 and closed, on the direct path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_1_0_connect_refusal() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     let mut c = lab.fresh().await;
     let got = Lab::ask(&mut c, &format!("CONNECT {} HTTP/1.0\r\n\r\n", lab.echo_target())).await;
     let want = golden(
@@ -376,7 +330,7 @@ async fn an_http_1_0_connect_refusal() {
 /// request (which keeps the connection); past max_tunnels, 429 + Retry-After: 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_answers() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     let rate = |date: bool, close: bool| {
         let mut headers = vec![TEXT, "x-sluice-decision: deny; reason=rate_limited; policy=slow", "retry-after: 2"];
         if close {
@@ -436,7 +390,7 @@ async fn rate_limit_answers() {
 /// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_refusals() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     let good = authorization(&auth("s-lab", "lab"));
     let get = |url: &str, host: &str, extra: &str| format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n");
     let s407 = "HTTP/1.1 407 Proxy Authentication Required";
@@ -517,7 +471,7 @@ async fn plain_http_refusals() {
 /// served one: exact answers (through hyper, no session named), then the close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_guard_refusals() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     let p = lab.plain.port();
     let echo = lab.echo_target();
     let refusal = |status: &str, code: &str, message: &str| {
@@ -599,7 +553,7 @@ async fn head_guard_refusals() {
 /// A head not complete within `[egress] header_timeout`: 408, as a first request and after a served one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_timeout_answer() {
-    let lab = Lab::start("header_timeout = \"1s\"").await;
+    let lab = Lab::start("answers", KEY, "header_timeout = \"1s\"", false).await;
     let partial = format!("GET http://plain.test:{}/ HTTP/1.1\r\nHost: pl", lab.plain.port());
     let want = golden(
         "HTTP/1.1 408 Request Timeout",
@@ -625,7 +579,7 @@ async fn head_timeout_answer() {
 /// Issue 14: the direct path's refusals carry no `date`, unlike every answer that comes through hyper.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_connect_refusals_carry_a_date() {
-    let lab = Lab::start("").await;
+    let lab = Lab::start("answers", KEY, "", false).await;
     for (what, request, _) in connect_refusals(&lab) {
         let mut c = lab.fresh().await;
         assert!(Lab::ask(&mut c, &request).await.date, "{what}: no date header on the direct path");
@@ -667,9 +621,7 @@ const Z40: &str = "0000000000000000000000000000000000000000";
 const A40: &str = "1111111111111111111111111111111111111111";
 
 fn git_auth(sid: &str, repo: &str) -> String {
-    let now = now_unix();
-    let keyring = Keyring::new(SigningKey::from_bytes(GIT_KEY).expect("a test key"), None);
-    basic(sid, &keyring.mint(&Claims::git(sid, repo, BRANCH, now, now + 600)))
+    lab::git_auth(GIT_KEY, sid, repo, BRANCH)
 }
 
 /// sluice whose git upstream is a recording listener: nothing a refusal answers may reach it.

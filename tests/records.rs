@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sluice::credential::{Claims, Keyring, SigningKey, now_unix};
+use support::lab::{self, Lab, custom};
 use support::*;
 use tokio::io::AsyncWriteExt;
 
@@ -19,16 +19,7 @@ const TIME: &str = "<time>";
 const MS: &str = "<ms>";
 
 fn auth(sid: &str, policy: &str) -> String {
-    let now = now_unix();
-    basic(sid, &egress_token(KEY, sid, policy, now, now + 600))
-}
-
-fn custom(name: &str, allow: &[String], limits: &str) -> String {
-    let list: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
-    format!(
-        "version = 1\nname = \"{name}\"\nlevel = \"custom\"\nallow = [{}]\nallow_ips = [\"127.0.0.0/8\"]\n{limits}",
-        list.join(", ")
-    )
+    lab::auth(KEY, sid, policy)
 }
 
 /// `2026-11-25T12:00:00.123Z`.
@@ -93,36 +84,7 @@ async fn no_more_records(proxy: &Proxy, count: usize) {
     assert_eq!(lines.len(), count, "records:\n{}", lines.join("\n"));
 }
 
-/// sluice with anonymous use off, `lab` allowing the echo and plain upstreams (and `nowhere.test`),
-/// `slow` (burst 1 at 0.5 a second) and `one` (one tunnel at a time); its audit stream is captured.
-struct Lab {
-    proxy: Proxy,
-    echo: Recorder,
-    plain: Upstream,
-}
-
 impl Lab {
-    async fn start() -> Lab {
-        let echo = Recorder::start().await;
-        let plain = Upstream::plain("plain").await;
-        let allow =
-            vec![format!("echo.test:{}", echo.port()), format!("plain.test:{}", plain.port()), "nowhere.test".into()];
-        let dir = TempDir::new("records");
-        let key = dir.write("key", KEY);
-        let config = format!(
-            "[egress]\npolicy = \"lab\"\n[auth]\nanonymous = false\nkey_file = {:?}\n[resolver]\nhosts = {{ \"echo.test\" = [\"127.0.0.1\"], \"plain.test\" = [\"127.0.0.1\"] }}\n",
-            key.display()
-        );
-        let policies = [
-            ("lab.toml", custom("lab", &allow, "")),
-            ("slow.toml", custom("slow", &allow, "[limits]\nrequests_per_second = 0.5\nburst = 1\n")),
-            ("one.toml", custom("one", &allow, "[limits]\nmax_tunnels = 1\n")),
-        ];
-        let policies: Vec<(&str, &str)> = policies.iter().map(|(n, t)| (*n, t.as_str())).collect();
-        let proxy = Proxy::start_recorded(dir, &config, &policies).await;
-        Lab { proxy, echo, plain }
-    }
-
     fn e(&self) -> u16 {
         self.echo.port()
     }
@@ -134,13 +96,6 @@ impl Lab {
     /// The rule that allows `host:port` in policy file `name`.
     fn rule(&self, host: &str, port: u16, name: &str) -> String {
         format!("{host}:{port} ({}:4)", self.proxy.dir.path().join("policies").join(format!("{name}.toml")).display())
-    }
-
-    fn get(&self, authorization: &str) -> String {
-        let p = self.p();
-        format!(
-            "GET http://plain.test:{p}/x HTTP/1.1\r\nHost: plain.test:{p}\r\nProxy-Authorization: {authorization}\r\n\r\n"
-        )
     }
 
     fn connect_echo(&self, authorization: &str) -> String {
@@ -205,7 +160,7 @@ async fn hello_through(c: &mut RawClient) {
 /// with the bytes each way when it ends; on both CONNECT paths.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_allow_and_tunnel_closed() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let a = auth("s-tunnel", "lab");
 
     // A connection's first request: the direct path.
@@ -237,7 +192,7 @@ async fn connect_allow_and_tunnel_closed() {
 /// and the body bytes each way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_allow_and_request_finished() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let a = auth("s-plain", "lab");
     let p = lab.p();
     let (mut c, client) = lab.connect().await;
@@ -293,7 +248,7 @@ fn refused(
 /// CONNECT through hyper and a plain request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_deny_records() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let a = auth("s-deny", "lab");
     let connect =
         format!("CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\nProxy-Authorization: {a}\r\n\r\n");
@@ -331,7 +286,7 @@ async fn policy_deny_records() {
 /// A missing or forged credential: `anonymous`, no policy, no host or port (only the target), 407.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_refusal_records() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let e = lab.e();
     let p = lab.p();
     let forged = basic("s-forged", "v1.eyJzaWQiOiJ4In0.AAAA");
@@ -362,7 +317,7 @@ async fn credential_refusal_records() {
 /// unlike a policy deny — no host or port, only the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_records() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let e = lab.e();
     let echo = format!("echo.test:{e}");
     let plain = format!("http://plain.test:{}/x", lab.p());
@@ -455,7 +410,7 @@ async fn upstream_reset_tunnel_record() {
 /// with the DNS code, no host or port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_failure_record() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let a = auth("s-dns", "lab");
     let (mut c, client) = lab.connect().await;
     let connect =
@@ -489,7 +444,7 @@ async fn overload_writes_no_record() {
 /// whatever the request was (here a CONNECT).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_guard_refusal_record() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let (mut c, client) = lab.connect().await;
     let head = format!("CONNECT echo.test:{} HTTP/1.1\r\nBad Header\r\n\r\n", lab.e());
     assert_eq!(status(&mut c, &head).await, "HTTP/1.1 400 Bad Request");
@@ -511,7 +466,7 @@ async fn head_guard_refusal_record() {
 /// The line itself: every field of `audit::Event` in its order, `null` where a record has no value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_lines_keep_their_fields_and_order() {
-    let lab = Lab::start().await;
+    let lab = Lab::start("records", KEY, "", true).await;
     let (mut c, client) = lab.connect().await;
     assert_eq!(status(&mut c, &lab.connect_echo(&auth("s-line", "lab"))).await, "HTTP/1.1 200 OK");
     expect_records(&lab.proxy, &[lab.allowed("s-line", "connect", "echo.test", lab.e(), "lab", &client)]).await;
@@ -535,9 +490,7 @@ const Z40: &str = "0000000000000000000000000000000000000000";
 const A40: &str = "1111111111111111111111111111111111111111";
 
 fn git_auth(sid: &str, repo: &str) -> String {
-    let now = now_unix();
-    let keyring = Keyring::new(SigningKey::from_bytes(KEY).expect("a test key"), None);
-    basic(sid, &keyring.mint(&Claims::git(sid, repo, "feature", now, now + 600)))
+    lab::git_auth(KEY, sid, repo, "feature")
 }
 
 #[allow(clippy::too_many_arguments)]

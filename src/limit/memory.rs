@@ -82,8 +82,10 @@ type KeyState = BuildHasherDefault<KeyHasher>;
 /// One session's entry, inline in its shard's map: what every request touches, in one small bucket.
 #[derive(Debug)]
 struct Session {
-    /// Nanoseconds since the limiter started, at the last request or tunnel.
-    last_seen: AtomicU64,
+    /// Nanoseconds since the limiter started at which housekeeping last saw the session active (a request
+    /// or refusal since its previous pass, or a tunnel open), or at which it was created. Kept by housekeeping
+    /// rather than by every check, which would read the clock once more.
+    last_seen: u64,
     requests: AtomicU64,
     /// The request rate's GCRA state: its theoretical arrival time, in nanoseconds on the limiter's timeline
     /// (0: none yet, or replenished and cleared by housekeeping). Kept here rather than in a keyed store of
@@ -91,6 +93,8 @@ struct Session {
     tat: AtomicU64,
     /// The slot of the quota that last wrote `tat`: its replenish interval says when the state is forgettable.
     slot: AtomicU32,
+    /// The low bits of `requests` plus refusals at housekeeping's last pass: a change is activity.
+    seen: u32,
     /// The rarely touched part, shared with the session's leases and meters.
     shared: Arc<Shared>,
 }
@@ -160,10 +164,11 @@ impl TunnelSlot for Shared {
 impl Session {
     fn new(now: u64) -> Self {
         Session {
-            last_seen: AtomicU64::new(now),
+            last_seen: now,
             requests: AtomicU64::new(0),
             tat: AtomicU64::new(0),
             slot: AtomicU32::new(DEFAULT_SLOT),
+            seen: 0,
             shared: Arc::default(),
         }
     }
@@ -226,18 +231,14 @@ fn shard(shards: &[Shard], key: SessionKey) -> &RwLock<SessionMap> {
     &shards[(key >> 32) as usize % SHARDS].0
 }
 
-/// Runs `f` on the session's entry, created on first sight, under its shard's lock; `now` is its last sight.
-fn with_session<R>(shards: &[Shard], key: SessionKey, now: u64, f: impl FnOnce(&Session) -> R) -> R {
+/// Runs `f` on the session's entry, created (at `now`) on first sight, under its shard's lock.
+fn with_session<R>(shards: &[Shard], key: SessionKey, now: impl FnOnce() -> u64, f: impl FnOnce(&Session) -> R) -> R {
     let shard = shard(shards, key);
     if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
-        // Concurrent requests race here; any of their times is recent enough for an idle check.
-        s.last_seen.store(now, Ordering::Relaxed);
         return f(s);
     }
     let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
-    let s = map.entry(key).or_insert_with(|| Session::new(now));
-    s.last_seen.store(now, Ordering::Relaxed);
-    f(s)
+    f(map.entry(key).or_insert_with(|| Session::new(now())))
 }
 
 /// Where one quota's governor limiter keeps its states: in the sessions' entries, so that a request check is one
@@ -246,7 +247,7 @@ fn with_session<R>(shards: &[Shard], key: SessionKey, now: u64, f: impl FnOnce(&
 struct EntryStore<C: Clock> {
     shards: Arc<[Shard]>,
     clock: C,
-    /// The limiter's start: `last_seen` and `tat` count from it.
+    /// The limiter's start: `last_seen` and `tat` count from it (the clock is read here only for a new entry).
     start: C::Instant,
     /// Nanoseconds from the limiter's start to this quota limiter's (governor's states count from its own).
     offset: u64,
@@ -260,7 +261,7 @@ impl<C: Clock> StateStore for EntryStore<C> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let now = self.clock.now().duration_since(self.start).as_u64();
+        let now = || self.clock.now().duration_since(self.start).as_u64();
         with_session(&self.shards, *key, now, |s| {
             let mut stored = s.tat.load(Ordering::Acquire);
             loop {
@@ -456,7 +457,7 @@ where
     }
 
     fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&Session) -> R) -> R {
-        with_session(&self.shards, key, self.now_nanos(), f)
+        with_session(&self.shards, key, || self.now_nanos(), f)
     }
 
     fn quota(&self, slot: u32) -> Option<&QuotaLimiter<C>> {
@@ -549,17 +550,22 @@ where
             // Checks hold the read lock, so no state changes under this one.
             let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
             map.retain(|_, s| {
+                let count =
+                    s.requests.load(Ordering::Relaxed).wrapping_add(s.shared.rate_limited.load(Ordering::Relaxed));
+                let open = s.shared.tunnels.load(Ordering::Acquire) > 0;
+                // Truncated: a change is all that matters, and no session makes 2³² requests between passes.
+                if count as u32 != s.seen || open {
+                    s.seen = count as u32;
+                    s.last_seen = now;
+                }
                 // As governor forgets: a state one interval past is indistinguishable from a fresh one.
                 let tat = s.tat.load(Ordering::Relaxed);
                 let interval = self.quota(s.slot.load(Ordering::Relaxed)).map_or(0, |q| q.interval);
                 if tat != 0 && tat <= now.saturating_sub(interval) {
                     s.tat.store(0, Ordering::Relaxed);
                 }
-                let since = now.saturating_sub(s.last_seen.load(Ordering::Relaxed));
-                s.shared.tunnels.load(Ordering::Acquire) > 0
-                    || since < idle
-                    || s.tat.load(Ordering::Relaxed) != 0
-                    || s.holds_quota()
+                let since = now.saturating_sub(s.last_seen);
+                open || since < idle || s.tat.load(Ordering::Relaxed) != 0 || s.holds_quota()
             });
             // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
@@ -809,8 +815,12 @@ mod tests {
         clock.advance(Duration::from_secs(399));
         assert_eq!(l.check_now(&key("s1"), &slow), Ok(()));
         assert_eq!(l.check_now(&key("s1"), &slow), refused(1_000_000, "0.001 requests per second, burst 5"));
-        // Governor forgets a state one slot after it has fully replenished.
+        // Governor forgets a state one slot after it has fully replenished; the session goes SESSION_IDLE after
+        // the pass that saw its last request.
         clock.advance(Duration::from_secs(6000));
+        l.housekeeping();
+        assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 0, quotas: 2 });
+        clock.advance(SESSION_IDLE);
         l.housekeeping();
         assert_eq!(l.tracked(), Tracked { sessions: 0, rate_states: 0, quotas: 2 });
     }

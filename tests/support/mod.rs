@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod capture;
+pub mod lab;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
