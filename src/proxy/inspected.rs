@@ -345,6 +345,9 @@ impl Tunnel {
             Some(v) => (v.decision, v.max_body, v.would_deny),
             None => (self.decision.clone(), None, self.would_deny.clone()),
         };
+        if let Err(refusal) = proxy.limit_request(&self.session).await {
+            return Err((refusal, record));
+        }
         record.admitted(proxy, req.method(), &self.authority, &decision, would_deny.as_ref(), self.addr);
         let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
         let upgrade = is_upgrade(&req);
