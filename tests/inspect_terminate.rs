@@ -185,6 +185,12 @@ struct Lab {
 }
 
 async fn lab(mode: &str) -> Lab {
+    lab_with(mode, "", "").await
+}
+
+/// [`lab`] with `policy_extra` appended to the policy (e.g. a `[limits]` table) and `egress_extra`
+/// lines in the server's `[egress]` table.
+async fn lab_with(mode: &str, policy_extra: &str, egress_extra: &str) -> Lab {
     let public = PublicCa::new("public");
     let other = PublicCa::new("other");
     let api = Upstream::tls("api", &public.leaf(&["api.test", "pass.test"], false, &[])).await;
@@ -203,7 +209,7 @@ async fn lab(mode: &str) -> Lab {
     let auth =
         if mode == "credential" { format!("[auth]\nanonymous = false\nkey_file = {key:?}\n") } else { String::new() };
     let config = format!(
-        "[egress]\npolicy = \"lab\"\n{auth}[resolver]\nhosts = {{ {} }}\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{:?}]\n",
+        "[egress]\npolicy = \"lab\"\n{egress_extra}{auth}[resolver]\nhosts = {{ {} }}\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{:?}]\n",
         hosts.join(", "),
         files.cert,
         files.key,
@@ -211,7 +217,7 @@ async fn lab(mode: &str) -> Lab {
     );
     let bad = [expired.port(), wrong.port(), unknown.port()];
     let port = api.port();
-    let policy = lab_policy(port, h2.port(), ws.port(), bad);
+    let policy = lab_policy(port, h2.port(), ws.port(), bad) + policy_extra;
     let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
     Lab {
         proxy,
@@ -841,4 +847,65 @@ async fn a_connect_after_another_request_on_the_connection_is_terminated_too() {
     assert!(text.ends_with("hello from api /ok/second\n"), "{text}");
     let records = lab.inspected(1).await;
     assert_eq!(brief(&records[0]), b("GET", "/ok/second", "allow", "request_allowed", 0));
+}
+
+/// Sends a WebSocket upgrade on `tls` and reads the answer's head.
+async fn ws_upgrade(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, authority: &str, extra: &str) -> String {
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.expect("send");
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = within(STEP, "upgrade answer", tls.read(&mut byte)).await.expect("read");
+        assert_eq!(n, 1, "closed: {}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
+    String::from_utf8_lossy(&got).to_ascii_lowercase()
+}
+
+/// The head of the answer to a CONNECT for `authority` on a new connection.
+async fn connect_answer(proxy: std::net::SocketAddr, authority: &str) -> String {
+    let mut c = RawClient::connect(proxy).await;
+    c.send(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await;
+    c.response().await.map(|r| r.status_line).unwrap_or_default()
+}
+
+/// An upgraded connection is the tunnel: it keeps the session's place under `max_tunnels` while it
+/// is open (a second CONNECT is refused `429`), the idle timeout ends it, and then the place is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_holds_its_tunnel_place_until_it_idles_out() {
+    let lab = lab_with("anonymous", "[limits]\nmax_tunnels = 1\n", "idle_timeout = 2\n").await;
+    let authority = format!("ws.test:{}", lab.ws);
+    let mut tls = tunnel_tls(lab.proxy.addr, &authority, "ws.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+    let text = ws_upgrade(&mut tls, &authority, "").await;
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    tls.write_all(b"ping").await.expect("send");
+    let mut echo = [0u8; 4];
+    within(STEP, "echo", tls.read_exact(&mut echo)).await.expect("echo");
+    assert_eq!(&echo, b"ping");
+    // hyper is done with the connection; the relay still holds the tunnel's place.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = connect_answer(lab.proxy.addr, &format!("api.test:{}", lab.port)).await;
+    assert_eq!(second, "HTTP/1.1 429 Too Many Requests");
+    // Quiet for the idle timeout: the relay and the tunnel end.
+    let mut rest = Vec::new();
+    let _ = within(STEP, "idle close", tls.read_to_end(&mut rest)).await;
+    let closed = {
+        let mut found = None;
+        for _ in 0..200 {
+            found = lab.all_records().into_iter().find(|v| v["event"] == "tunnel_closed");
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        found.expect("the tunnel's closing record")
+    };
+    assert_eq!(closed["end"], "idle_timeout", "{closed}");
+    assert!(closed["bytes_up"].as_u64().unwrap_or(0) > 0, "{closed}");
+    let third = connect_answer(lab.proxy.addr, &format!("api.test:{}", lab.port)).await;
+    assert_eq!(third, "HTTP/1.1 200 OK");
 }

@@ -5,6 +5,7 @@
 //! own pooled TLS connection(s). Each inner request gets its own decision record.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,7 @@ use super::forward::{self, BodyCap, Counted, Finish, Finished, strip_hop_by_hop}
 use super::record::Record;
 use super::respond::{self, ProxyBody};
 use super::shaped::Shaped;
+use super::tunnel::{self, Counters, TunnelEnd};
 use super::{EgressProxy, Session};
 use crate::inspect::{LeafCache, TargetCert};
 use crate::limit::{Direction, Lease};
@@ -144,6 +146,11 @@ pub(crate) async fn run<S>(
     let written = Arc::new(AtomicU64::new(0));
     let io = ClientIo { early, pos: 0, inner: client, read: read.clone(), written: written.clone() };
     let peer = record.client();
+    // An upgraded connection (WebSocket) is relayed like a tunnel, against the lease's meter: its
+    // bytes are counted, shaped and charged to the session's quota as they move.
+    let meter = permit.as_ref().map(|lease| lease.meter());
+    let budget = meter.as_ref().and_then(|m| m.budget().cloned());
+    let counters = Arc::new(Counters::metered(meter));
     let tunnel = Arc::new(Tunnel {
         proxy: proxy.clone(),
         terminator,
@@ -154,17 +161,33 @@ pub(crate) async fn run<S>(
         addr,
         peer,
         pool: Pool { first: Mutex::new(Some(upstream)), idle: Mutex::new(Vec::new()) },
+        relay: Mutex::new(None),
+        counters: counters.clone(),
     });
     let idle = proxy.config.idle_timeout.0;
+    // The tunnel (and its place under max_tunnels) lasts until its upgraded relay, if any, ends too.
     let end = tokio::select! {
         end = serve(tunnel, io) => end,
         () = proxy.shutdown.hard_stop.cancelled() => "shutdown",
         () = quiet(&read, &written, idle) => "idle_timeout",
     };
+    metrics.shaped(counters.shaping_wait());
+    // The relay's bytes are in no request's record: the tunnel's metrics count them.
+    metrics.bytes_up.inc_by(counters.up.load(Ordering::Relaxed));
+    metrics.bytes_down.inc_by(counters.down.load(Ordering::Relaxed));
+    if end == TunnelEnd::QuotaExceeded.as_str() {
+        metrics.quota_closed_tunnels.inc();
+        if let Some(spent) = budget.as_ref().and_then(|b| b.spent()) {
+            record.quota_closed(&proxy, &spent.refusal(crate::credential::now_unix()));
+        }
+    }
     metrics.open_tunnels.dec();
     drop(permit);
     record.closed(&proxy, read.load(Ordering::Relaxed), written.load(Ordering::Relaxed), end, None);
 }
+
+/// An upgraded connection's relay, run by the tunnel once hyper has handed the connection over.
+type Relay = Pin<Box<dyn Future<Output = Option<tunnel::TunnelStats>> + Send>>;
 
 /// Returns once neither side of the client's connection moved a byte for `idle`.
 async fn quiet(read: &AtomicU64, written: &AtomicU64, idle: Duration) {
@@ -247,7 +270,14 @@ where
         async move { Ok::<_, Infallible>(t.handle(req).await) }
     });
     match builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
-        Ok(()) => "complete",
+        Ok(()) => {
+            // A 101 ended hyper's connection: the tunnel goes on as the relay, and ends with it.
+            let relay = tunnel.relay.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match relay {
+                Some(relay) => relay.await.map_or("upgrade_failed", |stats| stats.end.as_str()),
+                None => "complete",
+            }
+        }
         Err(e) => {
             tracing::debug!(destination = %tunnel.authority, error = %e, "terminated tunnel ended with an error");
             "client_error"
@@ -269,6 +299,10 @@ struct Tunnel {
     addr: SocketAddr,
     peer: SocketAddr,
     pool: Pool,
+    /// Set by a request whose upgrade was answered `101`; [`serve`] runs it once hyper lets go.
+    relay: Mutex<Option<Relay>>,
+    /// The tunnel's lease meter, for the relay.
+    counters: Arc<Counters>,
 }
 
 impl Tunnel {
@@ -410,17 +444,22 @@ impl Tunnel {
         if switched && let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let authority = self.authority.clone();
-            proxy.shutdown.spawn(async move {
+            let counters = self.counters.clone();
+            let idle = proxy.config.idle_timeout.0;
+            let relay: Relay = Box::pin(async move {
                 match tokio::join!(client_upgrade, upstream_upgrade) {
                     (Ok(client), Ok(upstream)) => {
-                        let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        let (c, u) = (TokioIo::new(client), TokioIo::new(upstream));
+                        // The tunnel's own select holds the hard stop.
+                        Some(tunnel::run(c, u, idle, counters, std::future::pending()).await)
                     }
                     (c, u) => {
                         tracing::debug!(destination = %authority, client = ?c.err(), upstream = ?u.err(), "upgrade did not complete");
+                        None
                     }
                 }
             });
+            *self.relay.lock().unwrap_or_else(|p| p.into_inner()) = Some(relay);
         }
         record.restart();
         let (mut parts, body) = response.into_parts();
