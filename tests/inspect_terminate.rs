@@ -737,7 +737,10 @@ async fn an_upgrade_passes_once_decided_and_then_carries_bytes_both_ways() {
     let lab = lab("anonymous").await;
     let authority = format!("ws.test:{}", lab.ws);
     let mut tls = tunnel_tls(lab.proxy.addr, &authority, "ws.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
-    let head = format!("GET /ws HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
     tls.write_all(head.as_bytes()).await.expect("send");
     let mut got = Vec::new();
     while !got.ends_with(b"\r\n\r\n") {
@@ -856,10 +859,15 @@ async fn ws_upgrade(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, author
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     tls.write_all(head.as_bytes()).await.expect("send");
+    read_head(tls).await
+}
+
+/// The head of the next answer on `tls`, lower-cased.
+async fn read_head(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
     let mut got = Vec::new();
     while !got.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
-        let n = within(STEP, "upgrade answer", tls.read(&mut byte)).await.expect("read");
+        let n = within(STEP, "answer head", tls.read(&mut byte)).await.expect("read");
         assert_eq!(n, 1, "closed: {}", String::from_utf8_lossy(&got));
         got.push(byte[0]);
     }
@@ -908,4 +916,35 @@ async fn an_upgraded_connection_holds_its_tunnel_place_until_it_idles_out() {
     assert!(closed["bytes_up"].as_u64().unwrap_or(0) > 0, "{closed}");
     let third = connect_answer(lab.proxy.addr, &format!("api.test:{}", lab.port)).await;
     assert_eq!(third, "HTTP/1.1 200 OK");
+}
+
+/// `Upgrade: h2c` (h2c smuggling: the later HTTP/2 streams would skip the fronting guard and the
+/// rules) is refused `403 upgrade_refused` and never reaches the upstream; so is a WebSocket upgrade
+/// without its handshake headers. A real WebSocket upgrade still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_websocket_upgrades_pass_and_h2c_never_reaches_the_upstream() {
+    let lab = lab("anonymous").await;
+    let authority = format!("api.test:{}", lab.port);
+    for (upgrade, extra) in [
+        ("h2c", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"),
+        ("websocket, h2c", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"),
+        ("websocket", ""),
+    ] {
+        let mut tls =
+            tunnel_tls(lab.proxy.addr, &authority, "api.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+        let head = format!(
+            "GET /ok/x HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\n{extra}\r\n"
+        );
+        tls.write_all(head.as_bytes()).await.expect("send");
+        let text = read_head(&mut tls).await;
+        assert!(text.starts_with("http/1.1 403"), "{upgrade}: {text}");
+        assert!(text.contains("reason=upgrade_refused"), "{upgrade}: {text}");
+    }
+    assert_eq!(lab.api.requests(), 0, "the upstream saw a refused upgrade");
+    let records = lab.inspected(3).await;
+    assert!(records.iter().all(|r| r["reason"] == "upgrade_refused" && r["status"] == 403), "{records:#?}");
+    let authority = format!("ws.test:{}", lab.ws);
+    let mut tls = tunnel_tls(lab.proxy.addr, &authority, "ws.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+    let text = ws_upgrade(&mut tls, &authority, "").await;
+    assert!(text.starts_with("http/1.1 101"), "{text}");
 }

@@ -369,6 +369,10 @@ impl Tunnel {
         if let Err(refusal) = self.fronting(&req) {
             return Err((refusal, record));
         }
+        let upgrade = is_upgrade(&req);
+        if upgrade && let Err(why) = websocket_only(&req) {
+            return Err((Refusal::upgrade_refused(&self.authority, why), record));
+        }
         let proxy = &self.proxy;
         let policy = &self.session.policy;
         let verdict = match forward::request_verdict(policy, &self.authority, &req) {
@@ -381,13 +385,14 @@ impl Tunnel {
         };
         record.admitted(proxy, req.method(), &self.authority, &decision, would_deny.as_ref(), self.addr);
         let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
-        let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let meter = proxy.limiter.meter(&self.session.limit_key, &policy.limits);
         let budget = meter.budget().cloned();
         let (mut parts, body) = req.into_parts();
         let protocol = parts.headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
+        // Only meaningful with an h2c upgrade, which never passes.
+        parts.headers.remove("http2-settings");
         let sent = Arc::new(AtomicU64::new(0));
         let over = Arc::new(AtomicU64::new(0));
         let counted = Counted {
@@ -489,6 +494,30 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// An upgrade passes only as WebSocket (RFC 6455 §4.1: `Upgrade: websocket` alone, with
+/// `Sec-WebSocket-Key` and `Sec-WebSocket-Version`); why not, otherwise.
+fn websocket_only(req: &Request<Incoming>) -> Result<(), String> {
+    let headers = req.headers();
+    let protocols: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    match protocols.as_slice() {
+        [p] if p.eq_ignore_ascii_case("websocket") => {}
+        _ => return Err(format!("Upgrade asks for {:?}; only \"websocket\" passes", protocols.join(", "))),
+    }
+    for name in [header::SEC_WEBSOCKET_KEY, header::SEC_WEBSOCKET_VERSION] {
+        if headers.get_all(&name).iter().count() != 1 {
+            return Err(format!("a WebSocket upgrade needs exactly one {name} header"));
+        }
+    }
+    Ok(())
 }
 
 /// One upstream HTTP connection of a tunnel, in the protocol its ALPN chose.
