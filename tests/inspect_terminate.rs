@@ -948,3 +948,43 @@ async fn only_websocket_upgrades_pass_and_h2c_never_reaches_the_upstream() {
     let text = ws_upgrade(&mut tls, &authority, "").await;
     assert!(text.starts_with("http/1.1 101"), "{text}");
 }
+
+/// An inner request of a session whose upload quota is spent is answered `429 quota_exceeded` before
+/// anything goes upstream, and the tunnel ends with `end = quota_exceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inner_request_after_the_quota_is_spent_is_refused_429() {
+    let lab = lab_with("anonymous", "[limits]\nupload_quota = \"1KiB/hour\"\n", "").await;
+    let authority = format!("api.test:{}", lab.port);
+    let mut tls = tunnel_tls(lab.proxy.addr, &authority, "api.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+    let body = vec![b'x'; 1024];
+    let head = format!("POST /sha256 HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {}\r\n\r\n", body.len());
+    tls.write_all(head.as_bytes()).await.expect("send");
+    tls.write_all(&body).await.expect("send body");
+    let text = read_head(&mut tls).await;
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    let length: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a content-length");
+    let mut rest = vec![0u8; length];
+    within(STEP, "sha body", tls.read_exact(&mut rest)).await.expect("body");
+    let served = lab.api.requests();
+    let req = format!("GET /ok/after HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.expect("send");
+    let text = read_head(&mut tls).await;
+    assert!(text.starts_with("http/1.1 429"), "{text}");
+    assert!(text.contains("reason=quota_exceeded"), "{text}");
+    assert_eq!(lab.api.requests(), served, "the refused request reached the upstream");
+    let mut rest = Vec::new();
+    let _ = within(STEP, "close", tls.read_to_end(&mut rest)).await;
+    let mut closed = None;
+    for _ in 0..200 {
+        closed = lab.all_records().into_iter().find(|v| v["event"] == "tunnel_closed");
+        if closed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed.expect("closing record")["end"], "quota_exceeded");
+}

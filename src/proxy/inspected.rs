@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -163,7 +163,9 @@ pub(crate) async fn run<S>(
         pool: Pool { first: Mutex::new(Some(upstream)), idle: Mutex::new(Vec::new()) },
         relay: Mutex::new(None),
         counters: counters.clone(),
+        quota_refused: AtomicBool::new(false),
     });
+    let this = tunnel.clone();
     let idle = proxy.config.idle_timeout.0;
     // The tunnel (and its place under max_tunnels) lasts until its upgraded relay, if any, ends too.
     let end = tokio::select! {
@@ -171,6 +173,9 @@ pub(crate) async fn run<S>(
         () = proxy.shutdown.hard_stop.cancelled() => "shutdown",
         () = quiet(&read, &written, idle) => "idle_timeout",
     };
+    // A request refused for the spent quota closed the client's connection after its 429.
+    let end = if this.quota_refused.load(Ordering::Relaxed) { TunnelEnd::QuotaExceeded.as_str() } else { end };
+    drop(this);
     metrics.shaped(counters.shaping_wait());
     // The relay's bytes are in no request's record: the tunnel's metrics count them.
     metrics.bytes_up.inc_by(counters.up.load(Ordering::Relaxed));
@@ -303,6 +308,8 @@ struct Tunnel {
     relay: Mutex<Option<Relay>>,
     /// The tunnel's lease meter, for the relay.
     counters: Arc<Counters>,
+    /// A request was refused `429 quota_exceeded`: the tunnel ends with it.
+    quota_refused: AtomicBool,
 }
 
 impl Tunnel {
@@ -321,6 +328,9 @@ impl Tunnel {
             Ok(response) => response,
             Err((refusal, record)) => {
                 let refusal = self.session.names(refusal);
+                if refusal.code == "quota_exceeded" {
+                    self.quota_refused.store(true, Ordering::Relaxed);
+                }
                 record.refused(&self.proxy, &refusal, method.as_str(), &self.authority.to_string());
                 respond::response(&refusal, wants_json)
             }
@@ -383,6 +393,12 @@ impl Tunnel {
             Some(v) => (v.decision, v.max_body, v.would_deny),
             None => (self.decision.clone(), None, self.would_deny.clone()),
         };
+        // Each inner request is held to the session's byte quotas like a plain-HTTP request (its
+        // request rate is not counted: the tunnel's CONNECT was). A spent quota ends the tunnel.
+        if let Err(spent) = proxy.limiter.check_quota(&self.session.limit_key, &policy.limits).await {
+            let refusal = spent.refusal(crate::credential::now_unix()).in_policy(&policy.name, policy.level.as_str());
+            return Err((refusal.closing(true), record));
+        }
         record.admitted(proxy, req.method(), &self.authority, &decision, would_deny.as_ref(), self.addr);
         let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
