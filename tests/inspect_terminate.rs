@@ -988,3 +988,20 @@ async fn an_inner_request_after_the_quota_is_spent_is_refused_429() {
     }
     assert_eq!(closed.expect("closing record")["end"], "quota_exceeded");
 }
+
+/// Spellings servers decode (`%2F`, `;params`, `\\`, `..;`) are the denied path to a deny rule, and
+/// methods are compared without case, through a real client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_spellings_of_a_denied_path_are_refused_inside_the_tunnel() {
+    let lab = lab("anonymous").await;
+    for path in ["/ok/secret%2Fx", "/ok/secret;x/y", "/ok/x/..;/secret/y", "/ok/secret%5Cx"] {
+        let out = lab.curl(&["--http1.1", "--path-as-is", &lab.url("api.test", path)]).await;
+        assert_eq!(status_line(&out), "HTTP/1.1 403 Forbidden", "{path}: {out:?}");
+        assert!(out.stdout.contains("reason=request_denied"), "{path}: {out:?}");
+    }
+    assert_eq!(lab.api.requests(), 0, "a denied spelling reached the upstream");
+    // `get` is GET to the rules (and the upstream answers it).
+    let out = lab.curl(&["--http1.1", "-X", "get", &lab.url("api.test", "/ok/lower")]).await;
+    assert_ne!(status_line(&out), "HTTP/1.1 403 Forbidden", "{out:?}");
+    assert!(!out.stdout.contains("no_request_rule"), "{out:?}");
+}
