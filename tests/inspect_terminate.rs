@@ -67,13 +67,17 @@ impl PublicCa {
     }
 }
 
-/// An upstream that speaks HTTP/1.1 and HTTP/2 (ALPN), answering `VERSION PATH host=HOST`.
-async fn auto_upstream(cert: &TestCert) -> std::net::SocketAddr {
+/// An upstream that speaks HTTP/1.1 and HTTP/2 (ALPN), answering `VERSION PATH host=HOST`; counts
+/// the connections it accepted.
+async fn auto_upstream(cert: &TestCert) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await else { return };
@@ -91,7 +95,7 @@ async fn auto_upstream(cert: &TestCert) -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// An upstream whose `/ws` switches protocols (101) and then echoes what it reads.
@@ -175,6 +179,8 @@ struct Lab {
     /// Port of the api upstream (and of pass.test, the same server).
     port: u16,
     h2: u16,
+    /// Connections the h2 upstream accepted.
+    h2_accepted: Arc<std::sync::atomic::AtomicUsize>,
     ws: u16,
     bad: [u16; 3],
     /// sluice's CA certificate (what sandboxes trust).
@@ -194,7 +200,7 @@ async fn lab_with(mode: &str, policy_extra: &str, egress_extra: &str) -> Lab {
     let public = PublicCa::new("public");
     let other = PublicCa::new("other");
     let api = Upstream::tls("api", &public.leaf(&["api.test", "pass.test"], false, &[])).await;
-    let h2 = auto_upstream(&public.leaf(&["h2.test"], false, &[b"h2", b"http/1.1"])).await;
+    let (h2, h2_accepted) = auto_upstream(&public.leaf(&["h2.test"], false, &[b"h2", b"http/1.1"])).await;
     let ws = upgrade_upstream(&public.leaf(&["ws.test"], false, &[b"http/1.1"])).await;
     let expired = Upstream::tls("expired", &public.leaf(&["expired.test"], true, &[])).await;
     let wrong = Upstream::tls("wrong", &public.leaf(&["other.test"], false, &[])).await;
@@ -224,6 +230,7 @@ async fn lab_with(mode: &str, policy_extra: &str, egress_extra: &str) -> Lab {
         api,
         port,
         h2: h2.port(),
+        h2_accepted,
         ws: ws.port(),
         bad,
         ca: files.cert,
@@ -1004,4 +1011,19 @@ async fn encoded_spellings_of_a_denied_path_are_refused_inside_the_tunnel() {
     let out = lab.curl(&["--http1.1", "-X", "get", &lab.url("api.test", "/ok/lower")]).await;
     assert_ne!(status_line(&out), "HTTP/1.1 403 Forbidden", "{out:?}");
     assert!(!out.stdout.contains("no_request_rule"), "{out:?}");
+}
+
+/// An HTTP/2 upstream connection serves every request of the tunnel: three sequential requests (the
+/// client speaks HTTP/1.1 to sluice) take the one connection verified before the `200`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstream_connection_is_reused_for_the_tunnels_requests() {
+    let lab = lab("anonymous").await;
+    let urls: Vec<String> = (1..=3).map(|i| format!("https://h2.test:{}/n{i}", lab.h2)).collect();
+    let out = lab.curl(&["--http1.1", &urls[0], &urls[1], &urls[2]]).await;
+    for i in 1..=3 {
+        assert!(out.stdout.contains(&format!("HTTP/2.0 /n{i} host=h2.test:")), "{out:?}");
+    }
+    let tunnels = lab.all_records().iter().filter(|v| v["event"] == "decision" && v["method"] == "CONNECT").count();
+    assert_eq!(tunnels, 1, "curl used one tunnel");
+    assert_eq!(lab.h2_accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one upstream connection");
 }

@@ -576,7 +576,7 @@ impl Pool {
     async fn take(&self, tunnel: &Tunnel) -> Result<Sender, Refusal> {
         let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(stream) = first {
-            return start(&tunnel.proxy, stream).await;
+            return start(&tunnel.proxy, stream).await.map(|s| self.share(s));
         }
         loop {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -591,7 +591,15 @@ impl Pool {
                 None => break,
             }
         }
-        self.dial(tunnel, false).await
+        self.dial(tunnel, false).await.map(|s| self.share(s))
+    }
+
+    /// An HTTP/2 connection serves the tunnel's other requests too: a clone of it stays in the pool.
+    fn share(&self, sender: Sender) -> Sender {
+        if let Sender::H2(s) = &sender {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(Sender::H2(s.clone()));
+        }
+        sender
     }
 
     /// A new upstream connection to the tunnel's address, verified like the first.
