@@ -1027,3 +1027,91 @@ async fn an_h2_upstream_connection_is_reused_for_the_tunnels_requests() {
     assert_eq!(tunnels, 1, "curl used one tunnel");
     assert_eq!(lab.h2_accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one upstream connection");
 }
+
+/// An HTTP/1.1 upstream that answers each request after `delay`; counts connections accepted and the
+/// most requests it held at once.
+async fn slow_upstream(
+    cert: &TestCert,
+    delay: Duration,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let (accepted, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, m) = (accepted.clone(), most.clone());
+    let now = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            a.fetch_add(1, SeqCst);
+            let (acceptor, m, now) = (acceptor.clone(), m.clone(), now.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await else { return };
+                let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let (m, now) = (m.clone(), now.clone());
+                    async move {
+                        let held = now.fetch_add(1, SeqCst) + 1;
+                        m.fetch_max(held, SeqCst);
+                        tokio::time::sleep(delay).await;
+                        now.fetch_sub(1, SeqCst);
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"slow\n"))))
+                    }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                let _ = conn.await;
+            });
+        }
+    });
+    (addr, accepted, most)
+}
+
+/// One tunnel holds at most 8 upstream connections: 20 concurrent HTTP/2 streams to an HTTP/1.1
+/// upstream all get their answer, over no more than 8 connections (the rest wait for one to free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnels_upstream_connections_are_capped() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let public = PublicCa::new("public");
+    let (addr, accepted, most) =
+        slow_upstream(&public.leaf(&["slow.test"], false, &[b"http/1.1"]), Duration::from_millis(400)).await;
+    let dir = TempDir::new("terminate-cap");
+    let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n[resolver]\nhosts = {{ \"slow.test\" = [\"127.0.0.1\"] }}\n\
+         [inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{public_pem:?}]\n",
+        files.cert, files.key
+    );
+    let policy = format!(
+        "version = 1\nname = \"lab\"\nlevel = \"custom\"\ninspect = \"all\"\nallow = [\"slow.test:{}\"]\nallow_ips = [\"127.0.0.0/8\"]\n",
+        addr.port()
+    );
+    let ca = files.cert.clone();
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    let authority = format!("slow.test:{}", addr.port());
+    let tls = tunnel_tls(proxy.addr, &authority, "slow.test", &ca, &[b"h2"]).await.expect("tunnel");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut asks = Vec::new();
+    for i in 0..20 {
+        let mut sender = sender.clone();
+        let uri = format!("https://{authority}/c{i}");
+        asks.push(tokio::spawn(async move {
+            let req = Request::get(uri).body(Empty::<Bytes>::new()).expect("request");
+            let resp = within(STEP, "h2 request", sender.send_request(req)).await.expect("h2 response");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, body)
+        }));
+    }
+    for ask in asks {
+        let (status, body) = ask.await.expect("task");
+        assert_eq!((status, &body[..]), (200, &b"slow\n"[..]));
+    }
+    let (accepted, most) = (accepted.load(SeqCst), most.load(SeqCst));
+    assert!(accepted <= 8, "{accepted} upstream connections for one tunnel");
+    assert!((2..=8).contains(&most), "the upstream held {most} requests at once");
+}

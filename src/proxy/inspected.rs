@@ -24,6 +24,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::client::TlsStream;
 
 use super::admit::{Admission, WouldDeny};
@@ -41,6 +42,13 @@ use crate::tls;
 
 /// Concurrent HTTP/2 streams a client may open in one terminated tunnel.
 const MAX_STREAMS: u32 = 100;
+
+/// Upstream connections one terminated tunnel may hold at once; a request that finds them all busy
+/// waits (up to `connect_timeout`) for one to come back.
+pub(crate) const MAX_UPSTREAM: usize = 8;
+
+/// What an HTTP/2 upstream connection buffers per stream for sending (hyper's default is 1 MiB).
+const H2_SEND_BUF: usize = 64 * 1024;
 
 /// What the server holds to terminate tunnels: the leaves, the client-facing config, and the
 /// upstream leg's configs (web PKI plus `extra_roots`).
@@ -160,7 +168,7 @@ pub(crate) async fn run<S>(
         would_deny,
         addr,
         peer,
-        pool: Pool { first: Mutex::new(Some(upstream)), idle: Mutex::new(Vec::new()) },
+        pool: Pool::new(upstream),
         relay: Mutex::new(None),
         counters: counters.clone(),
         quota_refused: AtomicBool::new(false),
@@ -345,6 +353,7 @@ impl Tunnel {
         self.proxy.shutdown.spawn(async move {
             if s.ready().await.is_ok() {
                 tunnel.pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(Sender::H1(s));
+                tunnel.pool.freed.notify_one();
             }
         });
     }
@@ -450,7 +459,16 @@ impl Tunnel {
             Ok(uri) => uri,
             Err(_) => return Err((Refusal::bad_request(format!("bad request target {path:?}")), record)),
         };
-        let result = sender.send(Request::from_parts(parts, counted)).await;
+        // A response head that never comes is bounded like a silent tunnel: by the idle timeout.
+        let wait = proxy.config.idle_timeout.0;
+        let result = match tokio::time::timeout(wait, sender.send(Request::from_parts(parts, counted))).await {
+            Ok(result) => result,
+            Err(_) => {
+                let message =
+                    format!("{} sent no response head within {}s (idle_timeout)", self.authority, wait.as_secs());
+                return Err((Refusal::unreachable("upstream_timeout", true, message), record));
+            }
+        };
         if !upgrade {
             self.give_back(sender);
         }
@@ -566,32 +584,63 @@ impl Sender {
 
 /// A tunnel's upstream connections: the one verified before the `200`, then whatever was handed back
 /// (an HTTP/2 connection is shared; an HTTP/1.1 one serves one request at a time). When none is free
-/// or the upstream closed them, another is dialled to the tunnel's checked address and verified again.
+/// or the upstream closed them, another is dialled to the tunnel's checked address and verified again,
+/// up to [`MAX_UPSTREAM`] live connections (each holds a slot until its connection task ends).
 struct Pool {
     first: Mutex<Option<TlsStream<TcpStream>>>,
     idle: Mutex<Vec<Sender>>,
+    slots: Arc<Semaphore>,
+    /// Told when a connection comes back to `idle`.
+    freed: Notify,
 }
 
 impl Pool {
-    async fn take(&self, tunnel: &Tunnel) -> Result<Sender, Refusal> {
-        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(stream) = first {
-            return start(&tunnel.proxy, stream).await.map(|s| self.share(s));
+    fn new(first: TlsStream<TcpStream>) -> Pool {
+        Pool {
+            first: Mutex::new(Some(first)),
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(MAX_UPSTREAM)),
+            freed: Notify::new(),
         }
+    }
+
+    /// A free connection from the pool (an HTTP/2 one stays there too).
+    fn idle_sender(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             match idle.pop() {
                 Some(s) if s.is_closed() => continue,
                 Some(Sender::H2(s)) => {
                     // Shared: it stays in the pool for the tunnel's other requests.
                     idle.push(Sender::H2(s.clone()));
-                    return Ok(Sender::H2(s));
+                    return Some(Sender::H2(s));
                 }
-                Some(s) => return Ok(s),
-                None => break,
+                other => return other,
             }
         }
-        self.dial(tunnel, false).await.map(|s| self.share(s))
+    }
+
+    async fn take(&self, tunnel: &Tunnel) -> Result<Sender, Refusal> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(stream) = first {
+            let slot = self.slot(tunnel).await?;
+            return start(&tunnel.proxy, stream, slot).await.map(|s| self.share(s));
+        }
+        let deadline = tokio::time::Instant::now() + tunnel.proxy.config.connect_timeout.0;
+        loop {
+            if let Some(s) = self.idle_sender() {
+                return Ok(s);
+            }
+            let freed = self.freed.notified();
+            tokio::select! {
+                slot = self.slots.clone().acquire_owned() => {
+                    let slot = slot.map_err(|_| busy(tunnel))?;
+                    return self.dial_in(tunnel, false, slot).await.map(|s| self.share(s));
+                }
+                () = freed => {}
+                () = tokio::time::sleep_until(deadline) => return Err(busy(tunnel)),
+            }
+        }
     }
 
     /// An HTTP/2 connection serves the tunnel's other requests too: a clone of it stays in the pool.
@@ -602,8 +651,21 @@ impl Pool {
         sender
     }
 
+    /// A slot for a new connection, waiting up to `connect_timeout` for one.
+    async fn slot(&self, tunnel: &Tunnel) -> Result<OwnedSemaphorePermit, Refusal> {
+        match tokio::time::timeout(tunnel.proxy.config.connect_timeout.0, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(busy(tunnel)),
+        }
+    }
+
     /// A new upstream connection to the tunnel's address, verified like the first.
     async fn dial(&self, tunnel: &Tunnel, upgrade: bool) -> Result<Sender, Refusal> {
+        let slot = self.slot(tunnel).await?;
+        self.dial_in(tunnel, upgrade, slot).await
+    }
+
+    async fn dial_in(&self, tunnel: &Tunnel, upgrade: bool, slot: OwnedSemaphorePermit) -> Result<Sender, Refusal> {
         let wait = tunnel.proxy.config.connect_timeout.0;
         let stream = match tokio::time::timeout(wait, TcpStream::connect(tunnel.addr)).await {
             Ok(Ok(s)) => s,
@@ -625,27 +687,44 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let config = if upgrade { tunnel.terminator.client_h1.clone() } else { tunnel.terminator.client.clone() };
         let tls = handshake(config, &tunnel.authority, stream, wait).await?;
-        start(&tunnel.proxy, tls).await
+        start(&tunnel.proxy, tls, slot).await
     }
 }
 
-/// The HTTP handshake on a verified upstream connection, per its ALPN.
-async fn start(proxy: &EgressProxy, tls: TlsStream<TcpStream>) -> Result<Sender, Refusal> {
+/// Every upstream connection of the tunnel is busy, and stayed so for `connect_timeout`: `504`.
+fn busy(tunnel: &Tunnel) -> Refusal {
+    Refusal::unreachable(
+        "upstream_busy",
+        true,
+        format!(
+            "all {MAX_UPSTREAM} upstream connections of the tunnel to {} stayed busy for {}s",
+            tunnel.authority,
+            tunnel.proxy.config.connect_timeout.0.as_secs()
+        ),
+    )
+}
+
+/// The HTTP handshake on a verified upstream connection, per its ALPN; its connection task holds
+/// the pool's `slot` until the connection ends.
+async fn start(proxy: &EgressProxy, tls: TlsStream<TcpStream>, slot: OwnedSemaphorePermit) -> Result<Sender, Refusal> {
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let failed = |e: hyper::Error| Refusal::bad_upstream(format!("the upstream failed the HTTP handshake: {e}"));
     if h2 {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_send_buf_size(H2_SEND_BUF)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(failed)?;
         proxy.shutdown.spawn(async move {
+            let _slot = slot;
             let _ = conn.await;
         });
         Ok(Sender::H2(sender))
     } else {
         let (sender, conn) = http1::handshake(TokioIo::new(tls)).await.map_err(failed)?;
         proxy.shutdown.spawn(async move {
+            let _slot = slot;
             let _ = conn.with_upgrades().await;
         });
         Ok(Sender::H1(sender))
