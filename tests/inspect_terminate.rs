@@ -1115,3 +1115,23 @@ async fn a_tunnels_upstream_connections_are_capped() {
     assert!(accepted <= 8, "{accepted} upstream connections for one tunnel");
     assert!((2..=8).contains(&most), "the upstream held {most} requests at once");
 }
+
+/// A CONNECT inside a terminated tunnel (to the same host or another) is answered `405` and never
+/// forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_inside_a_terminated_tunnel_is_405() {
+    let lab = lab("anonymous").await;
+    let authority = format!("api.test:{}", lab.port);
+    for target in [authority.clone(), "evil.test:443".to_string()] {
+        let mut tls =
+            tunnel_tls(lab.proxy.addr, &authority, "api.test", &lab.ca, &[b"http/1.1"]).await.expect("tunnel");
+        let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        tls.write_all(head.as_bytes()).await.expect("send");
+        let text = read_head(&mut tls).await;
+        assert!(text.starts_with("http/1.1 405"), "{target}: {text}");
+        assert!(text.contains("reason=method_not_allowed"), "{target}: {text}");
+    }
+    assert_eq!(lab.api.requests(), 0);
+    let records = lab.inspected(2).await;
+    assert!(records.iter().all(|r| r["method"] == "CONNECT" && r["status"] == 405), "{records:#?}");
+}

@@ -385,6 +385,9 @@ impl Tunnel {
         mut req: Request<Incoming>,
         mut record: Record,
     ) -> Result<Response<ProxyBody>, (Refusal, Record)> {
+        if req.method() == Method::CONNECT || req.method().as_str() == "PRI" {
+            return Err((Refusal::method_not_allowed(&self.authority, req.method().as_str()), record));
+        }
         if let Err(refusal) = self.fronting(&req) {
             return Err((refusal, record));
         }
