@@ -411,7 +411,7 @@ impl Tunnel {
             let refusal = spent.refusal(crate::credential::now_unix()).in_policy(&policy.name, policy.level.as_str());
             return Err((refusal.closing(true), record));
         }
-        record.admitted(proxy, req.method(), &self.authority, &decision, would_deny.as_ref(), self.addr);
+        let method = req.method().clone();
         let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let meter = proxy.limiter.meter(&self.session.limit_key, &policy.limits);
@@ -434,12 +434,11 @@ impl Tunnel {
             Ok(s) => s,
             Err(refusal) => return Err((refusal, record)),
         };
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         let host = match self.authority.port {
             443 => self.authority.target.to_authority_host(),
             p => format!("{}:{p}", self.authority.target.to_authority_host()),
         };
-        let target = match &sender {
+        let h2 = match &sender {
             Sender::H1(_) => {
                 parts.version = Version::HTTP_11;
                 match HeaderValue::from_str(&host) {
@@ -450,17 +449,17 @@ impl Tunnel {
                     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                     parts.headers.insert(header::UPGRADE, p.clone());
                 }
-                path.parse::<Uri>()
+                false
             }
             Sender::H2(_) => {
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
-                format!("https://{host}{path}").parse::<Uri>()
+                true
             }
         };
-        parts.uri = match target {
+        parts.uri = match upstream_uri(h2, &host, &parts.uri) {
             Ok(uri) => uri,
-            Err(_) => return Err((Refusal::bad_request(format!("bad request target {path:?}")), record)),
+            Err(refusal) => return Err((refusal, record)),
         };
         // A response head that never comes is bounded like a silent tunnel: by the idle timeout.
         let wait = proxy.config.idle_timeout.0;
@@ -482,6 +481,9 @@ impl Tunnel {
                 return Err((refusal, record));
             }
         };
+        // Only now is the request allowed for good: a failed dial or a body cut at max_body writes
+        // its refusal line alone.
+        record.admitted(proxy, &method, &self.authority, &decision, would_deny.as_ref(), self.addr);
         let switched = upgrade && response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switched && let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -518,6 +520,14 @@ impl Tunnel {
         let body = Finished { inner: Shaped::new(body, budget, Direction::Down), received: 0, finish };
         Ok(Response::from_parts(parts, body.boxed()))
     }
+}
+
+/// The target an inner request is sent upstream with: origin-form for HTTP/1.1, absolute for HTTP/2.
+/// A refusal names the path alone: a query string may carry secrets, and refusals are logged.
+fn upstream_uri(h2: bool, host: &str, uri: &Uri) -> Result<Uri, Refusal> {
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let parsed = if h2 { format!("https://{host}{path_and_query}").parse() } else { path_and_query.parse() };
+    parsed.map_err(|_| Refusal::bad_request(format!("bad request target {:?}", uri.path())))
 }
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
@@ -793,5 +803,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_upstream_target_is_named_by_its_path_without_the_query() {
+        let uri: Uri = "/v1/x?token=secret".parse().expect("uri");
+        assert_eq!(upstream_uri(false, "api.test", &uri).expect("h1").to_string(), "/v1/x?token=secret");
+        assert_eq!(
+            upstream_uri(true, "api.test:8443", &uri).expect("h2").to_string(),
+            "https://api.test:8443/v1/x?token=secret"
+        );
+        let refusal = upstream_uri(true, "bad host", &uri).expect_err("a host with a space");
+        assert_eq!(refusal.message, "bad request target \"/v1/x\"");
+        assert!(!refusal.message.contains("secret"));
     }
 }
