@@ -67,8 +67,8 @@ impl PublicCa {
     }
 }
 
-/// An upstream that speaks HTTP/1.1 and HTTP/2 (ALPN), answering `VERSION PATH host=HOST`; counts
-/// the connections it accepted.
+/// An upstream that speaks HTTP/1.1 and HTTP/2 (ALPN), answering `VERSION PATH host=HOST` (and `/te`
+/// with the `te` header it got); counts the connections it accepted.
 async fn auto_upstream(cert: &TestCert) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -87,7 +87,12 @@ async fn auto_upstream(cert: &TestCert) -> (std::net::SocketAddr, Arc<std::sync:
                         .authority()
                         .map(|a| a.to_string())
                         .or_else(|| req.headers().get("host").and_then(|h| h.to_str().ok()).map(str::to_string));
-                    let text = format!("{:?} {} host={}\n", req.version(), req.uri().path(), host.unwrap_or_default());
+                    let mut text =
+                        format!("{:?} {} host={}\n", req.version(), req.uri().path(), host.unwrap_or_default());
+                    if req.uri().path() == "/te" {
+                        let te = req.headers().get("te").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        text = format!("te={te}\n");
+                    }
                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(text))))
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -1135,4 +1140,24 @@ async fn a_connect_inside_a_terminated_tunnel_is_405() {
     assert_eq!(lab.api.requests(), 0);
     let records = lab.inspected(2).await;
     assert!(records.iter().all(|r| r["method"] == "CONNECT" && r["status"] == 405), "{records:#?}");
+}
+
+/// `te: trailers` (gRPC) passes when both legs are HTTP/2, and no other TE ever does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_trailers_passes_when_both_legs_are_h2() {
+    let lab = lab("anonymous").await;
+    let authority = format!("h2.test:{}", lab.h2);
+    let tls = tunnel_tls(lab.proxy.addr, &authority, "h2.test", &lab.ca, &[b"h2"]).await.expect("tunnel");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::get(format!("https://{authority}/te")).header("te", "trailers").body(Empty::<Bytes>::new());
+    let resp = within(STEP, "h2 request", sender.send_request(req.expect("request"))).await.expect("response");
+    let got = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&got[..], b"te=trailers\n");
+    // An HTTP/1.1 client's TE is hop-by-hop: stripped.
+    let out = lab.curl(&["--http1.1", "-H", "TE: trailers", &format!("https://{authority}/te")]).await;
+    assert_eq!(body(&out), "te=\n", "{out:?}");
 }

@@ -418,6 +418,10 @@ impl Tunnel {
         let budget = meter.budget().cloned();
         let (mut parts, body) = req.into_parts();
         let protocol = parts.headers.get(header::UPGRADE).cloned();
+        // gRPC's `te: trailers` is the one TE an HTTP/2 request may carry (RFC 9113 §8.2.2): kept when
+        // the upstream leg is HTTP/2 too.
+        let te_trailers = parts.version == Version::HTTP_2
+            && parts.headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
         // Only meaningful with an h2c upgrade, which never passes.
         parts.headers.remove("http2-settings");
@@ -454,6 +458,9 @@ impl Tunnel {
             Sender::H2(_) => {
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
+                if te_trailers {
+                    parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                }
                 true
             }
         };
