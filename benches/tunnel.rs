@@ -838,22 +838,36 @@ async fn request_rate(setup: &Arc<InspectSetup>, proxy: SocketAddr, reach: Reach
     for _ in 0..64 {
         let setup = setup.clone();
         tasks.push(tokio::spawn(async move {
-            let mut done = 0u64;
+            let (mut done, mut failed) = (0u64, 0u64);
             let mut sender = None;
             while Instant::now() < deadline {
-                if sender.is_none() || fresh {
-                    sender = Some(open_http(&setup, proxy, reach).await.expect("open a bench connection"));
+                // Bounded: a request that does not finish within 10 s past the deadline counts as failed.
+                let one = tokio::time::timeout_at((deadline + Duration::from_secs(10)).into(), async {
+                    if sender.is_none() || fresh {
+                        sender = Some(open_http(&setup, proxy, reach).await?);
+                    }
+                    let Some(s) = sender.as_mut() else { return Err(std::io::Error::other("no connection")) };
+                    exchange(s, request(&setup, reach, "/x")).await
+                });
+                match one.await {
+                    Ok(Ok(_)) => done += 1,
+                    _ => {
+                        failed += 1;
+                        sender = None;
+                    }
                 }
-                let Some(s) = sender.as_mut() else { break };
-                exchange(s, request(&setup, reach, "/x")).await.expect("a bench request");
-                done += 1;
             }
-            done
+            (done, failed)
         }));
     }
-    let mut total = 0u64;
+    let (mut total, mut failed) = (0u64, 0u64);
     for t in tasks {
-        total += t.await.expect("rate task");
+        let (d, f) = t.await.expect("rate task");
+        total += d;
+        failed += f;
+    }
+    if failed > 0 {
+        eprintln!("request_rate: {failed} request(s) failed or timed out (not counted)");
     }
     total as f64 / start.elapsed().as_secs_f64()
 }
@@ -863,8 +877,16 @@ async fn request_throughput(setup: &InspectSetup, proxy: SocketAddr, reach: Reac
     let mut sender = open_http(setup, proxy, reach).await.expect("open a throughput connection");
     let start = Instant::now();
     let mut bytes = 0u64;
+    let limit = start + secs + Duration::from_secs(30);
     while start.elapsed() < secs {
-        bytes += exchange(&mut sender, request(setup, reach, "/bytes/268435456")).await.expect("download");
+        let download = exchange(&mut sender, request(setup, reach, "/bytes/268435456"));
+        match tokio::time::timeout_at(limit.into(), download).await {
+            Ok(Ok(n)) => bytes += n,
+            _ => {
+                eprintln!("request_throughput: a download failed or timed out");
+                return f64::NAN;
+            }
+        }
     }
     bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
@@ -875,9 +897,12 @@ async fn inspected_rss(setup: &Arc<InspectSetup>, proxy: SocketAddr, pid: u32, n
     let before = rss_kib(pid)?;
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut s = open_http(setup, proxy, Reach::Inspected).await.ok()?;
-        exchange(&mut s, request(setup, Reach::Inspected, "/x")).await.ok()?;
-        held.push(s);
+        let one = async {
+            let mut s = open_http(setup, proxy, Reach::Inspected).await?;
+            exchange(&mut s, request(setup, Reach::Inspected, "/x")).await?;
+            std::io::Result::Ok(s)
+        };
+        held.push(tokio::time::timeout(Duration::from_secs(10), one).await.ok()?.ok()?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid)?;

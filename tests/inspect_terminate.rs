@@ -1161,3 +1161,52 @@ async fn te_trailers_passes_when_both_legs_are_h2() {
     let out = lab.curl(&["--http1.1", "-H", "TE: trailers", &format!("https://{authority}/te")]).await;
     assert_eq!(body(&out), "te=\n", "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_inside_a_terminated_tunnel_count_against_the_session_rate() {
+    let public = PublicCa::new("public");
+    let api = Upstream::tls("api", &public.leaf(&["api.test"], false, &[])).await;
+    let dir = TempDir::new("terminate-rate");
+    let files = sluice::inspect::ca::init(&dir.path().join("ca")).expect("ca init");
+    let public_pem = dir.write("public.pem", &public.pem);
+    let config = format!(
+        "[egress]\npolicy = \"lab\"\n[resolver]\nhosts = {{ \"api.test\" = [\"127.0.0.1\"] }}\n\
+         [inspect]\nca_cert = {:?}\nca_key = {:?}\nextra_roots = [{public_pem:?}]\n",
+        files.cert, files.key
+    );
+    // A burst of 2 at 1 per 1000 s: the CONNECT takes one, the first inner request the other.
+    let policy = format!(
+        "version = 1\nname = \"lab\"\nlevel = \"custom\"\nallow = [\"api.test:{}\"]\nallow_ips = [\"127.0.0.0/8\"]\n\
+         [limits]\nrequests_per_second = 0.001\nburst = 2\n\
+         [[requests]]\nhosts = [\"api.test\"]\nmethods = [\"GET\"]\naction = \"allow\"\n",
+        api.port()
+    );
+    let ca = files.cert.clone();
+    let proxy = Proxy::start_recorded(dir, &config, &[("lab.toml", &policy)]).await;
+    let authority = format!("api.test:{}", api.port());
+    let mut tls = tunnel_tls(proxy.addr, &authority, "api.test", &ca, &[b"http/1.1"]).await.expect("tunnel");
+    let mut answers = Vec::new();
+    for path in ["/one", "/two"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        tls.write_all(req.as_bytes()).await.expect("send");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let n = within(STEP, "answer", tls.read(&mut byte)).await.expect("read");
+            assert_eq!(n, 1, "closed: {}", String::from_utf8_lossy(&head));
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        within(STEP, "body", tls.read_exact(&mut body)).await.expect("body");
+        answers.push(head);
+    }
+    assert!(answers[0].starts_with("HTTP/1.1 200"), "{}", answers[0]);
+    assert!(answers[1].starts_with("HTTP/1.1 429"), "{}", answers[1]);
+    assert!(answers[1].to_ascii_lowercase().contains("retry-after:"), "{}", answers[1]);
+    assert_eq!(api.requests(), 1, "the refused request never went upstream");
+}

@@ -405,11 +405,11 @@ impl Tunnel {
             Some(v) => (v.decision, v.max_body, v.would_deny),
             None => (self.decision.clone(), None, self.would_deny.clone()),
         };
-        // Each inner request is held to the session's byte quotas like a plain-HTTP request (its
-        // request rate is not counted: the tunnel's CONNECT was). A spent quota ends the tunnel.
-        if let Err(spent) = proxy.limiter.check_quota(&self.session.limit_key, &policy.limits).await {
-            let refusal = spent.refusal(crate::credential::now_unix()).in_policy(&policy.name, policy.level.as_str());
-            return Err((refusal.closing(true), record));
+        // Each inner request passes the session's request rate and byte quotas, as a plain-HTTP
+        // request does. A spent quota also ends the tunnel (the refusal closes the connection).
+        if let Err(refusal) = proxy.limit_request(&self.session).await {
+            let closing = refusal.code == "quota_exceeded";
+            return Err((refusal.closing(closing), record));
         }
         let method = req.method().clone();
         let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
