@@ -25,7 +25,11 @@
 //!   rows above stay on the spliced path) and sluice an `[inspect]` CA. Rows: keep-alive requests/s at
 //!   64 concurrent through an inspected tunnel, against plain-HTTP forwarded requests through sluice and
 //!   direct TLS; new inspected tunnels/s (handshake, one request, close); one inspected tunnel's
-//!   throughput; RSS per open inspected tunnel. Peers (squid ssl_bump, mitmproxy) are not wired in.
+//!   throughput; RSS per open inspected tunnel. With `SLUICE_BENCH_SQUID=1` as well, the same rows run
+//!   through Debian's `squid-openssl` (`ssl_bump bump all`, the same CA, the same upstream trust), started
+//!   by the bench as a child (`/usr/sbin/squid`; its cert helper processes are not in its RSS). With
+//!   `SLUICE_BENCH_MITMDUMP=/path/to/mitmdump`, through mitmproxy too (same CA, `ssl_verify_upstream_trusted_ca`,
+//!   an addon that sends every upstream connection to 127.0.0.1).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -670,7 +674,27 @@ fn main() {
     report(&settings, &samples, sluice.as_ref(), haproxy.is_some());
     if let Some(setup) = &inspect_setup {
         let rows = runtime.block_on(inspected_rows(setup, proxy_addr, pid, &settings));
-        rows.report(&settings);
+        rows.report(&settings, "sluice");
+        if env_or("SLUICE_BENCH_SQUID", 0u8) == 1 {
+            match start_squid(setup) {
+                Ok(squid) => {
+                    let peer = runtime.block_on(inspected_rows(setup, squid.addr, Some(squid.child.id()), &settings));
+                    peer.report(&settings, "squid ssl_bump");
+                    rows.against(&peer, "squid");
+                }
+                Err(e) => eprintln!("squid: not measured: {e}"),
+            }
+        }
+        if let Ok(bin) = std::env::var("SLUICE_BENCH_MITMDUMP") {
+            match start_mitmdump(setup, &bin) {
+                Ok(peer) => {
+                    let m = runtime.block_on(inspected_rows(setup, peer.addr, Some(peer.child.id()), &settings));
+                    m.report(&settings, "mitmproxy");
+                    rows.against(&m, "mitmproxy");
+                }
+                Err(e) => eprintln!("mitmproxy: not measured: {e}"),
+            }
+        }
     }
 }
 
@@ -1053,22 +1077,36 @@ async fn request_rate(setup: &Arc<InspectSetup>, proxy: SocketAddr, reach: Reach
     for _ in 0..64 {
         let setup = setup.clone();
         tasks.push(tokio::spawn(async move {
-            let mut done = 0u64;
+            let (mut done, mut failed) = (0u64, 0u64);
             let mut sender = None;
             while Instant::now() < deadline {
-                if sender.is_none() || fresh {
-                    sender = Some(open_http(&setup, proxy, reach).await.expect("open a bench connection"));
+                // Bounded: a request that does not finish within 10 s past the deadline counts as failed.
+                let one = tokio::time::timeout_at((deadline + Duration::from_secs(10)).into(), async {
+                    if sender.is_none() || fresh {
+                        sender = Some(open_http(&setup, proxy, reach).await?);
+                    }
+                    let Some(s) = sender.as_mut() else { return Err(std::io::Error::other("no connection")) };
+                    exchange(s, request(&setup, reach, "/x")).await
+                });
+                match one.await {
+                    Ok(Ok(_)) => done += 1,
+                    _ => {
+                        failed += 1;
+                        sender = None;
+                    }
                 }
-                let Some(s) = sender.as_mut() else { break };
-                exchange(s, request(&setup, reach, "/x")).await.expect("a bench request");
-                done += 1;
             }
-            done
+            (done, failed)
         }));
     }
-    let mut total = 0u64;
+    let (mut total, mut failed) = (0u64, 0u64);
     for t in tasks {
-        total += t.await.expect("rate task");
+        let (d, f) = t.await.expect("rate task");
+        total += d;
+        failed += f;
+    }
+    if failed > 0 {
+        eprintln!("request_rate: {failed} request(s) failed or timed out (not counted)");
     }
     total as f64 / start.elapsed().as_secs_f64()
 }
@@ -1078,8 +1116,16 @@ async fn request_throughput(setup: &InspectSetup, proxy: SocketAddr, reach: Reac
     let mut sender = open_http(setup, proxy, reach).await.expect("open a throughput connection");
     let start = Instant::now();
     let mut bytes = 0u64;
+    let limit = start + secs + Duration::from_secs(30);
     while start.elapsed() < secs {
-        bytes += exchange(&mut sender, request(setup, reach, "/bytes/268435456")).await.expect("download");
+        let download = exchange(&mut sender, request(setup, reach, "/bytes/268435456"));
+        match tokio::time::timeout_at(limit.into(), download).await {
+            Ok(Ok(n)) => bytes += n,
+            _ => {
+                eprintln!("request_throughput: a download failed or timed out");
+                return f64::NAN;
+            }
+        }
     }
     bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
@@ -1090,13 +1136,16 @@ async fn inspected_rss(setup: &Arc<InspectSetup>, proxy: SocketAddr, pid: u32, n
     let before = rss_kib(pid)?;
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut s = open_http(setup, proxy, Reach::Inspected).await.ok()?;
-        exchange(&mut s, request(setup, Reach::Inspected, "/x")).await.ok()?;
-        held.push(s);
+        let one = async {
+            let mut s = open_http(setup, proxy, Reach::Inspected).await?;
+            exchange(&mut s, request(setup, Reach::Inspected, "/x")).await?;
+            std::io::Result::Ok(s)
+        };
+        held.push(tokio::time::timeout(Duration::from_secs(10), one).await.ok()?.ok()?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid)?;
-    eprintln!("inspected: {n} open tunnels, sluice RSS {before} KiB → {after} KiB");
+    eprintln!("inspected: {n} open tunnels, proxy RSS {before} KiB → {after} KiB");
     drop(held);
     Some(after.saturating_sub(before) as f64 / n.max(1) as f64)
 }
@@ -1136,16 +1185,36 @@ async fn inspected_rows(setup: &Arc<InspectSetup>, proxy: SocketAddr, pid: Optio
 }
 
 impl InspectedRows {
-    fn report(&self, s: &Settings) {
+    /// sluice's figures over a peer's, row by row.
+    fn against(&self, peer: &InspectedRows, name: &str) {
+        let med = |v: &Vec<f64>| median(v.clone());
+        println!();
+        println!("| inspected figure | sluice | {name} | sluice / {name} |");
+        println!("|---|---:|---:|---:|");
+        let rows = [
+            ("keep-alive requests/s", &self.keepalive, &peer.keepalive),
+            ("new tunnels/s", &self.fresh, &peer.fresh),
+            ("one tunnel's throughput (Gbit/s)", &self.thr, &peer.thr),
+            ("plain-HTTP forwarded requests/s", &self.forwarded, &peer.forwarded),
+        ];
+        for (row, a, b) in rows {
+            let (a, b) = (med(a), med(b));
+            println!("| {row} | {a:.2} | {b:.2} | {:.2}× |", a / b);
+        }
+        let rss = |r: Option<f64>| r.map_or_else(|| "n/a".to_string(), |k| format!("{k:.1} KiB"));
+        println!("| RSS per open inspected tunnel | {} | {} | — |", rss(self.rss_kib), rss(peer.rss_kib));
+    }
+
+    fn report(&self, s: &Settings, name: &str) {
         let med = |v: &Vec<f64>| median(v.clone());
         println!();
         println!(
-            "inspected bench (TLS termination): {} round(s) of {:.1}s, median, 64 concurrent",
+            "inspected bench (TLS termination) through {name}: {} round(s) of {:.1}s, median, 64 concurrent",
             s.rounds,
             s.secs.as_secs_f64()
         );
         println!();
-        println!("| figure | direct TLS | inspected via sluice | inspected / direct |");
+        println!("| figure | direct TLS | inspected via {name} | inspected / direct |");
         println!("|---|---:|---:|---:|");
         let rows = [
             ("keep-alive requests/s (HTTP/1.1)", &self.direct, &self.keepalive, 0),
@@ -1159,10 +1228,118 @@ impl InspectedRows {
         let (k, f) = (med(&self.keepalive), med(&self.forwarded));
         println!();
         println!(
-            "plain-HTTP forwarded keep-alive requests/s via sluice: {f:.0}; an inspected request costs {:.2}× a forwarded one (target ≤ 1.5×)",
+            "plain-HTTP forwarded keep-alive requests/s via {name}: {f:.0}; an inspected request costs {:.2}× a forwarded one (target ≤ 1.5×)",
             f / k
         );
         let rss = self.rss_kib.map_or_else(|| "n/a".to_string(), |k| format!("{k:.1} KiB"));
-        println!("sluice RSS per open inspected tunnel (after one request): {rss}");
+        println!("{name} RSS per open inspected tunnel (after one request): {rss}");
     }
+}
+
+/// A squid-openssl child doing `ssl_bump bump all` with the setup's CA and upstream trust.
+struct Squid {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_squid(setup: &InspectSetup) -> Result<Squid, String> {
+    let dir = setup.dir.join("squid");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    for (from, to) in [(&setup.ca_cert, "ca.pem"), (&setup.ca_key, "ca.key"), (&setup.public_pem, "public.pem")] {
+        std::fs::copy(from, dir.join(to)).map_err(|e| format!("{}: {e}", from.display()))?;
+    }
+    std::fs::write(dir.join("hosts"), "127.0.0.1 inspect.test plain.test\n").map_err(|e| e.to_string())?;
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let certgen = "/usr/lib/squid/security_file_certgen";
+    let db = dir.join("ssl_db");
+    let made = Command::new(certgen).args(["-c", "-s"]).arg(&db).args(["-M", "64MB"]).output();
+    if !made.as_ref().is_ok_and(|o| o.status.success()) {
+        return Err(format!("{certgen} -c failed (is squid-openssl installed?): {made:?}"));
+    }
+    let d = dir.display();
+    let conf = format!(
+        "http_port 127.0.0.1:{port} ssl-bump tls-cert={d}/ca.pem tls-key={d}/ca.key generate-host-certificates=on dynamic_cert_mem_cache_size=64MB\n\
+         sslcrtd_program {certgen} -s {d}/ssl_db -M 64MB\nsslcrtd_children 8 startup=2 idle=1\n\
+         acl step1 at_step SslBump1\nssl_bump peek step1\nssl_bump bump all\n\
+         tls_outgoing_options cafile={d}/public.pem\nsslproxy_cert_error deny all\n\
+         http_access allow all\ncache deny all\nhosts_file {d}/hosts\n\
+         pid_filename {d}/squid.pid\ncache_log {d}/cache.log\naccess_log none\ncoredump_dir {d}\n\
+         cache_effective_user proxy\nmax_filedescriptors 65536\nshutdown_lifetime 0 seconds\n"
+    );
+    std::fs::write(dir.join("squid.conf"), conf).map_err(|e| e.to_string())?;
+    let _ = Command::new("chown").args(["-R", "proxy:proxy"]).arg(&dir).status();
+    let child = Command::new("/usr/sbin/squid")
+        .args(["-N", "-f"])
+        .arg(dir.join("squid.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start squid: {e}"))?;
+    let mut squid = Squid { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(squid.addr).is_err() {
+        if let Ok(Some(status)) = squid.child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("cache.log")).unwrap_or_default();
+            return Err(format!("squid exited: {status}\n{log}"));
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err("squid did not listen within 15s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its certificate helpers start with it: a moment before the load.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(squid)
+}
+
+/// mitmdump (mitmproxy) as a child: sluice's CA as its own, the public CA as its upstream trust, and an
+/// addon that dials every upstream at 127.0.0.1 (the bench's names resolve nowhere else).
+fn start_mitmdump(setup: &InspectSetup, bin: &str) -> Result<Squid, String> {
+    let dir = setup.dir.join("mitmproxy");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let key = std::fs::read_to_string(&setup.ca_key).map_err(|e| e.to_string())?;
+    let cert = std::fs::read_to_string(&setup.ca_cert).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("mitmproxy-ca.pem"), format!("{key}{cert}")).map_err(|e| e.to_string())?;
+    let addon = dir.join("loopback.py");
+    std::fs::write(
+        &addon,
+        "def server_connect(data):\n    data.server.address = (\"127.0.0.1\", data.server.address[1])\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let child = Command::new(bin)
+        .args(["-q", "--listen-host", "127.0.0.1", "--listen-port", &port.to_string()])
+        .arg("--set")
+        .arg(format!("confdir={}", dir.display()))
+        .arg("--set")
+        .arg(format!("ssl_verify_upstream_trusted_ca={}", setup.public_pem.display()))
+        .args(["--set", "flow_detail=0", "--set", "termlog_verbosity=error", "-s"])
+        .arg(&addon)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("start {bin}: {e}"))?;
+    let mut peer = Squid { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(peer.addr).is_err() {
+        if let Ok(Some(status)) = peer.child.try_wait() {
+            return Err(format!("mitmdump exited: {status}"));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err("mitmdump did not listen within 30s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(peer)
 }

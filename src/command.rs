@@ -138,7 +138,7 @@ fn check_request(
         let value = serde_json::json!({
             "destination": authority.to_string(),
             "method": method,
-            "path": crate::policy::normalize_path(path),
+            "path": crate::policy::path_spellings(path).swap_remove(0),
             "verdict": request.as_ref().map_or(host.verdict, |(d, _)| d.verdict),
             "host": { "reason": host.reason.to_string(), "reason_code": host.reason.code(), "rule": host.rule },
             "request": request_json,
@@ -156,7 +156,7 @@ fn check_request(
                 format!(
                     "{} {method} {authority}{} {rule} reason={:?}{max}",
                     d.verdict.as_str(),
-                    crate::policy::normalize_path(path),
+                    crate::policy::path_spellings(path).swap_remove(0),
                     d.reason.to_string()
                 )
             }

@@ -27,7 +27,7 @@ pub use guard::BlockedRange;
 pub use host::{Authority, AuthorityError, Host, HostError, Target};
 pub use inspection::{InspectMode, Inspection};
 pub use pattern::{HostPattern, PatternError};
-pub use request::{Action, RequestOutcome, RequestRule, RequestRules, normalize_path};
+pub use request::{Action, RequestOutcome, RequestRule, RequestRules, normalize_path, path_spellings};
 pub use set::{PolicySet, toml_files};
 
 use matcher::{Lookup, Matcher};
@@ -599,8 +599,11 @@ impl Policy {
         path: &str,
         body: Option<u64>,
     ) -> Option<(Decision, Option<u64>)> {
-        let normalized = normalize_path(path);
-        match self.requests.decide(target, port, method, &normalized) {
+        let mut spellings = request::path_spellings(path);
+        let outcome = self.requests.decide(target, port, method, &spellings);
+        // Named by its canonical reading.
+        let normalized = spellings.swap_remove(0);
+        match outcome {
             RequestOutcome::Unruled => None,
             RequestOutcome::Denied(r) => {
                 let reason = Reason::RequestDenied { method: method.to_string(), path: normalized };

@@ -231,6 +231,32 @@ impl Refusal {
         .closing(true)
     }
 
+    /// `CONNECT` (or `PRI`) inside a tunnel sluice terminates: `405`. A tunnel in a tunnel would carry
+    /// its bytes past the request rules; a client opens each tunnel with the proxy itself.
+    pub fn method_not_allowed(authority: &Authority, method: &str) -> Refusal {
+        Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            Fault::Client,
+            format!("{method} is not forwarded inside the inspected tunnel to {authority}"),
+        )
+        .with_hint("send CONNECT to the proxy itself, on a connection of its own")
+        .closing(true)
+    }
+
+    /// Inside a terminated tunnel, an upgrade to anything but WebSocket (`h2c` would carry later
+    /// requests past the fronting guard and the rules), or a WebSocket upgrade without its handshake
+    /// headers: `403`, and nothing goes upstream.
+    pub fn upgrade_refused(authority: &Authority, why: impl Into<String>) -> Refusal {
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            "upgrade_refused",
+            Fault::Policy,
+            format!("the upgrade inside the inspected tunnel to {authority} is refused: {}", why.into()),
+        )
+        .with_hint("only WebSocket upgrades pass an inspected tunnel; HTTP/2 is negotiated with ALPN instead of h2c")
+    }
+
     /// Inside a terminated tunnel, a request (its `Host` / `:authority`) or the ClientHello's SNI names
     /// another host than the CONNECT did: `421`, so the client can open a tunnel to the host it means.
     pub fn host_mismatch(authority: &Authority, named: &str, what: &str) -> Refusal {

@@ -1,6 +1,7 @@
 //! `[egress] check_sni` on tunnels that are not terminated: a ClientHello naming another host than
-//! the CONNECT target is refused with a TLS alert before any byte reaches the upstream; a matching
-//! name, a hello without SNI, other protocols and servers that speak first pass as before.
+//! the CONNECT target is refused with a TLS alert before any byte reaches the upstream, and so is a
+//! hello without SNI in a tunnel to a name and a first TLS record that is not a handshake; a matching
+//! name, other protocols and servers that speak first pass as before.
 
 mod support;
 
@@ -164,4 +165,43 @@ async fn a_hello_that_never_completes_is_refused_after_the_header_timeout() {
     assert_eq!(got, [21, 3, 3, 0, 2, 2, 49], "an access_denied alert, then the close");
     assert!(upstream.received().is_empty());
     assert_eq!(closing_records(&proxy, 1).await[0]["end"], "bad_client_hello");
+}
+
+/// "Domainless" fronting: a ClientHello with no SNI in a tunnel to a name is refused (`sni_mismatch`),
+/// and so is a first TLS record that is not a handshake (an alert, a change_cipher_spec:
+/// `bad_client_hello`); the upstream sees none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_without_sni_and_tls_that_is_not_a_hello_are_refused_for_a_name() {
+    let upstream = Recorder::start().await;
+    let port = upstream.port();
+    let proxy = Proxy::start_recorded(TempDir::new("sni-none"), &config(""), &[("lab.toml", &lab(port))]).await;
+    let cert = TestCert::new(&["front.test"]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(pem::parse(&cert.pem).expect("pem").into_contents()))
+        .expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut no_sni = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    no_sni.enable_sni = false;
+    let s = tunnel(&proxy, "front.test", port).await;
+    let name = rustls::pki_types::ServerName::try_from("front.test").expect("name");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(no_sni));
+    let err = within(LIMIT, "TLS handshake", connector.connect(name, s)).await.expect_err("refused");
+    assert!(err.to_string().contains("AccessDenied"), "{err}");
+    // An alert, then a change_cipher_spec, as the first record.
+    for first in [&[21u8, 3, 3, 0, 2, 1, 0][..], &[20, 3, 3, 0, 1, 1]] {
+        let mut s = tunnel(&proxy, "front.test", port).await;
+        s.write_all(first).await.expect("send");
+        let mut answer = Vec::new();
+        let _ = within(LIMIT, "refusal", s.read_to_end(&mut answer)).await;
+        assert_eq!(answer, [21, 3, 3, 0, 2, 2, 49], "an access_denied alert");
+    }
+    let closed = closing_records(&proxy, 3).await;
+    let ends: Vec<&str> = closed.iter().map(|v| v["end"].as_str().unwrap_or("")).collect();
+    assert_eq!(ends, ["sni_mismatch", "bad_client_hello", "bad_client_hello"]);
+    assert!(upstream.received().is_empty(), "nothing went upstream");
 }

@@ -5,6 +5,9 @@
 pub const MAX_HELLO: usize = 16 * 1024 + 5 * 4;
 
 const CONTENT_HANDSHAKE: u8 = 22;
+/// The TLS record content types (RFC 8446 §5.1, RFC 6520): 20 change_cipher_spec to 24 heartbeat.
+const CONTENT_FIRST: u8 = 20;
+const CONTENT_LAST: u8 = 24;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const EXT_SERVER_NAME: u16 = 0;
 const NAME_TYPE_HOST: u8 = 0;
@@ -27,8 +30,13 @@ pub enum Hello {
 pub fn parse(buf: &[u8]) -> Hello {
     match buf {
         [] => return Hello::Partial,
-        [first, ..] if *first != CONTENT_HANDSHAKE => return Hello::NotTls,
+        // Not a TLS record type (change_cipher_spec 20 … heartbeat 24): something else.
+        [first, ..] if !(CONTENT_FIRST..=CONTENT_LAST).contains(first) => return Hello::NotTls,
+        [_] => return Hello::Partial,
         [_, major, ..] if *major != 3 => return Hello::NotTls,
+        // A TLS record, and not a handshake: TLS must begin with a ClientHello (an alert or a
+        // change_cipher_spec first would otherwise pass unchecked).
+        [first, ..] if *first != CONTENT_HANDSHAKE => return Hello::Malformed,
         _ => {}
     }
     let mut message = Vec::new();
@@ -209,6 +217,14 @@ mod tests {
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
         assert_eq!(parse(b"SSH-2.0-OpenSSH_9.6\r\n"), Hello::NotTls);
         assert_eq!(parse(&[22, 2, 0]), Hello::NotTls);
+        // Other TLS record types first: TLS without its ClientHello, refused.
+        assert_eq!(parse(&[21, 3, 3, 0, 2, 2, 40]), Hello::Malformed, "an alert");
+        assert_eq!(parse(&[20, 3, 3, 0, 1, 1]), Hello::Malformed, "a change_cipher_spec");
+        assert_eq!(parse(&[23, 3, 3, 0, 1, 0]), Hello::Malformed, "application data");
+        assert_eq!(parse(&[24, 3, 1]), Hello::Malformed, "a heartbeat");
+        assert_eq!(parse(&[21]), Hello::Partial);
+        assert_eq!(parse(&[21, 1, 0]), Hello::NotTls);
+        assert_eq!(parse(&[25, 3, 3]), Hello::NotTls);
         // A handshake record that is not a ClientHello.
         assert_eq!(parse(&record(&[2, 0, 0, 1, 0])), Hello::Malformed);
         // Two server_name extensions, or two host names in one.

@@ -129,7 +129,16 @@ impl PatternError {
                 "a pattern is a host name, optionally starting with \"*.\" and ending with \":PORT\"".to_string()
             }
             PatternError::IpLiteral { written } => {
-                let ip = written.trim_start_matches('[').split(']').next().unwrap_or(written);
+                // allow_ips takes addresses and networks, not ports: the example must load as written.
+                let ip = match written.strip_prefix('[') {
+                    Some(rest) => rest.split(']').next().unwrap_or(rest),
+                    None => match written.rsplit_once(':') {
+                        Some((ip, port)) if ip.parse::<std::net::Ipv4Addr>().is_ok() && port.parse::<u16>().is_ok() => {
+                            ip
+                        }
+                        _ => written,
+                    },
+                };
                 format!("put addresses in allow_ips, e.g. allow_ips = [\"{ip}\"]")
             }
             PatternError::NumericName { .. } => {
@@ -439,6 +448,18 @@ mod tests {
             "error: invalid host in pattern: empty label (two dots in a row, or a leading dot)"
         );
         assert_eq!(parse(""), "error: empty pattern");
+        // The hint's example is what allow_ips accepts: the address without its port.
+        let hint = |p: &str| HostPattern::parse(p).err().and_then(|e| e.hint());
+        for (p, ip) in
+            [("127.0.0.1", "127.0.0.1"), ("127.0.0.1:8080", "127.0.0.1"), ("[::1]:443", "::1"), ("::1", "::1")]
+        {
+            assert_eq!(hint(p), Some(format!("put addresses in allow_ips, e.g. allow_ips = [\"{ip}\"]")), "{p}");
+            let policy = format!("version = 1\nname = \"p\"\nlevel = \"custom\"\nallow_ips = [\"{ip}\"]\n");
+            assert!(
+                crate::policy::parse_policy("p.toml", &policy, &crate::policy::DefaultList::builtin()).is_ok(),
+                "{ip}"
+            );
+        }
         let star_star = |p: &str| {
             let e = HostPattern::parse(p).err();
             (e.as_ref().map(ToString::to_string), e.and_then(|e| e.hint()))

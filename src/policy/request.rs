@@ -39,7 +39,8 @@ impl fmt::Display for Action {
 pub struct RequestRule {
     pub action: Action,
     pub hosts: Vec<HostPattern>,
-    /// `None`: any method. Methods are case-sensitive (RFC 9110 §9.1).
+    /// `None`: any method. Compared without ASCII case: RFC 9110 §9.1 makes methods case-sensitive,
+    /// and yet servers that fold case would take `post` for `POST`, which a deny must not miss.
     pub methods: Option<Vec<Box<str>>>,
     /// `None`: any path. The globs as written, and compiled.
     pub paths: Option<(Vec<Box<str>>, GlobSet)>,
@@ -50,9 +51,9 @@ pub struct RequestRule {
 }
 
 impl RequestRule {
-    /// Whether `method` and `path` (already [`normalize_path`]ed) are what this rule is about.
+    /// Whether `method` and `path` (one of [`path_spellings`]) are what this rule is about.
     pub fn matches(&self, method: &str, path: &str) -> bool {
-        self.methods.as_ref().is_none_or(|m| m.iter().any(|m| &**m == method))
+        self.methods.as_ref().is_none_or(|m| m.iter().any(|m| m.eq_ignore_ascii_case(method)))
             && self.paths.as_ref().is_none_or(|(_, set)| set.is_match(path))
     }
 
@@ -169,8 +170,11 @@ impl RequestRules {
     }
 
     /// Deny wins; then the first allow rule that matches; a host with allow rules refuses the rest.
-    /// `path` is the request's path without its query, normalised with [`normalize_path`].
-    pub fn decide(&self, target: &Target, port: u16, method: &str, path: &str) -> RequestOutcome<'_> {
+    /// `paths` are the request path's [`path_spellings`], the canonical one first: a deny applies when
+    /// any spelling matches it; an allow only when the canonical spelling matches it and every other
+    /// spelling matches some allow rule too (a path that servers could read two ways is allowed only
+    /// if both readings are).
+    pub fn decide(&self, target: &Target, port: u16, method: &str, paths: &[String]) -> RequestOutcome<'_> {
         let Target::Name(host) = target else { return RequestOutcome::Unruled };
         if self.rules.is_empty() {
             return RequestOutcome::Unruled;
@@ -180,22 +184,45 @@ impl RequestRules {
             return RequestOutcome::Unruled;
         }
         let rules = found.iter().map(|&i| &self.rules[i]);
-        if let Some(deny) = rules.clone().find(|r| r.action == Action::Deny && r.matches(method, path)) {
+        let deny = |path: &String| rules.clone().find(|r| r.action == Action::Deny && r.matches(method, path));
+        if let Some(deny) = paths.iter().find_map(deny) {
             return RequestOutcome::Denied(deny);
         }
-        if let Some(allow) = rules.clone().find(|r| r.action == Action::Allow && r.matches(method, path)) {
+        let allowing = |path: &String| rules.clone().find(|r| r.action == Action::Allow && r.matches(method, path));
+        if let Some((canonical, others)) = paths.split_first()
+            && let Some(allow) = allowing(canonical)
+            && others.iter().all(|p| allowing(p).is_some())
+        {
             return RequestOutcome::Allowed(allow);
         }
         if rules.clone().any(|r| r.action == Action::Allow) { RequestOutcome::NoRule } else { RequestOutcome::Unruled }
     }
 }
 
-/// The path a rule is matched against: the query dropped, `%XX` of unreserved characters decoded
-/// (`%75pload` is `upload` to every server), other escapes upper-cased, repeated slashes merged, and
-/// `.` / `..` segments resolved (RFC 3986 §5.2.4), so no spelling of a denied path slips past its
-/// rule. `%2F` stays encoded: it is not a separator. The request itself is forwarded as written.
-pub fn normalize_path(target: &str) -> String {
+/// The readings of a request path that rules are matched against, the canonical one first (its
+/// query dropped in each):
+/// - canonical: `\` read as `/`; `%XX` of unreserved characters, `/`, `\` and `;` decoded; then
+///   `;params` stripped from each segment and dot segments resolved — what servers that decode
+///   first (or take `..;` for `..`, as Tomcat does) see;
+/// - the same with `;params` stripped before `%2F` / `%5C` / `%3B` are decoded;
+/// - [`normalize_path`]: only unreserved `%XX` decoded, `%2F` kept, `;` kept.
+///
+/// Duplicates are dropped: nearly every path has one spelling.
+pub fn path_spellings(target: &str) -> Vec<String> {
     let path = target.split(['?', '#']).next().unwrap_or("");
+    let canonical = resolve(&strip_params(&decode(&path.replace('\\', "/"), true)));
+    let mut spellings = vec![canonical];
+    for other in [resolve(&decode(&strip_params(&path.replace('\\', "/")), true)), normalize_path(path)] {
+        if !spellings.contains(&other) {
+            spellings.push(other);
+        }
+    }
+    spellings
+}
+
+/// `%XX` of unreserved characters decoded (and, when `separators`, of `/`, `\` and `;`, with `\`
+/// read as `/`); other escapes upper-cased; a `/` in front.
+fn decode(path: &str, separators: bool) -> String {
     let bytes = path.as_bytes();
     let mut decoded = String::with_capacity(path.len() + 1);
     if !path.starts_with('/') {
@@ -210,6 +237,10 @@ pub fn normalize_path(target: &str) -> String {
                 let c = (h * 16 + l) as u8;
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                     decoded.push(c as char);
+                } else if separators && matches!(c, b'/' | b'\\') {
+                    decoded.push('/');
+                } else if separators && c == b';' {
+                    decoded.push(';');
                 } else {
                     decoded.push('%');
                     decoded.push((bytes[i + 1] as char).to_ascii_uppercase());
@@ -223,6 +254,20 @@ pub fn normalize_path(target: &str) -> String {
         decoded.push(b as char);
         i += 1;
     }
+    decoded
+}
+
+/// Each segment's `;params` removed (`/a;x/b;y=1` is `/a/b`, `/..;/` is `/../`).
+fn strip_params(path: &str) -> String {
+    if !path.contains(';') {
+        return path.to_string();
+    }
+    path.split('/').map(|seg| seg.split(';').next().unwrap_or("")).collect::<Vec<_>>().join("/")
+}
+
+/// Repeated slashes merged and `.` / `..` segments resolved (RFC 3986 §5.2.4) on a path that starts
+/// with `/`.
+fn resolve(decoded: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = decoded.split('/').skip(1).collect();
     let last = segments.len().saturating_sub(1);
@@ -251,6 +296,15 @@ pub fn normalize_path(target: &str) -> String {
         result.push('/');
     }
     result
+}
+
+/// The literal reading of a path (the last of [`path_spellings`]): the query dropped, `%XX` of
+/// unreserved characters decoded (`%75pload` is `upload` to every server), other escapes upper-cased,
+/// repeated slashes merged, and `.` / `..` segments resolved (RFC 3986 §5.2.4); `%2F` and `;params`
+/// kept as they are. The request itself is forwarded as written.
+pub fn normalize_path(target: &str) -> String {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    resolve(&decode(path, false))
 }
 
 #[cfg(test)]
@@ -290,7 +344,7 @@ mod tests {
     }
 
     fn outcome(rules: &RequestRules, host: &str, method: &str, path: &str) -> (&'static str, usize) {
-        match rules.decide(&Target::parse(host).unwrap(), 443, method, &normalize_path(path)) {
+        match rules.decide(&Target::parse(host).unwrap(), 443, method, &path_spellings(path)) {
             RequestOutcome::Unruled => ("unruled", 0),
             RequestOutcome::Allowed(r) => ("allow", r.rule.line),
             RequestOutcome::Denied(r) => ("deny", r.rule.line),
@@ -312,11 +366,9 @@ mod tests {
         assert_eq!(outcome(&rules, "api.example.com", "GET", "/v1/x/y/status"), ("no_rule", 0));
         assert_eq!(outcome(&rules, "api.example.com", "POST", "/v1/x/status"), ("deny", 3), "deny wins over allow");
         assert_eq!(outcome(&rules, "api.example.com", "DELETE", "/v1/public/a"), ("no_rule", 0));
-        assert_eq!(
-            outcome(&rules, "api.example.com", "get", "/v1/public/a"),
-            ("no_rule", 0),
-            "methods are case-sensitive"
-        );
+        // A server that folds case takes `post` for `POST`: so do the rules.
+        assert_eq!(outcome(&rules, "api.example.com", "get", "/v1/public/a"), ("allow", 1));
+        assert_eq!(outcome(&rules, "api.example.com", "post", "/v1/x/status"), ("deny", 3));
         // Only deny rules name the host: what they do not refuse passes.
         assert_eq!(outcome(&rules, "paste.test", "POST", "/upload/x"), ("deny", 4));
         assert_eq!(outcome(&rules, "paste.test", "GET", "/upload/x"), ("unruled", 0));
@@ -338,14 +390,62 @@ mod tests {
             "/./upload/a",
             "/%2e%2e/upload/a",
             "/upload/a?x=/no",
+            // Encoded separators, backslashes and path parameters, as servers decode them.
+            "/upload%2Fa",
+            "/upload%2fa",
+            "/upload%5Ca",
+            "\\upload\\a",
+            "/upload;x/a",
+            "/upload;x=1;y/a",
+            "/x/..;/upload/a",
+            "/x%2F..%2Fupload/a",
+            "/upload%3Bx/a",
+            "/x/%2E%2E;/upload/a",
         ] {
             assert_eq!(outcome(&rules, "paste.test", "POST", path), ("deny", 1), "{path}");
         }
-        assert_eq!(
-            outcome(&rules, "paste.test", "POST", "/upload%2Fa"),
-            ("unruled", 0),
-            "an encoded slash is no separator"
-        );
+        assert_eq!(outcome(&rules, "paste.test", "POST", "/uploads/a"), ("unruled", 0));
+    }
+
+    /// An allow rule passes a path only when every reading of it is allowed: `..;` and encoded
+    /// separators cannot climb out of the allowed tree.
+    #[test]
+    fn allows_hold_under_every_reading_of_the_path() {
+        let rules = RequestRules::new(vec![
+            rule(Action::Allow, &["github.test"], None, Some(&["/org/**"]), 1),
+            rule(Action::Allow, &["files.test"], None, Some(&["/files/*"]), 2),
+        ]);
+        for (path, want) in [
+            ("/org/repo", ("allow", 1)),
+            ("/org/repo;jsessionid=1/info", ("allow", 1)),
+            ("/org/..;/other/repo", ("no_rule", 0)),
+            ("/org/%2E%2E;/other/repo", ("no_rule", 0)),
+            ("/org/..%2Fother/repo", ("no_rule", 0)),
+            ("/org%2F..%2Fother/repo", ("no_rule", 0)),
+            ("/org\\..\\other/repo", ("no_rule", 0)),
+            ("/org/x%5C..%5C..%5Cother", ("no_rule", 0)),
+            ("/other/repo", ("no_rule", 0)),
+        ] {
+            assert_eq!(outcome(&rules, "github.test", "GET", path), want, "{path}");
+        }
+        // `/files/a%2Fb` is one segment to some servers and two to others: not allowed by `*`.
+        assert_eq!(outcome(&rules, "files.test", "GET", "/files/a"), ("allow", 2));
+        assert_eq!(outcome(&rules, "files.test", "GET", "/files/a%2Fb"), ("no_rule", 0));
+        assert_eq!(outcome(&rules, "files.test", "GET", "/files/a;b"), ("allow", 2));
+    }
+
+    #[test]
+    fn path_spellings_put_the_canonical_reading_first() {
+        for (raw, want) in [
+            ("/a/b", vec!["/a/b"]),
+            ("/a%2Fb", vec!["/a/b", "/a%2Fb"]),
+            ("/a;x/b", vec!["/a/b", "/a;x/b"]),
+            ("/a;x%2Fy/b", vec!["/a/y/b", "/a/b", "/a;x%2Fy/b"]),
+            ("/a\\b?q=\\", vec!["/a/b", "/a\\b"]),
+            ("/o/..;/p", vec!["/p", "/o/..;/p"]),
+        ] {
+            assert_eq!(path_spellings(raw), want, "{raw:?}");
+        }
     }
 
     #[test]

@@ -103,6 +103,20 @@ impl EgressProxy {
     }
 }
 
+impl EgressProxy {
+    /// The limits a request inside a terminated tunnel passes, as a plain-HTTP request does: the
+    /// session's request rate and its byte quotas (the tunnel itself was admitted once, at its CONNECT).
+    pub(crate) async fn limit_request(&self, session: &Session) -> Result<(), Refusal> {
+        let policy = &session.policy;
+        let in_policy = |r: Refusal| r.in_policy(&policy.name, policy.level.as_str());
+        self.limiter.check_request(&session.limit_key, &policy.limits).await.map_err(|e| match e {
+            Limited::Over(e) => in_policy(Refusal::rate_limited(e.retry_after, &e.limit)),
+            Limited::StoreUnavailable => in_policy(Refusal::limit_store_unavailable()),
+        })?;
+        self.limiter.check_quota(&session.limit_key, &policy.limits).await.map_err(|e| in_policy(e.refusal(now_unix())))
+    }
+}
+
 /// DNS or dial failure: `504` for a timeout, else `502`.
 pub(crate) fn unreachable(e: &NetError) -> Refusal {
     Refusal::unreachable(e.code(), e.is_timeout(), e.to_string())

@@ -192,7 +192,10 @@ async fn refuse_tunnel(authority: &Authority, client: &mut TcpStream, refused: &
     if let super::sni::SniRefusal::Mismatch { sni } = refused {
         tracing::warn!(destination = %authority, sni = %sni, "tunnel refused: the ClientHello names another host (sni_mismatch)");
     }
-    if matches!(refused, super::sni::SniRefusal::Mismatch { .. } | super::sni::SniRefusal::BadHello) {
+    if matches!(
+        refused,
+        super::sni::SniRefusal::Mismatch { .. } | super::sni::SniRefusal::NoSni | super::sni::SniRefusal::BadHello
+    ) {
         let _ = client.write_all(&super::sni::ACCESS_DENIED).await;
     }
     let _ = client.shutdown().await;

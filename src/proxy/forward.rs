@@ -48,13 +48,16 @@ pub(crate) async fn handle(
         Some(RequestVerdict { decision, max_body, would_deny }) => (decision, max_body, would_deny),
         None => (admission.decision.clone(), None, admission.would_deny.clone()),
     };
-    record.admitted(proxy, req.method(), &authority, &decision, would_deny.as_ref(), admission.addr);
+    let (method, addr) = (req.method().clone(), admission.addr);
+    record.aimed(&authority, addr);
     let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
     // The session's meter; with its budget when its bytes are shaped or quota'd, which both bodies then ask.
     let meter = proxy.limiter.meter(&session.limit_key, &session.policy.limits);
     let budget = meter.budget().cloned();
     match exchange(req, &authority, admission, cap, proxy, budget.clone()).await {
         Ok((response, sent)) => {
+            // Written once the upstream answered: a body cut at max_body writes its refusal alone.
+            record.admitted(proxy, &method, &authority, &decision, would_deny.as_ref(), addr);
             record.restart();
             let (mut parts, body) = response.into_parts();
             if let Some(w) = &would_deny {
@@ -91,7 +94,9 @@ async fn exchange(
     let host = HeaderValue::from_str(&host).map_err(|_| Refusal::bad_request("bad host"))?;
     parts.headers.insert(header::HOST, host);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = path.parse().map_err(|_| Refusal::bad_request(format!("bad request target {path:?}")))?;
+    // Named by its path alone: a query string may carry secrets, and refusals are logged.
+    let shown = parts.uri.path();
+    parts.uri = path.parse().map_err(|_| Refusal::bad_request(format!("bad request target {shown:?}")))?;
     parts.version = Version::HTTP_11;
     let sent = Arc::new(AtomicU64::new(0));
     let body = Shaped::new(body, budget, Direction::Up);

@@ -5,9 +5,10 @@
 //! own pooled TLS connection(s). Each inner request gets its own decision record.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::client::TlsStream;
 
 use super::admit::{Admission, WouldDeny};
@@ -30,12 +32,23 @@ use super::forward::{self, BodyCap, Counted, Finish, Finished, strip_hop_by_hop}
 use super::record::Record;
 use super::respond::{self, ProxyBody};
 use super::shaped::Shaped;
+use super::tunnel::{self, Counters, TunnelEnd};
 use super::{EgressProxy, Session};
 use crate::inspect::{LeafCache, TargetCert};
 use crate::limit::{Direction, Lease};
 use crate::policy::{Authority, Decision, Target};
 use crate::refusal::Refusal;
 use crate::tls;
+
+/// Concurrent HTTP/2 streams a client may open in one terminated tunnel.
+const MAX_STREAMS: u32 = 100;
+
+/// Upstream connections one terminated tunnel may hold at once; a request that finds them all busy
+/// waits (up to `connect_timeout`) for one to come back.
+pub(crate) const MAX_UPSTREAM: usize = 8;
+
+/// What an HTTP/2 upstream connection buffers per stream for sending (hyper's default is 1 MiB).
+const H2_SEND_BUF: usize = 64 * 1024;
 
 /// What the server holds to terminate tunnels: the leaves, the client-facing config, and the
 /// upstream leg's configs (web PKI plus `extra_roots`).
@@ -141,6 +154,11 @@ pub(crate) async fn run<S>(
     let written = Arc::new(AtomicU64::new(0));
     let io = ClientIo { early, pos: 0, inner: client, read: read.clone(), written: written.clone() };
     let peer = record.client();
+    // An upgraded connection (WebSocket) is relayed like a tunnel, against the lease's meter: its
+    // bytes are counted, shaped and charged to the session's quota as they move.
+    let meter = permit.as_ref().map(|lease| lease.meter());
+    let budget = meter.as_ref().and_then(|m| m.budget().cloned());
+    let counters = Arc::new(Counters::metered(meter));
     let tunnel = Arc::new(Tunnel {
         proxy: proxy.clone(),
         terminator,
@@ -150,18 +168,39 @@ pub(crate) async fn run<S>(
         would_deny,
         addr,
         peer,
-        pool: Pool { first: Mutex::new(Some(upstream)), idle: Mutex::new(Vec::new()) },
+        pool: Pool::new(upstream),
+        relay: Mutex::new(None),
+        counters: counters.clone(),
+        quota_refused: AtomicBool::new(false),
     });
+    let this = tunnel.clone();
     let idle = proxy.config.idle_timeout.0;
+    // The tunnel (and its place under max_tunnels) lasts until its upgraded relay, if any, ends too.
     let end = tokio::select! {
         end = serve(tunnel, io) => end,
         () = proxy.shutdown.hard_stop.cancelled() => "shutdown",
         () = quiet(&read, &written, idle) => "idle_timeout",
     };
+    // A request refused for the spent quota closed the client's connection after its 429.
+    let end = if this.quota_refused.load(Ordering::Relaxed) { TunnelEnd::QuotaExceeded.as_str() } else { end };
+    drop(this);
+    metrics.shaped(counters.shaping_wait());
+    // The relay's bytes are in no request's record: the tunnel's metrics count them.
+    metrics.bytes_up.inc_by(counters.up.load(Ordering::Relaxed));
+    metrics.bytes_down.inc_by(counters.down.load(Ordering::Relaxed));
+    if end == TunnelEnd::QuotaExceeded.as_str() {
+        metrics.quota_closed_tunnels.inc();
+        if let Some(spent) = budget.as_ref().and_then(|b| b.spent()) {
+            record.quota_closed(&proxy, &spent.refusal(crate::credential::now_unix()));
+        }
+    }
     metrics.open_tunnels.dec();
     drop(permit);
     record.closed(&proxy, read.load(Ordering::Relaxed), written.load(Ordering::Relaxed), end, None);
 }
+
+/// An upgraded connection's relay, run by the tunnel once hyper has handed the connection over.
+type Relay = Pin<Box<dyn Future<Output = Option<tunnel::TunnelStats>> + Send>>;
 
 /// Returns once neither side of the client's connection moved a byte for `idle`.
 async fn quiet(read: &AtomicU64, written: &AtomicU64, idle: Duration) {
@@ -232,14 +271,26 @@ where
         .header_read_timeout(proxy.config.header_timeout.0 * 2)
         .max_buf_size(proxy.config.max_header_bytes.max(8192) * 2)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size((proxy.config.max_header_bytes * 2) as u32);
+    // Each concurrent h2 stream may take an upstream HTTP/1.1 connection of its own: bounded here.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size((proxy.config.max_header_bytes * 2) as u32);
     let t = tunnel.clone();
     let service = service_fn(move |req| {
         let t = t.clone();
         async move { Ok::<_, Infallible>(t.handle(req).await) }
     });
     match builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
-        Ok(()) => "complete",
+        Ok(()) => {
+            // A 101 ended hyper's connection: the tunnel goes on as the relay, and ends with it.
+            let relay = tunnel.relay.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match relay {
+                Some(relay) => relay.await.map_or("upgrade_failed", |stats| stats.end.as_str()),
+                None => "complete",
+            }
+        }
         Err(e) => {
             tracing::debug!(destination = %tunnel.authority, error = %e, "terminated tunnel ended with an error");
             "client_error"
@@ -261,6 +312,12 @@ struct Tunnel {
     addr: SocketAddr,
     peer: SocketAddr,
     pool: Pool,
+    /// Set by a request whose upgrade was answered `101`; [`serve`] runs it once hyper lets go.
+    relay: Mutex<Option<Relay>>,
+    /// The tunnel's lease meter, for the relay.
+    counters: Arc<Counters>,
+    /// A request was refused `429 quota_exceeded`: the tunnel ends with it.
+    quota_refused: AtomicBool,
 }
 
 impl Tunnel {
@@ -279,6 +336,9 @@ impl Tunnel {
             Ok(response) => response,
             Err((refusal, record)) => {
                 let refusal = self.session.names(refusal);
+                if refusal.code == "quota_exceeded" {
+                    self.quota_refused.store(true, Ordering::Relaxed);
+                }
                 record.refused(&self.proxy, &refusal, method.as_str(), &self.authority.to_string());
                 respond::response(&refusal, wants_json)
             }
@@ -293,6 +353,7 @@ impl Tunnel {
         self.proxy.shutdown.spawn(async move {
             if s.ready().await.is_ok() {
                 tunnel.pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(Sender::H1(s));
+                tunnel.pool.freed.notify_one();
             }
         });
     }
@@ -324,8 +385,15 @@ impl Tunnel {
         mut req: Request<Incoming>,
         mut record: Record,
     ) -> Result<Response<ProxyBody>, (Refusal, Record)> {
+        if req.method() == Method::CONNECT || req.method().as_str() == "PRI" {
+            return Err((Refusal::method_not_allowed(&self.authority, req.method().as_str()), record));
+        }
         if let Err(refusal) = self.fronting(&req) {
             return Err((refusal, record));
+        }
+        let upgrade = is_upgrade(&req);
+        if upgrade && let Err(why) = websocket_only(&req) {
+            return Err((Refusal::upgrade_refused(&self.authority, why), record));
         }
         let proxy = &self.proxy;
         let policy = &self.session.policy;
@@ -337,15 +405,26 @@ impl Tunnel {
             Some(v) => (v.decision, v.max_body, v.would_deny),
             None => (self.decision.clone(), None, self.would_deny.clone()),
         };
-        record.admitted(proxy, req.method(), &self.authority, &decision, would_deny.as_ref(), self.addr);
+        // Each inner request passes the session's request rate and byte quotas, as a plain-HTTP
+        // request does. A spent quota also ends the tunnel (the refusal closes the connection).
+        if let Err(refusal) = proxy.limit_request(&self.session).await {
+            let closing = refusal.code == "quota_exceeded";
+            return Err((refusal.closing(closing), record));
+        }
+        let method = req.method().clone();
         let cap = max_body.map(|max| BodyCap { max, rule: decision.clone() });
-        let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let meter = proxy.limiter.meter(&self.session.limit_key, &policy.limits);
         let budget = meter.budget().cloned();
         let (mut parts, body) = req.into_parts();
         let protocol = parts.headers.get(header::UPGRADE).cloned();
+        // gRPC's `te: trailers` is the one TE an HTTP/2 request may carry (RFC 9113 §8.2.2): kept when
+        // the upstream leg is HTTP/2 too.
+        let te_trailers = parts.version == Version::HTTP_2
+            && parts.headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
+        // Only meaningful with an h2c upgrade, which never passes.
+        parts.headers.remove("http2-settings");
         let sent = Arc::new(AtomicU64::new(0));
         let over = Arc::new(AtomicU64::new(0));
         let counted = Counted {
@@ -359,12 +438,11 @@ impl Tunnel {
             Ok(s) => s,
             Err(refusal) => return Err((refusal, record)),
         };
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         let host = match self.authority.port {
             443 => self.authority.target.to_authority_host(),
             p => format!("{}:{p}", self.authority.target.to_authority_host()),
         };
-        let target = match &sender {
+        let h2 = match &sender {
             Sender::H1(_) => {
                 parts.version = Version::HTTP_11;
                 match HeaderValue::from_str(&host) {
@@ -375,19 +453,31 @@ impl Tunnel {
                     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                     parts.headers.insert(header::UPGRADE, p.clone());
                 }
-                path.parse::<Uri>()
+                false
             }
             Sender::H2(_) => {
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
-                format!("https://{host}{path}").parse::<Uri>()
+                if te_trailers {
+                    parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+                true
             }
         };
-        parts.uri = match target {
+        parts.uri = match upstream_uri(h2, &host, &parts.uri) {
             Ok(uri) => uri,
-            Err(_) => return Err((Refusal::bad_request(format!("bad request target {path:?}")), record)),
+            Err(refusal) => return Err((refusal, record)),
         };
-        let result = sender.send(Request::from_parts(parts, counted)).await;
+        // A response head that never comes is bounded like a silent tunnel: by the idle timeout.
+        let wait = proxy.config.idle_timeout.0;
+        let result = match tokio::time::timeout(wait, sender.send(Request::from_parts(parts, counted))).await {
+            Ok(result) => result,
+            Err(_) => {
+                let message =
+                    format!("{} sent no response head within {}s (idle_timeout)", self.authority, wait.as_secs());
+                return Err((Refusal::unreachable("upstream_timeout", true, message), record));
+            }
+        };
         if !upgrade {
             self.give_back(sender);
         }
@@ -398,21 +488,29 @@ impl Tunnel {
                 return Err((refusal, record));
             }
         };
+        // Only now is the request allowed for good: a failed dial or a body cut at max_body writes
+        // its refusal line alone.
+        record.admitted(proxy, &method, &self.authority, &decision, would_deny.as_ref(), self.addr);
         let switched = upgrade && response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switched && let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let authority = self.authority.clone();
-            proxy.shutdown.spawn(async move {
+            let counters = self.counters.clone();
+            let idle = proxy.config.idle_timeout.0;
+            let relay: Relay = Box::pin(async move {
                 match tokio::join!(client_upgrade, upstream_upgrade) {
                     (Ok(client), Ok(upstream)) => {
-                        let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        let (c, u) = (TokioIo::new(client), TokioIo::new(upstream));
+                        // The tunnel's own select holds the hard stop.
+                        Some(tunnel::run(c, u, idle, counters, std::future::pending()).await)
                     }
                     (c, u) => {
                         tracing::debug!(destination = %authority, client = ?c.err(), upstream = ?u.err(), "upgrade did not complete");
+                        None
                     }
                 }
             });
+            *self.relay.lock().unwrap_or_else(|p| p.into_inner()) = Some(relay);
         }
         record.restart();
         let (mut parts, body) = response.into_parts();
@@ -431,6 +529,14 @@ impl Tunnel {
     }
 }
 
+/// The target an inner request is sent upstream with: origin-form for HTTP/1.1, absolute for HTTP/2.
+/// A refusal names the path alone: a query string may carry secrets, and refusals are logged.
+fn upstream_uri(h2: bool, host: &str, uri: &Uri) -> Result<Uri, Refusal> {
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let parsed = if h2 { format!("https://{host}{path_and_query}").parse() } else { path_and_query.parse() };
+    parsed.map_err(|_| Refusal::bad_request(format!("bad request target {:?}", uri.path())))
+}
+
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
@@ -442,6 +548,30 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// An upgrade passes only as WebSocket (RFC 6455 §4.1: `Upgrade: websocket` alone, with
+/// `Sec-WebSocket-Key` and `Sec-WebSocket-Version`); why not, otherwise.
+fn websocket_only(req: &Request<Incoming>) -> Result<(), String> {
+    let headers = req.headers();
+    let protocols: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    match protocols.as_slice() {
+        [p] if p.eq_ignore_ascii_case("websocket") => {}
+        _ => return Err(format!("Upgrade asks for {:?}; only \"websocket\" passes", protocols.join(", "))),
+    }
+    for name in [header::SEC_WEBSOCKET_KEY, header::SEC_WEBSOCKET_VERSION] {
+        if headers.get_all(&name).iter().count() != 1 {
+            return Err(format!("a WebSocket upgrade needs exactly one {name} header"));
+        }
+    }
+    Ok(())
 }
 
 /// One upstream HTTP connection of a tunnel, in the protocol its ALPN chose.
@@ -474,36 +604,88 @@ impl Sender {
 
 /// A tunnel's upstream connections: the one verified before the `200`, then whatever was handed back
 /// (an HTTP/2 connection is shared; an HTTP/1.1 one serves one request at a time). When none is free
-/// or the upstream closed them, another is dialled to the tunnel's checked address and verified again.
+/// or the upstream closed them, another is dialled to the tunnel's checked address and verified again,
+/// up to [`MAX_UPSTREAM`] live connections (each holds a slot until its connection task ends).
 struct Pool {
     first: Mutex<Option<TlsStream<TcpStream>>>,
     idle: Mutex<Vec<Sender>>,
+    slots: Arc<Semaphore>,
+    /// Told when a connection comes back to `idle`.
+    freed: Notify,
 }
 
 impl Pool {
-    async fn take(&self, tunnel: &Tunnel) -> Result<Sender, Refusal> {
-        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(stream) = first {
-            return start(&tunnel.proxy, stream).await;
+    fn new(first: TlsStream<TcpStream>) -> Pool {
+        Pool {
+            first: Mutex::new(Some(first)),
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(MAX_UPSTREAM)),
+            freed: Notify::new(),
         }
+    }
+
+    /// A free connection from the pool (an HTTP/2 one stays there too).
+    fn idle_sender(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             match idle.pop() {
                 Some(s) if s.is_closed() => continue,
                 Some(Sender::H2(s)) => {
                     // Shared: it stays in the pool for the tunnel's other requests.
                     idle.push(Sender::H2(s.clone()));
-                    return Ok(Sender::H2(s));
+                    return Some(Sender::H2(s));
                 }
-                Some(s) => return Ok(s),
-                None => break,
+                other => return other,
             }
         }
-        self.dial(tunnel, false).await
+    }
+
+    async fn take(&self, tunnel: &Tunnel) -> Result<Sender, Refusal> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(stream) = first {
+            let slot = self.slot(tunnel).await?;
+            return start(&tunnel.proxy, stream, slot).await.map(|s| self.share(s));
+        }
+        let deadline = tokio::time::Instant::now() + tunnel.proxy.config.connect_timeout.0;
+        loop {
+            if let Some(s) = self.idle_sender() {
+                return Ok(s);
+            }
+            let freed = self.freed.notified();
+            tokio::select! {
+                slot = self.slots.clone().acquire_owned() => {
+                    let slot = slot.map_err(|_| busy(tunnel))?;
+                    return self.dial_in(tunnel, false, slot).await.map(|s| self.share(s));
+                }
+                () = freed => {}
+                () = tokio::time::sleep_until(deadline) => return Err(busy(tunnel)),
+            }
+        }
+    }
+
+    /// An HTTP/2 connection serves the tunnel's other requests too: a clone of it stays in the pool.
+    fn share(&self, sender: Sender) -> Sender {
+        if let Sender::H2(s) = &sender {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(Sender::H2(s.clone()));
+        }
+        sender
+    }
+
+    /// A slot for a new connection, waiting up to `connect_timeout` for one.
+    async fn slot(&self, tunnel: &Tunnel) -> Result<OwnedSemaphorePermit, Refusal> {
+        match tokio::time::timeout(tunnel.proxy.config.connect_timeout.0, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(busy(tunnel)),
+        }
     }
 
     /// A new upstream connection to the tunnel's address, verified like the first.
     async fn dial(&self, tunnel: &Tunnel, upgrade: bool) -> Result<Sender, Refusal> {
+        let slot = self.slot(tunnel).await?;
+        self.dial_in(tunnel, upgrade, slot).await
+    }
+
+    async fn dial_in(&self, tunnel: &Tunnel, upgrade: bool, slot: OwnedSemaphorePermit) -> Result<Sender, Refusal> {
         let wait = tunnel.proxy.config.connect_timeout.0;
         let stream = match tokio::time::timeout(wait, TcpStream::connect(tunnel.addr)).await {
             Ok(Ok(s)) => s,
@@ -525,27 +707,44 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let config = if upgrade { tunnel.terminator.client_h1.clone() } else { tunnel.terminator.client.clone() };
         let tls = handshake(config, &tunnel.authority, stream, wait).await?;
-        start(&tunnel.proxy, tls).await
+        start(&tunnel.proxy, tls, slot).await
     }
 }
 
-/// The HTTP handshake on a verified upstream connection, per its ALPN.
-async fn start(proxy: &EgressProxy, tls: TlsStream<TcpStream>) -> Result<Sender, Refusal> {
+/// Every upstream connection of the tunnel is busy, and stayed so for `connect_timeout`: `504`.
+fn busy(tunnel: &Tunnel) -> Refusal {
+    Refusal::unreachable(
+        "upstream_busy",
+        true,
+        format!(
+            "all {MAX_UPSTREAM} upstream connections of the tunnel to {} stayed busy for {}s",
+            tunnel.authority,
+            tunnel.proxy.config.connect_timeout.0.as_secs()
+        ),
+    )
+}
+
+/// The HTTP handshake on a verified upstream connection, per its ALPN; its connection task holds
+/// the pool's `slot` until the connection ends.
+async fn start(proxy: &EgressProxy, tls: TlsStream<TcpStream>, slot: OwnedSemaphorePermit) -> Result<Sender, Refusal> {
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let failed = |e: hyper::Error| Refusal::bad_upstream(format!("the upstream failed the HTTP handshake: {e}"));
     if h2 {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_send_buf_size(H2_SEND_BUF)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(failed)?;
         proxy.shutdown.spawn(async move {
+            let _slot = slot;
             let _ = conn.await;
         });
         Ok(Sender::H2(sender))
     } else {
         let (sender, conn) = http1::handshake(TokioIo::new(tls)).await.map_err(failed)?;
         proxy.shutdown.spawn(async move {
+            let _slot = slot;
             let _ = conn.with_upgrades().await;
         });
         Ok(Sender::H1(sender))
@@ -611,5 +810,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_upstream_target_is_named_by_its_path_without_the_query() {
+        let uri: Uri = "/v1/x?token=secret".parse().expect("uri");
+        assert_eq!(upstream_uri(false, "api.test", &uri).expect("h1").to_string(), "/v1/x?token=secret");
+        assert_eq!(
+            upstream_uri(true, "api.test:8443", &uri).expect("h2").to_string(),
+            "https://api.test:8443/v1/x?token=secret"
+        );
+        let refusal = upstream_uri(true, "bad host", &uri).expect_err("a host with a space");
+        assert_eq!(refusal.message, "bad request target \"/v1/x\"");
+        assert!(!refusal.message.contains("secret"));
     }
 }

@@ -82,6 +82,13 @@ impl Record {
         self.session = Some(session.id.clone());
     }
 
+    /// Where an admitted request goes, before its decision line is written (a refusal after the
+    /// dial still names the host and the upstream).
+    pub fn aimed(&mut self, authority: &Authority, upstream: SocketAddr) {
+        self.host = Some(authority.clone());
+        self.upstream = Some(upstream);
+    }
+
     /// The decision line (and metric) for an admitted request, once its upstream is connected. In
     /// report mode a request the policy would refuse is recorded as allowed with `would_deny`, its
     /// reason, sentence and rule, counted, and listed in `/v1/denials` (marked).

@@ -14,6 +14,9 @@ use crate::policy::{Host, Target};
 pub(crate) enum SniRefusal {
     /// The ClientHello names another host than the CONNECT target.
     Mismatch { sni: String },
+    /// The CONNECT names a host and the ClientHello names none ("domainless" fronting: the front end
+    /// picks the backend by `Host` alone). Ended as `sni_mismatch`.
+    NoSni,
     /// A TLS handshake began but no well-formed ClientHello followed (in time, or at all).
     BadHello,
     /// Nothing came from either side for the idle timeout.
@@ -25,7 +28,7 @@ pub(crate) enum SniRefusal {
 impl SniRefusal {
     pub(crate) fn end(&self) -> &'static str {
         match self {
-            SniRefusal::Mismatch { .. } => "sni_mismatch",
+            SniRefusal::Mismatch { .. } | SniRefusal::NoSni => "sni_mismatch",
             SniRefusal::BadHello => "bad_client_hello",
             SniRefusal::Idle => "idle_timeout",
             SniRefusal::Shutdown => "shutdown",
@@ -60,7 +63,13 @@ pub(crate) async fn check(
 ) -> Result<(), SniRefusal> {
     loop {
         match hello::parse(early) {
-            Hello::NotTls | Hello::Complete { sni: None } => return Ok(()),
+            Hello::NotTls => return Ok(()),
+            // An address has no name to agree with; a name must be in the hello.
+            Hello::Complete { sni: None } if matches!(target, Target::Ip(_)) => return Ok(()),
+            Hello::Complete { sni: None } => {
+                tracing::warn!(destination = %target, "tunnel refused: the ClientHello has no SNI, and the CONNECT names a host (sni_mismatch)");
+                return Err(SniRefusal::NoSni);
+            }
             Hello::Complete { sni: Some(sni) } if names_target(&sni, target) => return Ok(()),
             Hello::Complete { sni: Some(sni) } => return Err(SniRefusal::Mismatch { sni }),
             Hello::Malformed => return Err(SniRefusal::BadHello),
