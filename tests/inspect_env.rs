@@ -5,7 +5,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::Duration;
 
 use support::*;
 
@@ -109,25 +108,9 @@ async fn curl_and_python_reach_an_upstream_with_only_the_printed_variables() {
     let script = work.write("env.sh", &script);
     let run = |cmd: String| {
         let script = script.clone();
-        async move {
-            let out = within(
-                Duration::from_secs(30),
-                "client",
-                tokio::process::Command::new("sh")
-                    .args(["-c", &format!(". {} && {cmd}", script.display())])
-                    .env_clear()
-                    .env("PATH", std::env::var("PATH").unwrap_or_default())
-                    .output(),
-            )
-            .await
-            .expect("run client");
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
+        async move { run_sourced(&script, &cmd).await }
     };
+
     let url = format!("http://api.test:{port}/ok/curl");
     let (code, out, err) = run(format!("curl -sS {url}")).await;
     assert_eq!((code, out.as_str()), (Some(0), "hello from api /ok/curl\n"), "{err}");

@@ -561,27 +561,6 @@ async fn passthrough_hosts_are_never_terminated_and_plain_bytes_are_not_tls() {
     assert!(lab.all_records().iter().all(|r| r["host"] != "pass.test" || r["inspected"].is_null()));
 }
 
-/// Runs `cmd` in a shell that sourced `script` and nothing else (PATH aside).
-async fn sourced(script: &std::path::Path, cmd: &str) -> (Option<i32>, String, String) {
-    let out = within(
-        Duration::from_secs(40),
-        "client",
-        tokio::process::Command::new("sh")
-            .args(["-c", &format!(". {} && {cmd}", script.display())])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run client");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_python_and_node_work_with_only_what_sluice_env_prints() {
     let lab = lab("credential").await;
@@ -596,20 +575,20 @@ async fn curl_python_and_node_work_with_only_what_sluice_env_prints() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let script = work.write("env.sh", &out.stdout);
     let url = |p: &str| lab.url("api.test", p);
-    let (code, out, err) = sourced(&script, &format!("curl -sS {}", url("/ok/curl"))).await;
+    let (code, out, err) = run_sourced(&script, &format!("curl -sS {}", url("/ok/curl"))).await;
     assert_eq!((code, out.as_str()), (Some(0), "hello from api /ok/curl\n"), "{err}");
     let py = format!(
         "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"{}\").read().decode(), end=\"\")'",
         url("/ok/python")
     );
-    let (code, out, err) = sourced(&script, &py).await;
+    let (code, out, err) = run_sourced(&script, &py).await;
     assert_eq!((code, out.as_str()), (Some(0), "hello from api /ok/python\n"), "{err}");
     // Python sees the refusal as an HTTP error with sluice's status.
     let py = format!(
         "python3 -c 'import urllib.request, urllib.error\ntry:\n  urllib.request.urlopen(\"{}\")\nexcept urllib.error.HTTPError as e:\n  print(e.code, e.headers[\"x-sluice-decision\"])'",
         url("/nope")
     );
-    let (code, out, err) = sourced(&script, &py).await;
+    let (code, out, err) = run_sourced(&script, &py).await;
     assert_eq!((code, out.trim()), (Some(0), "403 deny; reason=no_request_rule; policy=lab"), "{err}");
     // Node 20 has no proxy support of its own: the script opens the CONNECT from HTTPS_PROXY, and
     // node's TLS trusts sluice through NODE_EXTRA_CA_CERTS.
@@ -630,7 +609,7 @@ http.request({{host: p.hostname, port: p.port, method: "CONNECT", path: t.host, 
 '"#,
         url("/ok/node")
     );
-    let (code, out, err) = sourced(&script, &node).await;
+    let (code, out, err) = run_sourced(&script, &node).await;
     assert_eq!((code, out.as_str()), (Some(0), "200 hello from api /ok/node\n"), "{err}");
     let records = lab.inspected(4).await;
     let got: Vec<(String, String, String)> = records
@@ -715,7 +694,7 @@ async fn git_clones_over_https_through_a_terminated_tunnel_and_its_push_is_refus
         work.display(),
         work.display()
     );
-    let (code, out, err) = sourced(&script, &clone).await;
+    let (code, out, err) = run_sourced(&script, &clone).await;
     assert_eq!((code, out.as_str()), (Some(0), "through sluice\n"), "{err}");
     // A push is not among the rules: refused inside the tunnel, and the upstream never sees it.
     let push = format!(
@@ -724,7 +703,7 @@ async fn git_clones_over_https_through_a_terminated_tunnel_and_its_push_is_refus
         work.display(),
         work.display()
     );
-    let (code, _, err) = sourced(&script, &push).await;
+    let (code, _, err) = run_sourced(&script, &push).await;
     assert_ne!(code, Some(0), "the push must fail");
     assert!(err.contains("403"), "{err}");
     assert_eq!(state.by_path.lock().unwrap().keys().filter(|k| k.contains("receive-pack")).count(), 0);

@@ -713,6 +713,28 @@ pub fn egress_token(key: &[u8], sid: &str, policy: &str, iat: u64, exp: u64) -> 
 }
 
 /// The `Proxy-Authorization` value for `sid:token`.
+/// Runs `cmd` in a shell that sourced `script` and nothing else (PATH aside): a client configured only by
+/// what `sluice env` prints. Bounded at 40 s; returns the exit code, stdout and stderr.
+pub async fn run_sourced(script: &Path, cmd: &str) -> (Option<i32>, String, String) {
+    let out = within(
+        Duration::from_secs(40),
+        "client",
+        tokio::process::Command::new("sh")
+            .args(["-c", &format!(". {} && {cmd}", script.display())])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run client");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn basic(sid: &str, token: &str) -> String {
     use base64::Engine;
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{token}")))
