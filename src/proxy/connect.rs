@@ -249,7 +249,11 @@ pub(crate) async fn serve_first(
             Ok(session) => {
                 record.identified(&session);
                 let opened = open(proxy, &session, &request.target, &mut record).await;
-                opened.map(|o| (o, session.clone())).map_err(|refusal| session.names(refusal).closing(true))
+                // The session moves on with the tunnel (an inspected one needs it), not cloned per CONNECT.
+                match opened {
+                    Ok(o) => Ok((o, session)),
+                    Err(refusal) => Err(session.names(refusal).closing(true)),
+                }
             }
         };
         match opened {
