@@ -79,29 +79,40 @@ impl Hasher for KeyHasher {
 
 type KeyState = BuildHasherDefault<KeyHasher>;
 
-/// One session's entry, inline in its shard's map: what every request touches, in one small bucket.
+/// One session's entry, inline in its shard's map: only what every request touches. With its key the bucket is
+/// 32 bytes, so it never straddles two cache lines (at 48 bytes half the buckets did): a check over many
+/// sessions misses the cache once for the bucket, not one and a half times.
 #[derive(Debug)]
 struct Session {
-    /// Nanoseconds since the limiter started at which housekeeping last saw the session active (a request
-    /// or refusal since its previous pass, or a tunnel open), or at which it was created. Kept by housekeeping
-    /// rather than by every check, which would read the clock once more.
-    last_seen: u64,
-    requests: AtomicU64,
     /// The request rate's GCRA state: its theoretical arrival time, in nanoseconds on the limiter's timeline
     /// (0: none yet, or replenished and cleared by housekeeping). Kept here rather than in a keyed store of
     /// governor's own so that a check finds the session once.
     tat: AtomicU64,
+    /// Requests allowed, modulo 2³²: housekeeping folds them into [`Shared::requests`] on every pass (no session
+    /// makes 2³² requests between two passes), so the hot count stays 4 bytes.
+    requests: AtomicU32,
     /// The slot of the quota that last wrote `tat`: its replenish interval says when the state is forgettable.
     slot: AtomicU32,
-    /// The low bits of `requests` plus refusals at housekeeping's last pass: a change is activity.
-    seen: u32,
     /// The rarely touched part, shared with the session's leases and meters.
     shared: Arc<Shared>,
 }
 
+// The bucket (key and entry) is what a check misses the cache for: keep it at half a cache line.
+const _: () = assert!(std::mem::size_of::<(SessionKey, Session)>() == 32);
+
 /// A session's counters that its leases and meters update after the check, wherever they are.
 #[derive(Debug, Default)]
 struct Shared {
+    /// Nanoseconds since the limiter started at which housekeeping last saw the session active (a request
+    /// or refusal since its previous pass, or a tunnel open), or at which it was created. Kept by housekeeping
+    /// rather than by every check, which would read the clock once more.
+    last_seen: AtomicU64,
+    /// Requests allowed up to the entry's count [`Shared::requests_mark`], as of housekeeping's last pass.
+    requests: AtomicU64,
+    /// The entry's (wrapping) request count at housekeeping's last pass.
+    requests_mark: AtomicU32,
+    /// `rate_limited` at housekeeping's last pass: a change is activity.
+    refused_mark: AtomicU64,
     tunnels: AtomicU32,
     rate_limited: AtomicU64,
     /// What the session's tunnels and requests report to through their meters, so its counts are live.
@@ -163,21 +174,39 @@ impl TunnelSlot for Shared {
 
 impl Session {
     fn new(now: u64) -> Self {
+        let shared = Shared { last_seen: AtomicU64::new(now), ..Shared::default() };
         Session {
-            last_seen: now,
-            requests: AtomicU64::new(0),
             tat: AtomicU64::new(0),
+            requests: AtomicU32::new(0),
             slot: AtomicU32::new(DEFAULT_SLOT),
-            seen: 0,
-            shared: Arc::default(),
+            shared: Arc::new(shared),
         }
+    }
+
+    /// Every request the session was allowed: what housekeeping folded, plus what the entry counted since.
+    fn requests(&self) -> u64 {
+        let since =
+            self.requests.load(Ordering::Relaxed).wrapping_sub(self.shared.requests_mark.load(Ordering::Relaxed));
+        self.shared.requests.load(Ordering::Relaxed) + u64::from(since)
+    }
+
+    /// Housekeeping's pass over the entry (under its shard's write lock): folds the request count and says
+    /// whether the session was active since the last pass.
+    fn fold(&self) -> bool {
+        let shared = &self.shared;
+        let count = self.requests.load(Ordering::Relaxed);
+        let since = count.wrapping_sub(shared.requests_mark.swap(count, Ordering::Relaxed));
+        shared.requests.fetch_add(u64::from(since), Ordering::Relaxed);
+        let refused = shared.rate_limited.load(Ordering::Relaxed);
+        let refused_before = shared.refused_mark.swap(refused, Ordering::Relaxed);
+        since != 0 || refused != refused_before
     }
 
     fn stats(&self) -> SessionStats {
         let (bytes_up, bytes_down) = self.shared.bytes.totals();
         let budget = self.shared.current_budget();
         SessionStats {
-            requests: self.requests.load(Ordering::Relaxed),
+            requests: self.requests(),
             rate_limited: self.shared.rate_limited.load(Ordering::Relaxed),
             bytes_up,
             bytes_down,
@@ -550,13 +579,10 @@ where
             // Checks hold the read lock, so no state changes under this one.
             let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
             map.retain(|_, s| {
-                let count =
-                    s.requests.load(Ordering::Relaxed).wrapping_add(s.shared.rate_limited.load(Ordering::Relaxed));
+                let active = s.fold();
                 let open = s.shared.tunnels.load(Ordering::Acquire) > 0;
-                // Truncated: a change is all that matters, and no session makes 2³² requests between passes.
-                if count as u32 != s.seen || open {
-                    s.seen = count as u32;
-                    s.last_seen = now;
+                if active || open {
+                    s.shared.last_seen.store(now, Ordering::Relaxed);
                 }
                 // As governor forgets: a state one interval past is indistinguishable from a fresh one.
                 let tat = s.tat.load(Ordering::Relaxed);
@@ -564,7 +590,7 @@ where
                 if tat != 0 && tat <= now.saturating_sub(interval) {
                     s.tat.store(0, Ordering::Relaxed);
                 }
-                let since = now.saturating_sub(s.last_seen);
+                let since = now.saturating_sub(s.shared.last_seen.load(Ordering::Relaxed));
                 open || since < idle || s.tat.load(Ordering::Relaxed) != 0 || s.holds_quota()
             });
             // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
