@@ -3,11 +3,15 @@
 //! `cargo bench --bench tunnel` builds the release `sluice` binary (cargo builds a package's binaries
 //! for its benches), starts it as a child process with a generated config (decision log on, to a
 //! file), starts echo and source sinks on 127.0.0.1, and measures each figure without a proxy, through
-//! it, and through a bare relay (the least a CONNECT proxy can do, in this process: the machine's
-//! ceiling for any user-space proxy) in the same run, round after round (the median is reported).
+//! it, and through a bare relay in the same run, round after round (the median is reported). The bare
+//! relay is the least a CONNECT proxy can do (read the head, dial, answer `200`, copy), run as a process
+//! of its own like the proxies it is the floor for: this bench binary re-executed with
+//! `SLUICE_BENCH_ROLE=relay`, one current-thread tokio runtime, its RSS and CPU read like theirs.
 //! When `haproxy` is installed it is started too, as a plain TCP relay (`mode tcp`, forced splice, two
 //! threads) with one port per sink, and the load speaks straight to it (no CONNECT): every round prints
-//! sluice ÷ HAProxy for each figure, the goal for a proxy that also parses, decides and logs.
+//! sluice ÷ HAProxy for each figure, the goal for a proxy that also parses, decides and logs, and beside
+//! it bare relay ÷ HAProxy: what CONNECT's extra round trip (the `200` before the first byte) costs
+//! even a proxy that does nothing else.
 //!
 //! Environment:
 //! - `SLUICE_BENCH_SECS` (default 2): seconds per measurement; `SLUICE_BENCH_ROUNDS` (default 3).
@@ -31,6 +35,7 @@
 //!   `SLUICE_BENCH_MITMDUMP=/path/to/mitmdump`, through mitmproxy too (same CA, `ssl_verify_upstream_trusted_ca`,
 //!   an addon that sends every upstream connection to 127.0.0.1).
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -195,42 +200,87 @@ async fn source_sink() -> SocketAddr {
 
 /// The least a CONNECT proxy can do: read the head, dial 127.0.0.1 at the port it names, answer `200`,
 /// copy both ways (64 KiB buffers). No policy, no log, no limits: what it reaches is the machine's
-/// ceiling for a user-space relay, so a proxy's ratio can be read against it.
-async fn bare_relay() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the bare relay");
-    let addr = listener.local_addr().expect("bare relay address");
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let _ = client.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut head = Vec::with_capacity(256);
-                let mut buf = [0u8; 1024];
-                let end = loop {
-                    match client.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                    if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let text = String::from_utf8_lossy(&head[..end]);
-                let Some(port) = text.split_whitespace().nth(1).and_then(|a| a.rsplit_once(':')?.1.parse::<u16>().ok())
-                else {
-                    return;
-                };
-                let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", port)).await else { return };
-                let _ = upstream.set_nodelay(true);
-                if upstream.write_all(&head[end..]).await.is_err()
-                    || client.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err()
-                {
-                    return;
+/// ceiling for a user-space CONNECT relay, so a proxy's ratio can be read against it. A floor for
+/// latency only: it copies through user space (no splice) and each tunnel keeps its two buffers,
+/// allocated zeroed when the copy starts, so its CPU per GiB and idle RSS are a naive relay's.
+async fn bare_relay(listener: TcpListener) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        let _ = client.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(256);
+            let mut buf = [0u8; 1024];
+            let end = loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
                 }
-                let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 65536, 65536).await;
-            });
-        }
+                if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+            };
+            let text = String::from_utf8_lossy(&head[..end]);
+            let Some(port) = text.split_whitespace().nth(1).and_then(|a| a.rsplit_once(':')?.1.parse::<u16>().ok())
+            else {
+                return;
+            };
+            let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", port)).await else { return };
+            let _ = upstream.set_nodelay(true);
+            if upstream.write_all(&head[end..]).await.is_err()
+                || client.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err()
+            {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 65536, 65536).await;
+        });
+    }
+}
+
+/// Set (to `relay`) in the environment of this bench binary re-run as the bare relay's process.
+const ROLE: &str = "SLUICE_BENCH_ROLE";
+
+/// The bare relay's process: prints its `127.0.0.1:port` on stdout (one line) and serves until stdin
+/// closes (the bench holds the other end, so the relay goes with it however the bench ends) or it is
+/// killed.
+fn serve_relay() {
+    // One current-thread runtime: every tunnel's accept, dial and both copy directions run on the one
+    // thread that epoll woke, so no tunnel pays a cross-thread wake-up (a multi-thread runtime's I/O
+    // driver, shared by its workers, hands woken tasks between them). That is the least a tunnel one at
+    // a time can cost, which is what the relay is there to show; it is also how each of HAProxy's two
+    // threads runs its connections. Counted over 1,000 tunnels one at a time (strace -c -f; ctxt_switches):
+    // 28.7 syscalls and 4.4 context switches per tunnel here, 35.1 (4.0 of them futex) and 9.6 with two
+    // workers; HAProxy 34.4 and 4.9. At 64 concurrent it has one core where HAProxy and sluice have
+    // two, but on this 2-core machine the load generator and sinks hold the other.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("relay runtime");
+    runtime.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the bare relay");
+        let addr = listener.local_addr().expect("bare relay address");
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+        println!("{addr}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        bare_relay(listener).await;
     });
-    addr
+}
+
+/// Starts the bare relay as a child (this binary again, with [`ROLE`] set) and reads its address.
+fn start_relay() -> (Process, SocketAddr) {
+    let exe = std::env::current_exe().expect("the bench binary's path");
+    let mut child = Command::new(exe)
+        .env(ROLE, "relay")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the bare relay");
+    let stdout = child.stdout.take().expect("the relay's stdout is piped");
+    let process = Process { child, dir: None };
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("read the bare relay's address");
+    let addr = line.trim().parse().unwrap_or_else(|_| panic!("the bare relay printed {line:?}, not its address"));
+    eprintln!("bare relay: pid {}, {addr}", process.child.id());
+    (process, addr)
 }
 
 /// What one load run gives: tunnels per second, the p50 and p99 of one whole exchange (open, echo,
@@ -350,24 +400,27 @@ fn raise_nofile_limit() {
     }
 }
 
-/// A child process (sluice or HAProxy) with its generated files; killed on drop.
+/// A child process (sluice, HAProxy or the bare relay) with its generated files, if any; killed on drop.
 struct Process {
     child: Child,
-    dir: PathBuf,
+    dir: Option<PathBuf>,
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
-/// The sluice child and the address it listens on.
+/// The sluice child, the address it listens on and its decision log.
 struct Sluice {
     process: Process,
     addr: SocketAddr,
+    log: PathBuf,
 }
 
 fn start_sluice(inspect: Option<&InspectSetup>) -> Sluice {
@@ -424,7 +477,7 @@ fn start_sluice(inspect: Option<&InspectSetup>) -> Sluice {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start target/release/sluice");
-    let mut process = Process { child, dir };
+    let mut process = Process { child, dir: Some(dir) };
     // With `[log] file` set, the "sluice listening" line goes to that file.
     let started = Instant::now();
     let addr = loop {
@@ -440,7 +493,7 @@ fn start_sluice(inspect: Option<&InspectSetup>) -> Sluice {
         assert!(started.elapsed() < Duration::from_secs(10), "sluice did not log \"sluice listening\" in 10s");
         std::thread::sleep(Duration::from_millis(20));
     };
-    Sluice { process, addr }
+    Sluice { process, addr, log }
 }
 
 /// HAProxy as the bench's reference relay: one `mode tcp` frontend per sink, forced splice both ways,
@@ -478,7 +531,7 @@ fn start_haproxy(sinks: &[SocketAddr]) -> Result<(Process, Route), String> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("start {bin:?}: {e}"))?;
-    let mut process = Process { child, dir };
+    let mut process = Process { child, dir: Some(dir) };
     let started = Instant::now();
     for &(_, port) in &ports {
         while std::net::TcpStream::connect(port).is_err() {
@@ -522,10 +575,10 @@ impl Figure {
         median(self.0[which as usize].clone())
     }
 
-    /// This round's (the last pushed) sluice ÷ HAProxy.
-    fn last_ratio(&self) -> f64 {
+    /// This round's (the last pushed) figure on `which` ÷ HAProxy's.
+    fn last_ratio(&self, which: Which) -> f64 {
         let last = |w: Which| self.0[w as usize].last().copied().unwrap_or(f64::NAN);
-        last(Which::Proxy) / last(Which::HaProxy)
+        last(which) / last(Which::HaProxy)
     }
 }
 
@@ -538,13 +591,16 @@ struct Samples {
     thr1: Figure,
     thr8: Figure,
     tls1: Figure,
-    /// Only the proxy and HAProxy have a process of their own to read.
+    /// Only the proxy, the bare relay and HAProxy have a process of their own to read.
     cpu_per_1000_ms: Figure,
     cpu_per_gib_ms: Figure,
     idle_kib: Figure,
 }
 
 fn main() {
+    if std::env::var_os(ROLE).is_some_and(|r| r == "relay") {
+        return serve_relay();
+    }
     // `cargo bench` passes `--bench`; a filter argument is accepted and ignored.
     raise_nofile_limit();
     let settings = Settings {
@@ -590,22 +646,20 @@ fn main() {
             (None, None, None)
         }
     };
-    // The floor for any proxy on this machine: a relay that does nothing but relay, on a thread of its own.
-    let relay_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("relay")
-        .enable_all()
-        .build()
-        .expect("relay runtime");
-    let relay = Route::Proxy { addr: relay_runtime.block_on(bare_relay()), target: "127.0.0.1".into() };
+    // The floor for any CONNECT proxy on this machine: a relay that does nothing but relay, in a process
+    // of its own (started after the nofile limit is raised, so it inherits it).
+    let (relay_process, relay_addr) = start_relay();
+    let relay_pid = relay_process.child.id();
+    let relay = Route::Proxy { addr: relay_addr, target: "127.0.0.1".into() };
     let mut routes = vec![(Route::Direct, Which::Direct), (proxy.clone(), Which::Proxy), (relay, Which::Relay)];
     if let Some(route) = &haproxy_route {
         routes.push((route.clone(), Which::HaProxy));
     }
     let pid_of = |which: Which| match which {
         Which::Proxy => pid,
+        Which::Relay => Some(relay_pid),
         Which::HaProxy => haproxy_pid,
-        Which::Direct | Which::Relay => None,
+        Which::Direct => None,
     };
     let s = &settings;
     let samples = runtime.block_on(async {
@@ -653,25 +707,29 @@ fn main() {
                 m.thr8.push(which, gbit);
             }
             if haproxy.is_some() {
-                eprintln!(
-                    "round {}: sluice ÷ HAProxy: {:.2} tunnels/s c=64, {:.2} tunnels/s c=1, {:.2} p50 c=1, \
-                     {:.2} 1-tunnel throughput, {:.2} 8-tunnel throughput, {:.2} CPU/1000 tunnels, \
-                     {:.2} CPU/GiB, {:.2} TLS tunnels/s c=1",
-                    round + 1,
-                    m.rate64.last_ratio(),
-                    m.rate1.last_ratio(),
-                    m.p50_1.last_ratio(),
-                    m.thr1.last_ratio(),
-                    m.thr8.last_ratio(),
-                    m.cpu_per_1000_ms.last_ratio(),
-                    m.cpu_per_gib_ms.last_ratio(),
-                    m.tls1.last_ratio(),
-                );
+                let figures: [(&Figure, &str); 8] = [
+                    (&m.rate64, "tunnels/s c=64"),
+                    (&m.rate1, "tunnels/s c=1"),
+                    (&m.p50_1, "p50 c=1"),
+                    (&m.thr1, "1-tunnel throughput"),
+                    (&m.thr8, "8-tunnel throughput"),
+                    (&m.cpu_per_1000_ms, "CPU/1000 tunnels"),
+                    (&m.cpu_per_gib_ms, "CPU/GiB"),
+                    (&m.tls1, "TLS tunnels/s c=1"),
+                ];
+                let ratios: Vec<String> = figures
+                    .iter()
+                    .map(|(f, name)| {
+                        format!("{:.2} ({:.2}) {name}", f.last_ratio(Which::Proxy), f.last_ratio(Which::Relay))
+                    })
+                    .collect();
+                eprintln!("round {}: sluice ÷ HAProxy (bare relay ÷ HAProxy): {}", round + 1, ratios.join(", "));
             }
         }
         m
     });
     report(&settings, &samples, sluice.as_ref(), haproxy.is_some());
+    drop(relay_process);
     if let Some(setup) = &inspect_setup {
         let rows = runtime.block_on(inspected_rows(setup, proxy_addr, pid, &settings));
         rows.report(&settings, "sluice");
@@ -781,14 +839,16 @@ fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
     let idle = m.idle_kib.median(Which::Proxy);
     let cpu = m.cpu_per_1000_ms.median(Which::Proxy);
     println!(
-        "| proxy RSS per idle open tunnel (KiB) | — | {} | — | {} | — | — | ≤ 12 KiB | {} |",
+        "| proxy RSS per idle open tunnel (KiB) | — | {} | {} | {} | — | — | ≤ 12 KiB | {} |",
         num(idle, 1),
+        num(m.idle_kib.median(Which::Relay), 1),
         num(m.idle_kib.median(Which::HaProxy), 1),
         if idle.is_nan() { "n/a" } else { met(idle <= 12.0) }
     );
     println!(
-        "| proxy CPU per 1,000 tunnels (ms) | — | {} | — | {} | — | — | ≤ 100 ms | {} |",
+        "| proxy CPU per 1,000 tunnels (ms) | — | {} | {} | {} | — | — | ≤ 100 ms | {} |",
         num(cpu, 0),
+        num(m.cpu_per_1000_ms.median(Which::Relay), 0),
         num(m.cpu_per_1000_ms.median(Which::HaProxy), 0),
         if cpu.is_nan() { "n/a" } else { met(cpu <= 100.0) }
     );
@@ -803,8 +863,10 @@ fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
     );
     if haproxy {
         println!();
-        println!("| figure, sluice ÷ HAProxy tcp relay | sluice | HAProxy | ratio | target | met |");
-        println!("|---|---:|---:|---:|---|---|");
+        println!(
+            "| figure, sluice ÷ HAProxy tcp relay | sluice | HAProxy | ratio | bare relay | bare relay ÷ HAProxy | target | met |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---|---|");
         // (name, figure, precision, target, whether a higher ratio is better)
         let rows: [(&str, &Figure, usize, f64, bool); 9] = [
             ("tunnels/s, 64 concurrent (open, 1 echo, close)", &m.rate64, 0, 0.95, true),
@@ -818,21 +880,22 @@ fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
             ("TLS tunnels/s, 1 at a time (CONNECT + handshake + echo)", &m.tls1, 0, 0.95, true),
         ];
         for (name, f, prec, target, higher) in rows {
-            let (p, h) = (f.median(Which::Proxy), f.median(Which::HaProxy));
+            let (p, b, h) = (f.median(Which::Proxy), f.median(Which::Relay), f.median(Which::HaProxy));
             let r = p / h;
             let (sign, ok) = if higher { ("≥", r >= target) } else { ("≤", r <= target) };
             println!(
-                "| {name} | {} | {} | {} | {sign} {target:.2} | {} |",
+                "| {name} | {} | {} | {} | {} | {} | {sign} {target:.2} | {} |",
                 num(p, prec),
                 num(h, prec),
                 num(r, 2),
+                num(b, prec),
+                num(b / h, 2),
                 if r.is_nan() { "n/a" } else { met(ok) }
             );
         }
     }
     if let Some(sluice) = sluice {
-        let log = sluice.process.dir.join("decisions.log");
-        let lines = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
+        let lines = std::fs::read_to_string(&sluice.log).map(|t| t.lines().count()).unwrap_or(0);
         println!();
         println!("decision log: {lines} lines written");
     }
