@@ -44,6 +44,14 @@ impl Shutdown {
     }
 }
 
+/// Ready once `token` is cancelled, holding no waiter of its own: the hard stop as seen from inside a task
+/// [`Shutdown::spawn`] runs, whose wrapper already waits for it and polls the task first when it comes, so the
+/// task ends in its own words (a tunnel writes its closing line, `end = shutdown`) before it is dropped. Eight
+/// bytes where a waiter of its own took 72 in every open tunnel, and no lock taken per tunnel to register it.
+pub fn stopping(token: &CancellationToken) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |_| if token.is_cancelled() { Poll::Ready(()) } else { Poll::Pending })
+}
+
 pin_project_lite::pin_project! {
     /// A task that ends at the hard stop: the task and the wait side by side in one value (an async block
     /// that captured the task and then selected on it would hold it twice; boxing it cost an allocation
@@ -61,6 +69,7 @@ impl<F: Future<Output = ()>> Future for UntilStopped<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
+        // The task first: woken by the stop, it sees it (see [`stopping`]) and finishes before it is dropped.
         if this.task.poll(cx).is_ready() || this.stop.poll(cx).is_ready() {
             return Poll::Ready(());
         }

@@ -94,28 +94,31 @@ pub async fn serve(socket: TcpListener, proxy: Arc<EgressProxy>) {
     listen::serve(listener, shutdown, move |accepted| serve_connection(accepted, proxy.clone())).await;
 }
 
-async fn serve_connection(accepted: Accepted, proxy: Arc<EgressProxy>) {
+/// A block rather than an `async fn`, which would keep its arguments twice for the connection's life.
+fn serve_connection(accepted: Accepted, proxy: Arc<EgressProxy>) -> impl Future<Output = ()> + Send {
     let Accepted { stream, peer, slot } = accepted;
-    // The head guard enforces the head limits with worded answers; hyper's own are a backstop.
-    let limits = head::HeadLimits {
-        max_head: proxy.config.max_header_bytes,
-        head_timeout: proxy.config.header_timeout.0,
-        idle_timeout: proxy.config.idle_timeout.0,
-    };
-    let guard = head::HeadGuard::new(stream, limits);
-    let draining = proxy.shutdown.draining.clone();
-    // The opening (head, identity, admission, dial) and hyper's connection are boxed, each only while
-    // it runs: this task is as large as its largest state for as long as it lives, and an open tunnel
-    // needs only its own (`connect::Tunnel`), a fraction of theirs.
-    // (Bound first: a temporary in a `match` scrutinee would live, boxed state and all, to its end.)
-    let first = Box::pin(connect::serve_first(guard, &proxy, peer, &draining)).await;
-    let guard = match first {
-        connect::First::Done => return,
-        // The connection's slot is held by its tunnel too: the cap counts both.
-        connect::First::Tunnel(tunnel) => return connect::run(&proxy, tunnel).await,
-        connect::First::Http(guard) => guard,
-    };
-    Box::pin(serve_http(guard, proxy, peer, slot, draining)).await;
+    async move {
+        // The head guard enforces the head limits with worded answers; hyper's own are a backstop.
+        let limits = head::HeadLimits {
+            max_head: proxy.config.max_header_bytes,
+            head_timeout: proxy.config.header_timeout.0,
+            idle_timeout: proxy.config.idle_timeout.0,
+        };
+        let guard = head::HeadGuard::new(stream, limits);
+        let draining = proxy.shutdown.draining.clone();
+        // The opening (head, identity, admission, dial) and hyper's connection are boxed, each only while
+        // it runs: this task is as large as its largest state for as long as it lives, and an open tunnel
+        // needs only its own (`connect::Tunnel`), a fraction of theirs.
+        // (Bound first: a temporary in a `match` scrutinee would live, boxed state and all, to its end.)
+        let first = Box::pin(connect::serve_first(guard, &proxy, peer, &draining)).await;
+        let guard = match first {
+            connect::First::Done => return,
+            // The connection's slot is held by its tunnel too: the cap counts both.
+            connect::First::Tunnel(tunnel) => return connect::run(&proxy, tunnel).await,
+            connect::First::Http(guard) => guard,
+        };
+        Box::pin(serve_http(guard, proxy, peer, slot, draining)).await;
+    }
 }
 
 /// A connection whose next request is not a CONNECT: hyper serves it (and any CONNECT after it).

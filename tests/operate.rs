@@ -326,3 +326,41 @@ fn decision_log_has_one_line_per_request_and_no_secret() {
     assert!(!log.contains(&token[3..40]), "part of the token leaked into the log");
     assert!(!log.contains(key), "the signing key leaked into the log");
 }
+
+#[test]
+fn a_tunnel_still_open_after_the_grace_is_closed_and_its_line_says_shutdown() {
+    let echo = echo_upstream();
+    let (dir, _) = workspace(echo);
+    let config = config("").replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"");
+    let mut sluice = Sluice::start(dir.path(), &config);
+
+    let mut tunnel = TcpStream::connect(sluice.egress).unwrap();
+    tunnel.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    write!(tunnel, "CONNECT a.test:{echo} HTTP/1.1\r\nHost: a.test:{echo}\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tunnel.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+        assert!(head.len() < 4096, "unterminated response head");
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&head));
+    tunnel.write_all(b"hello!").unwrap();
+    let mut buf = [0u8; 6];
+    tunnel.read_exact(&mut buf).unwrap();
+
+    // The client keeps the tunnel open and quiet: the hard stop after the grace closes it.
+    sluice.signal("TERM");
+    let start = Instant::now();
+    let n = tunnel.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the tunnel carried bytes after the hard stop");
+    assert!(start.elapsed() < Duration::from_secs(6), "the tunnel outlived the grace by {:?}", start.elapsed());
+    let start = Instant::now();
+    while sluice.child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(5), "did not exit after the hard stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // It ended in its own words, not dropped: the closing line is written and names the stop.
+    let line = wait_for(&sluice.log, "\"end\":\"shutdown\"", Duration::from_secs(2));
+    assert!(line.contains("\"event\":\"tunnel_closed\"") && line.contains("\"bytes_up\":6"), "{line}");
+}

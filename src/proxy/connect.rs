@@ -149,41 +149,49 @@ async fn start(proxy: &EgressProxy, tunnel: &mut Tunnel) -> bool {
 }
 
 /// Runs a [`start`]ed tunnel to its end, then counts it and writes its closing line.
-pub(crate) async fn run(proxy: &EgressProxy, tunnel: Tunnel) {
-    // The tunnel's parts are used where they are, not moved out: a moved-out copy would take room of its
-    // own in this future, for the tunnel's whole life.
-    let record = &tunnel.record;
-    let metrics = &proxy.metrics;
-    let idle = proxy.config.idle_timeout.0;
-    // The session's limiter sees the tunnel's bytes as they move.
-    let meter = tunnel.permit.as_ref().map(|lease| lease.meter());
-    let budget = meter.as_ref().and_then(|m| m.budget().cloned());
-    let counters = Arc::new(Counters::metered(meter));
-    // Pinned here and handed on by reference: the engines would otherwise hold copies of it.
-    let stop = std::pin::pin!(proxy.shutdown.hard_stop.cancelled());
-    let upstream = tunnel.upstream;
-    let stats = match tunnel.client {
-        ClientSide::Tcp(client, early) => tunnel::run_tcp(client, upstream, early, idle, counters.clone(), stop).await,
-        // Boxed: hyper hands back something other than its socket only in theory, and this engine's
-        // state would otherwise be every tunnel's.
-        ClientSide::Upgraded(upgraded) => {
-            Box::pin(tunnel::run(TokioIo::new(upgraded), upstream, idle, counters.clone(), stop)).await
+///
+/// A block rather than an `async fn`: an `async fn` keeps its arguments twice in its future (as captured and as
+/// bound), and this one lives as long as the tunnel.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub(crate) fn run(proxy: &EgressProxy, tunnel: Tunnel) -> impl Future<Output = ()> + Send + '_ {
+    async move {
+        // The tunnel's parts are used where they are, not moved out: a moved-out copy would take room of its
+        // own in this future, for the tunnel's whole life.
+        let record = &tunnel.record;
+        let metrics = &proxy.metrics;
+        let idle = proxy.config.idle_timeout.0;
+        // The session's limiter sees the tunnel's bytes as they move.
+        let meter = tunnel.permit.as_ref().map(|lease| lease.meter());
+        let budget = meter.as_ref().and_then(|m| m.budget().cloned());
+        let counters = Arc::new(Counters::metered(meter));
+        // The task's wrapper waits for the hard stop; the tunnel only looks (see `listen::stopping`).
+        let stop = crate::listen::stopping(&proxy.shutdown.hard_stop);
+        let upstream = tunnel.upstream;
+        let stats = match tunnel.client {
+            ClientSide::Tcp(client, early) => {
+                tunnel::run_tcp(client, upstream, early, idle, counters.clone(), stop).await
+            }
+            // Boxed: hyper hands back something other than its socket only in theory, and this engine's
+            // state would otherwise be every tunnel's.
+            ClientSide::Upgraded(upgraded) => {
+                Box::pin(tunnel::run(TokioIo::new(upgraded), upstream, idle, counters.clone(), stop)).await
+            }
+        };
+        metrics.shaped(counters.shaping_wait());
+        if stats.end == tunnel::TunnelEnd::QuotaExceeded {
+            metrics.quota_closed_tunnels.inc();
+            // Listed in `/v1/denials` like a refused request: the session sees why its tunnel ended.
+            if let Some(spent) = budget.as_ref().and_then(|b| b.spent()) {
+                record.quota_closed(proxy, &spent.refusal(crate::credential::now_unix()));
+            }
         }
-    };
-    metrics.shaped(counters.shaping_wait());
-    if stats.end == tunnel::TunnelEnd::QuotaExceeded {
-        metrics.quota_closed_tunnels.inc();
-        // Listed in `/v1/denials` like a refused request: the session sees why its tunnel ended.
-        if let Some(spent) = budget.as_ref().and_then(|b| b.spent()) {
-            record.quota_closed(proxy, &spent.refusal(crate::credential::now_unix()));
+        metrics.open_tunnels.dec();
+        drop(tunnel.permit);
+        if stats.end == tunnel::TunnelEnd::UpstreamError {
+            metrics.upstream_resets.inc();
         }
+        record.closed(proxy, stats.bytes_up, stats.bytes_down, stats.end.as_str(), None);
     }
-    metrics.open_tunnels.dec();
-    drop(tunnel.permit);
-    if stats.end == tunnel::TunnelEnd::UpstreamError {
-        metrics.upstream_resets.inc();
-    }
-    record.closed(proxy, stats.bytes_up, stats.bytes_down, stats.end.as_str(), None);
 }
 
 /// Ends a tunnel the SNI check refused: an `access_denied` alert to the client (it is speaking TLS)

@@ -174,47 +174,52 @@ where
 
 /// Runs a socket-to-socket tunnel. `early` are bytes the client sent before the tunnel opened (read
 /// along with its CONNECT head); they go upstream first, and are let go once written.
-pub async fn run_tcp(
+///
+/// A block rather than an `async fn`, which would keep its arguments twice in every open tunnel.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn run_tcp(
     mut client: TcpStream,
     mut upstream: TcpStream,
     early: Vec<u8>,
     idle_timeout: Duration,
     counters: Arc<Counters>,
     stop: impl Future<Output = ()>,
-) -> TunnelStats {
-    let start = Instant::now();
-    let (cr, mut cw) = client.split();
-    let (ur, mut uw) = upstream.split();
-    let up = Meter::new(true, &counters, start);
-    let down = Meter::new(false, &counters, start);
-    // Only shaped sessions wait for grants: their engine is boxed, so no other tunnel's state makes room
-    // for it.
-    let up = pin!(async {
-        if !early.is_empty() {
-            // Early bytes were read with the CONNECT head; they still count against the session's budget.
-            if let Some(budget) = up.budget() {
-                Box::pin(write_granted(&early, &mut uw, &up, budget)).await.map_err(|side| side.end(true))?;
-            } else {
-                uw.write_all(&early).await.map_err(|_| Side::Write.end(true))?;
-                up.record(early.len());
+) -> impl Future<Output = TunnelStats> {
+    async move {
+        let start = Instant::now();
+        let (cr, mut cw) = client.split();
+        let (ur, mut uw) = upstream.split();
+        let up = Meter::new(true, &counters, start);
+        let down = Meter::new(false, &counters, start);
+        // Only shaped sessions wait for grants: their engine is boxed, so no other tunnel's state makes room
+        // for it.
+        let up = pin!(async {
+            if !early.is_empty() {
+                // Early bytes were read with the CONNECT head; they still count against the session's budget.
+                if let Some(budget) = up.budget() {
+                    Box::pin(write_granted(&early, &mut uw, &up, budget)).await.map_err(|side| side.end(true))?;
+                } else {
+                    uw.write_all(&early).await.map_err(|_| Side::Write.end(true))?;
+                    up.record(early.len());
+                }
             }
-        }
-        // An open tunnel holds no buffer: not even the bytes it started with.
-        drop(early);
-        match up.budget() {
-            None => pump_tcp(&cr, &mut uw, &up).await,
-            Some(budget) => Box::pin(pump_tcp_budgeted(&cr, &mut uw, &up, budget)).await,
-        }
-        .map_err(|side| side.end(true))
-    });
-    let down = pin!(async {
-        match down.budget() {
-            None => pump_tcp(&ur, &mut cw, &down).await,
-            Some(budget) => Box::pin(pump_tcp_budgeted(&ur, &mut cw, &down, budget)).await,
-        }
-        .map_err(|side| side.end(false))
-    });
-    supervise(up, down, idle_timeout, &counters, start, pin!(stop)).await
+            // An open tunnel holds no buffer: not even the bytes it started with.
+            drop(early);
+            match up.budget() {
+                None => pump_tcp(&cr, &mut uw, &up).await,
+                Some(budget) => Box::pin(pump_tcp_budgeted(&cr, &mut uw, &up, budget)).await,
+            }
+            .map_err(|side| side.end(true))
+        });
+        let down = pin!(async {
+            match down.budget() {
+                None => pump_tcp(&ur, &mut cw, &down).await,
+                Some(budget) => Box::pin(pump_tcp_budgeted(&ur, &mut cw, &down, budget)).await,
+            }
+            .map_err(|side| side.end(false))
+        });
+        supervise(up, down, idle_timeout, &counters, start, pin!(stop)).await
+    }
 }
 
 /// Writes `bytes` as `budget` grants them.
@@ -236,60 +241,111 @@ async fn write_granted(
 
 /// Runs both directions to their end, unless the tunnel idles out, its session's quota is spent by
 /// another of its tunnels, or `stop` comes first. One timer serves both checks.
-async fn supervise(
-    mut up: Pin<&mut impl Future<Output = Result<(), TunnelEnd>>>,
-    mut down: Pin<&mut impl Future<Output = Result<(), TunnelEnd>>>,
+fn supervise<'a, U, D, S>(
+    up: Pin<&'a mut U>,
+    down: Pin<&'a mut D>,
     idle_timeout: Duration,
-    counters: &Counters,
+    counters: &'a Counters,
     start: Instant,
-    mut stop: Pin<&mut impl Future<Output = ()>>,
-) -> TunnelStats {
+    stop: Pin<&'a mut S>,
+) -> Supervise<'a, U, D, S>
+where
+    U: Future<Output = Result<(), TunnelEnd>>,
+    D: Future<Output = Result<(), TunnelEnd>>,
+    S: Future<Output = ()>,
+{
     let quota = counters.budget.as_deref().filter(|b| b.has_quota());
     let mut tick = (idle_timeout / 4).max(Duration::from_millis(100));
     if quota.is_some() {
         tick = tick.min(QUOTA_POLL);
     }
-    let mut timer = pin!(tokio::time::sleep(tick));
-    // Either direction failing ends the tunnel; a clean EOF only ends its own direction.
-    let (mut up_done, mut down_done) = (false, false);
-    let end = poll_fn(|cx| {
-        if !up_done && let Poll::Ready(r) = up.as_mut().poll(cx) {
-            match r {
-                Ok(()) => up_done = true,
-                Err(end) => return Poll::Ready(end),
-            }
+    Supervise {
+        up: Some(up),
+        down: Some(down),
+        stop,
+        timer: tokio::time::sleep(tick),
+        tick,
+        idle_timeout,
+        counters,
+        quota,
+        start,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`supervise`]'s future, written out: an `async fn` around a `poll_fn` held every one of these twice (its
+    /// own locals and the closure's references to them), in every open tunnel.
+    struct Supervise<'a, U, D, S> {
+        // `None` once the direction ended cleanly (EOF passed on); the other one may still run.
+        up: Option<Pin<&'a mut U>>,
+        down: Option<Pin<&'a mut D>>,
+        stop: Pin<&'a mut S>,
+        #[pin]
+        timer: tokio::time::Sleep,
+        tick: Duration,
+        idle_timeout: Duration,
+        counters: &'a Counters,
+        quota: Option<&'a dyn ByteBudget>,
+        start: Instant,
+    }
+}
+
+impl<U, D, S> Future for Supervise<'_, U, D, S>
+where
+    U: Future<Output = Result<(), TunnelEnd>>,
+    D: Future<Output = Result<(), TunnelEnd>>,
+    S: Future<Output = ()>,
+{
+    type Output = TunnelStats;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<TunnelStats> {
+        let mut this = self.project();
+        let counters = *this.counters;
+        let end = |end| {
+            Poll::Ready(TunnelStats {
+                bytes_up: counters.up.load(Ordering::Relaxed),
+                bytes_down: counters.down.load(Ordering::Relaxed),
+                end,
+            })
+        };
+        // Either direction failing ends the tunnel; a clean EOF only ends its own direction.
+        if let Err(e) = poll_direction(this.up, cx).and_then(|()| poll_direction(this.down, cx)) {
+            return end(e);
         }
-        if !down_done && let Poll::Ready(r) = down.as_mut().poll(cx) {
-            match r {
-                Ok(()) => down_done = true,
-                Err(end) => return Poll::Ready(end),
-            }
+        if this.up.is_none() && this.down.is_none() {
+            return end(TunnelEnd::Closed);
         }
-        if up_done && down_done {
-            return Poll::Ready(TunnelEnd::Closed);
+        if this.stop.as_mut().poll(cx).is_ready() {
+            return end(TunnelEnd::Shutdown);
         }
-        if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(TunnelEnd::Shutdown);
-        }
-        while timer.as_mut().poll(cx).is_ready() {
+        while this.timer.as_mut().poll(cx).is_ready() {
             let last = Duration::from_millis(counters.last_activity_ms.load(Ordering::Relaxed));
-            if start.elapsed().saturating_sub(last) >= idle_timeout {
-                return Poll::Ready(TunnelEnd::Idle);
+            if this.start.elapsed().saturating_sub(last) >= *this.idle_timeout {
+                return end(TunnelEnd::Idle);
             }
             // Another tunnel of the session may spend its quota while this one is quiet: it ends too.
-            if quota.is_some_and(|b| b.spent().is_some()) {
-                return Poll::Ready(TunnelEnd::QuotaExceeded);
+            if this.quota.is_some_and(|b| b.spent().is_some()) {
+                return end(TunnelEnd::QuotaExceeded);
             }
-            timer.as_mut().reset(tokio::time::Instant::now() + tick);
+            let next = tokio::time::Instant::now() + *this.tick;
+            this.timer.as_mut().reset(next);
         }
         Poll::Pending
-    })
-    .await;
-    TunnelStats {
-        bytes_up: counters.up.load(Ordering::Relaxed),
-        bytes_down: counters.down.load(Ordering::Relaxed),
-        end,
     }
+}
+
+/// Polls one direction of a tunnel that has not ended: `None` once it ends cleanly, its end if it fails.
+fn poll_direction<F>(direction: &mut Option<Pin<&mut F>>, cx: &mut std::task::Context<'_>) -> Result<(), TunnelEnd>
+where
+    F: Future<Output = Result<(), TunnelEnd>>,
+{
+    if let Some(f) = direction
+        && let Poll::Ready(r) = f.as_mut().poll(cx)
+    {
+        r?;
+        *direction = None;
+    }
+    Ok(())
 }
 
 /// Waits until `src` has bytes (or an error or EOF) to read, holding no more than a reference: the
