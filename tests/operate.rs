@@ -162,14 +162,10 @@ fn sighup_reloads_when_watching_is_off() {
     assert!(sluice.log_text().contains("\"generation\":2"));
 }
 
-#[test]
-fn sigterm_lets_an_open_tunnel_finish_and_exits_zero() {
-    let echo = echo_upstream();
-    let (dir, _) = workspace(echo);
-    let mut sluice = Sluice::start(dir.path(), &config(""));
-
-    let mut tunnel = TcpStream::connect(sluice.egress).unwrap();
-    tunnel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+/// A CONNECT tunnel to `a.test:{echo}` through `egress`, its `200` read; reads time out after `timeout`.
+fn open_tunnel(egress: SocketAddr, echo: u16, timeout: Duration) -> TcpStream {
+    let mut tunnel = TcpStream::connect(egress).unwrap();
+    tunnel.set_read_timeout(Some(timeout)).unwrap();
     write!(tunnel, "CONNECT a.test:{echo} HTTP/1.1\r\nHost: a.test:{echo}\r\n\r\n").unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -179,6 +175,16 @@ fn sigterm_lets_an_open_tunnel_finish_and_exits_zero() {
         assert!(head.len() < 4096, "unterminated response head");
     }
     assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&head));
+    tunnel
+}
+
+#[test]
+fn sigterm_lets_an_open_tunnel_finish_and_exits_zero() {
+    let echo = echo_upstream();
+    let (dir, _) = workspace(echo);
+    let mut sluice = Sluice::start(dir.path(), &config(""));
+
+    let mut tunnel = open_tunnel(sluice.egress, echo, Duration::from_secs(5));
     tunnel.write_all(b"before").unwrap();
     let mut buf = [0u8; 6];
     tunnel.read_exact(&mut buf).unwrap();
@@ -334,17 +340,7 @@ fn a_tunnel_still_open_after_the_grace_is_closed_and_its_line_says_shutdown() {
     let config = config("").replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"");
     let mut sluice = Sluice::start(dir.path(), &config);
 
-    let mut tunnel = TcpStream::connect(sluice.egress).unwrap();
-    tunnel.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
-    write!(tunnel, "CONNECT a.test:{echo} HTTP/1.1\r\nHost: a.test:{echo}\r\n\r\n").unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tunnel.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-        assert!(head.len() < 4096, "unterminated response head");
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&head));
+    let mut tunnel = open_tunnel(sluice.egress, echo, Duration::from_secs(8));
     tunnel.write_all(b"hello!").unwrap();
     let mut buf = [0u8; 6];
     tunnel.read_exact(&mut buf).unwrap();
