@@ -106,21 +106,17 @@ async fn curl_and_python_reach_an_upstream_with_only_the_printed_variables() {
     let (code, script, err) = sluice_env(&work, &["--session", "py-1", "--policy", "lab", "--proxy", &addr]);
     assert_eq!(code, 0, "{err}");
     let script = work.write("env.sh", &script);
-    let run = |cmd: String| {
-        let script = script.clone();
-        async move { run_sourced(&script, &cmd).await }
-    };
-
     let url = format!("http://api.test:{port}/ok/curl");
-    let (code, out, err) = run(format!("curl -sS {url}")).await;
+    let (code, out, err) = run_sourced(&script, &format!("curl -sS {url}")).await;
     assert_eq!((code, out.as_str()), (Some(0), "hello from api /ok/curl\n"), "{err}");
     let py = format!(
         "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://api.test:{port}/ok/python\").read().decode(), end=\"\")'"
     );
-    let (code, out, err) = run(py).await;
+    let (code, out, err) = run_sourced(&script, &py).await;
     assert_eq!((code, out.as_str()), (Some(0), "hello from api /ok/python\n"), "{err}");
     // The policy's request rules apply to them too.
-    let (code, out, _) = run(format!("curl -sS -o /dev/null -w '%{{http_code}}' http://api.test:{port}/other")).await;
+    let (code, out, _) =
+        run_sourced(&script, &format!("curl -sS -o /dev/null -w '%{{http_code}}' http://api.test:{port}/other")).await;
     assert_eq!((code, out.as_str()), (Some(0), "403"));
     let records: Vec<serde_json::Value> = proxy
         .records()

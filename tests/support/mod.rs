@@ -712,7 +712,6 @@ pub fn egress_token(key: &[u8], sid: &str, policy: &str, iat: u64, exp: u64) -> 
     Keyring::new(SigningKey::from_bytes(key).expect("a test key of 32+ bytes"), None).mint(&claims)
 }
 
-/// The `Proxy-Authorization` value for `sid:token`.
 /// Runs `cmd` in a shell that sourced `script` and nothing else (PATH aside): a client configured only by
 /// what `sluice env` prints. Bounded at 40 s; returns the exit code, stdout and stderr.
 pub async fn run_sourced(script: &Path, cmd: &str) -> (Option<i32>, String, String) {
@@ -735,6 +734,7 @@ pub async fn run_sourced(script: &Path, cmd: &str) -> (Option<i32>, String, Stri
     )
 }
 
+/// The `Proxy-Authorization` value for `sid:token`.
 pub fn basic(sid: &str, token: &str) -> String {
     use base64::Engine;
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{token}")))
