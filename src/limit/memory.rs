@@ -7,7 +7,7 @@ use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock, Reference};
@@ -81,18 +81,19 @@ type KeyState = BuildHasherDefault<KeyHasher>;
 
 /// One session's entry, inline in its shard's map: only what every request touches. With its key the bucket is
 /// 32 bytes, so it never straddles two cache lines (at 48 bytes half the buckets did): a check over many
-/// sessions misses the cache once for the bucket, not one and a half times.
+/// sessions misses the cache once for the bucket, not one and a half times. Its fields are plain: they change
+/// only under the shard's lock, which a check takes anyway, so a check costs the lock and nothing more (no
+/// atomic read-modify-write of its own).
 #[derive(Debug)]
 struct Session {
     /// The request rate's GCRA state: its theoretical arrival time, in nanoseconds on the limiter's timeline
     /// (0: none yet, or replenished and cleared by housekeeping). Kept here rather than in a keyed store of
-    /// governor's own so that a check finds the session once.
-    tat: AtomicU64,
+    /// governor's own so that a check finds the session once. Any quota reads a `tat` at or before now as no
+    /// state at all, so housekeeping clears it then without knowing which quota wrote it.
+    tat: u64,
     /// Requests allowed, modulo 2³²: housekeeping folds them into [`Shared::requests`] on every pass (no session
     /// makes 2³² requests between two passes), so the hot count stays 4 bytes.
-    requests: AtomicU32,
-    /// The slot of the quota that last wrote `tat`: its replenish interval says when the state is forgettable.
-    slot: AtomicU32,
+    requests: u32,
     /// The rarely touched part, shared with the session's leases and meters.
     shared: Arc<Shared>,
 }
@@ -175,26 +176,20 @@ impl TunnelSlot for Shared {
 impl Session {
     fn new(now: u64) -> Self {
         let shared = Shared { last_seen: AtomicU64::new(now), ..Shared::default() };
-        Session {
-            tat: AtomicU64::new(0),
-            requests: AtomicU32::new(0),
-            slot: AtomicU32::new(DEFAULT_SLOT),
-            shared: Arc::new(shared),
-        }
+        Session { tat: 0, requests: 0, shared: Arc::new(shared) }
     }
 
     /// Every request the session was allowed: what housekeeping folded, plus what the entry counted since.
     fn requests(&self) -> u64 {
-        let since =
-            self.requests.load(Ordering::Relaxed).wrapping_sub(self.shared.requests_mark.load(Ordering::Relaxed));
+        let since = self.requests.wrapping_sub(self.shared.requests_mark.load(Ordering::Relaxed));
         self.shared.requests.load(Ordering::Relaxed) + u64::from(since)
     }
 
-    /// Housekeeping's pass over the entry (under its shard's write lock): folds the request count and says
-    /// whether the session was active since the last pass.
+    /// Housekeeping's pass over the entry (under its shard's lock): folds the request count and says whether the
+    /// session was active since the last pass.
     fn fold(&self) -> bool {
         let shared = &self.shared;
-        let count = self.requests.load(Ordering::Relaxed);
+        let count = self.requests;
         let since = count.wrapping_sub(shared.requests_mark.swap(count, Ordering::Relaxed));
         shared.requests.fetch_add(u64::from(since), Ordering::Relaxed);
         let refused = shared.rate_limited.load(Ordering::Relaxed);
@@ -232,8 +227,6 @@ type Keyed<C> = RateLimiter<SessionKey, EntryStore<C>, C, NoOpMiddleware<<C as C
 struct QuotaLimiter<C: Clock> {
     key: QuotaKey,
     limiter: Keyed<C>,
-    /// The quota's replenish interval in nanoseconds: a state that far in the past equals a fresh one.
-    interval: u64,
     /// The quota in words, for [`RateLimited::limit`].
     describe: Box<str>,
 }
@@ -250,29 +243,37 @@ const DEFAULT_SLOT: u32 = 0;
 
 type SessionMap = HashMap<SessionKey, Session, KeyState>;
 
-/// Cache-line aligned so that two shards' locks never share a line.
+/// Cache-line aligned so that two shards' locks never share a line. A mutex, not a read-write lock: a check
+/// changes its entry anyway, and a mutex costs it one atomic read-modify-write to lock and one to unlock, where
+/// a read lock plus atomic fields cost four.
 #[repr(align(64))]
 #[derive(Default)]
-struct Shard(RwLock<SessionMap>);
+struct Shard(Mutex<SessionMap>);
 
-fn shard(shards: &[Shard], key: SessionKey) -> &RwLock<SessionMap> {
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, SessionMap> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn shard(shards: &[Shard], key: SessionKey) -> &Shard {
     // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
-    &shards[(key >> 32) as usize % SHARDS].0
+    &shards[(key >> 32) as usize % SHARDS]
 }
 
 /// Runs `f` on the session's entry, created (at `now`) on first sight, under its shard's lock.
-fn with_session<R>(shards: &[Shard], key: SessionKey, now: impl FnOnce() -> u64, f: impl FnOnce(&Session) -> R) -> R {
-    let shard = shard(shards, key);
-    if let Some(s) = shard.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
-        return f(s);
-    }
-    let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
-    f(map.entry(key).or_insert_with(|| Session::new(now())))
+fn with_session<R>(
+    shards: &[Shard],
+    key: SessionKey,
+    now: impl FnOnce() -> u64,
+    f: impl FnOnce(&mut Session) -> R,
+) -> R {
+    f(shard(shards, key).lock().entry(key).or_insert_with(|| Session::new(now())))
 }
 
 /// Where one quota's governor limiter keeps its states: in the sessions' entries, so that a request check is one
-/// lookup and one compare-and-swap. Every quota's store writes the same `tat`, on the limiter's timeline, so a
-/// session whose policy changes carries its debt to the new quota.
+/// lookup under one lock. Every quota's store writes the same `tat`, on the limiter's timeline, so a session whose
+/// policy changes carries its debt to the new quota.
 struct EntryStore<C: Clock> {
     shards: Arc<[Shard]>,
     clock: C,
@@ -280,7 +281,6 @@ struct EntryStore<C: Clock> {
     start: C::Instant,
     /// Nanoseconds from the limiter's start to this quota limiter's (governor's states count from its own).
     offset: u64,
-    slot: u32,
 }
 
 impl<C: Clock> StateStore for EntryStore<C> {
@@ -292,26 +292,17 @@ impl<C: Clock> StateStore for EntryStore<C> {
     {
         let now = || self.clock.now().duration_since(self.start).as_u64();
         with_session(&self.shards, *key, now, |s| {
-            let mut stored = s.tat.load(Ordering::Acquire);
-            loop {
-                // A state from before this quota limiter started is in its past: the same as none.
-                let prior = (stored > self.offset).then(|| Nanos::from(stored - self.offset));
-                match f(prior) {
-                    Ok((allowed, next)) => {
-                        let next = self.offset.saturating_add(next.as_u64()).max(1);
-                        match s.tat.compare_exchange_weak(stored, next, Ordering::AcqRel, Ordering::Acquire) {
-                            Ok(_) => {
-                                s.slot.store(self.slot, Ordering::Relaxed);
-                                s.requests.fetch_add(1, Ordering::Relaxed);
-                                return Ok(allowed);
-                            }
-                            Err(current) => stored = current,
-                        }
-                    }
-                    Err(refused) => {
-                        s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        return Err(refused);
-                    }
+            // A state from before this quota limiter started is in its past: the same as none.
+            let prior = (s.tat > self.offset).then(|| Nanos::from(s.tat - self.offset));
+            match f(prior) {
+                Ok((allowed, next)) => {
+                    s.tat = self.offset.saturating_add(next.as_u64()).max(1);
+                    s.requests = s.requests.wrapping_add(1);
+                    Ok(allowed)
+                }
+                Err(refused) => {
+                    s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    Err(refused)
                 }
             }
         })
@@ -470,9 +461,9 @@ where
     pub fn tracked(&self) -> Tracked {
         let (mut sessions, mut rate_states) = (0, 0);
         for shard in self.shards.iter() {
-            let map = shard.0.read().unwrap_or_else(PoisonError::into_inner);
+            let map = shard.lock();
             sessions += map.len();
-            rate_states += map.values().filter(|s| s.tat.load(Ordering::Relaxed) != 0).count();
+            rate_states += map.values().filter(|s| s.tat != 0).count();
         }
         Tracked { sessions, rate_states, quotas: self.quotas.iter().filter_map(OnceLock::get).count() }
     }
@@ -485,7 +476,7 @@ where
         self.key_hasher.hash_one(session.as_str())
     }
 
-    fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&Session) -> R) -> R {
+    fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&mut Session) -> R) -> R {
         with_session(&self.shards, key, || self.now_nanos(), f)
     }
 
@@ -516,13 +507,11 @@ where
             clock: self.clock.clone(),
             start: self.start,
             offset: self.now_nanos(),
-            slot,
         };
         // The index lock is held, so no one else fills this slot; governor's limiter starts now, at `offset`.
         let _ = cell.set(QuotaLimiter {
             key,
             limiter: RateLimiter::new(quota, store, self.clock.clone()),
-            interval: u64::try_from(quota.replenish_interval().as_nanos()).unwrap_or(u64::MAX),
             describe: describe(rps, burst).into(),
         });
         index.insert(key, slot);
@@ -563,8 +552,7 @@ where
 
     fn session_stats(&self, session: &LimitKey) -> Option<SessionStats> {
         let key = self.key(session);
-        let shard = shard(&self.shards, key).read().unwrap_or_else(PoisonError::into_inner);
-        shard.get(&key).map(Session::stats)
+        shard(&self.shards, key).lock().get(&key).map(Session::stats)
     }
 
     /// Forgets what no longer matters: rate states that have fully replenished, and sessions idle for
@@ -574,24 +562,24 @@ where
         let now = self.now_nanos();
         let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap_or(u64::MAX);
         for shard in self.shards.iter() {
-            // Under the write lock no one can open a tunnel on these sessions, so `tunnels == 0` stays true
+            // Under the shard's lock no one can open a tunnel on these sessions, so `tunnels == 0` stays true
             // until they are removed; an open lease holds its own counters and may still drop afterwards.
-            // Checks hold the read lock, so no state changes under this one.
-            let mut map = shard.0.write().unwrap_or_else(PoisonError::into_inner);
+            // Checks take the same lock, so no state changes under this one.
+            let mut map = shard.lock();
             map.retain(|_, s| {
                 let active = s.fold();
                 let open = s.shared.tunnels.load(Ordering::Acquire) > 0;
                 if active || open {
                     s.shared.last_seen.store(now, Ordering::Relaxed);
                 }
-                // As governor forgets: a state one interval past is indistinguishable from a fresh one.
-                let tat = s.tat.load(Ordering::Relaxed);
-                let interval = self.quota(s.slot.load(Ordering::Relaxed)).map_or(0, |q| q.interval);
-                if tat != 0 && tat <= now.saturating_sub(interval) {
-                    s.tat.store(0, Ordering::Relaxed);
+                // Governor reads a missing state as one whose `tat` is now, and a `tat` at or before now the same
+                // way (the request is allowed and the next `tat` is now plus one interval): under every quota,
+                // such a state is indistinguishable from none, and checks later than this pass see a later now.
+                if s.tat <= now {
+                    s.tat = 0;
                 }
                 let since = now.saturating_sub(s.shared.last_seen.load(Ordering::Relaxed));
-                open || since < idle || s.tat.load(Ordering::Relaxed) != 0 || s.holds_quota()
+                open || since < idle || s.tat != 0 || s.holds_quota()
             });
             // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
@@ -826,6 +814,26 @@ mod tests {
         assert_eq!(burst(&l, "s7", &none(), 40), vec![]);
     }
 
+    /// Clearing a state the moment its `tat` is reached changes no answer: a limiter whose housekeeping runs at
+    /// every step answers a sequence of bursts exactly as one whose housekeeping never runs.
+    #[test]
+    fn a_state_cleared_at_its_tat_answers_as_if_kept() {
+        let (kept, kept_clock) = limiter();
+        let (cleared, cleared_clock) = limiter();
+        let two = Limits { requests_per_second: Some(2.0), burst: Some(3), max_tunnels: None, ..Limits::default() };
+        // Steps around the 500 ms interval and the 1.5 s burst window, landing on and beside each `tat`.
+        for step_ms in [0, 500, 499, 1, 1500, 250, 1000, 1, 2000, 0, 750] {
+            for clock in [&kept_clock, &cleared_clock] {
+                clock.advance(Duration::from_millis(step_ms));
+            }
+            cleared.housekeeping();
+            for limits in [&two, &none()] {
+                assert_eq!(burst(&cleared, "s1", limits, 4), burst(&kept, "s1", limits, 4), "after {step_ms} ms");
+            }
+        }
+        assert_eq!(cleared.session_stats(&key("s1")), kept.session_stats(&key("s1")));
+    }
+
     #[test]
     fn housekeeping_never_resets_a_slow_quota() {
         let (l, clock) = limiter();
@@ -841,8 +849,8 @@ mod tests {
         clock.advance(Duration::from_secs(399));
         assert_eq!(l.check_now(&key("s1"), &slow), Ok(()));
         assert_eq!(l.check_now(&key("s1"), &slow), refused(1_000_000, "0.001 requests per second, burst 5"));
-        // Governor forgets a state one slot after it has fully replenished; the session goes SESSION_IDLE after
-        // the pass that saw its last request.
+        // The state goes once it has fully replenished; the session goes SESSION_IDLE after the pass that saw
+        // its last request.
         clock.advance(Duration::from_secs(6000));
         l.housekeeping();
         assert_eq!(l.tracked(), Tracked { sessions: 1, rate_states: 0, quotas: 2 });
