@@ -82,8 +82,8 @@ type KeyState = BuildHasherDefault<KeyHasher>;
 /// One session's entry, inline in its shard's map: only what every request touches. With its key the bucket is
 /// 32 bytes, so it never straddles two cache lines (at 48 bytes half the buckets did): a check over many
 /// sessions misses the cache once for the bucket, not one and a half times. Its fields are plain: they change
-/// only under the shard's lock, which a check takes anyway, so a check costs the lock and nothing more (no
-/// atomic read-modify-write of its own).
+/// only under the shard's lock, which a check takes anyway, so an allowed check costs the lock and nothing more
+/// (no atomic read-modify-write of its own).
 #[derive(Debug)]
 struct Session {
     /// The request rate's GCRA state: its theoretical arrival time, in nanoseconds on the limiter's timeline
@@ -821,6 +821,16 @@ mod tests {
         let (kept, kept_clock) = limiter();
         let (cleared, cleared_clock) = limiter();
         let two = Limits { requests_per_second: Some(2.0), burst: Some(3), max_tunnels: None, ..Limits::default() };
+        // It is cleared exactly then: one request puts `tat` 500 ms ahead; 1 ms short of it the state stays.
+        assert_eq!(cleared.check_now(&key("s0"), &two), Ok(()));
+        cleared_clock.advance(Duration::from_millis(499));
+        cleared.housekeeping();
+        assert_eq!(cleared.tracked().rate_states, 1);
+        cleared_clock.advance(Duration::from_millis(1));
+        cleared.housekeeping();
+        assert_eq!(cleared.tracked().rate_states, 0);
+        kept_clock.advance(Duration::from_millis(500));
+
         // Steps around the 500 ms interval and the 1.5 s burst window, landing on and beside each `tat`.
         for step_ms in [0, 500, 499, 1, 1500, 250, 1000, 1, 2000, 0, 750] {
             for clock in [&kept_clock, &cleared_clock] {
