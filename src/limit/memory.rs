@@ -36,8 +36,15 @@ pub const MAX_QUOTAS: usize = 256;
 /// Longest interval between two requests a quota can express. Governor counts in u64 nanoseconds, and a slower
 /// quota would only ever matter to a session that lives for a year.
 const MAX_PERIOD_NANOS: u64 = 365 * 24 * 3600 * 1_000_000_000;
-/// Longest time a full burst may take to replenish, again to keep governor's u64 nanosecond arithmetic in range.
-const MAX_WINDOW_NANOS: u64 = 100 * MAX_PERIOD_NANOS;
+/// Longest time a full burst may take to replenish (burst × period), so that a rate state is never more than a
+/// year ahead of now: [`Hot`] stores it in 56 bits.
+const MAX_WINDOW_NANOS: u64 = MAX_PERIOD_NANOS;
+/// How far below the time of housekeeping's last pass [`Sessions::floor`] is set: far more than a check can
+/// take between reading the clock and writing the `tat` it computed from that reading.
+const FLOOR_SLACK_NANOS: u64 = 3600 * 1_000_000_000;
+/// How long housekeeping may go without a pass before stored `tat`s could be read back wrong: the server runs
+/// it every 30 seconds.
+const MAX_HOUSEKEEPING_GAP_NANOS: u64 = MAX_PERIOD_NANOS;
 
 /// Session maps are sharded so concurrent connections of different sessions rarely touch the same lock.
 const SHARDS: usize = 64;
@@ -79,27 +86,70 @@ impl Hasher for KeyHasher {
 
 type KeyState = BuildHasherDefault<KeyHasher>;
 
-/// One session's entry, inline in its shard's map: only what every request touches. With its key the bucket is
-/// 32 bytes, so it never straddles two cache lines (at 48 bytes half the buckets did): a check over many
-/// sessions misses the cache once for the bucket, not one and a half times. Its fields are plain: they change
-/// only under the shard's lock, which a check takes anyway, so an allowed check costs the lock and nothing more
-/// (no atomic read-modify-write of its own).
-#[derive(Debug)]
-struct Session {
-    /// The request rate's GCRA state: its theoretical arrival time, in nanoseconds on the limiter's timeline
-    /// (0: none yet, or replenished and cleared by housekeeping). Kept here rather than in a keyed store of
-    /// governor's own so that a check finds the session once. Any quota reads a `tat` at or before now as no
-    /// state at all, so housekeeping clears it then without knowing which quota wrote it.
-    tat: u64,
-    /// Requests allowed, modulo 2³²: housekeeping folds them into [`Shared::requests`] on every pass (no session
-    /// makes 2³² requests between two passes), so the hot count stays 4 bytes.
-    requests: u32,
-    /// The rarely touched part, shared with the session's leases and meters.
-    shared: Arc<Shared>,
+/// A session's entry in its shard's hot map: all that an allowed request check reads and writes, in one word, so
+/// that with its key the bucket is 16 bytes. The hot map of 100k sessions is then 2.1 MB, which stays in a small
+/// VM's share of the last-level cache; at 32 bytes a bucket (4.2 MB for 100k) cost most checks a miss to memory.
+/// The word is plain, not atomic: it changes only under the shard's lock, which a check takes anyway.
+///
+/// - Low [`TAT_BITS`] bits: the request rate's GCRA state, its theoretical arrival time in nanoseconds on the
+///   limiter's timeline, modulo 2⁵⁶ (0: none yet, or replenished and cleared by housekeeping); [`Hot::tat`]
+///   reads it back whole against the table's [`Sessions::floor`]. Kept here rather than in a keyed store of
+///   governor's own so that a check finds the session once. Any quota reads a `tat` at or before now as no state
+///   at all, so housekeeping clears it then without knowing which quota wrote it.
+/// - High 8 bits: requests allowed, modulo 256. The check that wraps them carries 256 into
+///   [`Shared::requests`], so the count stays exact at the cost of one more lookup per 256 requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Hot(u64);
+
+/// The bits of [`Hot`] that hold the `tat`: 2⁵⁶ ns is 2.28 years, more than any rate state can reach ahead of
+/// the floor: [`MAX_WINDOW_NANOS`] plus [`MAX_HOUSEKEEPING_GAP_NANOS`] plus [`FLOOR_SLACK_NANOS`].
+const TAT_BITS: u32 = 56;
+const TAT_MASK: u64 = (1 << TAT_BITS) - 1;
+
+// The bucket (key and entry) is what a check misses the cache for: keep it at a quarter of a cache line.
+const _: () = assert!(std::mem::size_of::<(SessionKey, Hot)>() == 16);
+// A window (its `tat` ahead of now), plus housekeeping's period and the floor's slack, fits the stored bits.
+const _: () = assert!(MAX_WINDOW_NANOS + MAX_HOUSEKEEPING_GAP_NANOS + FLOOR_SLACK_NANOS < 1 << TAT_BITS);
+
+impl Hot {
+    /// The `tat`, if the session has one: the first time at or after `floor` with the stored low bits. Every
+    /// stored `tat` lies within 2⁵⁶ ns after the floor, so this is the one that was stored.
+    #[inline]
+    fn tat(self, floor: u64) -> Option<u64> {
+        let low = self.0 & TAT_MASK;
+        (low != 0).then(|| floor + (low.wrapping_sub(floor) & TAT_MASK))
+    }
+
+    /// Stores `tat` (one nanosecond later in the one case in 2⁵⁶ where its low bits would read as none).
+    #[inline]
+    fn set_tat(&mut self, tat: u64) {
+        self.0 = (self.0 & !TAT_MASK) | (tat & TAT_MASK).max(1);
+    }
+
+    fn clear_tat(&mut self) {
+        self.0 &= !TAT_MASK;
+    }
+
+    fn has_tat(self) -> bool {
+        self.0 & TAT_MASK != 0
+    }
+
+    /// Counts one allowed request; true when the count wrapped, so 256 requests must be carried.
+    #[inline]
+    fn count_request(&mut self) -> bool {
+        self.0 = self.0.wrapping_add(1 << TAT_BITS);
+        self.requests() == 0
+    }
+
+    /// Requests allowed since the last carry.
+    #[inline]
+    fn requests(self) -> u64 {
+        self.0 >> TAT_BITS
+    }
 }
 
-// The bucket (key and entry) is what a check misses the cache for: keep it at half a cache line.
-const _: () = assert!(std::mem::size_of::<(SessionKey, Session)>() == 32);
+/// What one wrap of [`Hot`]'s request count stands for.
+const REQUESTS_PER_CARRY: u64 = 1 << (64 - TAT_BITS);
 
 /// A session's counters that its leases and meters update after the check, wherever they are.
 #[derive(Debug, Default)]
@@ -108,10 +158,10 @@ struct Shared {
     /// or refusal since its previous pass, or a tunnel open), or at which it was created. Kept by housekeeping
     /// rather than by every check, which would read the clock once more.
     last_seen: AtomicU64,
-    /// Requests allowed up to the entry's count [`Shared::requests_mark`], as of housekeeping's last pass.
+    /// Requests allowed, in whole wraps of the hot count: the session's count is this plus [`Hot::requests`].
     requests: AtomicU64,
-    /// The entry's (wrapping) request count at housekeeping's last pass.
-    requests_mark: AtomicU32,
+    /// The session's request count at housekeeping's last pass: a change is activity.
+    requests_mark: AtomicU64,
     /// `rate_limited` at housekeeping's last pass: a change is activity.
     refused_mark: AtomicU64,
     tunnels: AtomicU32,
@@ -173,39 +223,35 @@ impl TunnelSlot for Shared {
     }
 }
 
-impl Session {
+impl Shared {
     fn new(now: u64) -> Self {
-        let shared = Shared { last_seen: AtomicU64::new(now), ..Shared::default() };
-        Session { tat: 0, requests: 0, shared: Arc::new(shared) }
+        Shared { last_seen: AtomicU64::new(now), ..Shared::default() }
     }
 
-    /// Every request the session was allowed: what housekeeping folded, plus what the entry counted since.
-    fn requests(&self) -> u64 {
-        let since = self.requests.wrapping_sub(self.shared.requests_mark.load(Ordering::Relaxed));
-        self.shared.requests.load(Ordering::Relaxed) + u64::from(since)
+    /// Every request the session was allowed: the carried wraps plus what its hot entry counts since.
+    fn requests(&self, hot: Hot) -> u64 {
+        self.requests.load(Ordering::Relaxed) + hot.requests()
     }
 
-    /// Housekeeping's pass over the entry (under its shard's lock): folds the request count and says whether the
-    /// session was active since the last pass.
-    fn fold(&self) -> bool {
-        let shared = &self.shared;
-        let count = self.requests;
-        let since = count.wrapping_sub(shared.requests_mark.swap(count, Ordering::Relaxed));
-        shared.requests.fetch_add(u64::from(since), Ordering::Relaxed);
-        let refused = shared.rate_limited.load(Ordering::Relaxed);
-        let refused_before = shared.refused_mark.swap(refused, Ordering::Relaxed);
-        since != 0 || refused != refused_before
+    /// Housekeeping's pass over the session (under its shard's lock): whether it was allowed or refused a
+    /// request since the last pass.
+    fn active_since_last_pass(&self, hot: Hot) -> bool {
+        let requests = self.requests(hot);
+        let refused = self.rate_limited.load(Ordering::Relaxed);
+        let requests_before = self.requests_mark.swap(requests, Ordering::Relaxed);
+        let refused_before = self.refused_mark.swap(refused, Ordering::Relaxed);
+        requests != requests_before || refused != refused_before
     }
 
-    fn stats(&self) -> SessionStats {
-        let (bytes_up, bytes_down) = self.shared.bytes.totals();
-        let budget = self.shared.current_budget();
+    fn stats(&self, hot: Hot) -> SessionStats {
+        let (bytes_up, bytes_down) = self.bytes.totals();
+        let budget = self.current_budget();
         SessionStats {
-            requests: self.requests(),
-            rate_limited: self.shared.rate_limited.load(Ordering::Relaxed),
+            requests: self.requests(hot),
+            rate_limited: self.rate_limited.load(Ordering::Relaxed),
             bytes_up,
             bytes_down,
-            open_tunnels: self.shared.tunnels.load(Ordering::Relaxed),
+            open_tunnels: self.tunnels.load(Ordering::Relaxed),
             shaping_wait_ms: budget.as_ref().map_or(0, |b| b.waited().as_millis() as u64),
             upload_quota_used: budget.as_ref().and_then(|b| b.used(super::Direction::Up)),
             download_quota_used: budget.as_ref().and_then(|b| b.used(super::Direction::Down)),
@@ -215,7 +261,7 @@ impl Session {
     /// Whether forgetting the session would hand it a fresh quota: it has counted bytes in a window that
     /// has not ended.
     fn holds_quota(&self) -> bool {
-        self.shared.current_budget().is_some_and(|b| {
+        self.current_budget().is_some_and(|b| {
             [super::Direction::Up, super::Direction::Down].into_iter().any(|d| b.used(d).is_some_and(|u| u > 0))
         })
     }
@@ -241,41 +287,74 @@ struct QuotaKey {
 /// The server's default quota always sits in the first slot, so there is always a quota to fall back to.
 const DEFAULT_SLOT: u32 = 0;
 
-type SessionMap = HashMap<SessionKey, Session, KeyState>;
+/// One shard's sessions, in two maps with the same keys: a check reads and writes only the hot one, whose buckets
+/// are small enough to stay in cache; leases, meters, refusals and stats find the rest in the cold one.
+#[derive(Default)]
+struct Table {
+    hot: HashMap<SessionKey, Hot, KeyState>,
+    cold: HashMap<SessionKey, Arc<Shared>, KeyState>,
+}
+
+impl Table {
+    /// The session's hot entry and its shared part, both created (at `now`) on first sight.
+    fn entry(&mut self, key: SessionKey, now: impl FnOnce() -> u64) -> (&mut Hot, &Arc<Shared>) {
+        let Table { hot, cold } = self;
+        let shared = cold.entry(key).or_insert_with(|| Arc::new(Shared::new(now())));
+        (hot.entry(key).or_default(), shared)
+    }
+}
 
 /// Cache-line aligned so that two shards' locks never share a line. A mutex, not a read-write lock: a check
 /// changes its entry anyway, and a mutex costs it one atomic read-modify-write to lock and one to unlock, where
 /// a read lock plus atomic fields cost four.
 #[repr(align(64))]
 #[derive(Default)]
-struct Shard(Mutex<SessionMap>);
+struct Shard(Mutex<Table>);
 
 impl Shard {
-    fn lock(&self) -> MutexGuard<'_, SessionMap> {
+    #[inline]
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-fn shard(shards: &[Shard], key: SessionKey) -> &Shard {
-    // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
-    &shards[(key >> 32) as usize % SHARDS]
+/// Every session the limiter tracks, shared by the limiter and its quotas' stores.
+struct Sessions {
+    /// Inline, so that a check reaches its shard with no pointer to follow but the limiter's.
+    shards: [Shard; SHARDS],
+    /// A time on the limiter's timeline at or before every stored `tat`, and less than 2⁵⁶ ns before any: the
+    /// base [`Hot::tat`] reads a stored one back against. Housekeeping raises it after each pass, to
+    /// [`FLOOR_SLACK_NANOS`] before that pass's time (the pass has cleared every `tat` at or before it).
+    floor: AtomicU64,
 }
 
-/// Runs `f` on the session's entry, created (at `now`) on first sight, under its shard's lock.
-fn with_session<R>(
-    shards: &[Shard],
-    key: SessionKey,
-    now: impl FnOnce() -> u64,
-    f: impl FnOnce(&mut Session) -> R,
-) -> R {
-    f(shard(shards, key).lock().entry(key).or_insert_with(|| Session::new(now())))
+impl Sessions {
+    fn new() -> Self {
+        Sessions { shards: std::array::from_fn(|_| Shard::default()), floor: AtomicU64::new(0) }
+    }
+
+    #[inline]
+    fn shard(&self, key: SessionKey) -> &Shard {
+        // Middle bits: hashbrown indexes buckets by the low bits and tags them with the top seven.
+        &self.shards[(key >> 32) as usize % SHARDS]
+    }
+
+    #[inline]
+    fn floor(&self) -> u64 {
+        self.floor.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the session's shared part, created (at `now`) on first sight, under its shard's lock.
+    fn with_shared<R>(&self, key: SessionKey, now: impl FnOnce() -> u64, f: impl FnOnce(&Arc<Shared>) -> R) -> R {
+        f(self.shard(key).lock().entry(key, now).1)
+    }
 }
 
-/// Where one quota's governor limiter keeps its states: in the sessions' entries, so that a request check is one
-/// lookup under one lock. Every quota's store writes the same `tat`, on the limiter's timeline, so a session whose
-/// policy changes carries its debt to the new quota.
+/// Where one quota's governor limiter keeps its states: in the sessions' hot entries, so that a request check is
+/// one lookup under one lock. Every quota's store writes the same `tat`, on the limiter's timeline, so a session
+/// whose policy changes carries its debt to the new quota.
 struct EntryStore<C: Clock> {
-    shards: Arc<[Shard]>,
+    sessions: Arc<Sessions>,
     clock: C,
     /// The limiter's start: `last_seen` and `tat` count from it (the clock is read here only for a new entry).
     start: C::Instant,
@@ -290,22 +369,33 @@ impl<C: Clock> StateStore for EntryStore<C> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let now = || self.clock.now().duration_since(self.start).as_u64();
-        with_session(&self.shards, *key, now, |s| {
-            // A state from before this quota limiter started is in its past: the same as none.
-            let prior = (s.tat > self.offset).then(|| Nanos::from(s.tat - self.offset));
-            match f(prior) {
-                Ok((allowed, next)) => {
-                    s.tat = self.offset.saturating_add(next.as_u64()).max(1);
-                    s.requests = s.requests.wrapping_add(1);
-                    Ok(allowed)
+        let floor = self.sessions.floor();
+        let mut guard = self.sessions.shard(*key).lock();
+        let Table { hot, cold } = &mut *guard;
+        let hot = hot.entry(*key).or_insert_with(|| {
+            let now = self.clock.now().duration_since(self.start).as_u64();
+            cold.entry(*key).or_insert_with(|| Arc::new(Shared::new(now)));
+            Hot::default()
+        });
+        // A state from before this quota limiter started is in its past: the same as none.
+        let prior = hot.tat(floor).filter(|&tat| tat > self.offset).map(|tat| Nanos::from(tat - self.offset));
+        match f(prior) {
+            Ok((allowed, next)) => {
+                hot.set_tat(self.offset.saturating_add(next.as_u64()));
+                if hot.count_request()
+                    && let Some(shared) = cold.get(key)
+                {
+                    shared.requests.fetch_add(REQUESTS_PER_CARRY, Ordering::Relaxed);
                 }
-                Err(refused) => {
-                    s.shared.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    Err(refused)
-                }
+                Ok(allowed)
             }
-        })
+            Err(refused) => {
+                if let Some(shared) = cold.get(key) {
+                    shared.rate_limited.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(refused)
+            }
+        }
     }
 }
 
@@ -318,7 +408,7 @@ pub struct MemoryLimiter<C: Clock = DefaultClock> {
     start: C::Instant,
     /// Seeded per limiter, so no one can aim session names at a collision.
     key_hasher: foldhash::quality::RandomState,
-    shards: Arc<[Shard]>,
+    sessions: Arc<Sessions>,
     /// Quota limiters live in fixed slots that are filled once, in order, and never emptied, so a check finds its
     /// limiter without a lock; [`MAX_QUOTAS`] bounds them.
     quotas: Box<[OnceLock<QuotaLimiter<C>>]>,
@@ -383,7 +473,7 @@ where
             clock,
             start,
             key_hasher: foldhash::quality::RandomState::default(),
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            sessions: Arc::new(Sessions::new()),
             quotas: (0..MAX_QUOTAS).map(|_| OnceLock::new()).collect(),
             quota_index: Mutex::new(HashMap::default()),
         };
@@ -424,15 +514,13 @@ where
     pub fn open_tunnel_now(&self, session: &LimitKey, policy_limits: &Limits) -> Result<Lease, TooManyTunnels> {
         let max = policy_limits.max_tunnels.unwrap_or(self.defaults.max_tunnels);
         let bytes = ByteLimits::resolve(policy_limits, &self.defaults);
-        self.with_session(self.key(session), |s| {
+        self.with_shared(self.key(session), |s| {
             // Increment only below the cap, so concurrent opens can never overshoot it.
-            let opened =
-                s.shared.tunnels.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+            let opened = s.tunnels.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
             match opened {
                 Ok(_) => {
-                    let slot: Arc<dyn TunnelSlot> = s.shared.clone();
-                    let budget =
-                        (!bytes.is_unlimited()).then(|| s.shared.budget(&bytes, &self.time) as Arc<dyn ByteBudget>);
+                    let slot: Arc<dyn TunnelSlot> = s.clone();
+                    let budget = (!bytes.is_unlimited()).then(|| s.budget(&bytes, &self.time) as Arc<dyn ByteBudget>);
                     Ok(Lease::with_budget(slot, budget))
                 }
                 Err(_) => Err(TooManyTunnels { max }),
@@ -446,7 +534,7 @@ where
         if !bytes.has_quota() {
             return Ok(());
         }
-        match self.with_session(self.key(session), |s| s.shared.budget(&bytes, &self.time).spent()) {
+        match self.with_shared(self.key(session), |s| s.budget(&bytes, &self.time).spent()) {
             Some(spent) => Err(spent),
             None => Ok(()),
         }
@@ -460,10 +548,10 @@ where
     /// How many entries are held.
     pub fn tracked(&self) -> Tracked {
         let (mut sessions, mut rate_states) = (0, 0);
-        for shard in self.shards.iter() {
-            let map = shard.lock();
-            sessions += map.len();
-            rate_states += map.values().filter(|s| s.tat != 0).count();
+        for shard in self.sessions.shards.iter() {
+            let table = shard.lock();
+            sessions += table.cold.len();
+            rate_states += table.hot.values().filter(|h| h.has_tat()).count();
         }
         Tracked { sessions, rate_states, quotas: self.quotas.iter().filter_map(OnceLock::get).count() }
     }
@@ -476,8 +564,8 @@ where
         self.key_hasher.hash_one(session.as_str())
     }
 
-    fn with_session<R>(&self, key: SessionKey, f: impl FnOnce(&mut Session) -> R) -> R {
-        with_session(&self.shards, key, || self.now_nanos(), f)
+    fn with_shared<R>(&self, key: SessionKey, f: impl FnOnce(&Arc<Shared>) -> R) -> R {
+        self.sessions.with_shared(key, || self.now_nanos(), f)
     }
 
     fn quota(&self, slot: u32) -> Option<&QuotaLimiter<C>> {
@@ -503,7 +591,7 @@ where
         let slot = u32::try_from(slot).unwrap_or(DEFAULT_SLOT);
         let quota = effective_quota(rps, burst);
         let store = EntryStore {
-            shards: self.shards.clone(),
+            sessions: self.sessions.clone(),
             clock: self.clock.clone(),
             start: self.start,
             offset: self.now_nanos(),
@@ -544,15 +632,16 @@ where
 
     fn meter(&self, session: &LimitKey, limits: &Limits) -> ByteMeter {
         let bytes = ByteLimits::resolve(limits, &self.defaults);
-        self.with_session(self.key(session), |s| {
-            let budget = (!bytes.is_unlimited()).then(|| s.shared.budget(&bytes, &self.time));
-            s.shared.meter(budget)
+        self.with_shared(self.key(session), |s| {
+            let budget = (!bytes.is_unlimited()).then(|| s.budget(&bytes, &self.time));
+            s.meter(budget)
         })
     }
 
     fn session_stats(&self, session: &LimitKey) -> Option<SessionStats> {
         let key = self.key(session);
-        shard(&self.shards, key).lock().get(&key).map(Session::stats)
+        let table = self.sessions.shard(key).lock();
+        table.cold.get(&key).map(|shared| shared.stats(table.hot.get(&key).copied().unwrap_or_default()))
     }
 
     /// Forgets what no longer matters: rate states that have fully replenished, and sessions idle for
@@ -560,32 +649,46 @@ where
     /// burst. The server calls this periodically; between calls memory grows only with new sessions.
     fn housekeeping(&self) {
         let now = self.now_nanos();
+        let floor = self.sessions.floor();
         let idle = u64::try_from(SESSION_IDLE.as_nanos()).unwrap_or(u64::MAX);
-        for shard in self.shards.iter() {
+        for shard in self.sessions.shards.iter() {
             // Under the shard's lock no one can open a tunnel on these sessions, so `tunnels == 0` stays true
             // until they are removed; an open lease holds its own counters and may still drop afterwards.
             // Checks take the same lock, so no state changes under this one.
-            let mut map = shard.lock();
-            map.retain(|_, s| {
-                let active = s.fold();
-                let open = s.shared.tunnels.load(Ordering::Acquire) > 0;
+            let mut guard = shard.lock();
+            let Table { hot, cold } = &mut *guard;
+            cold.retain(|key, shared| {
+                let mut entry = hot.get(key).copied().unwrap_or_default();
+                let active = shared.active_since_last_pass(entry);
+                let open = shared.tunnels.load(Ordering::Acquire) > 0;
                 if active || open {
-                    s.shared.last_seen.store(now, Ordering::Relaxed);
+                    shared.last_seen.store(now, Ordering::Relaxed);
                 }
                 // Governor reads a missing state as one whose `tat` is now, and a `tat` at or before now the same
                 // way (the request is allowed and the next `tat` is now plus one interval): under every quota,
                 // such a state is indistinguishable from none, and checks later than this pass see a later now.
-                if s.tat <= now {
-                    s.tat = 0;
+                if entry.tat(floor).is_some_and(|tat| tat <= now) {
+                    entry.clear_tat();
                 }
-                let since = now.saturating_sub(s.shared.last_seen.load(Ordering::Relaxed));
-                open || since < idle || s.tat != 0 || s.holds_quota()
+                let since = now.saturating_sub(shared.last_seen.load(Ordering::Relaxed));
+                let keep = open || since < idle || entry.has_tat() || shared.holds_quota();
+                if keep {
+                    hot.insert(*key, entry);
+                } else {
+                    hot.remove(key);
+                }
+                keep
             });
             // Give memory back once a map is mostly empty, not on every pass: shrinking reallocates.
-            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-                map.shrink_to_fit();
+            // The two maps hold the same keys.
+            if cold.capacity() > 64 && cold.len() < cold.capacity() / 4 {
+                hot.shrink_to_fit();
+                cold.shrink_to_fit();
             }
         }
+        // Every `tat` left is after `now`, and every one written from here on is after the time its check read
+        // the clock; so the floor may rise to just before now.
+        self.sessions.floor.fetch_max(now.saturating_sub(FLOOR_SLACK_NANOS), Ordering::Relaxed);
     }
 }
 
@@ -594,7 +697,8 @@ pub(super) fn describe(rps: f64, burst: u32) -> String {
     format!("{rps} {unit} per second, burst {burst}")
 }
 
-/// The governor quota for `rps` and `burst`, kept within what governor's u64 nanoseconds can count. Policies and
+/// The governor quota for `rps` and `burst`, kept within what governor's u64 nanoseconds can count and what
+/// [`Hot`]'s 56 bits can hold ahead of now. Policies and
 /// the server config only admit positive rates and bursts; anything else gets the slowest quota (fail closed).
 fn effective_quota(rps: f64, burst: u32) -> Quota {
     let period = if rps > 0.0 { (1e9 / rps).clamp(1.0, MAX_PERIOD_NANOS as f64) as u64 } else { MAX_PERIOD_NANOS };
@@ -842,6 +946,76 @@ mod tests {
             }
         }
         assert_eq!(cleared.session_stats(&key("s1")), kept.session_stats(&key("s1")));
+    }
+
+    /// A stored `tat` reads back whole anywhere within 2⁵⁶ ns after the floor, across the wrap of its bits too.
+    #[test]
+    fn a_stored_tat_reads_back_whole_after_its_floor() {
+        for floor in [0, 1, 12_345, TAT_MASK - 10, TAT_MASK, TAT_MASK + 1, 3 * TAT_MASK + 7] {
+            for ahead in [0, 1, 2, 1_000_000_007, MAX_WINDOW_NANOS, TAT_MASK - 1] {
+                let mut hot = Hot::default();
+                hot.set_tat(floor + ahead);
+                // The one `tat` whose low bits are 0 is stored a nanosecond later.
+                let stored = if (floor + ahead) & TAT_MASK == 0 { floor + ahead + 1 } else { floor + ahead };
+                assert_eq!(hot.tat(floor), Some(stored), "floor {floor}, ahead {ahead}");
+                // The count shares the word and leaves the `tat` alone.
+                assert!(!hot.count_request());
+                assert_eq!((hot.tat(floor), hot.requests()), (Some(stored), 1));
+            }
+        }
+        assert_eq!(Hot::default().tat(42), None);
+    }
+
+    /// A limiter 2⁵⁶ ns (2.28 years) into its life, whose stored `tat`s wrap around their bits, answers exactly
+    /// as a young one does: for a quick quota and a slow one whose states straddle the wrap.
+    #[test]
+    fn an_old_limiter_answers_as_a_young_one_across_the_wrap() {
+        let (young, young_clock) = limiter();
+        let (old, old_clock) = limiter();
+        // Housekeeping runs (and raises the floor) every 30 s in a server; here every 100 days will do.
+        let wrap = Duration::from_nanos(1 << TAT_BITS);
+        let mut aged = Duration::ZERO;
+        let step = Duration::from_secs(100 * 24 * 3600);
+        let before_wrap = wrap - Duration::from_secs(3000);
+        while aged + step < before_wrap {
+            old_clock.advance(step);
+            aged += step;
+            old.housekeeping();
+        }
+        old_clock.advance(before_wrap - aged);
+        old.housekeeping();
+        let two = Limits { requests_per_second: Some(2.0), burst: Some(3), max_tunnels: None, ..Limits::default() };
+        let slow = Limits { requests_per_second: Some(0.001), burst: Some(5), max_tunnels: None, ..Limits::default() };
+        // 3000 s before the wrap, then steps through it: the slow quota's `tat`s lie 1000-5000 s ahead.
+        for step_s in [0, 1, 500, 999, 1000, 1, 2000, 0, 3000, 7000] {
+            for clock in [&young_clock, &old_clock] {
+                clock.advance(Duration::from_secs(step_s));
+            }
+            for limits in [&two, &slow, &none()] {
+                assert_eq!(burst(&old, "s1", limits, 6), burst(&young, "s1", limits, 6), "after {step_s} s");
+            }
+            old.housekeeping();
+            young.housekeeping();
+            assert_eq!(old.tracked(), young.tracked(), "after {step_s} s");
+        }
+        assert_eq!(old.session_stats(&key("s1")), young.session_stats(&key("s1")));
+    }
+
+    /// The request count is exact past the 256 its hot bits hold, with housekeeping between checks or not.
+    #[test]
+    fn the_request_count_is_exact_past_its_hot_bits() {
+        let (l, _) = limiter();
+        let many =
+            Limits { requests_per_second: Some(1e6), burst: Some(100_000), max_tunnels: None, ..Limits::default() };
+        for n in 1..=1000u64 {
+            assert_eq!(l.check_now(&key("s1"), &many), Ok(()));
+            if n % 300 == 0 {
+                l.housekeeping();
+            }
+            if [255, 256, 257, 511, 512, 1000].contains(&n) {
+                assert_eq!(l.session_stats(&key("s1")).map(|s| s.requests), Some(n));
+            }
+        }
     }
 
     #[test]
