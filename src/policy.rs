@@ -144,9 +144,20 @@ impl Rule {
         if self.line > 0 { format!("{}:{}", self.file, self.line) } else { self.file.to_string() }
     }
 
-    /// `PATTERN (FILE:LINE)`, for log lines.
+    /// `PATTERN (FILE:LINE)`, for log lines: every admitted request's decision line has one, so it is
+    /// put together in one buffer rather than formatted twice over.
     pub fn summary(&self) -> String {
-        format!("{} ({})", self.pattern, self.location())
+        use std::fmt::Write;
+        let mut out = String::with_capacity(self.pattern.len() + self.file.len() + 24);
+        out.push_str(&self.pattern);
+        out.push_str(" (");
+        out.push_str(&self.file);
+        if self.line > 0 {
+            // Writing to a String cannot fail.
+            let _ = write!(out, ":{}", self.line);
+        }
+        out.push(')');
+        out
     }
 }
 

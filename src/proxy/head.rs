@@ -62,7 +62,12 @@ pub struct HeadGuard<S> {
     buf: BytesMut,
     phase: Phase,
     limits: HeadLimits,
-    deadline: Pin<Box<Sleep>>,
+    /// When the wait for the current head (or for a next one to begin) ends.
+    due: Instant,
+    /// The timer for `due`, made and set only when a read has to wait: a head that arrives whole (nearly
+    /// every CONNECT's) arms no timer, and a deadline moved earlier does not wake the runtime's timer
+    /// driver (a syscall, and a turn of its loop) for a timer that is dropped unpolled a moment later.
+    deadline: Option<Pin<Box<Sleep>>>,
     /// Whether the current head has started (its first byte arrived): the deadline is then the head's.
     head_started: bool,
     /// How much of the buffered head the end-of-head search has looked at already.
@@ -78,13 +83,13 @@ pub struct HeadGuard<S> {
 
 impl<S> HeadGuard<S> {
     pub fn new(inner: S, limits: HeadLimits) -> HeadGuard<S> {
-        let deadline = Box::pin(tokio::time::sleep(limits.idle_timeout));
         HeadGuard {
             inner,
             buf: BytesMut::new(),
             phase: Phase::Head,
             limits,
-            deadline,
+            due: Instant::now() + limits.idle_timeout,
+            deadline: None,
             head_started: false,
             scanned: 0,
             approved: 0,
@@ -136,7 +141,7 @@ impl<S> HeadGuard<S> {
         self.head_started = has_bytes;
         self.scanned = 0;
         let wait = if self.head_started { self.limits.head_timeout } else { self.limits.idle_timeout };
-        self.deadline.as_mut().reset(Instant::now() + wait);
+        self.due = Instant::now() + wait;
     }
 
     /// Looks at the buffered head: refuses it, or releases it and moves to its body's phase. Returns
@@ -311,7 +316,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
                     if !this.buf.is_empty() {
                         if !this.head_started {
                             this.head_started = true;
-                            this.deadline.as_mut().reset(Instant::now() + this.limits.head_timeout);
+                            this.due = Instant::now() + this.limits.head_timeout;
                         }
                         if let Some(n) = this.inspect_head() {
                             this.approved = n;
@@ -333,7 +338,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending => {
-                            if this.deadline.as_mut().poll(cx).is_ready() {
+                            let due = this.due;
+                            let timer = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                            if timer.deadline() != due {
+                                timer.as_mut().reset(due);
+                            }
+                            if timer.as_mut().poll(cx).is_ready() {
                                 if this.head_started {
                                     let secs = this.limits.head_timeout.as_secs_f64();
                                     this.refuse(Refusal::head_timeout(format!(

@@ -106,7 +106,7 @@ impl Record {
         self.host = Some(authority.clone());
         self.upstream = Some(upstream);
         let mut event = self.event(EventKind::Decision);
-        event.method = Some(method.to_string());
+        event.method = Some(method.as_str().to_owned());
         event.verdict = Some("allow");
         event.reason = Some(reason.to_string());
         event.rule = decision.rule.as_ref().map(|r| r.summary());
@@ -127,7 +127,7 @@ impl Record {
         }
         event.policy = Some(decision.policy.to_string());
         event.level = Some(decision.level.as_str());
-        event.client = Some(self.client.to_string());
+        event.client = Some(crate::audit::socket_addr(self.client));
         proxy.audit.write(&event);
     }
 
@@ -168,7 +168,7 @@ impl Record {
         event.rule = refusal.rule_summary();
         event.policy = policy.map(|p| p.name.to_string());
         event.level = level;
-        event.client = Some(self.client.to_string());
+        event.client = Some(crate::audit::socket_addr(self.client));
         event.status = Some(refusal.status.as_u16());
         proxy.audit.write(&event);
     }
@@ -221,7 +221,7 @@ impl Record {
             event.host = Some(authority.target.to_string());
             event.port = Some(authority.port);
         }
-        event.upstream = self.upstream.map(|a| a.to_string());
+        event.upstream = self.upstream.map(crate::audit::socket_addr);
         event
     }
 

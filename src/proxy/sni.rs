@@ -94,8 +94,9 @@ pub(crate) async fn check(
         // sixth of a tunnel's instructions); at most READ_CHUNK per read. The room is let go with the
         // early bytes once they are written upstream.
         let was = early.len();
-        early.reserve(READ_CHUNK);
-        match client.try_read_buf(&mut bytes::BufMut::limit(&mut *early, READ_CHUNK)) {
+        // A short read clears the readiness, so the tunnel's first read waits for bytes after the hello
+        // instead of opening with an `EAGAIN`.
+        match super::tunnel::read_draining(client, early, READ_CHUNK) {
             // The client left: with nothing checked, nothing goes upstream but what it already sent
             // of a hello, which is refused; before any byte, the tunnel sees the close.
             Ok(0) => return if was == 0 { Ok(()) } else { Err(SniRefusal::BadHello) },

@@ -433,7 +433,7 @@ async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) ->
                 }
             }
             buf.clear();
-            match src.try_read_buf(&mut buf) {
+            match read_draining(src, &mut buf, BUF_SIZE) {
                 Ok(0) => {
                     // Half-close: pass the EOF on and keep the other direction running.
                     let _ = w.shutdown().await;
@@ -448,6 +448,27 @@ async fn pump_tcp(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, meter: &Meter<'_>) ->
                 Err(_) => return Err(Side::Read),
             }
         }
+    }
+}
+
+/// Reads what is waiting into `buf`'s spare room. A read that leaves room over emptied the socket, so its
+/// readiness is cleared then (as tokio's own `poll_read` does): the direction's next read waits for the
+/// next readiness event instead of asking the kernel once more only to hear `WouldBlock`, a syscall per
+/// burst (two per short tunnel). A readiness event newer than the read is kept, and so is a closed read
+/// side: an EOF that came with the last bytes is still read at once.
+/// At most `max` bytes are read (after `buf`'s end).
+pub(super) fn read_draining(src: &TcpStream, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+    let mut read = None;
+    buf.reserve(max);
+    let outcome = src.try_io(tokio::io::Interest::READABLE, || {
+        let n = src.try_read_buf(&mut bytes::BufMut::limit(&mut *buf, max))?;
+        read = Some(n);
+        // `WouldBlock` here is what makes `try_io` clear the readiness; the bytes are in `read`.
+        if n > 0 && n < max { Err(std::io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
+    });
+    match read {
+        Some(n) => Ok(n),
+        None => outcome,
     }
 }
 
