@@ -588,6 +588,8 @@ fn redis_going_away_degrades_to_local_limits_and_shared_limits_resume() {
                 && body.ends_with("; limits are per instance meanwhile\n"),
             "{body}"
         );
+        // The line is written after the metric changes and read from the child's pipe: wait for it, then count.
+        child::wait_for(&instance.log, "limit store unreachable", Duration::from_secs(5));
         let logged = instance.log.lock().unwrap().iter().filter(|l| l.contains("limit store unreachable")).count();
         assert_eq!(logged, 1, "one line per transition:\n{}", instance.log_text());
     }
@@ -596,9 +598,13 @@ fn redis_going_away_degrades_to_local_limits_and_shared_limits_resume() {
     for instance in [&a, &b] {
         until_health(instance.admin, (200, "ok\n"), Duration::from_secs(5));
         assert_eq!(metric(instance.admin, "sluice_limit_store_up"), Some(1));
-        // At start, and once more on the way back.
-        let shared = instance.log.lock().unwrap().iter().filter(|l| l.contains("limits are shared")).count();
-        assert_eq!(shared, 2, "{}", instance.log_text());
+        // At start, and once more on the way back (waited for: the line follows the metric).
+        let until = Instant::now() + Duration::from_secs(5);
+        let shared_lines = || instance.log.lock().unwrap().iter().filter(|l| l.contains("limits are shared")).count();
+        while shared_lines() < 2 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(shared_lines(), 2, "{}", instance.log_text());
     }
     // The restarted store is empty: the session starts a fresh burst, shared again.
     let statuses = alternate(&both, &s, ws.echo, 8);
