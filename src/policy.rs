@@ -141,21 +141,28 @@ pub struct Rule {
 impl Rule {
     /// `FILE:LINE`, or `FILE` for a rule without a line (a built-in level).
     pub fn location(&self) -> String {
-        if self.line > 0 { format!("{}:{}", self.file, self.line) } else { self.file.to_string() }
+        let mut out = String::with_capacity(self.file.len() + 8);
+        self.push_location(&mut out);
+        out
     }
 
-    /// `PATTERN (FILE:LINE)`, for log lines: every admitted request's decision line has one, so it is
-    /// put together in one buffer rather than formatted twice over.
-    pub fn summary(&self) -> String {
+    /// `FILE:LINE` (or `FILE`) at the end of `out`.
+    fn push_location(&self, out: &mut String) {
         use std::fmt::Write;
-        let mut out = String::with_capacity(self.pattern.len() + self.file.len() + 24);
-        out.push_str(&self.pattern);
-        out.push_str(" (");
         out.push_str(&self.file);
         if self.line > 0 {
             // Writing to a String cannot fail.
             let _ = write!(out, ":{}", self.line);
         }
+    }
+
+    /// `PATTERN (FILE:LINE)`, for log lines: every admitted request's decision line has one, so it is
+    /// put together in one buffer rather than formatted twice over.
+    pub fn summary(&self) -> String {
+        let mut out = String::with_capacity(self.pattern.len() + self.file.len() + 24);
+        out.push_str(&self.pattern);
+        out.push_str(" (");
+        self.push_location(&mut out);
         out.push(')');
         out
     }

@@ -562,6 +562,17 @@ fn a_killed_instances_tunnels_stop_counting_after_one_lease_ttl() {
     drop(held);
 }
 
+/// How many of the instance's log lines contain `needle`, once there are `want` of them or 5 s have passed: a
+/// transition's line is written after its metric changes and reaches the test through the child's pipe.
+fn lines_at_least(instance: &Sluice, needle: &str, want: usize) -> usize {
+    let count = || instance.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count();
+    let until = Instant::now() + Duration::from_secs(5);
+    while count() < want && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    count()
+}
+
 #[test]
 fn redis_going_away_degrades_to_local_limits_and_shared_limits_resume() {
     if !have("redis-server", "--version") {
@@ -588,9 +599,7 @@ fn redis_going_away_degrades_to_local_limits_and_shared_limits_resume() {
                 && body.ends_with("; limits are per instance meanwhile\n"),
             "{body}"
         );
-        // The line is written after the metric changes and read from the child's pipe: wait for it, then count.
-        child::wait_for(&instance.log, "limit store unreachable", Duration::from_secs(5));
-        let logged = instance.log.lock().unwrap().iter().filter(|l| l.contains("limit store unreachable")).count();
+        let logged = lines_at_least(instance, "limit store unreachable", 1);
         assert_eq!(logged, 1, "one line per transition:\n{}", instance.log_text());
     }
 
@@ -598,13 +607,8 @@ fn redis_going_away_degrades_to_local_limits_and_shared_limits_resume() {
     for instance in [&a, &b] {
         until_health(instance.admin, (200, "ok\n"), Duration::from_secs(5));
         assert_eq!(metric(instance.admin, "sluice_limit_store_up"), Some(1));
-        // At start, and once more on the way back (waited for: the line follows the metric).
-        let until = Instant::now() + Duration::from_secs(5);
-        let shared_lines = || instance.log.lock().unwrap().iter().filter(|l| l.contains("limits are shared")).count();
-        while shared_lines() < 2 && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(shared_lines(), 2, "{}", instance.log_text());
+        // At start, and once more on the way back.
+        assert_eq!(lines_at_least(instance, "limits are shared", 2), 2, "{}", instance.log_text());
     }
     // The restarted store is empty: the session starts a fresh burst, shared again.
     let statuses = alternate(&both, &s, ws.echo, 8);

@@ -296,11 +296,30 @@ struct Table {
 }
 
 impl Table {
-    /// The session's hot entry and its shared part, both created (at `now`) on first sight.
-    fn entry(&mut self, key: SessionKey, now: impl FnOnce() -> u64) -> (&mut Hot, &Arc<Shared>) {
+    /// The session's hot entry, created with its shared part (at `now`) on first sight, and the cold map: one
+    /// lookup for a session already known.
+    #[inline]
+    fn hot(
+        &mut self,
+        key: SessionKey,
+        now: impl FnOnce() -> u64,
+    ) -> (&mut Hot, &HashMap<SessionKey, Arc<Shared>, KeyState>) {
         let Table { hot, cold } = self;
-        let shared = cold.entry(key).or_insert_with(|| Arc::new(Shared::new(now())));
-        (hot.entry(key).or_default(), shared)
+        let entry = hot.entry(key).or_insert_with(|| {
+            cold.entry(key).or_insert_with(|| Arc::new(Shared::new(now())));
+            Hot::default()
+        });
+        (entry, cold)
+    }
+
+    /// The session's shared part, created with its hot entry (at `now`) on first sight: one lookup for a
+    /// session already known.
+    fn shared(&mut self, key: SessionKey, now: impl FnOnce() -> u64) -> &Arc<Shared> {
+        let Table { hot, cold } = self;
+        cold.entry(key).or_insert_with(|| {
+            hot.entry(key).or_default();
+            Arc::new(Shared::new(now()))
+        })
     }
 }
 
@@ -346,7 +365,7 @@ impl Sessions {
 
     /// Runs `f` on the session's shared part, created (at `now`) on first sight, under its shard's lock.
     fn with_shared<R>(&self, key: SessionKey, now: impl FnOnce() -> u64, f: impl FnOnce(&Arc<Shared>) -> R) -> R {
-        f(self.shard(key).lock().entry(key, now).1)
+        f(self.shard(key).lock().shared(key, now))
     }
 }
 
@@ -370,13 +389,8 @@ impl<C: Clock> StateStore for EntryStore<C> {
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         let floor = self.sessions.floor();
-        let mut guard = self.sessions.shard(*key).lock();
-        let Table { hot, cold } = &mut *guard;
-        let hot = hot.entry(*key).or_insert_with(|| {
-            let now = self.clock.now().duration_since(self.start).as_u64();
-            cold.entry(*key).or_insert_with(|| Arc::new(Shared::new(now)));
-            Hot::default()
-        });
+        let mut table = self.sessions.shard(*key).lock();
+        let (hot, cold) = table.hot(*key, || self.clock.now().duration_since(self.start).as_u64());
         // A state from before this quota limiter started is in its past: the same as none.
         let prior = hot.tat(floor).filter(|&tat| tat > self.offset).map(|tat| Nanos::from(tat - self.offset));
         match f(prior) {
@@ -658,8 +672,8 @@ where
             let mut guard = shard.lock();
             let Table { hot, cold } = &mut *guard;
             cold.retain(|key, shared| {
-                let mut entry = hot.get(key).copied().unwrap_or_default();
-                let active = shared.active_since_last_pass(entry);
+                let entry = hot.entry(*key).or_default();
+                let active = shared.active_since_last_pass(*entry);
                 let open = shared.tunnels.load(Ordering::Acquire) > 0;
                 if active || open {
                     shared.last_seen.store(now, Ordering::Relaxed);
@@ -672,9 +686,7 @@ where
                 }
                 let since = now.saturating_sub(shared.last_seen.load(Ordering::Relaxed));
                 let keep = open || since < idle || entry.has_tat() || shared.holds_quota();
-                if keep {
-                    hot.insert(*key, entry);
-                } else {
+                if !keep {
                     hot.remove(key);
                 }
                 keep
