@@ -421,13 +421,25 @@ pub struct LogConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub shutdown_grace: Seconds,
-    /// Runtime worker threads; 0 means one per CPU.
+    /// Threads: the egress listener's accept threads (each runs the connections it accepts, on a
+    /// current-thread runtime of its own; see `listen::serve_threads`) and the workers of the runtime
+    /// that serves the git and admin listeners. 0 means one per CPU.
     pub threads: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig { shutdown_grace: Seconds(Duration::from_secs(30)), threads: 0 }
+    }
+}
+
+impl ServerConfig {
+    /// How many threads accept and run the egress proxy's connections: `threads`, else one per CPU.
+    pub fn accept_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 }
 

@@ -98,8 +98,6 @@ pub struct Accepted {
 /// Shortest and longest pause after a failed accept (out of file descriptors and the like).
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
-/// Accepts until `shutdown` drains, handing each connection under the cap to `serve` in a task of its
-/// own (tracked, and dropped at the hard stop).
 /// Runs a connection to its end; when `draining` fires first, asks it to finish gracefully (`graceful`:
 /// hyper's `graceful_shutdown`, which its connection types each have but share no trait for) and waits
 /// for that. The hard stop after the grace is [`Shutdown::spawn`]'s.
@@ -118,18 +116,155 @@ pub async fn until_drained<C: Future>(
     }
 }
 
+/// Accepts until `shutdown` drains, handing each connection under the cap to `serve` in a task of its
+/// own (tracked, and dropped at the hard stop).
 pub async fn serve<F, Fut>(listener: Listener, shutdown: Shutdown, serve: F)
 where
     F: Fn(Accepted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Listener { name, socket, max_connections, overload } = listener;
+    let slots = Arc::new(Semaphore::new(listener.max_connections.max(1)));
+    accept(listener, slots, &shutdown, &serve).await;
+}
+
+/// One address's listening sockets, one for each accept thread: bound (and listening) in the caller's
+/// runtime, registered with none until [`serve_threads`] hands each to its thread.
+pub struct Spread {
+    pub addr: SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+}
+
+/// Binds `addr` for `threads` accept loops. More than one share the port with `SO_REUSEPORT`, so the
+/// kernel spreads new connections over their queues (by a hash of the peer's address and port) and no
+/// thread wakes for another's connection. `SO_REUSEPORT` would also let a second process of this user
+/// join the group unnoticed (two instances started on one port would split its traffic), so the port
+/// is first claimed alone, without it: that bind fails while anything listens there, this group
+/// included, and a port the configuration left to the kernel (`:0`) is learned from it. (Such a port
+/// can be taken by another socket between the claim and the group's bind: then a new one is claimed.)
+pub async fn bind_spread(addr: SocketAddr, threads: usize) -> std::io::Result<Spread> {
+    if threads <= 1 {
+        let socket = TcpListener::bind(addr).await?.into_std()?;
+        return Ok(Spread { addr: socket.local_addr()?, sockets: vec![socket] });
+    }
+    let mut attempt = 0;
+    loop {
+        let claimed = std::net::TcpListener::bind(addr)?.local_addr()?;
+        match bind_group(claimed, threads) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() == 0 && attempt < 3 => attempt += 1,
+            group => return group,
+        }
+    }
+}
+
+/// `threads` listening sockets on `addr` (a port just claimed), all with `SO_REUSEPORT`.
+fn bind_group(addr: SocketAddr, threads: usize) -> std::io::Result<Spread> {
+    let mut sockets = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        sockets.push(socket.listen(1024)?.into_std()?);
+    }
+    Ok(Spread { addr, sockets })
+}
+
+/// Serves `spread` like [`serve`], each socket's accept loop on a thread of its own with a
+/// current-thread runtime: a connection's task, its tunnel's both directions and their timers stay on
+/// the thread whose epoll saw it, so no connection pays a cross-thread wake-up (a multi-thread
+/// runtime's workers share one I/O driver and hand woken tasks between them, a futex wake and a context
+/// switch each). The cap is shared: `max_connections` counts every thread's connections. Each thread
+/// stays up after its loop drains until every tracked task has ended (finished, or dropped at the
+/// hard stop), since the connections it accepted run on its runtime. Resolves when every thread is done.
+pub async fn serve_threads<F, Fut>(
+    spread: Spread,
+    name: &'static str,
+    max_connections: usize,
+    overload: fn(usize) -> Vec<u8>,
+    shutdown: Shutdown,
+    serve: F,
+) where
+    F: Fn(Accepted) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    // The threads end with this future too: dropped (its task aborted) rather than drained, it takes
+    // their runtimes and the connections on them along.
+    let gone = CancellationToken::new();
+    let _gone_when_dropped = gone.clone().drop_guard();
+    let mut done = Vec::with_capacity(spread.sockets.len());
+    for (i, socket) in spread.sockets.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (slots, shutdown, serve, gone) = (slots.clone(), shutdown.clone(), serve.clone(), gone.clone());
+        let run = move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let served = runtime.block_on(async {
+                let socket = TcpListener::from_std(socket)?;
+                tokio::spawn(keep_a_timer_due());
+                let serving = async {
+                    accept(Listener { name, socket, max_connections, overload }, slots, &shutdown, &serve).await;
+                    shutdown.tasks.wait().await;
+                };
+                tokio::select! {
+                    () = serving => {}
+                    () = gone.cancelled() => {}
+                }
+                Ok::<(), std::io::Error>(())
+            });
+            // What the runtime still holds (untracked tasks, the connections of an aborted server) goes
+            // with it before the thread says it is done.
+            drop(runtime);
+            drop(tx);
+            served
+        };
+        let thread = std::thread::Builder::new().name(format!("sluice-{name}-{i}")).spawn(move || {
+            if let Err(e) = run() {
+                tracing::error!(listener = name, thread = i, error = %e, "an accept thread could not start");
+            }
+        });
+        // A socket whose thread did not start is closed with it, and the kernel leaves it out of the
+        // group: its share of new connections goes to the other threads.
+        if let Err(e) = thread {
+            tracing::error!(listener = name, thread = i, error = %e, "cannot start an accept thread");
+        }
+        done.push(rx);
+    }
+    for rx in done {
+        let _ = rx.await;
+    }
+}
+
+/// Keeps a timer due within [`TIMER_HORIZON`] on the calling thread's runtime, for as long as it runs.
+/// Tokio's timer wakes its own thread's event loop (an eventfd write, and a turn of `epoll_wait`)
+/// whenever a timer is set to fire before every timer it already holds, and with none pending, that is
+/// any timer: one tunnel at a time, its connect timeout and its idle timer did so each, two writes per
+/// tunnel of the 34 syscalls it makes. With this one pending, only a timer due sooner than it does.
+async fn keep_a_timer_due() {
+    let mut tick = tokio::time::interval(TIMER_HORIZON);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
+/// Shorter than any per-connection timer (the head, connect and idle timeouts are seconds or more); one
+/// wake-up a second is what an idle thread pays for it.
+const TIMER_HORIZON: Duration = Duration::from_secs(1);
+
+async fn accept<F, Fut>(listener: Listener, slots: Arc<Semaphore>, shutdown: &Shutdown, serve: &F)
+where
+    F: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Listener { name, socket, max_connections, overload } = listener;
     let mut backoff = BACKOFF.0;
+    // One wait for the drain, registered once, rather than a new one per connection.
+    let draining = shutdown.draining.cancelled();
+    tokio::pin!(draining);
     loop {
         let accepted = tokio::select! {
             a = socket.accept() => a,
-            () = shutdown.draining.cancelled() => return,
+            () = &mut draining => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -137,7 +272,7 @@ where
                 tracing::warn!(listener = name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.draining.cancelled() => return,
+                    () = &mut draining => return,
                 }
                 backoff = (backoff * 2).min(BACKOFF.1);
                 continue;
@@ -216,5 +351,89 @@ mod tests {
         assert!(!shutdown.drain(Duration::from_millis(100)).await);
         let mut rest = Vec::new();
         assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0, "the connection was closed");
+    }
+
+    /// Serves `threads` accept threads on a fresh loopback port, each connection answered with the name of
+    /// the thread that runs it; the cap is `max`.
+    async fn named_threads(threads: usize, max: usize) -> (SocketAddr, Shutdown, tokio::task::JoinHandle<()>) {
+        let spread = bind_spread("127.0.0.1:0".parse().unwrap(), threads).await.unwrap();
+        let addr = spread.addr;
+        let shutdown = Shutdown::default();
+        let serve = |a: Accepted| async move {
+            let Accepted { mut stream, slot, .. } = a;
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            let _ = stream.write_all(name.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            // Held until the client closes, so the cap counts this connection meanwhile.
+            let _ = stream.read(&mut [0u8; 1]).await;
+            drop(slot);
+        };
+        let task = tokio::spawn(serve_threads(
+            spread,
+            "test",
+            max,
+            |max| format!("full at {max}").into(),
+            shutdown.clone(),
+            serve,
+        ));
+        (addr, shutdown, task)
+    }
+
+    async fn answer(addr: SocketAddr) -> (TcpStream, String) {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        (client, answer)
+    }
+
+    #[tokio::test]
+    async fn spread_threads_share_the_port_and_the_cap() {
+        let (addr, shutdown, task) = named_threads(2, 64).await;
+        let mut seen = std::collections::BTreeSet::new();
+        let mut open = Vec::new();
+        for _ in 0..64 {
+            let (client, name) = answer(addr).await;
+            assert!(name.starts_with("sluice-test-"), "served on {name:?}");
+            seen.insert(name);
+            open.push(client);
+        }
+        // The kernel spreads connections by a hash of their ports: 64 on one thread would be a 1 in 2^63 chance.
+        assert_eq!(seen.len(), 2, "both threads served: {seen:?}");
+        // 64 are open: the next one is over the cap whichever thread takes it.
+        for _ in 0..8 {
+            assert_eq!(answer(addr).await.1, "full at 64");
+        }
+        drop(open);
+        assert!(shutdown.drain(Duration::from_secs(5)).await);
+        task.await.unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "every thread's socket is closed after the drain");
+    }
+
+    #[tokio::test]
+    async fn a_spread_port_is_claimed_alone() {
+        for threads in [1, 2] {
+            let (addr, _shutdown, task) = named_threads(threads, 4).await;
+            for again in [1, 2] {
+                let err = bind_spread(addr, again).await.err().expect("a second group on a port in use");
+                assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{threads} then {again}: {err}");
+            }
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn aborting_the_server_stops_its_threads() {
+        let (addr, _shutdown, task) = named_threads(2, 4).await;
+        assert!(answer(addr).await.1.starts_with("sluice-test-"));
+        task.abort();
+        let _ = task.await;
+        // The threads end soon after: poll (bounded) until the port refuses.
+        for _ in 0..500 {
+            if TcpStream::connect(addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the accept threads were still up 5 s after the server was aborted");
     }
 }

@@ -27,14 +27,13 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::audit::AuditLog;
 use crate::config::EgressConfig;
 use crate::credential::Keyring;
 use crate::limit::{LimitKey, Limiter};
-use crate::listen::{self, Accepted, Listener, Shutdown};
+use crate::listen::{self, Accepted, Shutdown};
 use crate::metrics::{Denials, Metrics};
 use crate::net::Resolver;
 use crate::policy::{Policy, PolicySet};
@@ -86,12 +85,12 @@ pub const ANONYMOUS: &str = "anonymous";
 
 /// Accepts connections until the proxy's shutdown drains them. Connections beyond `max_connections`
 /// get a `503` and are closed, never queued.
-pub async fn serve(socket: TcpListener, proxy: Arc<EgressProxy>) {
+pub async fn serve(sockets: listen::Spread, proxy: Arc<EgressProxy>) {
     let max_connections = proxy.config.max_connections;
     let overload = |max| respond::bytes(&Refusal::overloaded("proxy", max), false, http::Version::HTTP_11);
-    let listener = Listener { name: "egress", socket, max_connections, overload };
     let shutdown = proxy.shutdown.clone();
-    listen::serve(listener, shutdown, move |accepted| serve_connection(accepted, proxy.clone())).await;
+    let serve = move |accepted| serve_connection(accepted, proxy.clone());
+    listen::serve_threads(sockets, "egress", max_connections, overload, shutdown, serve).await;
 }
 
 /// A block rather than an `async fn`, which would keep its arguments twice for the connection's life.

@@ -24,7 +24,7 @@ use crate::proxy::{self, EgressProxy};
 /// A server that has bound its listeners and is ready to run.
 pub struct Server {
     pub egress: Arc<EgressProxy>,
-    egress_listener: TcpListener,
+    egress_listener: crate::listen::Spread,
     git_listener: TcpListener,
     git: Arc<GitProxy>,
     admin_listener: TcpListener,
@@ -62,7 +62,7 @@ impl Server {
             return Err(format!("[auth] anonymous = false needs a signing key: set [auth] key_file or {KEY_ENV}"));
         }
         let resolver = Resolver::new(&config.resolver)?;
-        let egress_listener = TcpListener::bind(config.egress.listen)
+        let egress_listener = crate::listen::bind_spread(config.egress.listen, config.server.accept_threads())
             .await
             .map_err(|e| format!("cannot listen on {} ([egress] listen): {e}", config.egress.listen))?;
         let git_listener = TcpListener::bind(config.git.listen)
@@ -71,11 +71,10 @@ impl Server {
         let admin_listener = TcpListener::bind(config.admin.listen)
             .await
             .map_err(|e| format!("cannot listen on {} ([admin] listen): {e}", config.admin.listen))?;
-        let own: Vec<SocketAddr> =
-            [egress_listener.local_addr(), git_listener.local_addr(), admin_listener.local_addr()]
-                .into_iter()
-                .flatten()
-                .collect();
+        let own: Vec<SocketAddr> = [Ok(egress_listener.addr), git_listener.local_addr(), admin_listener.local_addr()]
+            .into_iter()
+            .flatten()
+            .collect();
         let metrics = Arc::new(Metrics::default());
         let denials = Arc::new(Denials::default());
         let (limiter, store): (Arc<dyn Limiter>, _) = match config.limits.store.kind {
@@ -119,7 +118,7 @@ impl Server {
     }
 
     pub fn egress_addr(&self) -> Option<SocketAddr> {
-        self.egress_listener.local_addr().ok()
+        Some(self.egress_listener.addr)
     }
 
     pub fn git_addr(&self) -> Option<SocketAddr> {
