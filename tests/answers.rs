@@ -589,7 +589,10 @@ async fn direct_connect_refusals_carry_a_date() {
 /// Over `max_connections`, both listeners answer 503 before reading anything, and close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overloaded_answers_on_both_listeners() {
-    let proxy = Proxy::start("[egress]\nmax_connections = 1\n[git]\nmax_connections = 1\n", &[]).await;
+    // One accept thread: with several, each has an accept queue of its own, and the second connection
+    // can be accepted before the first takes the slot.
+    let proxy =
+        Proxy::start("[egress]\nmax_connections = 1\n[git]\nmax_connections = 1\n[server]\nthreads = 1\n", &[]).await;
     for (addr, listener) in [(proxy.addr, "proxy"), (proxy.git, "git proxy")] {
         // Accepted first, so it holds the one slot; the next connection is refused before it sends a byte.
         let _held = RawClient::connect(addr).await;

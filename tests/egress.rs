@@ -597,7 +597,9 @@ async fn keep_alive_requests_are_each_decided() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cap_answers_503_and_closes() {
-    let proxy = Proxy::start("[egress]\nmax_connections = 2\n", &[]).await;
+    // One accept thread: with several, each has an accept queue of its own, and the second connection
+    // can be accepted before the first takes the slot.
+    let proxy = Proxy::start("[egress]\nmax_connections = 2\n[server]\nthreads = 1\n", &[]).await;
     let first = RawClient::connect(proxy.addr).await;
     let _second = RawClient::connect(proxy.addr).await;
 

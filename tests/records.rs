@@ -427,7 +427,9 @@ async fn dns_failure_record() {
 async fn overload_writes_no_record() {
     let proxy = Proxy::start_recorded(
         TempDir::new("records-overload"),
-        "[egress]\nmax_connections = 1\n[git]\nmax_connections = 1\n",
+        // One accept thread: with several, each has an accept queue of its own, and the second connection
+        // can be accepted before the first takes the slot.
+        "[egress]\nmax_connections = 1\n[git]\nmax_connections = 1\n[server]\nthreads = 1\n",
         &[],
     )
     .await;

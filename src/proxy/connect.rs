@@ -138,7 +138,7 @@ async fn start(proxy: &EgressProxy, tunnel: &mut Tunnel) -> bool {
     let (wait, idle) = (proxy.config.header_timeout.0, proxy.config.idle_timeout.0);
     let checked = tokio::select! {
         r = super::sni::check(client, &tunnel.upstream, early, &authority.target, wait, idle) => r,
-        () = proxy.shutdown.hard_stop.cancelled() => Err(super::sni::SniRefusal::Shutdown),
+        () = crate::listen::stopping(&proxy.shutdown.hard_stop) => Err(super::sni::SniRefusal::Shutdown),
     };
     let Err(refused) = checked else { return true };
     refuse_tunnel(authority, client, &refused).await;
