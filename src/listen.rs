@@ -166,55 +166,39 @@ where
     accept(listener, slots, &shutdown, &serve).await;
 }
 
-/// One address's listening sockets, one for each accept thread: bound (and listening) in the caller's
-/// runtime, registered with none until [`serve_threads`] hands each to its thread.
+/// One listening socket, a descriptor of it for each accept thread: bound (and listening) in the
+/// caller's runtime, registered with none until [`serve_threads`] hands each to its thread.
 pub struct Spread {
     pub addr: SocketAddr,
     sockets: Vec<std::net::TcpListener>,
 }
 
-/// Binds `addr` for `threads` accept loops. More than one share the port with `SO_REUSEPORT`, so the
-/// kernel spreads new connections over their queues (by a hash of the peer's address and port) and no
-/// thread wakes for another's connection. `SO_REUSEPORT` would also let a second process of this user
-/// join the group unnoticed (two instances started on one port would split its traffic), so the port
-/// is first claimed alone, without it: that bind fails while anything listens there, this group
-/// included, and a port the configuration left to the kernel (`:0`) is learned from it. (Such a port
-/// can be taken by another socket between the claim and the group's bind: then a new one is claimed.)
+/// Binds `addr` for `threads` accept loops: one socket, bound as any listener is (a port in use is
+/// refused), and a duplicate of its descriptor per further thread, each thread's epoll watching its
+/// own. A new connection wakes every idle thread and the first `accept` takes it; the others find
+/// nothing and wait again. `SO_REUSEPORT` sockets (one accept queue per thread, no wasted wake-up)
+/// were measured too, and are not used: any later process of the same user could join their group, or
+/// bind the port's more specific address, and take a share of the sessions' connections.
 pub async fn bind_spread(addr: SocketAddr, threads: usize) -> std::io::Result<Spread> {
-    if threads <= 1 {
-        let socket = TcpListener::bind(addr).await?.into_std()?;
-        return Ok(Spread { addr: socket.local_addr()?, sockets: vec![socket] });
+    let socket = TcpListener::bind(addr).await?.into_std()?;
+    let addr = socket.local_addr()?;
+    let mut sockets = Vec::with_capacity(threads.max(1));
+    for _ in 1..threads.max(1) {
+        sockets.push(socket.try_clone()?);
     }
-    let mut attempt = 0;
-    loop {
-        let claimed = std::net::TcpListener::bind(addr)?.local_addr()?;
-        match bind_group(claimed, threads) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() == 0 && attempt < 3 => attempt += 1,
-            group => return group,
-        }
-    }
-}
-
-/// `threads` listening sockets on `addr` (a port just claimed), all with `SO_REUSEPORT`.
-fn bind_group(addr: SocketAddr, threads: usize) -> std::io::Result<Spread> {
-    let mut sockets = Vec::with_capacity(threads);
-    for _ in 0..threads {
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(addr)?;
-        sockets.push(socket.listen(1024)?.into_std()?);
-    }
+    sockets.push(socket);
     Ok(Spread { addr, sockets })
 }
 
-/// Serves `spread` like [`serve`], each socket's accept loop on a thread of its own with a
+/// Serves `spread` like [`serve`], each descriptor's accept loop on a thread of its own with a
 /// current-thread runtime: a connection's task, its tunnel's both directions and their timers stay on
-/// the thread whose epoll saw it, so no connection pays a cross-thread wake-up (a multi-thread
+/// the thread that accepted it, so no connection pays a cross-thread wake-up (a multi-thread
 /// runtime's workers share one I/O driver and hand woken tasks between them, a futex wake and a context
 /// switch each). The cap is shared: `max_connections` counts every thread's connections. Each thread
-/// stays up after its loop drains until every tracked task has ended (finished, or dropped at the
-/// hard stop), since the connections it accepted run on its runtime. Resolves when every thread is done.
+/// stays up after its loop drains until every task `shutdown` tracks has ended (finished, or dropped at
+/// the hard stop; the git listener's tasks share the tracker), since the connections it accepted run on
+/// its runtime. Resolves when every thread is done. Dropped instead, it stops the threads soon after,
+/// their runtimes dropping the connections they ran.
 pub async fn serve_threads<F, Fut>(
     spread: Spread,
     name: &'static str,
@@ -258,13 +242,12 @@ pub async fn serve_threads<F, Fut>(
         };
         let thread = std::thread::Builder::new().name(format!("sluice-{name}-{i}")).spawn(move || {
             if let Err(e) = run() {
-                tracing::error!(listener = name, thread = i, error = %e, "an accept thread could not start");
+                tracing::error!(listener = name, thread = i, error = %e, hint = START_HINT, "an accept thread could not start");
             }
         });
-        // A socket whose thread did not start is closed with it, and the kernel leaves it out of the
-        // group: its share of new connections goes to the other threads.
+        // A descriptor whose thread did not start is closed with it; the other threads take its share.
         if let Err(e) = thread {
-            tracing::error!(listener = name, thread = i, error = %e, "cannot start an accept thread");
+            tracing::error!(listener = name, thread = i, error = %e, hint = START_HINT, "an accept thread could not start");
         }
         done.push(rx);
     }
@@ -273,11 +256,14 @@ pub async fn serve_threads<F, Fut>(
     }
 }
 
+/// What to do about an accept thread that did not start (its share of connections goes to the others).
+const START_HINT: &str = "raise the process's thread and open-file limits, or lower [server] threads";
+
 /// Keeps a timer due within [`TIMER_HORIZON`] on the calling thread's runtime, for as long as it runs.
 /// Tokio's timer wakes its own thread's event loop (an eventfd write, and a turn of `epoll_wait`)
 /// whenever a timer is set to fire before every timer it already holds, and with none pending, that is
-/// any timer: one tunnel at a time, its connect timeout and its idle timer did so each, two writes per
-/// tunnel of the 34 syscalls it makes. With this one pending, only a timer due sooner than it does.
+/// any timer: one tunnel at a time, its connect and idle timeouts each did. With this one pending, only
+/// a timer due sooner does (a Happy Eyeballs delay, a shaped direction's pause, a limit store's timeout).
 async fn keep_a_timer_due() {
     let mut tick = tokio::time::interval(TIMER_HORIZON);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -286,8 +272,7 @@ async fn keep_a_timer_due() {
     }
 }
 
-/// Shorter than any per-connection timer (the head, connect and idle timeouts are seconds or more); one
-/// wake-up a second is what an idle thread pays for it.
+/// Shorter than the head, connect and idle timeouts; an idle accept thread wakes once a second for it.
 const TIMER_HORIZON: Duration = Duration::from_secs(1);
 
 async fn accept<F, Fut>(listener: Listener, slots: Arc<Semaphore>, shutdown: &Shutdown, serve: &F)
@@ -393,29 +378,42 @@ mod tests {
     }
 
     /// Serves `threads` accept threads on a fresh loopback port, each connection answered with the name of
-    /// the thread that runs it; the cap is `max`.
-    async fn named_threads(threads: usize, max: usize) -> (SocketAddr, Shutdown, tokio::task::JoinHandle<()>) {
+    /// the thread that runs it and then held until the client closes; the cap is `max`. The first
+    /// connection's thread is blocked for a while after its answer, so the next connection is taken by
+    /// another thread or waits. Counts the connections served to their end; every connection's task
+    /// holds a clone of the returned `Arc<()>` while it lives.
+    async fn named_threads(
+        threads: usize,
+        max: usize,
+    ) -> (SocketAddr, Shutdown, tokio::task::JoinHandle<()>, Arc<std::sync::atomic::AtomicUsize>, Arc<()>) {
         let spread = bind_spread("127.0.0.1:0".parse().unwrap(), threads).await.unwrap();
         let addr = spread.addr;
         let shutdown = Shutdown::default();
-        let serve = |a: Accepted| async move {
-            let Accepted { mut stream, slot, .. } = a;
-            let name = std::thread::current().name().unwrap_or("").to_owned();
-            let _ = stream.write_all(name.as_bytes()).await;
-            let _ = stream.shutdown().await;
-            // Held until the client closes, so the cap counts this connection meanwhile.
-            let _ = stream.read(&mut [0u8; 1]).await;
-            drop(slot);
+        let first = Arc::new(AtomicBool::new(true));
+        let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = finished.clone();
+        let alive = Arc::new(());
+        let marker = alive.clone();
+        let serve = move |a: Accepted| {
+            let (first, done, alive) = (first.clone(), done.clone(), marker.clone());
+            async move {
+                let _alive = alive;
+                let Accepted { mut stream, slot, .. } = a;
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                let _ = stream.write_all(name.as_bytes()).await;
+                let _ = stream.shutdown().await;
+                if first.swap(false, Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                // Held until the client closes, so the cap counts this connection meanwhile.
+                let _ = stream.read(&mut [0u8; 1]).await;
+                drop(slot);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
         };
-        let task = tokio::spawn(serve_threads(
-            spread,
-            "test",
-            max,
-            |max| format!("full at {max}").into(),
-            shutdown.clone(),
-            serve,
-        ));
-        (addr, shutdown, task)
+        let overload = |max| format!("full at {max}").into();
+        let task = tokio::spawn(serve_threads(spread, "test", max, overload, shutdown.clone(), serve));
+        (addr, shutdown, task, finished, alive)
     }
 
     async fn answer(addr: SocketAddr) -> (TcpStream, String) {
@@ -427,52 +425,70 @@ mod tests {
 
     #[tokio::test]
     async fn spread_threads_share_the_port_and_the_cap() {
-        let (addr, shutdown, task) = named_threads(2, 64).await;
-        let mut seen = std::collections::BTreeSet::new();
-        let mut open = Vec::new();
-        for _ in 0..64 {
+        let (addr, shutdown, task, finished, _) = named_threads(2, 64).await;
+        let (one, first) = answer(addr).await;
+        // The first connection's thread is blocked now: another thread answers the second.
+        let (two, second) = answer(addr).await;
+        assert!(first.starts_with("sluice-test-") && second.starts_with("sluice-test-"), "{first:?}, {second:?}");
+        assert_ne!(first, second, "a second thread took the connection the first could not");
+        let mut open = vec![one, two];
+        for _ in 2..64 {
             let (client, name) = answer(addr).await;
             assert!(name.starts_with("sluice-test-"), "served on {name:?}");
-            seen.insert(name);
             open.push(client);
         }
-        // The kernel spreads connections by a hash of their ports: 64 on one thread would be a 1 in 2^63 chance.
-        assert_eq!(seen.len(), 2, "both threads served: {seen:?}");
         // 64 are open: the next one is over the cap whichever thread takes it.
         for _ in 0..8 {
             assert_eq!(answer(addr).await.1, "full at 64");
         }
+        // The drain waits for what the threads run: one connection still open when it starts ends after.
+        let last = open.pop();
         drop(open);
-        assert!(shutdown.drain(Duration::from_secs(5)).await);
+        let drained = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { shutdown.drain(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(last);
+        assert!(drained.await.unwrap(), "drained within the grace");
         task.await.unwrap();
-        assert!(TcpStream::connect(addr).await.is_err(), "every thread's socket is closed after the drain");
+        assert_eq!(finished.load(Ordering::Relaxed), 64, "every connection ran to its end");
+        assert!(TcpStream::connect(addr).await.is_err(), "the socket is closed after the drain");
     }
 
     #[tokio::test]
-    async fn a_spread_port_is_claimed_alone() {
+    async fn a_spread_port_is_not_shared() {
         for threads in [1, 2] {
-            let (addr, _shutdown, task) = named_threads(threads, 4).await;
+            let (addr, _shutdown, task, _, _) = named_threads(threads, 4).await;
             for again in [1, 2] {
-                let err = bind_spread(addr, again).await.err().expect("a second group on a port in use");
+                let err = bind_spread(addr, again).await.err().expect("a second listener on a port in use");
                 assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{threads} then {again}: {err}");
             }
+            // Nor can a socket that asks to share it join.
+            let sharer = tokio::net::TcpSocket::new_v4().unwrap();
+            sharer.set_reuseaddr(true).unwrap();
+            sharer.set_reuseport(true).unwrap();
+            assert!(sharer.bind(addr).is_err(), "{threads}: an SO_REUSEPORT socket joined the port");
             task.abort();
         }
     }
 
     #[tokio::test]
     async fn aborting_the_server_stops_its_threads() {
-        let (addr, _shutdown, task) = named_threads(2, 4).await;
-        assert!(answer(addr).await.1.starts_with("sluice-test-"));
+        let (addr, _shutdown, task, _, alive) = named_threads(2, 4).await;
+        // Held open: its task waits for the client to close.
+        let (_held, name) = answer(addr).await;
+        assert!(name.starts_with("sluice-test-"));
         task.abort();
         let _ = task.await;
-        // The threads end soon after: poll (bounded) until the port refuses.
+        // The threads end soon after, their runtimes dropping what they ran (the held connection's task,
+        // each thread's copy of the serve closure), and the socket closes.
         for _ in 0..500 {
-            if TcpStream::connect(addr).await.is_err() {
+            if Arc::strong_count(&alive) == 1 && TcpStream::connect(addr).await.is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("the accept threads were still up 5 s after the server was aborted");
+        panic!("the accept threads or their connections were still up 5 s after the server was aborted");
     }
 }

@@ -83,8 +83,9 @@ impl Session {
 /// The session id logged for clients without credentials.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// Accepts connections until the proxy's shutdown drains them. Connections beyond `max_connections`
-/// get a `503` and are closed, never queued.
+/// Accepts connections until the proxy's shutdown drains them, on an accept thread per descriptor of
+/// `sockets` (see [`listen::serve_threads`]). Connections beyond `max_connections` get a `503` and are
+/// closed, never queued.
 pub async fn serve(sockets: listen::Spread, proxy: Arc<EgressProxy>) {
     let max_connections = proxy.config.max_connections;
     let overload = |max| respond::bytes(&Refusal::overloaded("proxy", max), false, http::Version::HTTP_11);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::Admin;
 use crate::audit::AuditLog;
@@ -133,9 +134,15 @@ impl Server {
     /// finish within `[server] shutdown_grace`, and closes what is left.
     pub async fn run(self, shutdown: CancellationToken) {
         let egress = self.egress.clone();
-        let accept = tokio::spawn(proxy::serve(self.egress_listener, egress.clone()));
+        // Aborted with this future if it is dropped rather than run to its end: the egress proxy's accept
+        // threads go with their task (see `listen::serve_threads`), instead of serving on unowned.
+        let accept = AbortOnDropHandle::new(tokio::spawn(proxy::serve(self.egress_listener, egress.clone())));
         // Both proxies drain and stop together.
-        let git = tokio::spawn(crate::git::serve(self.git_listener, self.git, egress.shutdown.clone()));
+        let git = AbortOnDropHandle::new(tokio::spawn(crate::git::serve(
+            self.git_listener,
+            self.git,
+            egress.shutdown.clone(),
+        )));
         let admin = Arc::new(Admin {
             metrics: egress.metrics.clone(),
             denials: egress.denials.clone(),
