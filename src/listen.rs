@@ -256,6 +256,35 @@ pub async fn serve_threads<F, Fut>(
     }
 }
 
+pin_project_lite::pin_project! {
+    /// See [`inside`].
+    pub struct Inside<'a, F> {
+        runtime: Option<&'a tokio::runtime::Handle>,
+        #[pin]
+        call: F,
+    }
+}
+
+/// Polls `call` inside `runtime`'s context (`None`: where it is polled). For calls into a client shared
+/// by every accept thread that starts tasks, sockets or timers of its own on first use or on a
+/// reconnect (the limit store's connection manager, the DNS resolver): polled on an accept thread,
+/// they would land in its runtime, every other thread's calls would then wait on its event loop, and
+/// they would stop with it at shutdown. In the runtime that started the server they live as long as
+/// the process.
+pub fn inside<F: Future>(runtime: Option<&tokio::runtime::Handle>, call: F) -> Inside<'_, F> {
+    Inside { runtime, call }
+}
+
+impl<F: Future> Future for Inside<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _inside = this.runtime.map(tokio::runtime::Handle::enter);
+        this.call.poll(cx)
+    }
+}
+
 /// What to do about an accept thread that did not start (its share of connections goes to the others).
 const START_HINT: &str = "raise the process's thread and open-file limits, or lower [server] threads";
 
@@ -490,5 +519,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the accept threads or their connections were still up 5 s after the server was aborted");
+    }
+
+    /// What a call spawns runs in the runtime it is polled inside, not in the one of the thread polling it.
+    #[test]
+    fn a_call_inside_a_runtime_spawns_there() {
+        let main =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("main-rt").build().unwrap();
+        let caller = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let spawned_on = |runtime: Option<&tokio::runtime::Handle>| {
+            let call = async { tokio::spawn(async { std::thread::current().name().map(str::to_owned) }).await };
+            caller.block_on(inside(runtime, call)).unwrap()
+        };
+        assert_eq!(spawned_on(Some(main.handle())).as_deref(), Some("main-rt"));
+        assert_ne!(spawned_on(None).as_deref(), Some("main-rt"), "without one, the caller's runtime runs it");
     }
 }

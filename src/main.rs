@@ -305,8 +305,13 @@ fn serve(path: Option<PathBuf>, key_file: Option<PathBuf>) -> u8 {
         if let (Some(egress), Some(git), Some(admin)) = (server.egress_addr(), server.git_addr(), server.admin_addr()) {
             tracing::info!(egress = %egress, git = %git, admin = %admin, "sluice listening");
         }
-        server.run(sluice::server::shutdown_on_signals()).await;
-        command::EXIT_OK
+        match server.run(sluice::server::shutdown_on_signals()).await {
+            Ok(()) => command::EXIT_OK,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                command::EXIT_USAGE
+            }
+        }
     });
     last_lines.flush();
     status

@@ -66,6 +66,8 @@ pub struct Resolver {
     hosts: HashMap<Host, Vec<IpAddr>>,
     system: Option<TokioResolver>,
     timeout: Duration,
+    /// The runtime lookups run in (see [`crate::listen::inside`]): the one that built the resolver.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Resolver {
@@ -82,7 +84,7 @@ impl Resolver {
         } else {
             None
         };
-        Ok(Resolver { hosts, system, timeout: config.timeout.0 })
+        Ok(Resolver { hosts, system, timeout: config.timeout.0, runtime: tokio::runtime::Handle::try_current().ok() })
     }
 
     /// Every address for `host`, in the order to try them.
@@ -95,7 +97,9 @@ impl Resolver {
         };
         // A fully qualified name: the search list must not turn `example.com` into `example.com.corp`.
         let fqdn = format!("{host}.");
-        match tokio::time::timeout(self.timeout, system.lookup_ip(fqdn.as_str())).await {
+        // Inside the resolver's runtime: its name-server connections and their tasks start on first use.
+        let lookup = crate::listen::inside(self.runtime.as_ref(), system.lookup_ip(fqdn.as_str()));
+        match tokio::time::timeout(self.timeout, lookup).await {
             Err(_) => Err(NetError::DnsTimeout { host: host.to_string() }),
             Ok(Err(e)) if e.is_no_records_found() || e.is_nx_domain() => {
                 Err(NetError::NoSuchHost { host: host.to_string() })

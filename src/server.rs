@@ -131,8 +131,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, lets open tunnels and requests
-    /// finish within `[server] shutdown_grace`, and closes what is left.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// finish within `[server] shutdown_grace`, and closes what is left. `Err` when it stopped on its
+    /// own instead: the egress listener's accept threads could not run.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), String> {
         let egress = self.egress.clone();
         // Aborted with this future if it is dropped rather than run to its end: the egress proxy's accept
         // threads go with their task (see `listen::serve_threads`), instead of serving on unowned.
@@ -178,16 +179,29 @@ impl Server {
                 admin_shutdown.draining.clone(),
             );
         }
-        shutdown.cancelled().await;
+        // The egress accept loops end only when drained; before that, only if no accept thread could run
+        // (each one's failure is logged as it happens): a proxy that accepts nothing is stopped.
+        let mut accept = Some(accept);
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
+            _ = async { accept.as_mut().expect("the accept task").await } => {
+                accept = None;
+                Err("no egress accept thread could run (see the lines above); stopping".to_string())
+            }
+        };
         let grace = self.config.server.shutdown_grace.0;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; draining");
         let drained = egress.shutdown.drain(grace).await;
-        let _ = tokio::join!(accept, git);
+        if let Some(accept) = accept {
+            let _ = accept.await;
+        }
+        let _ = git.await;
         if !drained {
             tracing::warn!("shutdown grace over: closed the connections still open");
         }
         admin_shutdown.drain(std::time::Duration::ZERO).await;
         tracing::info!("stopped");
+        outcome
     }
 }
 

@@ -166,7 +166,7 @@ pub struct RedisLimiter {
 
 struct Store {
     conn: ConnectionManager,
-    /// The runtime the store's calls run in (see [`OnRuntime`]): the one that started it.
+    /// The runtime the store's calls run in (see [`crate::listen::inside`]): the one that started it.
     runtime: tokio::runtime::Handle,
     /// The url without its password, for the log and `/healthz`.
     url: String,
@@ -301,30 +301,6 @@ fn tunnels_key(key: &LimitKey) -> String {
     format!("sluice:{{{key}}}:tunnels")
 }
 
-pin_project_lite::pin_project! {
-    /// Polls `call` inside `runtime`'s context. The connection manager connects lazily and reconnects
-    /// from whichever call finds it down, spawning the connection's driver task and registering its
-    /// socket and timers in the runtime that call runs on. Called from an egress accept thread, all of
-    /// the store's I/O would then wait on that thread's event loop, and stop when its runtime does at
-    /// shutdown, before the last leases are removed; in the runtime that started the store, it lives
-    /// as long as the process.
-    struct OnRuntime<'a, F> {
-        runtime: &'a tokio::runtime::Handle,
-        #[pin]
-        call: F,
-    }
-}
-
-impl<F: Future> Future for OnRuntime<'_, F> {
-    type Output = F::Output;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
-        let this = self.project();
-        let _inside = this.runtime.enter();
-        this.call.poll(cx)
-    }
-}
-
 impl Store {
     fn last_error(&self) -> String {
         self.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
@@ -356,8 +332,9 @@ impl Store {
         deadline: Duration,
         call: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        let call = OnRuntime { runtime: &self.runtime, call: tokio::time::timeout(deadline, call) };
-        match call.await {
+        // Inside the store's runtime: the connection manager connects lazily and reconnects from whichever
+        // call finds it down, and would otherwise leave its driver task on an accept thread.
+        match crate::listen::inside(Some(&self.runtime), tokio::time::timeout(deadline, call)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StoreError::Redis(e)),
             Err(_) => Err(StoreError::Late(deadline)),
@@ -774,27 +751,5 @@ async fn background(store: Weak<Store>, mut releases: mpsc::UnboundedReceiver<(L
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What a store call spawns (the connection manager's driver task, on a connect or a reconnect) runs
-    /// in the store's runtime, not in the runtime of the thread that made the call.
-    #[test]
-    fn a_call_spawns_in_the_stores_runtime() {
-        let store =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("store-rt").build().unwrap();
-        let caller = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let spawned_on = |inside: bool| {
-            let call = async { tokio::spawn(async { std::thread::current().name().map(str::to_owned) }).await };
-            caller.block_on(async {
-                if inside { OnRuntime { runtime: store.handle(), call }.await } else { call.await }.unwrap()
-            })
-        };
-        assert_eq!(spawned_on(true).as_deref(), Some("store-rt"));
-        assert_ne!(spawned_on(false).as_deref(), Some("store-rt"), "outside, the caller's runtime runs it");
     }
 }

@@ -104,7 +104,7 @@ pub struct Proxy {
     /// This proxy's audit stream, when it was started with [`Proxy::start_recorded`].
     records: Option<capture::Records>,
     shutdown: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl Proxy {
@@ -181,8 +181,10 @@ impl Proxy {
     /// Stops accepting and waits (bounded) for the server task.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        if let Some(task) = self.task.take()
+            && let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), task).await
+        {
+            panic!("sluice stopped on its own: {e}");
         }
     }
 }
