@@ -1,5 +1,6 @@
 //! One accept loop for every listener (egress, git, admin): the connection cap and its overload
-//! answer, backoff when accepting fails, graceful drain, and the hard stop after the grace.
+//! answer, backoff when accepting fails, graceful drain, and the hard stop after the grace; the
+//! egress listener's loops each on an accept thread of their own ([`serve_threads`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -240,14 +241,13 @@ pub async fn serve_threads<F, Fut>(
             drop(tx);
             served
         };
-        let thread = std::thread::Builder::new().name(format!("sluice-{name}-{i}")).spawn(move || {
-            if let Err(e) = run() {
-                tracing::error!(listener = name, thread = i, error = %e, hint = START_HINT, "an accept thread could not start");
-            }
-        });
-        // A descriptor whose thread did not start is closed with it; the other threads take its share.
-        if let Err(e) = thread {
+        let not_started = move |e: std::io::Error| {
             tracing::error!(listener = name, thread = i, error = %e, hint = START_HINT, "an accept thread could not start");
+        };
+        // A descriptor whose thread did not start is closed with it; the other threads take its share.
+        let thread = std::thread::Builder::new().name(format!("sluice-{name}-{i}"));
+        if let Err(e) = thread.spawn(move || run().unwrap_or_else(not_started)) {
+            not_started(e);
         }
         done.push(rx);
     }

@@ -137,7 +137,7 @@ impl Server {
         let egress = self.egress.clone();
         // Aborted with this future if it is dropped rather than run to its end: the egress proxy's accept
         // threads go with their task (see `listen::serve_threads`), instead of serving on unowned.
-        let accept = AbortOnDropHandle::new(tokio::spawn(proxy::serve(self.egress_listener, egress.clone())));
+        let mut accept = AbortOnDropHandle::new(tokio::spawn(proxy::serve(self.egress_listener, egress.clone())));
         // Both proxies drain and stop together.
         let git = AbortOnDropHandle::new(tokio::spawn(crate::git::serve(
             self.git_listener,
@@ -181,18 +181,15 @@ impl Server {
         }
         // The egress accept loops end only when drained; before that, only if no accept thread could run
         // (each one's failure is logged as it happens): a proxy that accepts nothing is stopped.
-        let mut accept = Some(accept);
         let outcome = tokio::select! {
             () = shutdown.cancelled() => Ok(()),
-            _ = async { accept.as_mut().expect("the accept task").await } => {
-                accept = None;
-                Err("no egress accept thread could run (see the lines above); stopping".to_string())
-            }
+            _ = &mut accept => Err("no egress accept thread could run (see the lines above); stopping".to_string()),
         };
         let grace = self.config.server.shutdown_grace.0;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; draining");
         let drained = egress.shutdown.drain(grace).await;
-        if let Some(accept) = accept {
+        // (A finished task is not polled again: its output may already be taken.)
+        if !accept.is_finished() {
             let _ = accept.await;
         }
         let _ = git.await;
