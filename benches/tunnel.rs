@@ -11,7 +11,8 @@
 //! threads) with one port per sink, and the load speaks straight to it (no CONNECT): every round prints
 //! sluice ÷ HAProxy for each figure, the goal for a proxy that also parses, decides and logs, and beside
 //! it bare relay ÷ HAProxy: what CONNECT's extra round trip (the `200` before the first byte) costs
-//! even a proxy that does nothing else.
+//! even a proxy that does nothing else. A last table splits the TLS row's exchange into its parts (open,
+//! handshake, echo), so a gap to HAProxy shows whether it is the CONNECT round trip or the relaying.
 //!
 //! Environment:
 //! - `SLUICE_BENCH_SECS` (default 2): seconds per measurement; `SLUICE_BENCH_ROUNDS` (default 3).
@@ -284,12 +285,22 @@ fn start_relay() -> (Process, SocketAddr) {
 }
 
 /// What one load run gives: tunnels per second, the p50 and p99 of one whole exchange (open, echo,
-/// close), and the tunnels done.
+/// close), the p50 of each of its [`Phase`]s, and the tunnels done.
 struct Rate {
     per_sec: f64,
     p50: Duration,
     p99: Duration,
+    phases_p50: [Duration; 3],
     done: u64,
+}
+
+/// The parts of one exchange, as the client sees them: the tunnel open (TCP connect, and for a CONNECT
+/// proxy its `200`), the TLS handshake through it (zero without TLS), and the echo and close.
+#[derive(Clone, Copy)]
+enum Phase {
+    Open,
+    Handshake,
+    Echo,
 }
 
 /// `concurrency` clients open a tunnel, echo one message and close, until the deadline. With `tls`
@@ -308,24 +319,30 @@ async fn tunnel_rate(
         let route = route.clone();
         let tls = tls.cloned();
         tasks.push(tokio::spawn(async move {
+            // Each exchange's whole time, then its phases' (in `Phase` order).
             let mut latencies = Vec::with_capacity(4096);
             let mut buf = [0u8; ECHO_MESSAGE.len()];
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let mut s = route.open(sink).await.expect("open a tunnel to the echo sink");
-                match &tls {
+                let opened = t.elapsed();
+                let handshake = match &tls {
                     None => {
                         s.write_all(ECHO_MESSAGE).await.expect("write the echo message");
                         s.read_exact(&mut buf).await.expect("read the echo back");
+                        Duration::ZERO
                     }
                     Some(tls) => {
                         let name = rustls::pki_types::ServerName::try_from(TLS_NAME).expect("a server name");
                         let mut s = tls.connect(name, s).await.expect("TLS handshake through the tunnel");
+                        let handshake = t.elapsed() - opened;
                         s.write_all(ECHO_MESSAGE).await.expect("write the echo message");
                         s.read_exact(&mut buf).await.expect("read the echo back");
+                        handshake
                     }
-                }
-                latencies.push(t.elapsed());
+                };
+                let whole = t.elapsed();
+                latencies.push([whole, opened, handshake, whole - opened - handshake]);
             }
             latencies
         }));
@@ -335,9 +352,23 @@ async fn tunnel_rate(
         all.extend(t.await.expect("tunnel task"));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let at = |q: usize| all.get((all.len() * q / 100).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
-    Rate { per_sec: all.len() as f64 / elapsed, p50: at(50), p99: at(99), done: all.len() as u64 }
+    let column = |i: usize| {
+        let mut v: Vec<Duration> = all.iter().map(|l| l[i]).collect();
+        v.sort_unstable();
+        v
+    };
+    let at = |v: &[Duration], q: usize| {
+        v.get((v.len() * q / 100).min(v.len().saturating_sub(1))).copied().unwrap_or_default()
+    };
+    let whole = column(0);
+    let phases_p50 = [Phase::Open, Phase::Handshake, Phase::Echo].map(|p| at(&column(p as usize + 1), 50));
+    Rate {
+        per_sec: all.len() as f64 / elapsed,
+        p50: at(&whole, 50),
+        p99: at(&whole, 99),
+        phases_p50,
+        done: all.len() as u64,
+    }
 }
 
 /// `streams` tunnels read from the source sink until the deadline; returns Gbit/s in total and the
@@ -591,6 +622,8 @@ struct Samples {
     thr1: Figure,
     thr8: Figure,
     tls1: Figure,
+    /// The p50 of each [`Phase`] of the TLS exchanges one at a time (µs).
+    tls1_phases: [Figure; 3],
     /// Only the proxy, the bare relay and HAProxy have a process of their own to read.
     cpu_per_1000_ms: Figure,
     cpu_per_gib_ms: Figure,
@@ -692,7 +725,11 @@ fn main() {
                 m.p50_1.push(which, r.p50.as_secs_f64() * 1e6);
             }
             for &(ref route, which) in &routes {
-                m.tls1.push(which, tunnel_rate(route, tls_echo, Some(&tls), 1, s.secs).await.per_sec);
+                let r = tunnel_rate(route, tls_echo, Some(&tls), 1, s.secs).await;
+                m.tls1.push(which, r.per_sec);
+                for (f, p50) in m.tls1_phases.iter_mut().zip(r.phases_p50) {
+                    f.push(which, p50.as_secs_f64() * 1e6);
+                }
             }
             for &(ref route, which) in &routes {
                 m.thr1.push(which, throughput(route, source, 1, s.secs).await.0);
@@ -892,6 +929,20 @@ fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
                 num(b / h, 2),
                 if r.is_nan() { "n/a" } else { met(ok) }
             );
+        }
+    }
+    if haproxy {
+        // Where a TLS exchange's time goes: what a CONNECT proxy's `200` costs before the handshake can
+        // start, against what relaying the handshake and the echo costs.
+        println!();
+        println!(
+            "| TLS exchange one at a time, p50 of each part (µs) | sluice | bare relay | HAProxy | sluice − relay |"
+        );
+        println!("|---|---:|---:|---:|---:|");
+        let names = ["open (TCP connect; CONNECT and its `200`)", "TLS handshake through the tunnel", "echo and close"];
+        for (name, f) in names.iter().zip(&m.tls1_phases) {
+            let (p, b, h) = (f.median(Which::Proxy), f.median(Which::Relay), f.median(Which::HaProxy));
+            println!("| {name} | {} | {} | {} | {} |", num(p, 0), num(b, 0), num(h, 0), num(p - b, 0));
         }
     }
     if let Some(sluice) = sluice {
