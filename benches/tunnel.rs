@@ -285,7 +285,7 @@ fn start_relay() -> (Process, SocketAddr) {
 }
 
 /// What one load run gives: tunnels per second, the p50 and p99 of one whole exchange (open, echo,
-/// close), the p50 of each of its [`Phase`]s, and the tunnels done.
+/// close), the p50 of each of its [`PHASES`], and the tunnels done.
 struct Rate {
     per_sec: f64,
     p50: Duration,
@@ -294,14 +294,13 @@ struct Rate {
     done: u64,
 }
 
-/// The parts of one exchange, as the client sees them: the tunnel open (TCP connect, and for a CONNECT
-/// proxy its `200`), the TLS handshake through it (zero without TLS), and the echo and close.
-#[derive(Clone, Copy)]
-enum Phase {
-    Open,
-    Handshake,
-    Echo,
-}
+/// The parts of one exchange as the client sees them, in the order of [`Rate::phases_p50`]. Without TLS
+/// the handshake takes no time.
+const PHASES: [&str; 3] =
+    ["open (TCP connect; CONNECT and its `200`)", "TLS handshake through the tunnel", "echo and close"];
+
+/// One exchange's whole time, and its [`PHASES`]' times.
+type Exchange = (Duration, [Duration; 3]);
 
 /// `concurrency` clients open a tunnel, echo one message and close, until the deadline. With `tls`
 /// each tunnel first runs a full TLS handshake with the sink (`sink` is then the TLS echo sink).
@@ -319,8 +318,7 @@ async fn tunnel_rate(
         let route = route.clone();
         let tls = tls.cloned();
         tasks.push(tokio::spawn(async move {
-            // Each exchange's whole time, then its phases' (in `Phase` order).
-            let mut latencies = Vec::with_capacity(4096);
+            let mut latencies: Vec<Exchange> = Vec::with_capacity(4096);
             let mut buf = [0u8; ECHO_MESSAGE.len()];
             while Instant::now() < deadline {
                 let t = Instant::now();
@@ -342,7 +340,7 @@ async fn tunnel_rate(
                     }
                 };
                 let whole = t.elapsed();
-                latencies.push([whole, opened, handshake, whole - opened - handshake]);
+                latencies.push((whole, [opened, handshake, whole - opened - handshake]));
             }
             latencies
         }));
@@ -352,16 +350,16 @@ async fn tunnel_rate(
         all.extend(t.await.expect("tunnel task"));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let column = |i: usize| {
-        let mut v: Vec<Duration> = all.iter().map(|l| l[i]).collect();
+    let sorted = |pick: &dyn Fn(&Exchange) -> Duration| {
+        let mut v: Vec<Duration> = all.iter().map(pick).collect();
         v.sort_unstable();
         v
     };
     let at = |v: &[Duration], q: usize| {
         v.get((v.len() * q / 100).min(v.len().saturating_sub(1))).copied().unwrap_or_default()
     };
-    let whole = column(0);
-    let phases_p50 = [Phase::Open, Phase::Handshake, Phase::Echo].map(|p| at(&column(p as usize + 1), 50));
+    let whole = sorted(&|e| e.0);
+    let phases_p50 = std::array::from_fn(|i| at(&sorted(&|e| e.1[i]), 50));
     Rate {
         per_sec: all.len() as f64 / elapsed,
         p50: at(&whole, 50),
@@ -622,7 +620,7 @@ struct Samples {
     thr1: Figure,
     thr8: Figure,
     tls1: Figure,
-    /// The p50 of each [`Phase`] of the TLS exchanges one at a time (µs).
+    /// The p50 of each of the [`PHASES`] of the TLS exchanges one at a time (µs).
     tls1_phases: [Figure; 3],
     /// Only the proxy, the bare relay and HAProxy have a process of their own to read.
     cpu_per_1000_ms: Figure,
@@ -930,8 +928,6 @@ fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
                 if r.is_nan() { "n/a" } else { met(ok) }
             );
         }
-    }
-    if haproxy {
         // Where a TLS exchange's time goes: what a CONNECT proxy's `200` costs before the handshake can
         // start, against what relaying the handshake and the echo costs.
         println!();
@@ -939,8 +935,7 @@ fn report(s: &Settings, m: &Samples, sluice: Option<&Sluice>, haproxy: bool) {
             "| TLS exchange one at a time, p50 of each part (µs) | sluice | bare relay | HAProxy | sluice − relay |"
         );
         println!("|---|---:|---:|---:|---:|");
-        let names = ["open (TCP connect; CONNECT and its `200`)", "TLS handshake through the tunnel", "echo and close"];
-        for (name, f) in names.iter().zip(&m.tls1_phases) {
+        for (name, f) in PHASES.iter().zip(&m.tls1_phases) {
             let (p, b, h) = (f.median(Which::Proxy), f.median(Which::Relay), f.median(Which::HaProxy));
             println!("| {name} | {} | {} | {} | {} |", num(p, 0), num(b, 0), num(h, 0), num(p - b, 0));
         }
